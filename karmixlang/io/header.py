@@ -1,0 +1,417 @@
+"""Header-only reading of safetensors checkpoints: single files, HF sharded indexes, folders.
+
+Planning needs every input's keys, shapes and dtypes but none of its tensor data, so this reads
+the 8-byte length and the JSON header only, and validates them strictly: a bad file is reported
+here, as a diagnostic pointing at the recipe line that named it, not as a crash mid-run.
+Nothing is ever unpickled; pickle checkpoints are refused by name (K0308).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import stat
+from dataclasses import dataclass, replace
+from typing import NoReturn
+
+from karmixlang.diagnostics import KmxError, Span, did_you_mean, error
+from karmixlang.io.dtypes import DTYPES
+
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit; a bigger length means a corrupt file
+INDEX_SUFFIX = ".safetensors.index.json"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+HASH_CHUNK = 8 << 20
+
+_HELP_CORRUPT = "the file is truncated or corrupt; download or convert it again"
+_HELP_PICKLE = ("convert it to safetensors (load it once, in a trusted environment, and save it "
+                "with safetensors.torch.save_file); kmx never unpickles files")
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    name: str
+    dtype: str  # a key of dtypes.DTYPES
+    shape: tuple[int, ...]
+    file: str  # the file holding the data (a shard, for a sharded checkpoint)
+    begin: int  # absolute byte offsets in `file`
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class CheckpointHeader:
+    """What planning knows about one input. Shared through the cache: do not mutate the dicts."""
+
+    path: str  # the file read: as given, or the index/.safetensors file found in a given folder
+    tensors: dict[str, TensorInfo]  # sorted by key
+    metadata: dict[str, str]  # `__metadata__`; for a sharded checkpoint, the first shard's
+    files: tuple[str, ...]  # the files holding data, sorted
+    total_bytes: int  # tensor data bytes, i.e. what reading every key costs
+
+
+def _fail(code: str, message: str, span: Span | None, help: str | None = None) -> NoReturn:
+    raise KmxError([error(code, message, span, help=help)])
+
+
+# ---------------------------------------------------------------- cache
+
+# (kind, path as given) -> (stamp, header). Keyed by the spelling too because TensorInfo.file
+# embeds it; one entry per path, so a file that changes replaces its entry instead of piling up.
+_CACHE: dict[tuple[str, str], tuple[tuple, CheckpointHeader]] = {}
+
+
+def _stamp(st: os.stat_result) -> tuple:
+    # dev+ino instead of realpath: the same identity without resolving every path component.
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+# ---------------------------------------------------------------- opening files safely
+
+def _stat(path: str, span: Span | None) -> os.stat_result:
+    try:
+        return os.stat(path)
+    except OSError as e:
+        _os_fail(e, path, span)
+
+
+def _os_fail(e: OSError, path: str, span: Span | None) -> NoReturn:
+    """The diagnostic for an OSError met while finding or reading `path`."""
+    if isinstance(e, (FileNotFoundError, NotADirectoryError)):
+        _fail("K0301", f"checkpoint `{path}` not found", span, help=_missing_help(path))
+    if isinstance(e, PermissionError):
+        _fail("K0302", f"cannot read `{path}`: permission denied", span,
+              help="check the permissions of the file and of the folders above it")
+    _fail("K0302", f"cannot read `{path}`: {e.strerror or e}", span)
+
+
+def _missing_help(path: str) -> str:
+    folder, name = os.path.split(path)
+    try:
+        near = did_you_mean(name, os.listdir(folder or "."))
+    except OSError:
+        near = None
+    return f"did you mean `{os.path.join(folder, near)}`?" if near else "check the path"
+
+
+def _open_regular(path: str, span: Span | None, st: os.stat_result) -> int:
+    """Open a file already stat-ed as regular. O_NONBLOCK and the fstat re-check mean a file
+    swapped for a FIFO in between can neither block us nor be read as a checkpoint."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        _os_fail(e, path, span)
+    try:
+        now = os.fstat(fd)
+    except OSError as e:
+        os.close(fd)
+        _os_fail(e, path, span)
+    if _stamp(now) != _stamp(st) or not stat.S_ISREG(now.st_mode):
+        os.close(fd)
+        _fail("K0302", f"`{path}` changed while it was being read", span,
+              help="run again once the file is no longer being written")
+    return fd
+
+
+def _check_regular(path: str, st: os.stat_result, span: Span | None) -> None:
+    if stat.S_ISDIR(st.st_mode):
+        _fail("K0302", f"`{path}` is a directory, not a safetensors file", span)
+    if not stat.S_ISREG(st.st_mode):
+        _fail("K0302", f"`{path}` is not a regular file (a FIFO, socket or device)", span,
+              help="name a .safetensors file on disk")
+
+
+def _pread_exact(fd: int, n: int, offset: int, path: str, span: Span | None) -> bytes:
+    chunks, got = [], 0
+    try:
+        while got < n:
+            chunk = os.pread(fd, n - got, offset + got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    except OSError as e:
+        _os_fail(e, path, span)
+    if got < n:
+        _fail("K0302", f"invalid safetensors file `{path}`: truncated (ends {n - got} bytes early)",
+              span, help=_HELP_CORRUPT)
+    return b"".join(chunks)
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key `{dup}` appears twice")
+    return d
+
+
+def _load_json(raw: bytes, path: str, span: Span | None, code: str) -> object:
+    try:
+        # Decode first: json.loads(bytes) would also accept UTF-16/32, which safetensors does not.
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except UnicodeDecodeError:
+        _fail(code, f"invalid header in `{path}`: not UTF-8 text", span, help=_HELP_CORRUPT)
+    except (ValueError, RecursionError) as e:
+        _fail(code, f"invalid header in `{path}`: malformed JSON ({e})", span, help=_HELP_CORRUPT)
+
+
+# ---------------------------------------------------------------- one .safetensors file
+
+def _read_file(path: str, span: Span | None) -> CheckpointHeader:
+    st = _stat(path, span)
+    _check_regular(path, st, span)
+    hit = _CACHE.get(("file", path))
+    if hit and hit[0] == _stamp(st):
+        return hit[1]
+    fd = _open_regular(path, span, st)
+    gc_was_on = gc.isenabled()
+    # A header becomes ~10k long-lived objects; with the collector on, each file's parse
+    # re-scans all the headers kept before it, which made 50 inputs 4x slower. JSON has no cycles.
+    gc.disable()
+    try:
+        header = _parse_file(path, fd, st.st_size, span)
+    finally:
+        os.close(fd)
+        if gc_was_on:
+            gc.enable()
+    _CACHE[("file", path)] = (_stamp(st), header)
+    return header
+
+
+def _parse_file(path: str, fd: int, size: int, span: Span | None) -> CheckpointHeader:
+    def bad(why: str, help: str = _HELP_CORRUPT) -> NoReturn:
+        _fail("K0302", f"invalid safetensors file `{path}`: {why}", span, help=help)
+
+    if size < 8:
+        bad(f"only {size} bytes long, shorter than the 8-byte header length")
+    first = _pread_exact(fd, 8, 0, path, span)
+    # torch.save writes a zip ("PK\3\4") or, before torch 1.6, a bare pickle (\x80, protocol).
+    # A real header always starts with "{", which tells a coincidental length apart.
+    if (first.startswith(b"PK\x03\x04") or (first[0] == 0x80 and 2 <= first[1] <= 5)) and (
+            _pread_exact(fd, 1, 8, path, span) != b"{"):
+        _fail("K0308", f"`{path}` is a PyTorch pickle checkpoint, not safetensors", span,
+              help=_HELP_PICKLE)
+    n = int.from_bytes(first, "little")
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        bad(f"header length {n} " + ("is absurdly large" if n > MAX_HEADER_BYTES
+                                     else f"runs past the end of the file ({size} bytes)"))
+    obj = _load_json(_pread_exact(fd, n, 8, path, span), path, span, "K0302")
+    if not isinstance(obj, dict):
+        bad(f"the header is a JSON {type(obj).__name__}, not an object")
+
+    metadata = obj.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    elif not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        bad("`__metadata__` must map strings to strings")
+
+    try:  # JSON can spell lone surrogates ("\ud800"), which no UTF-8 output could hold
+        "".join([*obj, *metadata, *metadata.values()]).encode()
+    except UnicodeEncodeError:
+        bad("a tensor name or metadata string is not valid Unicode")
+
+    data_start, data_size = 8 + n, size - 8 - n
+    bits_of = {name: dt.bits for name, dt in DTYPES.items()}
+    infos: list[TensorInfo] = []
+    # The hot loop of planning (thousands of keys times dozens of inputs): inline checks only.
+    for name, entry in obj.items():
+        if type(entry) is not dict:
+            bad(f"tensor `{name}` is not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        bits = bits_of.get(dtype) if type(dtype) is str else None
+        if bits is None:
+            bad(f"tensor `{name}` has unknown dtype {json.dumps(dtype)}",
+                help=f"known dtypes: {', '.join(DTYPES)}")
+        if type(shape) is not list:
+            bad(f"tensor `{name}` has an invalid shape {json.dumps(shape)}")
+        numel = 1
+        for d in shape:
+            # type() rather than isinstance: JSON true is not a dimension.
+            if type(d) is not int or d < 0:
+                bad(f"tensor `{name}` has an invalid shape {json.dumps(shape)}")
+            numel *= d
+        if type(offsets) is not list or len(offsets) != 2:
+            bad(f"tensor `{name}` has invalid data_offsets {json.dumps(offsets)}")
+        b, e = offsets
+        if type(b) is not int or type(e) is not int or not 0 <= b <= e:
+            bad(f"tensor `{name}` has invalid data_offsets {json.dumps(offsets)}")
+        if e > data_size:
+            bad(f"tensor `{name}` ends at byte {e}, outside the data region ({data_size} bytes)")
+        if numel * bits != (e - b) * 8:
+            bad(f"tensor `{name}` holds {e - b} bytes but {dtype}{shape} needs "
+                f"{numel * bits / 8:g}")
+        infos.append(TensorInfo(name, dtype, tuple(shape), path, data_start + b, data_start + e))
+
+    _check_overlaps(infos, bad)
+    infos.sort(key=lambda t: t.name)
+    return CheckpointHeader(path, {t.name: t for t in infos}, metadata, (path,),
+                            sum(t.nbytes for t in infos))
+
+
+def _check_overlaps(infos: list[TensorInfo], bad) -> None:
+    # Gaps are tolerated (other writers pad), shared bytes are not: they would alias tensors.
+    last: TensorInfo | None = None  # the tensor reaching furthest so far
+    for t in sorted(infos, key=lambda t: (t.begin, t.end)):
+        if last is not None and t.begin < last.end and t.nbytes:
+            bad(f"tensors `{last.name}` and `{t.name}` overlap in the data region")
+        if last is None or t.end > last.end:
+            last = t
+
+
+# ---------------------------------------------------------------- sharded index
+
+def _read_index(path: str, span: Span | None) -> CheckpointHeader:
+    st = _stat(path, span)
+    _check_regular(path, st, span)
+    hit = _CACHE.get(("index", path))
+    if hit and hit[0] == _index_stamp(st, hit[1].files):
+        return hit[1]
+    header = _parse_index(path, st, span)
+    _CACHE[("index", path)] = (_index_stamp(st, header.files), header)
+    return header
+
+
+def _index_stamp(st: os.stat_result, shards: tuple[str, ...]) -> tuple:
+    try:
+        return (_stamp(st),) + tuple(_stamp(os.stat(f)) for f in shards)
+    except OSError:
+        return ()  # a shard vanished: no match, so the index is read again and reports it
+
+
+def _parse_index(path: str, st: os.stat_result, span: Span | None) -> CheckpointHeader:
+    def bad(why: str, help: str | None = None) -> NoReturn:
+        _fail("K0309", f"invalid sharded index `{path}`: {why}", span, help=help)
+
+    if st.st_size > MAX_HEADER_BYTES:
+        bad(f"{st.st_size} bytes is far too large for an index")
+    fd = _open_regular(path, span, st)
+    try:
+        obj = _load_json(_pread_exact(fd, st.st_size, 0, path, span), path, span, "K0309")
+    finally:
+        os.close(fd)
+    weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        bad("expected an object with a `weight_map` from tensor names to shard file names")
+
+    folder = os.path.dirname(path)
+    real_folder = os.path.realpath(folder or ".")
+    for shard in set(weight_map.values()):
+        # Checked on the resolved path too, so a symlink cannot lead outside the folder either.
+        if not shard or "\0" in shard or os.path.isabs(shard) or os.path.commonpath(
+                [os.path.realpath(os.path.join(real_folder, shard)), real_folder]) != real_folder:
+            bad(f"shard `{shard}` is outside the index's folder",
+                help="shard names must be plain file names relative to the index")
+    # normpath: `a.safetensors` and `./a.safetensors` are one shard, read (and hashed) once.
+    shard_of = {key: os.path.normpath(shard) for key, shard in weight_map.items()}
+    by_shard: dict[str, list[str]] = {}
+    for key, shard in shard_of.items():
+        by_shard.setdefault(shard, []).append(key)
+
+    shards: dict[str, CheckpointHeader] = {}
+    for shard in sorted(by_shard):
+        h = shards[shard] = _read_shard(os.path.join(folder, shard), path, span)
+        for key in by_shard[shard]:
+            if key not in h.tensors:
+                bad(f"tensor `{key}` is listed in shard `{shard}` but the shard does not hold it",
+                    help="the index and its shards are from different versions; download again")
+    # Tensors a shard holds but the weight map does not list are ignored, as HF loaders do.
+    tensors = {key: shards[shard_of[key]].tensors[key] for key in sorted(shard_of)}
+    first = next(iter(shards.values()), None)
+    return CheckpointHeader(path, tensors, dict(first.metadata) if first else {},
+                            tuple(h.path for h in shards.values()),
+                            sum(t.nbytes for t in tensors.values()))
+
+
+def _read_shard(shard_path: str, index_path: str, span: Span | None) -> CheckpointHeader:
+    if not os.path.lexists(shard_path):
+        _fail("K0301", f"shard `{shard_path}` listed in `{index_path}` not found", span,
+              help="the download is incomplete; fetch every shard the index lists")
+    try:
+        return _read_file(shard_path, span)
+    except KmxError as e:  # say which index the shard belongs to: the recipe names only that
+        raise KmxError([replace(d, message=f"{d.message} (a shard of `{index_path}`)")
+                        for d in e.diagnostics]) from None
+
+
+# ---------------------------------------------------------------- entry points
+
+def read_checkpoint(path: str, span: Span | None = None) -> CheckpointHeader:
+    """The header of a checkpoint: a `.safetensors` file, a `*.safetensors.index.json` (HF
+    sharded), or a folder holding exactly one index (or, failing that, one .safetensors file).
+
+    Raises KmxError (K0301, K0302, K0308, K0309) whose diagnostic names the file and carries
+    `span`, the recipe place that named it. Results are cached per file identity and mtime.
+    """
+    st = _stat(path, span)
+    if stat.S_ISDIR(st.st_mode):
+        path = _resolve_folder(path, span)
+    elif path.lower().endswith(PICKLE_SUFFIXES):
+        _fail("K0308", f"`{path}` is a pickle checkpoint; kmx reads only safetensors", span,
+              help=_HELP_PICKLE)
+    if path.endswith(INDEX_SUFFIX):
+        return _read_index(path, span)
+    return _read_file(path, span)
+
+
+def _resolve_folder(path: str, span: Span | None) -> str:
+    try:
+        names = sorted(os.listdir(path))
+    except OSError as e:
+        _os_fail(e, path, span)
+    indexes = [n for n in names if n.endswith(INDEX_SUFFIX)]
+    files = [n for n in names if n.endswith(".safetensors")]
+    if len(indexes) == 1 or (not indexes and len(files) == 1):
+        return os.path.join(path, (indexes or files)[0])
+    if indexes or files:
+        several = indexes or files
+        listed = ", ".join(f"`{os.path.join(path, n)}`" for n in several[:5])
+        _fail("K0302", f"folder `{path}` holds {len(several)} "
+              f"{'indexes' if indexes else '.safetensors files and no index'}", span,
+              help=f"name one of them: {listed}")
+    pickles = [n for n in names if n.lower().endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        _fail("K0308", f"folder `{path}` holds only pickle checkpoints "
+              f"({', '.join(pickles[:3])}); kmx reads only safetensors", span, help=_HELP_PICKLE)
+    _fail("K0301", f"folder `{path}` holds no .safetensors file or {INDEX_SUFFIX}", span,
+          help="name the checkpoint file itself, or the folder it was downloaded to")
+
+
+def hash_data_region(path: str, span: Span | None = None) -> str:
+    """"blake2b:" + hex digest (blake2b, digest_size=16) of the tensor bytes after the header.
+
+    Only data is hashed, so a rewritten header (new metadata) keeps the hash. A sharded
+    checkpoint hashes each shard in `files` order and then hashes those digests together.
+    """
+    files = read_checkpoint(path, span).files
+    digests = [_hash_file(f, span) for f in files]
+    if len(digests) == 1:
+        return "blake2b:" + digests[0].hex()
+    return "blake2b:" + hashlib.blake2b(b"".join(digests), digest_size=16).hexdigest()
+
+
+def _hash_file(path: str, span: Span | None) -> bytes:
+    st = _stat(path, span)
+    _check_regular(path, st, span)
+    h = hashlib.blake2b(digest_size=16)
+    buf = bytearray(HASH_CHUNK)
+    view = memoryview(buf)
+    fd = _open_regular(path, span, st)
+    try:
+        offset = 8 + int.from_bytes(_pread_exact(fd, 8, 0, path, span), "little")
+        while offset < st.st_size:
+            got = os.preadv(fd, [buf], offset)
+            if not got:
+                _fail("K0302", f"`{path}` shrank while it was being hashed", span)
+            h.update(view[:got])
+            offset += got
+    except OSError as e:
+        _os_fail(e, path, span)
+    finally:
+        os.close(fd)
+    return h.digest()
