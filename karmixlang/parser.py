@@ -146,8 +146,8 @@ def _syntax_diag(exc: UnexpectedInput, file: str, text: str) -> Diagnostic:
         span = Span(file, tok.line, tok.column, tok.line, tok.column + width)
         what = "end of line" if tok.type == "_NL" else f"`{tok.value}`"
         help_ = f"expected {_expected(exc.expected)}"
-        if tok.type == "NAME" and tok.value in ("cluster", "model"):
-            help_ += "; keywords cannot be used as names"
+        if tok.type == tok.value.upper() and "NAME" in exc.expected:
+            help_ += f"; `{tok.value}` is a keyword and cannot be used as a name"
         return error("K0001", f"unexpected {what}", span, label="unexpected here", help=help_)
     span = Span(file, line, col, line, col + 1)
     return error("K0001", "unexpected end of file", span)

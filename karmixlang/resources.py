@@ -19,3 +19,9 @@ def data_dir(name: str):
         return resources.files(f"karmixlang.{name}")
     except ModuleNotFoundError:
         return Path(__file__).resolve().parent.parent.joinpath(*_CHECKOUT[name])
+
+
+def template_text(name: str) -> str:
+    """A starter recipe for `kmx new` (package data `data/template-NAME.kmx`)."""
+    return resources.files("karmixlang").joinpath("data", f"template-{name}.kmx").read_text(
+        encoding="utf-8")

@@ -1,0 +1,70 @@
+"""The Python API: the same pipeline the CLI runs, without printing.
+
+    check(path)            -> diagnostics
+    compile(path)          -> Compiled (graph, schedule, plan), reading headers only
+    run(path, ...)         -> RunResult (in karmixlang.runtime; imports torch)
+    format(text)           -> canonical text
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .check import Program, check_program
+from .diagnostics import Diagnostic, KmxError, error
+from .ir import Graph
+from .lower import lower
+from .optimize import optimize
+from .plan import Plan, build_plan
+from .schedule import Schedule, schedule
+
+
+@dataclass
+class Compiled:
+    program: Program
+    graph: Graph
+    schedule: Schedule
+    plan: Plan
+    warnings: list[Diagnostic]
+
+
+def check(path: str, overrides: dict[str, str] | None = None) -> list[Diagnostic]:
+    return check_program(path, overrides)[1]
+
+
+def compile(path: str, overrides: dict[str, str] | None = None, *, threads: int = 1,
+            compute_dtype: str = "fp32", strict: bool = False) -> Compiled:
+    """Check, lower, optimize and schedule a recipe. Raises KmxError with diagnostics."""
+    program, diags = check_program(path, overrides)
+    if program is None:
+        raise KmxError(diags)
+    graph = optimize(lower(program))
+    sched = schedule(graph, compute_dtype, strict)
+    _guard_outputs(graph, sched)
+    plan = build_plan(path, graph, sched, threads, compute_dtype)
+    return Compiled(program, graph, sched, plan, diags)
+
+
+def _guard_outputs(graph: Graph, sched: Schedule) -> None:
+    """Refuse an output that is one of the inputs: by path, through a symlink, or a hard link."""
+    inputs = {}
+    for h in sched.headers.values():
+        for f in h.files + (h.path,):
+            inputs[os.path.realpath(f)] = f
+            try:
+                st = os.stat(f)
+                inputs[(st.st_dev, st.st_ino)] = f
+            except OSError:
+                pass
+    diags = []
+    for s in graph.saves:
+        hit = inputs.get(os.path.realpath(s.path))
+        if hit is None and os.path.exists(s.path):
+            st = os.stat(s.path)
+            hit = inputs.get((st.st_dev, st.st_ino))
+        if hit is not None:
+            diags.append(error("K0305", f"`{s.written}` would overwrite the input `{hit}`",
+                               s.span, label="this save", help="save to a new file"))
+    if diags:
+        raise KmxError(diags)

@@ -1,0 +1,920 @@
+"""The checker: loads a recipe and its imports, resolves names and params, and type-checks
+every expression with the affine rules (Model / Delta / Cluster). It reports every problem it
+finds (not just the first) and returns a `Program` that lowering turns into the graph IR.
+
+Types are abstract values (`Ty`): a Model is a space value of affine weight 1, a Delta of
+weight 0; a linear combination carries the sum of its coefficients, and the weight is checked
+where the combination is used (the top of an arithmetic expression).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+from . import ast
+from .blocks import OPTIONAL_SLOTS, SLOTS
+from .builtins import BUILTINS, Builtin, P
+from .diagnostics import Diagnostic, Label, Span, did_you_mean, error, warning
+from .io.dtypes import parse_user_dtype
+from .parser import parse_file
+from .resources import data_dir
+
+TOL = 1e-9
+SAVE_OPTIONS = ("dtype", "fallback", "metadata", "shard", "delta")
+
+
+@dataclass(frozen=True)
+class Ty:
+    kind: str  # space cluster number keymap string bool map lib func any error
+    weight: float | None = None  # affine weight of a space value or of a cluster's members
+    value: object = None  # the constant, when known (numbers, strings, bools)
+    size: int | None = None  # members of a cluster, when known without reading files
+
+    def describe(self) -> str:
+        if self.kind in ("space", "cluster"):
+            inner = {1: "Model", 0: "Delta"}.get(_affine(self.weight), "combination")
+            return inner if self.kind == "space" else f"Cluster[{inner}]"
+        return {"number": "Number", "keymap": "KeyMap", "string": "String", "bool": "Bool",
+                "map": "Map", "lib": "imported file", "func": "function"}.get(self.kind, self.kind)
+
+
+ANY = Ty("any")
+ERR = Ty("error")
+MODEL = Ty("space", 1.0)
+DELTA = Ty("space", 0.0)
+
+
+def _affine(w: float | None) -> int | None:
+    """1 for a Model, 0 for a Delta, None for any other (or unknown) weight."""
+    if w is None:
+        return None
+    if abs(w - 1) <= TOL:
+        return 1
+    if abs(w) <= TOL:
+        return 0
+    return None
+
+
+@dataclass
+class Unit:
+    """One parsed `.kmx` file with its declarations."""
+    path: str
+    module: ast.Module
+    text: str
+    decls: dict[str, ast.Decl] = field(default_factory=dict)
+    imports: dict[str, "Unit"] = field(default_factory=dict)
+    params: dict[str, object] = field(default_factory=dict)  # resolved param values
+    param_text: dict[str, str] = field(default_factory=dict)  # as written, for interpolation
+
+    @property
+    def folder(self) -> str:
+        return os.path.dirname(os.path.abspath(self.path))
+
+
+@dataclass
+class Program:
+    root: Unit
+    units: dict[str, Unit]
+    sources: dict[str, str]
+    overrides: dict[str, str]
+
+
+# ------------------------------------------------------------------ loading
+
+def _stdlib_path(rel: str) -> str:
+    return str(data_dir("stdlib").joinpath(rel))
+
+
+def resolve_import(unit: Unit, path: str) -> str:
+    if path.startswith("std/"):
+        return _stdlib_path(path[4:])
+    return os.path.normpath(os.path.join(unit.folder, path))
+
+
+class _Loader:
+    def __init__(self, diags: list[Diagnostic]):
+        self.diags = diags
+        self.units: dict[str, Unit] = {}
+        self.sources: dict[str, str] = {}
+
+    def load(self, path: str, chain: tuple[str, ...] = (), span: Span | None = None) -> Unit | None:
+        key = os.path.realpath(path)
+        if key in chain:
+            cycle = " -> ".join(os.path.basename(p) for p in chain[chain.index(key):] + (key,))
+            self.diags.append(error("K0109", f"import cycle: {cycle}", span,
+                                    label="this import closes the cycle",
+                                    help="move the shared definitions into a third file"))
+            return None
+        if key in self.units:
+            return self.units[key]
+        if span is not None and not os.path.isfile(path):
+            self.diags.append(error("K0110", f"cannot find `{path}`", span,
+                                    label="imported here",
+                                    help="`std/...` names the shipped stdlib; other paths are "
+                                         "relative to the importing file"))
+            return None
+        module, text, diags = parse_file(path)
+        if text is not None:
+            self.sources[path] = text
+        if diags:
+            self.diags.extend(d if d.span or span is None else _with_span(d, span) for d in diags)
+            return None
+        unit = Unit(path, module, text)
+        self.units[key] = unit
+        self._declare(unit)
+        for stmt in module.stmts:
+            if isinstance(stmt, ast.Import):
+                if not stmt.path.is_plain:
+                    self.diags.append(error("K0003", "import paths do not interpolate",
+                                            stmt.path.span, help="write the path literally"))
+                    continue
+                target = resolve_import(unit, stmt.path.plain)
+                sub = self.load(target, chain + (key,), stmt.path.span)
+                unit.imports[stmt.alias] = sub  # None when it failed: already reported
+                if sub is not None:
+                    for s in sub.module.stmts:
+                        if isinstance(s, ast.Save):
+                            self.diags.append(error(
+                                "K0113", "an imported file may not contain `save`", s.span,
+                                label="save in an imported file",
+                                help="keep saves in the recipe you run",
+                                notes=(Label(stmt.span, "imported here"),)))
+        return unit
+
+    def _declare(self, unit: Unit) -> None:
+        for stmt in unit.module.stmts:
+            if isinstance(stmt, ast.Save):
+                continue
+            name = stmt.alias if isinstance(stmt, ast.Import) else stmt.name
+            span = stmt.name_span
+            if name in BUILTINS:
+                self.diags.append(error("K0111", f"`{name}` shadows a builtin function", span,
+                                        label="choose another name"))
+            elif name in unit.decls:
+                first = unit.decls[name]
+                self.diags.append(error(
+                    "K0101", f"`{name}` is defined twice", span, label="defined again here",
+                    notes=(Label(first.name_span, "first defined here"),),
+                    help="every name is defined once per file"))
+            else:
+                unit.decls[name] = stmt
+
+
+def _with_span(d: Diagnostic, span: Span) -> Diagnostic:
+    return Diagnostic(d.code, d.message, span, d.label, d.severity, d.help, d.notes)
+
+
+# ------------------------------------------------------------------ params
+
+def _literal_value(lit) -> tuple[object, str]:
+    if isinstance(lit, ast.Number):
+        return lit.value, lit.text
+    if isinstance(lit, ast.Neg):
+        return -lit.operand.value, "-" + lit.operand.text
+    if isinstance(lit, ast.Bool):
+        return lit.value, "true" if lit.value else "false"
+    return lit.plain, lit.plain
+
+
+def _coerce(default: object, text: str) -> object:
+    """An override's value typed as the param's default; ValueError when it does not fit."""
+    if isinstance(default, bool):
+        if text not in ("true", "false"):
+            raise ValueError("expected `true` or `false`")
+        return text == "true"
+    if isinstance(default, float):
+        if not re.fullmatch(r"-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?", text):
+            raise ValueError("expected a number")
+        return float(text)
+    return text
+
+
+def _resolve_params(root: Unit, overrides: dict[str, str], diags: list[Diagnostic]) -> None:
+    seen = set()
+    for unit in [root] + _all_imported(root):
+        if id(unit) in seen:
+            continue
+        seen.add(id(unit))
+        for name, decl in unit.decls.items():
+            if isinstance(decl, ast.Param):
+                unit.params[name], unit.param_text[name] = _literal_value(decl.value)
+    for key, text in overrides.items():
+        lib, _, name = key.rpartition(".")
+        unit = root.imports.get(lib) if lib else root
+        candidates = [n for n, d in root.decls.items() if isinstance(d, ast.Param)]
+        if unit is None or name not in unit.params:
+            hint = did_you_mean(key, candidates)
+            diags.append(error("K0211", f"--set {key}: no param `{key}` in the recipe",
+                               help=f"did you mean `{hint}`?" if hint else
+                               "params: " + (", ".join(sorted(candidates)) or "none")))
+            continue
+        try:
+            unit.params[name] = _coerce(unit.params[name], text)
+            unit.param_text[name] = text
+        except ValueError as exc:
+            kind = type(unit.params[name]).__name__.replace("float", "number")
+            diags.append(error("K0211", f"--set {key}={text}: {exc}",
+                               unit.decls[name].span, label=f"`{name}` is a {kind} param"))
+
+
+def _all_imported(unit: Unit) -> list[Unit]:
+    out, stack = [], list(unit.imports.values())
+    while stack:
+        u = stack.pop()
+        if u is not None:  # None: an import that failed (already reported)
+            out.append(u)
+            stack.extend(u.imports.values())
+    return out
+
+
+# ------------------------------------------------------------------ the type checker
+
+@dataclass
+class Scope:
+    unit: Unit
+    locals: dict[str, Ty] = field(default_factory=dict)
+    lets: dict[str, ast.Let] = field(default_factory=dict)  # a def body's lets, lazily typed
+    def_stack: tuple[str, ...] = ()
+
+
+class Checker:
+    def __init__(self, program: Program, diags: list[Diagnostic]):
+        self.p = program
+        self.diags = diags
+        self.memo: dict[tuple[str, str], Ty] = {}
+        self.active: list[tuple[str, str]] = []
+
+    def err(self, code, msg, span, **kw):
+        self.diags.append(error(code, msg, span, **kw))
+        return ERR
+
+    # -- declarations
+    def decl_type(self, unit: Unit, name: str, ref_span: Span) -> Ty:
+        key = (unit.path, name)
+        if key in self.memo:
+            return self.memo[key]
+        if key in self.active:
+            cycle = self.active[self.active.index(key):] + [key]
+            return self.err("K0108", "cycle: " + " -> ".join(n for _, n in cycle), ref_span,
+                            label="used here before it can be computed",
+                            help="a definition cannot depend on itself")
+        self.active.append(key)
+        try:
+            ty = self._decl_type(unit, unit.decls[name])
+        finally:
+            self.active.pop()
+        self.memo[key] = ty
+        return ty
+
+    def _decl_type(self, unit: Unit, d: ast.Decl) -> Ty:
+        scope = Scope(unit)
+        if isinstance(d, ast.ModelDecl):
+            self.string(d.path, scope)
+            return MODEL
+        if isinstance(d, ast.ClusterDecl):
+            ty = self.value(d.expr, scope)
+            if ty.kind not in ("cluster", "any", "error"):
+                return self.err("K0202", f"`{d.name}` is declared a cluster but is a "
+                                f"{ty.describe()}", d.expr.span,
+                                help="use `let` for a single model or delta")
+            return ty
+        if isinstance(d, ast.Let):
+            return self.value(d.expr, scope)
+        if isinstance(d, ast.Param):
+            v = unit.params.get(d.name)
+            kind = "bool" if isinstance(v, bool) else "number" if isinstance(v, float) else "string"
+            return Ty(kind, value=v)
+        if isinstance(d, ast.Import):
+            return Ty("lib", value=d.alias)
+        return Ty("func", value=d.name)
+
+    # -- expressions
+    def value(self, e, scope: Scope) -> Ty:
+        """The type of an expression used as a value: arithmetic must have come out affine."""
+        ty = self.expr(e, scope)
+        if isinstance(e, (ast.BinOp, ast.Neg)) and ty.kind in ("space", "cluster"):
+            if ty.weight is not None and _affine(ty.weight) is None:
+                return self.err(
+                    "K0201", f"the coefficients of models sum to {ty.weight:g}, not 1 or 0",
+                    e.span, label="neither a Model nor a Delta",
+                    help="a Model needs coefficients summing to 1: `lerp(a, b, 0.5)`, "
+                         "`mean([a, b])` or `0.3*a + 0.7*b`; a Delta sums to 0: `a - b`")
+        return ty
+
+    def expr(self, e, scope: Scope) -> Ty:
+        if isinstance(e, ast.Number):
+            return Ty("number", value=e.value)
+        if isinstance(e, ast.String):
+            return self.string(e, scope)
+        if isinstance(e, ast.Bool):
+            return Ty("bool", value=e.value)
+        if isinstance(e, ast.Name):
+            return self.name(e, scope)
+        if isinstance(e, ast.Member):
+            return self.member(e, scope)
+        if isinstance(e, ast.Neg):
+            return self.arith("neg", None, self.expr(e.operand, scope), e)
+        if isinstance(e, ast.BinOp):
+            if e.op == "|":
+                return self.union(e, scope)
+            return self.arith(e.op, self.expr(e.left, scope), self.expr(e.right, scope), e)
+        if isinstance(e, ast.ClusterLit):
+            return self.cluster(e, scope)
+        if isinstance(e, ast.MapLit):
+            for pair in e.pairs:
+                self.string(pair.key, scope)
+                self.value(pair.value, scope)
+            return Ty("map")
+        if isinstance(e, ast.Call):
+            return self.call(e, scope)
+        raise AssertionError(f"unknown node {e!r}")
+
+    def string(self, s: ast.String, scope: Scope) -> Ty:
+        text = []
+        for part in s.parts:
+            if isinstance(part, str):
+                text.append(part)
+                continue
+            unit = scope.unit
+            if part.lib is not None:
+                unit = unit.imports.get(part.lib)
+                if unit is None:
+                    self.err("K0102", f"unknown import `{part.lib}`", part.span)
+                    return ERR
+            decl = unit.decls.get(part.name)
+            if decl is None:
+                hint = did_you_mean(part.name, [n for n, d in unit.decls.items()
+                                                if isinstance(d, ast.Param)])
+                self.err("K0102", f"unknown param `{part.name}` in interpolation", part.span,
+                         label="not a param of this file",
+                         help=f"did you mean `{hint}`?" if hint else "declare it with `param`")
+                return ERR
+            if not isinstance(decl, ast.Param):
+                self.err("K0202", f"only params can be interpolated; `{part.name}` is not one",
+                         part.span)
+                return ERR
+                text.append(unit.param_text[part.name])
+        return Ty("string", value="".join(text))
+
+    def name(self, e: ast.Name, scope: Scope) -> Ty:
+        if e.name in scope.locals:
+            return scope.locals[e.name]
+        if e.name in scope.lets:
+            key = f"{scope.def_stack[-1]}.{e.name}"
+            if key in scope.locals:
+                return scope.locals[key]
+            scope.locals[key] = ERR  # guards a let cycle inside a body
+            scope.locals[key] = self.value(scope.lets[e.name].expr, scope)
+            return scope.locals[key]
+        if e.name in scope.unit.decls:
+            return self.decl_type(scope.unit, e.name, e.span)
+        if e.name in BUILTINS:
+            return self.err("K0202", f"`{e.name}` is a function; call it", e.span,
+                            help=f"`{BUILTINS[e.name].signature()}`")
+        candidates = list(scope.unit.decls) + list(scope.locals) + list(scope.lets)
+        hint = did_you_mean(e.name, [c for c in candidates if "." not in c])
+        help_ = None
+        if hint:
+            where = ""
+            d = scope.unit.decls.get(hint)
+            if d is not None:
+                kind = type(d).__name__.replace("Decl", "").lower()
+                kind = "base" if getattr(d, "is_base", False) else kind
+                where = f" ({kind} defined at {d.name_span})"
+            help_ = f"did you mean `{hint}`?{where}"
+        return self.err("K0102", f"unknown name `{e.name}`", e.span,
+                        label="not defined in this file", help=help_)
+
+    def member(self, e: ast.Member, scope: Scope) -> Ty:
+        unit = scope.unit.imports.get(e.lib)
+        if unit is None:
+            if e.lib in scope.unit.imports:
+                return ERR  # the import itself failed and was reported
+            if e.lib in scope.unit.decls or e.lib in scope.locals:
+                return self.err("K0115", f"`{e.lib}` is not an imported file", e.span)
+            return self.err("K0102", f"unknown import `{e.lib}`", e.span,
+                            help="import a file with `import \"PATH.kmx\" as NAME`")
+        if e.name not in unit.decls:
+            hint = did_you_mean(e.name, unit.decls)
+            return self.err("K0115", f"`{e.lib}` has no member `{e.name}`", e.span,
+                            help=f"did you mean `{e.lib}.{hint}`?" if hint else None)
+        return self.decl_type(unit, e.name, e.span)
+
+    def arith(self, op: str, a: Ty | None, b: Ty, e) -> Ty:
+        if (a is not None and a.kind in ("error", "any")) or b.kind in ("error", "any"):
+            return ERR if ERR in (a, b) else ANY
+        if op == "neg":
+            if b.kind == "number":
+                return Ty("number", value=None if b.value is None else -b.value)
+            if b.kind in ("space", "cluster"):
+                return Ty(b.kind, None if b.weight is None else -b.weight, size=b.size)
+            return self._bad_operand("-", b, e)
+        nums = a.kind == "number" and b.kind == "number"
+        if nums:
+            if op == "/" and b.value == 0:
+                return self.err("K0204", "division by zero", e.span)
+            known = a.value is not None and b.value is not None
+            ops = {"+": lambda x, y: x + y, "-": lambda x, y: x - y,
+                   "*": lambda x, y: x * y, "/": lambda x, y: x / y}
+            return Ty("number", value=ops[op](a.value, b.value) if known else None)
+        if op in "+-":
+            if a.kind in ("space", "cluster") and b.kind in ("space", "cluster"):
+                if a.kind == "cluster" and b.kind == "cluster":
+                    return self.err("K0202", f"cannot {'add' if op == '+' else 'subtract'} two "
+                                    "clusters", e.span,
+                                    help="combine clusters with a cluster literal: `[c1, c2]`")
+                wa, wb = a.weight, b.weight
+                w = None if wa is None or wb is None else (wa + wb if op == "+" else wa - wb)
+                kind = "cluster" if "cluster" in (a.kind, b.kind) else "space"
+                size = a.size if a.kind == "cluster" else b.size
+                return Ty(kind, w, size=size)
+            return self._bad_operand(op, b if a.kind in ("space", "cluster") else a, e)
+        # * and /
+        space, num = (a, b) if a.kind in ("space", "cluster") else (b, a)
+        if op == "/" and a.kind not in ("space", "cluster"):
+            return self._bad_operand("/", b, e)
+        if space.kind not in ("space", "cluster") or num.kind not in ("number", "keymap"):
+            return self.err("K0202", f"cannot multiply {a.describe()} by {b.describe()}", e.span,
+                            help="scale models and deltas by numbers")
+        if op == "/" and num.value == 0:
+            return self.err("K0204", "division by zero", e.span)
+        if num.kind == "keymap" or num.value is None:
+            if _affine(space.weight) != 0 and num.kind == "keymap":
+                return self.err("K0202", "a per-key number can only scale a Delta", e.span,
+                                help="interpolate models with `lerp(a, b, t=blocks(...))`")
+            w = 0.0 if _affine(space.weight) == 0 else None
+        else:
+            w = None if space.weight is None else (
+                space.weight * num.value if op == "*" else space.weight / num.value)
+        return Ty(space.kind, w, size=space.size)
+
+    def _bad_operand(self, op: str, ty: Ty, e) -> Ty:
+        return self.err("K0202", f"`{op}` cannot be applied to a {ty.describe()}", e.span)
+
+    def union(self, e: ast.BinOp, scope: Scope) -> Ty:
+        a, b = self.value(e.left, scope), self.value(e.right, scope)
+        if ERR in (a, b) or ANY in (a, b):
+            return ERR if ERR in (a, b) else ANY
+        if a.kind != "space" or b.kind != "space" or _affine(a.weight) != _affine(b.weight):
+            return self.err("K0202", f"`|` needs two Models or two Deltas, got {a.describe()} | "
+                            f"{b.describe()}", e.span,
+                            help="`x | y` takes each key from y when y has it, else from x")
+        return a
+
+    def cluster(self, e: ast.ClusterLit, scope: Scope) -> Ty:
+        if not e.items:
+            return self.err("K0207", "empty cluster", e.span, help="list at least one model")
+        weights = set()
+        size = 0
+        for item in e.items:
+            ty = self.value(item.expr, scope) if not isinstance(item.expr, ast.String) else MODEL
+            if isinstance(item.expr, ast.String):
+                self.string(item.expr, scope)
+            if item.weight is not None:
+                wty = self.value(item.weight, scope)
+                if wty.kind != "number":
+                    if wty.kind not in ("error", "any"):
+                        self.err("K0202", "a cluster weight is a number", item.weight.span)
+                elif wty.value is not None and wty.value <= 0:
+                    self.err("K0206", f"weight {wty.value:g} is not positive", item.weight.span,
+                             help="drop the member instead of giving it a zero weight")
+            if ty.kind in ("error", "any"):
+                return ty  # unknown members (a def's parameters): nothing more to check
+            if ty.kind not in ("space", "cluster"):
+                self.err("K0202", f"a cluster holds models or deltas, not a {ty.describe()}",
+                         item.expr.span)
+                continue
+            if size is not None:
+                size = None if ty.kind == "cluster" and ty.size is None else \
+                    size + (ty.size if ty.kind == "cluster" else 1)
+            weights.add(_affine(ty.weight))
+        if len(weights) > 1:
+            return self.err("K0202", "a cluster mixes models and deltas", e.span,
+                            help="subtract a base from the models: `[a - base, d]`")
+        w = weights.pop() if weights else None
+        return Ty("cluster", None if w is None else float(w), size=size)
+
+    # -- calls
+    def call(self, e: ast.Call, scope: Scope) -> Ty:
+        if isinstance(e.func, ast.Member):
+            unit = scope.unit.imports.get(e.func.lib)
+            if unit is None:
+                self.member(e.func, scope)
+                return ERR
+            d = unit.decls.get(e.func.name)
+            if not isinstance(d, ast.Def):
+                if d is None:
+                    return self.member(e.func, scope)
+                return self.err("K0114", f"`{e.func.lib}.{e.func.name}` is not a function",
+                                e.func.span)
+            return self.call_def(unit, d, e, scope)
+        name = e.func.name
+        d = scope.unit.decls.get(name)
+        if isinstance(d, ast.Def) and name not in scope.locals:
+            return self.call_def(scope.unit, d, e, scope)
+        if name in BUILTINS:
+            return self.call_builtin(BUILTINS[name], e, scope)
+        if d is not None or name in scope.locals or name in scope.lets:
+            return self.err("K0114", f"`{name}` is not a function", e.func.span)
+        defs = [n for n, x in scope.unit.decls.items() if isinstance(x, ast.Def)]
+        hint = did_you_mean(name, list(BUILTINS) + defs)
+        return self.err("K0103", f"unknown function `{name}`", e.func.span,
+                        help=f"did you mean `{hint}`?" if hint else "`kmx methods` lists them")
+
+    def bind(self, fname: str, params: list[tuple[str, bool]], e: ast.Call, varargs: bool = False,
+             extra_kwargs: bool = False):
+        """Match a call's arguments to parameters -> (bound {name: expr}, extra, ok)."""
+        bound: dict[str, object] = {}
+        extra: list = []
+        ok = True
+        names = [n for n, _ in params]
+        for i, arg in enumerate(e.args):
+            if i < len(names):
+                bound[names[i]] = arg
+            elif varargs:
+                extra.append(arg)
+            else:
+                self.err("K0106", f"`{fname}` takes at most {len(names)} positional "
+                         f"argument{'s' if len(names) != 1 else ''}", arg.span)
+                ok = False
+        kw_extra = {}
+        for kw in e.kwargs:
+            if kw.name in bound or kw.name in kw_extra:
+                self.err("K0107", f"argument `{kw.name}` given twice", kw.span)
+                ok = False
+            elif kw.name in names:
+                bound[kw.name] = kw.value
+            elif extra_kwargs:
+                kw_extra[kw.name] = kw
+            else:
+                hint = did_you_mean(kw.name, names)
+                self.err("K0104", f"`{fname}` has no parameter `{kw.name}`", kw.span,
+                         help=f"did you mean `{hint}`?" if hint else
+                         f"parameters: {', '.join(names) or 'none'}")
+                ok = False
+        for n, required in params:
+            if required and n not in bound:
+                self.err("K0105", f"`{fname}` needs the argument `{n}`", e.span,
+                         label="missing argument")
+                ok = False
+        return bound, extra, kw_extra, ok
+
+    def call_def(self, unit: Unit, d: ast.Def, e: ast.Call, scope: Scope) -> Ty:
+        if d.name in scope.def_stack:
+            chain = " -> ".join(scope.def_stack[scope.def_stack.index(d.name):] + (d.name,))
+            return self.err("K0108", f"recursive def: {chain}", e.span,
+                            help="a def cannot call itself, directly or through others")
+        params = [(p.name, p.default is None) for p in d.params]
+        bound, _, _, ok = self.bind(d.name, params, e)
+        local = {}
+        for p in d.params:
+            if p.name in bound:
+                local[p.name] = self.value(bound[p.name], scope)
+            elif p.default is not None:
+                local[p.name] = self.expr(p.default, Scope(unit))
+        if not ok:
+            return ERR
+        inner = Scope(unit, local, {let.name: let for let in d.lets},
+                      scope.def_stack + (d.name,))
+        return self.value(d.body, inner)
+
+    def check_def(self, unit: Unit, d: ast.Def) -> None:
+        """Check a def's body once with unknown argument types (finds unknown names even in a
+        def nobody calls)."""
+        seen = set()
+        for p in d.params:
+            if p.name in seen:
+                self.err("K0101", f"parameter `{p.name}` is defined twice", p.span)
+            seen.add(p.name)
+        lets = {}
+        for let in d.lets:
+            if let.name in lets or let.name in seen:
+                self.err("K0101", f"`{let.name}` is defined twice in `{d.name}`", let.name_span)
+            lets[let.name] = let
+        local = {p.name: ANY for p in d.params}
+        inner = Scope(unit, local, lets, (d.name,))
+        for let in d.lets:
+            self.name(ast.Name(let.name, let.name_span), inner)
+        self.value(d.body, inner)
+
+    def call_builtin(self, b: Builtin, e: ast.Call, scope: Scope) -> Ty:
+        params = [(p.name, p.required) for p in b.params]
+        bound, extra, kw_extra, ok = self.bind(b.name, params, e, varargs=b.varargs is not None,
+                                               extra_kwargs=b.extra_kwargs)
+        tys: dict[str, Ty] = {}
+        for p in b.params:
+            if p.name in bound:
+                tys[p.name] = self.arg(b, p, bound[p.name], scope)
+        for arg in extra:
+            self.arg(b, b.varargs, arg, scope)
+        if b.name in ("select", "exclude") and not extra and ok:
+            self.err("K0105", f"`{b.name}` needs at least one key pattern", e.span,
+                     help=f'`{b.name}(x, "first_stage_model.*")`')
+        if not ok or any(t.kind == "error" for t in tys.values()):
+            return ERR
+        special = getattr(self, f"_check_{b.name}", None)
+        if special is not None:
+            special(b, bound, tys, kw_extra, e, scope)
+        return self.result(b, tys, e)
+
+    def arg(self, b: Builtin, p: P, expr, scope: Scope) -> Ty:
+        if p.type == "list":
+            if not isinstance(expr, ast.ClusterLit):
+                return self.err("K0202", f"`{b.name}` expects a list `[...]` for `{p.name}`",
+                                expr.span)
+            # balanced() takes a cluster literal of sub-clusters; blocks() a list of numbers.
+            return self.cluster(expr, scope) if b.name == "balanced" else Ty("list", value=expr)
+        ty = self.value(expr, scope)
+        if ty.kind in ("error", "any"):
+            return ty
+        want = p.type
+        w = _affine(ty.weight)
+        ok = {
+            "space": ty.kind == "space" or (b.broadcast and ty.kind == "cluster"),
+            "model": ty.kind == "space" and w == 1,
+            "delta": (ty.kind == "space" or (b.broadcast and ty.kind == "cluster")) and w == 0,
+            "cluster": ty.kind == "cluster",
+            "mcluster": ty.kind == "cluster" and w == 1,
+            "dcluster": ty.kind == "cluster" and w == 0,
+            "number": ty.kind == "number" or (p.keymap and ty.kind == "keymap"),
+            "int": ty.kind == "number",
+            "string": ty.kind == "string",
+            "bool": ty.kind == "bool",
+            "map": ty.kind == "map",
+        }[want]
+        if not ok:
+            names = {"space": "a Model or a Delta", "model": "a Model", "delta": "a Delta",
+                     "cluster": "a Cluster", "mcluster": "a Cluster of models",
+                     "dcluster": "a Cluster of deltas", "number": "a Number", "int": "an integer",
+                     "string": "a String", "bool": "`true` or `false`", "map": "a map `{...}`"}
+            help_ = None
+            if want in ("delta", "dcluster") and w == 1:
+                help_ = f"subtract a base to get task vectors: `{b.name}(x - base, ...)`"
+            elif want == "number" and ty.kind == "keymap":
+                help_ = f"`{p.name}` cannot vary per key"
+            return self.err("K0202", f"`{b.name}` expects {names[want]} for `{p.name}`, got "
+                            f"{ty.describe()}", expr.span, help=help_)
+        if ty.kind == "number" and ty.value is not None:
+            if want == "int" and (ty.value != int(ty.value) or math.isinf(ty.value)):
+                return self.err("K0204", f"`{p.name}` must be an integer, got {ty.value:g}",
+                                expr.span)
+            if not p.in_range(ty.value):
+                return self.err("K0204", f"`{p.name}` = {ty.value:g} is outside {p.range_text()}",
+                                expr.span, label="out of range", help=p.doc or None)
+        if p.choices and ty.kind == "string" and ty.value not in p.choices:
+            hint = did_you_mean(str(ty.value), p.choices)
+            return self.err("K0204", f"`{p.name}` must be one of "
+                            + ", ".join(f'"{c}"' for c in p.choices), expr.span,
+                            help=f'did you mean "{hint}"?' if hint else None)
+        return ty
+
+    def result(self, b: Builtin, tys: dict[str, Ty], e) -> Ty:
+        first = tys.get(b.params[0].name, ANY) if b.params else ANY
+        if first.kind == "any" and b.returns in ("first", "elem", "delta", "cluster"):
+            return ANY  # inside a def checked without its arguments' types
+        if b.returns == "first":
+            return first
+        if b.returns == "elem":
+            return Ty("space", first.weight)
+        if b.returns == "model":
+            return MODEL
+        if b.returns == "delta":
+            return Ty("cluster", 0.0, size=first.size) if first.kind == "cluster" and \
+                b.broadcast else DELTA
+        if b.returns == "keymap":
+            return Ty("keymap")
+        if b.returns == "mcluster":
+            return Ty("cluster", 1.0)
+        return tys["clusters"]  # balanced(): the sub-clusters' common type
+
+    # -- builtin-specific rules (value ranges that involve several parameters)
+    def _check_lerp(self, b, bound, tys, kw, e, scope):
+        t = tys.get("t")
+        if t and t.kind == "number" and t.value is not None and not 0 <= t.value <= 1:
+            self.diags.append(warning("K0210", f"t = {t.value:g} extrapolates beyond the two "
+                                      "inputs", bound["t"].span,
+                                      help="t in [0, 1] interpolates"))
+        self._same_kind(b, tys, ("a", "b"), e)
+
+    _check_slerp = _check_lerp
+
+    def _check_add_difference(self, b, bound, tys, kw, e, scope):
+        self._same_kind(b, tys, ("b", "c"), e)
+
+    _check_train_difference = _check_add_difference
+
+    def _same_kind(self, b, tys, names, e):
+        kinds = {_affine(tys[n].weight) for n in names if n in tys and tys[n].kind == "space"}
+        if len(kinds) > 1:
+            self.err("K0202", f"`{b.name}` needs {' and '.join(names)} of one kind (both models "
+                     "or both deltas)", e.span)
+
+    def _check_model_stock(self, b, bound, tys, kw, e, scope):
+        c = tys.get("c")
+        if c and c.size is not None and c.size < 2:
+            self.err("K0204", "model_stock needs at least 2 models", bound["c"].span)
+
+    def _check_della(self, b, bound, tys, kw, e, scope):
+        p, eps = tys.get("p"), tys.get("eps")
+        rescale = tys.get("rescale", Ty("bool", value=True)).value
+        if p and eps and p.value is not None and eps.value is not None and rescale is not False:
+            lo, hi = 1 - p.value - eps.value, 1 - p.value + eps.value
+            if lo <= 0 and hi <= 0:
+                self.err("K0205", f"with p = {p.value:g} and eps = {eps.value:g} every entry is "
+                         "dropped and rescaling divides by zero", e.span,
+                         help="lower p or |eps|, or pass rescale=false")
+
+    def _check_breadcrumbs(self, b, bound, tys, kw, e, scope):
+        d, g = tys.get("density"), tys.get("gamma", Ty("number", value=0.01))
+        if d and d.value is not None and g.value is not None and d.value + g.value > 1 + TOL:
+            self.err("K0204", f"density + gamma = {d.value + g.value:g} exceeds 1", e.span)
+
+    def _check_clamp(self, b, bound, tys, kw, e, scope):
+        lo, hi = tys.get("lo"), tys.get("hi")
+        if lo and hi and lo.value is not None and hi.value is not None and lo.value > hi.value:
+            self.err("K0204", f"lo = {lo.value:g} is greater than hi = {hi.value:g}", e.span)
+
+    def _check_select(self, b, bound, tys, kw, e, scope):
+        for arg in e.args[1:]:
+            ty = self.expr(arg, scope)
+            if isinstance(ty.value, str) and ty.value.startswith("re:"):
+                try:
+                    re.compile(ty.value[3:])
+                except re.error as exc:
+                    self.err("K0204", f"invalid regular expression: {exc}", arg.span)
+
+    _check_exclude = _check_select
+
+    def _check_by_key(self, b, bound, tys, kw, e, scope):
+        m = bound.get("weights")
+        for pair in getattr(m, "pairs", ()):
+            ty = self.value(pair.value, scope)
+            if ty.kind not in ("number", "error", "any"):
+                self.err("K0202", "by_key values are numbers", pair.value.span)
+
+    def _check_blocks(self, b, bound, tys, kw, e, scope):
+        arch = tys["arch"].value
+        if arch not in SLOTS:
+            return
+        slots, optional = SLOTS[arch], OPTIONAL_SLOTS[arch]
+        allowed = slots + optional
+        listing = f"slots of \"{arch}\": {', '.join(allowed)}"
+        lst = bound.get("weights")
+        if lst is not None and kw:
+            self.err("K0209", "give block weights as a list or as slot keywords, not both",
+                     e.span)
+        if lst is not None:
+            n = len(lst.items)
+            if n not in (len(slots), len(allowed)):
+                counts = " or ".join(str(c) for c in sorted({len(slots), len(allowed)}))
+                self.err("K0209", f"\"{arch}\" takes {counts} block weights, got {n}", lst.span,
+                         help=listing)
+            for item in lst.items:
+                ty = self.value(item.expr, scope)
+                if ty.kind not in ("number", "error", "any") or item.weight is not None:
+                    self.err("K0209", "block weights are numbers", item.span)
+        for name, kwarg in kw.items():
+            if name not in allowed:
+                hint = did_you_mean(name, allowed)
+                self.err("K0209", f"unknown block `{name}` for \"{arch}\"", kwarg.span,
+                         help=(f"did you mean `{hint}`? " if hint else "") + listing)
+            elif self.value(kwarg.value, scope).kind not in ("number", "error", "any"):
+                self.err("K0209", "block weights are numbers", kwarg.value.span)
+        if lst is None and "default" not in bound and set(slots) - set(kw):
+            missing = [s for s in slots if s not in kw]
+            self.err("K0209", f"no weight for {len(missing)} block(s) and no `default=`", e.span,
+                     help=f"missing: {', '.join(missing[:8])}{'...' if len(missing) > 8 else ''}")
+
+    def _check_balanced(self, b, bound, tys, kw, e, scope):
+        for item in bound["clusters"].items:
+            if item.weight is not None:
+                self.err("K0202", "balanced() gives every sub-cluster the same weight; drop the "
+                         "`: weight`", item.weight.span)
+
+
+
+# ------------------------------------------------------------------ save statements and driver
+
+def _check_save(ch: Checker, unit: Unit, s: ast.Save, paths: dict[str, ast.Save]) -> None:
+    scope = Scope(unit)
+    path_ty = ch.string(s.path, scope)
+    opts = {}
+    for opt in s.options:
+        if opt.name in opts:
+            ch.err("K0107", f"option `{opt.name}` given twice", opt.span)
+        opts[opt.name] = opt
+        if opt.name not in SAVE_OPTIONS:
+            hint = did_you_mean(opt.name, SAVE_OPTIONS)
+            ch.err("K0208", f"unknown save option `{opt.name}`", opt.span,
+                   help=f"did you mean `{hint}`?" if hint else
+                   "options: " + ", ".join(SAVE_OPTIONS))
+    values = {n: ch.value(o.value, scope) for n, o in opts.items() if n in SAVE_OPTIONS}
+    for name, want in (("dtype", "string"), ("metadata", "map"), ("shard", "string"),
+                       ("delta", "bool")):
+        ty = values.get(name)
+        if ty is not None and ty.kind not in (want, "error"):
+            ch.err("K0208", f"`{name}` must be a {want}", opts[name].value.span)
+        elif name == "dtype" and ty is not None and ty.value is not None \
+                and parse_user_dtype(ty.value) is None:
+            ch.err("K0208", f"unknown dtype \"{ty.value}\"", opts[name].value.span,
+                   help='dtypes: "fp16", "bf16", "fp32", "fp64", "fp8_e4m3fn", "fp8_e5m2"')
+        elif name == "shard" and ty is not None and isinstance(ty.value, str) \
+                and not re.fullmatch(r"\s*[0-9]+(\.[0-9]+)?\s*([KMGT]i?B|B)?\s*", ty.value):
+            ch.err("K0208", f"invalid shard size \"{ty.value}\"", opts[name].value.span,
+                   help='write a size such as "5GB" or "500MiB"')
+    if "metadata" in opts and isinstance(opts["metadata"].value, ast.MapLit):
+        for pair in opts["metadata"].value.pairs:
+            if ch.value(pair.value, scope).kind not in ("string", "error"):
+                ch.err("K0208", "metadata values are strings", pair.value.span)
+    fb = values.get("fallback")
+    if fb is not None and fb.kind != "error" and not (fb.kind == "space" and _affine(fb.weight) == 1):
+        ch.err("K0208", f"`fallback` must be a Model, got {fb.describe()}",
+               opts["fallback"].value.span)
+    ty = ch.value(s.expr, scope)
+    is_delta = values.get("delta", Ty("bool", value=False)).value is True
+    if ty.kind == "cluster":
+        ch.err("K0202", "a save writes one checkpoint, not a cluster", s.expr.span,
+               help="reduce it first: `mean(...)`, `geometric_median(...)`, ...")
+    elif ty.kind == "space":
+        w = _affine(ty.weight)
+        if w == 0 and not is_delta:
+            ch.err("K0203", "this save writes a Delta (a task vector)", s.expr.span,
+                   label="a Delta", help="add a base (`base + ...`) to save a model, or "
+                   "`with delta=true` to save the task vector itself")
+        elif w == 1 and is_delta:
+            ch.err("K0203", "`delta=true` but the expression is a Model", s.expr.span)
+    elif ty.kind not in ("error", "any"):
+        ch.err("K0202", f"a save writes a Model, not a {ty.describe()}", s.expr.span)
+    if isinstance(path_ty.value, str):
+        full = os.path.normpath(os.path.join(unit.folder, path_ty.value))
+        if full in paths:
+            ch.err("K0212", f"two saves write `{path_ty.value}`", s.path.span,
+                   notes=(Label(paths[full].path.span, "first written here"),))
+        paths[full] = s
+
+
+def check_program(path: str, overrides: dict[str, str] | None = None,
+                  text: str | None = None) -> tuple[Program | None, list[Diagnostic]]:
+    """Load, resolve and type-check a recipe. Returns (program or None, all diagnostics)."""
+    diags: list[Diagnostic] = []
+    loader = _Loader(diags)
+    root = loader.load(path)
+    if root is None:
+        return None, _dedupe(diags)
+    program = Program(root, loader.units, loader.sources, dict(overrides or {}))
+    _resolve_params(root, program.overrides, diags)
+    ch = Checker(program, diags)
+    for unit in loader.units.values():
+        for name, d in unit.decls.items():
+            if isinstance(d, ast.Def):
+                ch.check_def(unit, d)
+            elif not isinstance(d, ast.Import):
+                ch.decl_type(unit, name, d.name_span)
+        paths: dict[str, ast.Save] = {}
+        for stmt in unit.module.stmts:
+            if isinstance(stmt, ast.Save):
+                _check_save(ch, unit, stmt, paths)
+    _unused(root, diags)
+    return (None if any(d.is_error for d in diags) else program), _dedupe(diags)
+
+
+def _unused(root: Unit, diags: list[Diagnostic]) -> None:
+    referenced = _references(root)
+    for name, d in root.decls.items():
+        if isinstance(d, (ast.Let, ast.ModelDecl, ast.ClusterDecl)) and name not in referenced:
+            diags.append(warning("K0112", f"`{name}` is never used", d.name_span,
+                                 label="defined here", help="remove it, or save it"))
+
+
+def _references(unit: Unit) -> set[str]:
+    names: set[str] = set()
+    roots = []
+    for s in unit.module.stmts:
+        if isinstance(s, (ast.Let, ast.ClusterDecl)):
+            roots.append(s.expr)
+        elif isinstance(s, ast.Save):
+            roots += [s.expr, s.path] + [o.value for o in s.options]
+        elif isinstance(s, ast.Def):
+            roots += [s.body] + [let.expr for let in s.lets]
+        elif isinstance(s, ast.ModelDecl):
+            roots.append(s.path)
+    for r in roots:
+        for node in ast.walk(r):
+            if isinstance(node, ast.Name):
+                names.add(node.name)
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                names.add(node.func.name)
+    return names
+
+
+def _dedupe(diags: list[Diagnostic]) -> list[Diagnostic]:
+    seen, out = set(), []
+    for d in diags:
+        key = (d.code, d.message, d.span)
+        if key not in seen:
+            seen.add(key)
+            out.append(d)
+    return out

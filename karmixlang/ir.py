@@ -1,0 +1,177 @@
+"""The graph IR: interned, immutable nodes (building the same subexpression twice returns the
+same object, so common subexpressions are shared as the graph is built), and a Graph of the
+saves over them, held in networkx for the graph algorithms.
+
+Ops (all key-wise):
+  load(path)                      a checkpoint input
+  lincomb(x1..xn; coeffs)         Σ cᵢ·xᵢ (every +, -, *, / of models and deltas)
+  zeros_like(x)                   a zero delta with x's keys and shapes
+  select(x; patterns) / exclude(x; patterns)
+  union(x, y)                     key-wise union, y wins
+  pick(s; index)                  one member of a cluster filter's result (elect, ties)
+  <kernel>(inputs; params)        a method of builtins.py (mean, della, geometric_median, ...)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import networkx as nx
+
+from .blocks import slot_of
+from .diagnostics import Span
+
+
+@dataclass(frozen=True)
+class KeyMap:
+    """A number that depends on the tensor key: by_key rules or MBW block weights."""
+    kind: str  # "by_key" | "blocks"
+    rules: tuple[tuple[str, float], ...]  # (pattern or slot, value), first match wins
+    arch: str | None = None
+    default: float | None = None
+
+    def at(self, key: str) -> float:
+        if self.kind == "by_key":
+            for pattern, value in self.rules:
+                if match_key(pattern, key):
+                    return value
+            raise KeyError(key)
+        slot = slot_of(self.arch, key)
+        for name, value in self.rules:
+            if name == slot:
+                return value
+        if self.default is None:
+            raise KeyError(key)
+        return self.default
+
+    def describe(self) -> str:
+        if self.kind == "by_key":
+            return "by_key{" + ", ".join(f"{p!r}: {v:g}" for p, v in self.rules) + "}"
+        return f"blocks({self.arch!r}, {len(self.rules)} slots, default={self.default})"
+
+
+def match_key(pattern: str, key: str) -> bool:
+    """`*` crosses dots (fnmatch); a pattern starting with `re:` is a regular expression."""
+    if pattern.startswith("re:"):
+        return _regex(pattern[3:]).search(key) is not None
+    return fnmatch.fnmatchcase(key, pattern)
+
+
+_REGEX_CACHE: dict[str, re.Pattern] = {}
+
+
+def _regex(text: str) -> re.Pattern:
+    if text not in _REGEX_CACHE:
+        _REGEX_CACHE[text] = re.compile(text)
+    return _REGEX_CACHE[text]
+
+
+@dataclass(frozen=True, eq=False)
+class Node:
+    """One operation. Compared by identity: the Builder makes structurally equal nodes the
+    same object."""
+    op: str
+    inputs: tuple["Node", ...]
+    attrs: tuple[tuple[str, object], ...] = ()
+
+    def attr(self, name: str, default=None):
+        for k, v in self.attrs:
+            if k == name:
+                return v
+        return default
+
+    @cached_property
+    def signature(self) -> tuple:
+        return (self.op, tuple(id(i) for i in self.inputs), self.attrs)
+
+    def __repr__(self) -> str:
+        return f"Node({self.op}, {len(self.inputs)} inputs)"
+
+
+class Builder:
+    """Interns nodes and remembers where in the recipe each node was written."""
+
+    def __init__(self):
+        self._table: dict[tuple, Node] = {}
+        self.origins: dict[Node, list[Span]] = {}
+        self.built = 0  # how many nodes the recipe spelled out (before sharing)
+
+    def node(self, op: str, inputs=(), attrs=None, span: Span | None = None) -> Node:
+        attrs_t = tuple(sorted((attrs or {}).items()))
+        n = Node(op, tuple(inputs), attrs_t)
+        n = self._table.setdefault(n.signature, n)
+        self.built += 1
+        if span is not None:
+            spans = self.origins.setdefault(n, [])
+            if span not in spans:
+                spans.append(span)
+        return n
+
+
+@dataclass(frozen=True)
+class SaveSpec:
+    path: str  # absolute
+    written: str  # as written in the recipe (after interpolation)
+    expr: Node
+    fallback: Node | None
+    fallback_reason: str  # "with fallback=", "the only base", or "" when none
+    dtype: str | None  # safetensors dtype, or None: per key from the fallback / first input
+    metadata: tuple[tuple[str, str], ...]
+    shard: str | None
+    delta: bool
+    span: Span
+
+
+@dataclass
+class Graph:
+    saves: list[SaveSpec]
+    origins: dict[Node, list[Span]]
+    names: dict[Node, str] = field(default_factory=dict)  # recipe names for display
+    notes: list[str] = field(default_factory=list)  # what the optimizer did, for the plan
+    built: int = 0
+    extra_roots: list[Node] = field(default_factory=list)  # named values no save uses (DCE)
+
+    def roots(self) -> list[Node]:
+        out = []
+        for s in self.saves:
+            out.append(s.expr)
+            if s.fallback is not None:
+                out.append(s.fallback)
+        return out
+
+    def nx(self, include_extra: bool = False) -> nx.DiGraph:
+        g = nx.DiGraph()
+        stack = self.roots() + (self.extra_roots if include_extra else [])
+        seen = set()
+        while stack:
+            n = stack.pop()
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            g.add_node(n)
+            for i in n.inputs:
+                g.add_edge(i, n)
+                stack.append(i)
+        return g
+
+    def topo(self) -> list[Node]:
+        """Nodes reachable from the saves, inputs first, in a deterministic order."""
+        g = self.nx()
+        order = {n: i for i, n in enumerate(self._discovery())}
+        return list(nx.lexicographical_topological_sort(g, key=lambda n: order[n]))
+
+    def _discovery(self) -> list[Node]:
+        out, seen = [], set()
+        for root in self.roots():
+            stack = [root]
+            while stack:
+                n = stack.pop()
+                if id(n) in seen:
+                    continue
+                seen.add(id(n))
+                out.append(n)
+                stack.extend(reversed(n.inputs))
+        return out

@@ -1,0 +1,303 @@
+"""Checked AST -> graph IR. Evaluates the recipe with concrete values: params resolved, defs
+inlined, clusters expanded to weighted members (nested, `balanced`, `glob` sorted bytewise),
+filters on clusters applied to each member. Only runs on a program the checker accepted, so
+type errors cannot happen here; the only errors are about the filesystem (a glob with no
+match)."""
+
+from __future__ import annotations
+
+import glob as globlib
+import os
+from dataclasses import dataclass
+
+from . import ast
+from .builtins import BUILTINS
+from .check import Program, Unit
+from .diagnostics import KmxError, error
+from .io.dtypes import parse_user_dtype
+from .ir import Builder, Graph, KeyMap, Node, SaveSpec
+
+
+@dataclass(frozen=True)
+class ClusterVal:
+    members: tuple[tuple[Node, float], ...]  # (member, weight)
+
+
+@dataclass
+class _Env:
+    unit: Unit
+    locals: dict
+    lets: dict
+    memo: dict
+
+
+class Lowerer:
+    def __init__(self, program: Program):
+        self.p = program
+        self.b = Builder()
+        self.decl_memo: dict[tuple[str, str], object] = {}
+        self.names: dict[Node, str] = {}
+
+    # -- values
+    def decl(self, unit: Unit, name: str):
+        key = (unit.path, name)
+        if key not in self.decl_memo:
+            d = unit.decls[name]
+            env = _Env(unit, {}, {}, {})
+            if isinstance(d, ast.ModelDecl):
+                v = self.load(unit, self.string(d.path, env), d, "base" if d.is_base else "model")
+            elif isinstance(d, ast.Param):
+                v = unit.params[name]
+            else:
+                v = self.value(d.expr, env)
+            if isinstance(v, Node):
+                self.names.setdefault(v, name if unit is self.p.root else f"{_alias(self.p, unit)}.{name}")
+            self.decl_memo[key] = v
+        return self.decl_memo[key]
+
+    def load(self, unit: Unit, path: str, at, role: str) -> Node:
+        full = os.path.abspath(os.path.join(unit.folder, path))
+        node = self.b.node("load", (), {"path": full, "role": role}, at.span)
+        self.names.setdefault(node, getattr(at, "name", None) or os.path.basename(full))
+        return node
+
+    def string(self, s: ast.String, env: _Env) -> str:
+        out = []
+        for part in s.parts:
+            if isinstance(part, str):
+                out.append(part)
+            else:
+                unit = env.unit.imports[part.lib] if part.lib else env.unit
+                out.append(unit.param_text[part.name])
+        return "".join(out)
+
+    def value(self, e, env: _Env):
+        if isinstance(e, ast.Number):
+            return e.value
+        if isinstance(e, ast.Bool):
+            return e.value
+        if isinstance(e, ast.String):
+            return self.string(e, env)
+        if isinstance(e, ast.Name):
+            if e.name in env.locals:
+                return env.locals[e.name]
+            if e.name in env.lets:
+                if e.name not in env.memo:
+                    env.memo[e.name] = self.value(env.lets[e.name].expr, env)
+                return env.memo[e.name]
+            return self.decl(env.unit, e.name)
+        if isinstance(e, ast.Member):
+            return self.decl(env.unit.imports[e.lib], e.name)
+        if isinstance(e, ast.Neg):
+            return self.arith("*", -1.0, self.value(e.operand, env), e)
+        if isinstance(e, ast.BinOp):
+            left, right = self.value(e.left, env), self.value(e.right, env)
+            if e.op == "|":
+                return self.b.node("union", (left, right), span=e.span)
+            return self.arith(e.op, left, right, e)
+        if isinstance(e, ast.ClusterLit):
+            return self.cluster(e, env)
+        if isinstance(e, ast.MapLit):
+            return {self.string(p.key, env): self.value(p.value, env) for p in e.pairs}
+        if isinstance(e, ast.Call):
+            return self.call(e, env)
+        raise AssertionError(e)
+
+    def cluster(self, e: ast.ClusterLit, env: _Env) -> ClusterVal:
+        members = []
+        for item in e.items:
+            w = 1.0 if item.weight is None else float(self.value(item.weight, env))
+            v = self.value(item.expr, env)
+            if isinstance(v, str):
+                v = self.load(env.unit, v, item.expr, "model")
+            if isinstance(v, ClusterVal):
+                members.extend((m, mw * w) for m, mw in v.members)
+            else:
+                members.append((v, w))
+        return ClusterVal(tuple(members))
+
+    # -- arithmetic: every +, -, *, / of spaces becomes a lincomb (folded by optimize.fold)
+    def arith(self, op: str, a, b, e):
+        if _is_num(a) and _is_num(b):
+            return {"+": a + b, "-": a - b, "*": a * b, "/": a / b}[op] if op != "/" or b else 0.0
+        if isinstance(a, ClusterVal) or isinstance(b, ClusterVal):
+            c, other, c_left = (a, b, True) if isinstance(a, ClusterVal) else (b, a, False)
+            return ClusterVal(tuple(
+                (self.arith(op, m, other, e) if c_left else self.arith(op, other, m, e), w)
+                for m, w in c.members))
+        if op in "+-":
+            return self.b.node("lincomb", (a, b), {"coeffs": (1.0, 1.0 if op == "+" else -1.0)},
+                               e.span)
+        space, scale = (a, b) if isinstance(a, Node) else (b, a)
+        if op == "/":
+            scale = 1.0 / scale
+        return self.b.node("lincomb", (space,), {"coeffs": (scale,)}, e.span)
+
+    # -- calls
+    def call(self, e: ast.Call, env: _Env):
+        if isinstance(e.func, ast.Member):
+            unit = env.unit.imports[e.func.lib]
+            return self.call_def(unit, unit.decls[e.func.name], e, env)
+        d = env.unit.decls.get(e.func.name)
+        if isinstance(d, ast.Def) and e.func.name not in env.locals:
+            return self.call_def(env.unit, d, e, env)
+        return self.call_builtin(e, env)
+
+    def call_def(self, unit: Unit, d: ast.Def, e: ast.Call, env: _Env):
+        args = dict(zip((p.name for p in d.params), (self.value(a, env) for a in e.args)))
+        args.update({k.name: self.value(k.value, env) for k in e.kwargs})
+        for p in d.params:
+            if p.name not in args:
+                args[p.name] = self.value(p.default, _Env(unit, {}, {}, {}))
+        inner = _Env(unit, args, {let.name: let for let in d.lets}, {})
+        return self.value(d.body, inner)
+
+    def call_builtin(self, e: ast.Call, env: _Env):
+        b = BUILTINS[e.func.name]
+        args = {p.name: v for p, v in zip(b.params, e.args)}
+        extra = [self.value(a, env) for a in e.args[len(b.params):]]
+        kw = {}
+        for k in e.kwargs:
+            if b.param(k.name) is not None:
+                args[k.name] = k.value
+            else:
+                kw[k.name] = self.value(k.value, env)
+        for p in b.params:
+            if p.name in args:
+                raw = args[p.name]
+                args[p.name] = raw if p.type == "list" else self.value(raw, env)
+            elif not p.required:
+                args[p.name] = p.default
+        special = getattr(self, f"_{b.name}", None)
+        if special is not None:
+            return special(args, extra, kw, e, env)
+        return self.kernel(b, args, e)
+
+    def kernel(self, b, args: dict, e):
+        first = args[b.params[0].name]
+        if b.broadcast and isinstance(first, ClusterVal):
+            return ClusterVal(tuple(
+                (self._kernel_node(b, {**args, b.params[0].name: m}, e, member=i), w)
+                for i, (m, w) in enumerate(first.members)))
+        return self._kernel_node(b, args, e, member=0)
+
+    def _kernel_node(self, b, args: dict, e, member: int):
+        inputs, attrs = [], {}
+        for p in b.params:
+            v = args[p.name]
+            if isinstance(v, ClusterVal):
+                inputs.extend(m for m, _ in v.members)
+                attrs["weights"] = tuple(w for _, w in v.members)
+            elif isinstance(v, Node):
+                inputs.append(v)
+            else:
+                attrs[p.name] = int(v) if p.type == "int" else v
+        if b.name in ("dare", "della"):
+            attrs["member"] = member
+        node = self.b.node(b.kernel, inputs, attrs, e.span)
+        if b.name in ("elect", "ties"):
+            c = args["c"]
+            return ClusterVal(tuple((self.b.node("pick", (node,), {"index": i}), w)
+                                    for i, (_, w) in enumerate(c.members)))
+        return node
+
+    def _select(self, args, extra, kw, e, env, op="select"):
+        x = args["x"]
+        if isinstance(x, ClusterVal):
+            return ClusterVal(tuple((self.b.node(op, (m,), {"patterns": tuple(extra)}, e.span), w)
+                                    for m, w in x.members))
+        return self.b.node(op, (x,), {"patterns": tuple(extra)}, e.span)
+
+    def _exclude(self, args, extra, kw, e, env):
+        return self._select(args, extra, kw, e, env, op="exclude")
+
+    def _zeros_like(self, args, extra, kw, e, env):
+        return self.b.node("zeros_like", (args["x"],), span=e.span)
+
+    def _by_key(self, args, extra, kw, e, env):
+        return KeyMap("by_key", tuple((k, float(v)) for k, v in args["weights"].items()))
+
+    def _blocks(self, args, extra, kw, e, env):
+        from .blocks import all_slots
+        arch = args["arch"]
+        lst = args.get("weights")
+        if lst is not None:
+            values = [float(self.value(item.expr, env)) for item in lst.items]
+            rules = tuple(zip(all_slots(arch), values))
+        else:
+            rules = tuple((k, float(v)) for k, v in kw.items())
+        default = args.get("default")
+        return KeyMap("blocks", rules, arch, None if default is None else float(default))
+
+    def _glob(self, args, extra, kw, e, env):
+        pattern = os.path.join(env.unit.folder, args["pattern"])
+        files = sorted(globlib.glob(pattern), key=lambda p: os.fsencode(p))
+        if not files:
+            raise KmxError([error("K0307", f"glob matched no files: {pattern}", e.span,
+                                  help="check the folder, or --set the param that names it")])
+        return ClusterVal(tuple((self.load(env.unit, f, e, "model"), 1.0) for f in files))
+
+    def _balanced(self, args, extra, kw, e, env):
+        members = []
+        for item in args["clusters"].items:
+            v = self.value(item.expr, env)
+            if isinstance(v, str):
+                v = self.load(env.unit, v, item.expr, "model")
+            sub = v.members if isinstance(v, ClusterVal) else ((v, 1.0),)
+            total = sum(w for _, w in sub)
+            members.extend((m, w / total) for m, w in sub)
+        return ClusterVal(tuple(members))
+
+    # -- saves
+    def save(self, unit: Unit, s: ast.Save) -> SaveSpec:
+        env = _Env(unit, {}, {}, {})
+        written = self.string(s.path, env)
+        opts = {o.name: self.value(o.value, env) for o in s.options}
+        expr = self.value(s.expr, env)
+        fallback, reason = opts.get("fallback"), "with fallback="
+        if fallback is None:
+            bases = {n for n in _reachable(expr) if n.op == "load" and n.attr("role") == "base"}
+            fallback, reason = (bases.pop(), "the only base") if len(bases) == 1 else (None, "")
+        dtype = opts.get("dtype")
+        return SaveSpec(
+            path=os.path.abspath(os.path.join(unit.folder, written)), written=written, expr=expr,
+            fallback=fallback, fallback_reason=reason,
+            dtype=parse_user_dtype(dtype) if dtype else None,
+            metadata=tuple(sorted((k, str(v)) for k, v in (opts.get("metadata") or {}).items())),
+            shard=opts.get("shard"), delta=bool(opts.get("delta", False)), span=s.span)
+
+
+def _alias(p: Program, unit: Unit) -> str:
+    for alias, u in p.root.imports.items():
+        if u is unit:
+            return alias
+    return os.path.splitext(os.path.basename(unit.path))[0]
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float, KeyMap)) and not isinstance(v, bool)
+
+
+def _reachable(root: Node):
+    seen, stack = set(), [root]
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        yield n
+        stack.extend(n.inputs)
+
+
+def lower(program: Program) -> Graph:
+    """Lower every save of the root recipe, plus its unused named values (so the optimizer's
+    dead-code pass can show what it dropped)."""
+    lw = Lowerer(program)
+    saves = [lw.save(program.root, s) for s in program.root.module.stmts if isinstance(s, ast.Save)]
+    extra = []
+    for name, d in program.root.decls.items():
+        if isinstance(d, (ast.Let, ast.ClusterDecl, ast.ModelDecl)):
+            v = lw.decl(program.root, name)
+            extra.extend([v] if isinstance(v, Node) else
+                         [m for m, _ in v.members] if isinstance(v, ClusterVal) else [])
+    return Graph(saves, lw.b.origins, lw.names, built=lw.b.built, extra_roots=extra)

@@ -1,0 +1,141 @@
+"""Optimizer passes, each Graph -> Graph, each idempotent, each recording what it did:
+
+  fold      flatten nested linear combinations, merge repeated terms, drop zero terms,
+            `x - x` -> zeros_like(x), `1·x` -> x
+  pushdown  move select/exclude down to the inputs, so a key nobody saves is never read
+  cse       re-intern every node: subexpressions that became equal are computed once
+  dce       drop named values that no save uses
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable
+
+import networkx as nx
+
+from .ir import Builder, Graph, KeyMap, Node
+
+Rewrite = Callable[[Node, tuple, Builder], Node]
+
+
+def _rebuild(graph: Graph, rule: Rewrite, keep_extra: bool = True) -> tuple[Graph, Builder]:
+    """Rebuild every node bottom-up through a fresh Builder, applying `rule` to each."""
+    b = Builder()
+    new: dict[int, Node] = {}
+    order = graph.nx(include_extra=keep_extra)
+    for n in nx.topological_sort(order):
+        inputs = tuple(new[id(i)] for i in n.inputs)
+        out = rule(n, inputs, b)
+        new[id(n)] = out
+        for span in graph.origins.get(n, ()):
+            spans = b.origins.setdefault(out, [])
+            if span not in spans:
+                spans.append(span)
+    saves = [replace(s, expr=new[id(s.expr)],
+                     fallback=new[id(s.fallback)] if s.fallback is not None else None)
+             for s in graph.saves]
+    names = {}
+    for old, name in graph.names.items():
+        if id(old) in new:
+            names.setdefault(new[id(old)], name)
+    extra = [new[id(n)] for n in graph.extra_roots] if keep_extra else []
+    return Graph(saves, b.origins, names, list(graph.notes), graph.built, extra), b
+
+
+def _same(n: Node, inputs: tuple, b: Builder) -> Node:
+    return b.node(n.op, inputs, dict(n.attrs))
+
+
+# ------------------------------------------------------------------ fold
+
+def _fold_rule(n: Node, inputs: tuple, b: Builder) -> Node:
+    if n.op != "lincomb":
+        return _same(n, inputs, b)
+    terms: list[list] = []  # [node, coefficient]
+    index: dict[int, int] = {}  # id(node) -> its float-coefficient term
+    for x, c in zip(inputs, n.attr("coeffs")):
+        parts = [(x, c)]
+        if x.op == "lincomb" and not isinstance(c, KeyMap) and \
+                not any(isinstance(cc, KeyMap) for cc in x.attr("coeffs")):
+            parts = [(xx, c * cc) for xx, cc in zip(x.inputs, x.attr("coeffs"))]
+        for xx, cc in parts:
+            if isinstance(cc, KeyMap):  # per-key coefficients are kept as separate terms
+                terms.append([xx, cc])
+            elif id(xx) in index:
+                terms[index[id(xx)]][1] += cc
+            else:
+                index[id(xx)] = len(terms)
+                terms.append([xx, cc])
+    kept = [(x, c) for x, c in terms if isinstance(c, KeyMap) or c != 0.0]
+    if not kept:
+        return b.node("zeros_like", (inputs[0],))
+    if len(kept) == 1 and kept[0][1] == 1.0:
+        return kept[0][0]
+    return b.node("lincomb", tuple(x for x, _ in kept), {"coeffs": tuple(c for _, c in kept)})
+
+
+def fold(graph: Graph) -> Graph:
+    before = len(graph.nx(include_extra=True))
+    out, _ = _rebuild(graph, _fold_rule)
+    after = len(out.nx(include_extra=True))
+    if after != before:
+        out.notes.append(f"fold: {before - after} node(s) removed by constant folding of "
+                         "linear combinations")
+    return out
+
+
+# ------------------------------------------------------------------ select pushdown
+
+_KEYWISE_BARRIERS = {"load", "select", "exclude"}
+
+
+def _pushdown_rule(n: Node, inputs: tuple, b: Builder) -> Node:
+    if n.op not in ("select", "exclude"):
+        return _same(n, inputs, b)
+    (x,) = inputs
+    if x.op in _KEYWISE_BARRIERS:
+        return b.node(n.op, inputs, dict(n.attrs))
+    # Every other op's key set is the union of its inputs': filtering commutes with it.
+    pushed = tuple(_pushdown_rule(n, (i,), b) for i in x.inputs)
+    return b.node(x.op, pushed, dict(x.attrs))
+
+
+def pushdown(graph: Graph) -> Graph:
+    out, _ = _rebuild(graph, _pushdown_rule)
+    moved = sum(1 for n in graph.nx() if n.op in ("select", "exclude")
+                and n.inputs[0].op not in _KEYWISE_BARRIERS)
+    if moved:
+        out.notes.append(f"pushdown: {moved} select/exclude moved to the inputs")
+    return out
+
+
+# ------------------------------------------------------------------ cse and dce
+
+def cse(graph: Graph) -> Graph:
+    out, _ = _rebuild(graph, _same)
+    spelled, nodes = graph.built, len(out.nx())
+    if spelled > nodes:
+        out.notes.append(f"cse: the recipe spells out {spelled} operations; {nodes} distinct "
+                         "nodes remain (shared subexpressions are computed once)")
+    out.built = graph.built
+    return out
+
+
+def dce(graph: Graph) -> Graph:
+    live = set(graph.nx().nodes)
+    dropped = sorted({graph.names.get(n, n.op) for n in graph.extra_roots if n not in live})
+    out, _ = _rebuild(graph, _same, keep_extra=False)
+    if dropped:
+        out.notes.append("dce: dropped " + ", ".join(f"`{d}`" for d in dropped)
+                         + " (no save uses them)")
+    return out
+
+
+PASSES = (("fold", fold), ("pushdown", pushdown), ("cse", cse), ("dce", dce))
+
+
+def optimize(graph: Graph) -> Graph:
+    for _, p in PASSES:
+        graph = p(graph)
+    return graph

@@ -1,0 +1,218 @@
+"""The plan: what `kmx run` will do, as data with a schema version, and three renderers of
+that same data (text for people, JSON for tools, DOT for Graphviz). docs/plan-format.md
+documents the JSON schema."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+from .ir import Graph, KeyMap
+from .resources import data_dir
+from .schedule import Schedule, _name
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Plan:
+    data: dict  # the JSON document; the text and DOT renderers read only this
+
+    def to_json(self) -> str:
+        return json.dumps(self.data, indent=2, sort_keys=False)
+
+
+def _attr_json(v):
+    if isinstance(v, KeyMap):
+        return {"keymap": v.describe()}
+    if isinstance(v, tuple):
+        return [_attr_json(x) for x in v]
+    return v
+
+
+def _rel(path: str, base: str) -> str:
+    """A path as the user would write it: `std/...` for the stdlib, relative to the recipe
+    when inside its folder, else absolute."""
+    stdlib = os.path.abspath(str(data_dir("stdlib")))
+    if path.startswith(stdlib + os.sep):
+        return "std/" + os.path.relpath(path, stdlib)
+    rel = os.path.relpath(path, base)
+    return path if rel.startswith("..") else rel
+
+
+def build_plan(recipe: str, graph: Graph, sched: Schedule, threads: int = 1,
+               compute: str = "fp32") -> Plan:
+    base = os.path.dirname(os.path.abspath(recipe))
+    order = graph.topo()
+    ids = {n: i + 1 for i, n in enumerate(order)}
+    consumers = Counter(id(i) for n in order for i in n.inputs)
+    inputs = []
+    for n in order:
+        if n.op != "load":
+            continue
+        h = sched.headers[n]
+        inputs.append({
+            "node": ids[n], "name": _name(graph, n), "role": n.attr("role"),
+            "path": _rel(n.attr("path"), base), "files": len(h.files), "keys": len(h.tensors),
+            "dtypes": dict(sorted(Counter(t.dtype for t in h.tensors.values()).items())),
+            "bytes": h.total_bytes,
+            "outside_recipe_folder": os.path.relpath(n.attr("path"), base).startswith(".."),
+        })
+    nodes = []
+    for n in order:
+        spans = graph.origins.get(n, [])
+        nodes.append({
+            "id": ids[n], "op": n.op, "inputs": [ids[i] for i in n.inputs],
+            "attrs": {k: _attr_json(v) for k, v in n.attrs if k != "path"},
+            "name": graph.names.get(n),
+            "origins": [f"{_rel(s.file, base)}:{s.line}:{s.col}" for s in spans],
+            "consumers": consumers[id(n)],
+        })
+    saves = []
+    for i, s in enumerate(graph.saves):
+        reasons = Counter(_reason_kind(r) for r in sched.copied[i].values())
+        saves.append({
+            "path": _rel(s.path, base), "node": ids[s.expr],
+            "fallback": ids[s.fallback] if s.fallback is not None else None,
+            "fallback_reason": s.fallback_reason or None,
+            "dtype": s.dtype, "shard": s.shard, "delta": s.delta,
+            "keys": sched.save_keys[i],
+            "computed": sched.save_keys[i] - len(sched.copied[i]),
+            "copied": len(sched.copied[i]),
+            "copied_reasons": dict(sorted(reasons.items())),
+            "copied_examples": [{"key": k, "reason": r}
+                                for k, r in list(sched.copied[i].items())[:5]],
+            "bytes_written": sched.bytes_written[i],
+        })
+    data = {
+        "schema_version": SCHEMA_VERSION,
+        "recipe": os.path.basename(recipe),
+        "compute_dtype": compute,
+        "inputs": inputs,
+        "nodes": nodes,
+        "saves": saves,
+        "optimizer": graph.notes,
+        "totals": {
+            "inputs": len(inputs), "nodes": len(nodes), "operations_written": graph.built,
+            "keys": len(sched.jobs),
+            "bytes_read": sched.bytes_read,
+            "bytes_written": sum(sched.bytes_written),
+            "peak_memory_bytes": sched.peak_bytes * max(1, threads),
+            "peak_memory_key": sched.peak_key,
+            "peak_memory_per_key_bytes": sched.peak_bytes,
+            "threads": threads,
+            "estimate": True,
+        },
+    }
+    return Plan(data)
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(":")[0].split(" in ")[0].split(" (")[0]
+
+
+# ------------------------------------------------------------------ text
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def render_text(plan: Plan) -> str:
+    """Plain text (the CLI prints it through rich with markup off)."""
+    d = plan.data
+    t = d["totals"]
+    out = [f"Plan for {d['recipe']} (compute {d['compute_dtype']}; estimates marked ~)", ""]
+    out.append(f"Inputs ({len(d['inputs'])}):")
+    for i in d["inputs"]:
+        dtypes = ", ".join(f"{k}×{v}" for k, v in i["dtypes"].items())
+        flag = "  [outside the recipe folder]" if i["outside_recipe_folder"] else ""
+        shards = f", {i['files']} shards" if i["files"] > 1 else ""
+        out.append(f"  #{i['node']:<3} {i['role']:<5} {i['name']:<18} {i['path']}  "
+                   f"{i['keys']} keys ({dtypes}{shards}), {human_bytes(i['bytes'])}{flag}")
+    out += ["", f"Graph ({t['nodes']} nodes after optimization; the recipe spells out "
+                f"{t['operations_written']} operations):"]
+    for n in d["nodes"]:
+        if n["op"] == "load":
+            continue
+        args = ", ".join(f"#{i}" for i in n["inputs"])
+        attrs = ", ".join(f"{k}={_short(v)}" for k, v in n["attrs"].items())
+        label = f"  [{n['name']}]" if n["name"] else ""
+        shared = f"  shared by {n['consumers']} consumers" if n["consumers"] > 1 else ""
+        where = f"  at {n['origins'][0]}" if n["origins"] else ""
+        call = f"{n['op']}({args}{'; ' + attrs if attrs else ''})"
+        out.append(f"  #{n['id']:<3} {call}{label}{where}{shared}")
+    if d["optimizer"]:
+        out += ["", "Optimizer:"] + [f"  - {note}" for note in d["optimizer"]]
+    out += ["", "Saves:"]
+    for s in d["saves"]:
+        fb = f"fallback #{s['fallback']} ({s['fallback_reason']})" if s["fallback"] else \
+            "no fallback"
+        out.append(f"  {s['path']} = #{s['node']}  {fb}, dtype {s['dtype'] or 'as input'}"
+                   + (f", shards of {s['shard']}" if s["shard"] else "")
+                   + (", delta" if s["delta"] else ""))
+        out.append(f"    {s['keys']} keys: {s['computed']} computed, {s['copied']} copied from "
+                   f"the fallback; writes {human_bytes(s['bytes_written'])}")
+        for reason, count in s["copied_reasons"].items():
+            out.append(f"      {count} copied: {reason}")
+        for ex in s["copied_examples"]:
+            out.append(f"      e.g. {ex['key']}: {ex['reason']}")
+    out += ["", f"Reads {human_bytes(t['bytes_read'])}, writes {human_bytes(t['bytes_written'])}, "
+                f"peak memory ~{human_bytes(t['peak_memory_bytes'])} "
+                f"(~{human_bytes(t['peak_memory_per_key_bytes'])} per key in flight, largest at "
+                f"{t['peak_memory_key']}; {t['threads']} thread(s))", ""]
+    out.append(summary_line(plan))
+    return "\n".join(out)
+
+
+def summary_line(plan: Plan) -> str:
+    d, t = plan.data, plan.data["totals"]
+    n = len(d["saves"])
+    keys = sorted({s["keys"] for s in d["saves"]})
+    copied = sum(s["copied"] for s in d["saves"])
+    key_text = f"{keys[0]:,}" if len(keys) == 1 else f"{keys[0]:,}–{keys[-1]:,}"
+    each = " each" if n > 1 else ""
+    return (f"Plan: {n} file{'s' if n != 1 else ''} to write ({key_text} keys{each}; {copied:,} "
+            f"copied from fallback) · reads {human_bytes(t['bytes_read'])} · writes "
+            f"{human_bytes(t['bytes_written'])} · peak memory ~{human_bytes(t['peak_memory_bytes'])}"
+            f" at {t['peak_memory_key']} · nothing executed.")
+
+
+def _short(v) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, list):
+        if len(v) > 4:
+            return "[" + ", ".join(_short(x) for x in v[:3]) + f", … {len(v)} in all]"
+        return "[" + ", ".join(_short(x) for x in v) + "]"
+    if isinstance(v, dict) and "keymap" in v:
+        return v["keymap"]
+    return json.dumps(v) if isinstance(v, str) else str(v)
+
+
+# ------------------------------------------------------------------ dot
+
+def render_dot(plan: Plan) -> str:
+    d = plan.data
+    lines = ["digraph kmx {", "  rankdir=LR;", "  node [shape=box, fontname=\"monospace\"];"]
+    for n in d["nodes"]:
+        label = n["name"] or n["op"]
+        if n["op"] != "load" and n["name"]:
+            label = f"{n['op']}\\n{n['name']}"
+        shape = "cylinder" if n["op"] == "load" else "box"
+        lines.append(f"  n{n['id']} [label={json.dumps(label)}, shape={shape}];")
+        for i in n["inputs"]:
+            lines.append(f"  n{i} -> n{n['id']};")
+    for i, s in enumerate(d["saves"]):
+        lines.append(f"  save{i} [label={json.dumps(s['path'])}, shape=note];")
+        lines.append(f"  n{s['node']} -> save{i};")
+        if s["fallback"]:
+            lines.append(f"  n{s['fallback']} -> save{i} [style=dashed, label=\"fallback\"];")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+

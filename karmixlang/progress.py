@@ -1,0 +1,59 @@
+"""Progress reporting for `kmx run`: a rich progress bar on a terminal, a few plain lines
+otherwise (logs and CI stay readable)."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
+from rich.text import Text
+
+
+class BarProgress:
+    def __init__(self, console: Console):
+        self.progress = Progress(TextColumn("merging"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("keys"), TransferSpeedColumn(), TimeElapsedColumn(),
+                                 TextColumn("eta"), TimeRemainingColumn(), console=console,
+                                 transient=True)
+        self.task = None
+
+    def start(self, keys: int, done: int, total_bytes: int) -> None:
+        self.progress.start()
+        self.task = self.progress.add_task("merge", total=keys, completed=done)
+
+    def advance(self, keys: int, nbytes: int) -> None:
+        self.progress.advance(self.task, keys)
+
+    def finish(self) -> None:
+        self.progress.stop()
+
+
+class LineProgress:
+    """One line at each tenth of the keys."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.total = self.done = self.next_report = 0
+        self.t0 = 0.0
+
+    def start(self, keys: int, done: int, total_bytes: int) -> None:
+        self.total, self.done, self.t0 = keys, done, time.monotonic()
+        self.next_report = done + max(1, keys // 10)
+        if done:
+            self.console.print(Text(f"resuming: {done:,} of {keys:,} keys already written"))
+
+    def advance(self, keys: int, nbytes: int) -> None:
+        self.done += keys
+        if self.done >= self.next_report or self.done == self.total:
+            self.next_report = self.done + max(1, self.total // 10)
+            rate = self.done / max(1e-9, time.monotonic() - self.t0)
+            self.console.print(Text(f"{self.done:,}/{self.total:,} keys ({rate:,.0f} keys/s)"))
+
+    def finish(self) -> None:
+        pass
+
+
+def make_progress(console: Console):
+    return BarProgress(console) if console.is_terminal else LineProgress(console)

@@ -1,0 +1,296 @@
+"""`kmx run`: execute a compiled plan key by key.
+
+Each key is one job (see schedule.KeyJob): its inputs are read, the graph is evaluated in the
+planned order, values are dropped after their last use, and the results are written at their
+planned offsets. Jobs run on a thread pool; admission keeps the estimated memory of the keys in
+flight under the limit. Results never depend on scheduling: every key is computed alone, and
+intra-op threads are fixed at one so reductions always add in the same order.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+import torch
+
+from ..api import Compiled
+from ..builtins import BUILTINS
+from ..diagnostics import KmxError, error
+from ..io.writer import CheckpointWriter, OutputLayout
+from ..ir import KeyMap, Node
+from ..schedule import ALIAS_OPS, KeyJob, Output, make_job, node_keys
+from . import ops
+from .outputs import OutputSet
+from .tensors import COMPUTE, Reader, to_bytes
+
+_KERNELS = {b.kernel: b for b in BUILTINS.values() if b.kernel}
+CHECKPOINT_SECONDS = 2.0
+
+
+class NonFinite(Exception):
+    def __init__(self, node: Node, key: str):
+        self.node, self.key = node, key
+
+
+@dataclass
+class RunOptions:
+    threads: int = 0  # 0: one per core, at most 8
+    device: str = "cpu"
+    compute_dtype: str = "fp32"
+    memory_limit: int | None = None  # bytes; None: half of the available memory
+    resume: bool = False
+    force: bool = False
+    strict: bool = False
+    nonfinite: str = "error"  # or "fallback"
+
+
+@dataclass
+class RunResult:
+    outputs: list[str]
+    keys: int
+    skipped: int  # finished by an earlier, interrupted run
+    seconds: float
+    bytes_read: int
+    bytes_written: int
+    peak_rss_delta: int  # measured growth of resident memory during the run
+    nothing_to_do: bool = False
+    fallbacks: list[str] = field(default_factory=list)  # keys copied for non-finite inputs
+
+
+def default_threads() -> int:
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                      else os.cpu_count() or 1))
+
+
+def available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _Evaluator:
+    """Evaluates one key's job. Stateless between keys, so any thread may run any key."""
+
+    def __init__(self, compiled: Compiled, reader: Reader, opts: RunOptions):
+        self.c = compiled
+        self.reader = reader
+        self.compute = COMPUTE[opts.compute_dtype]
+        self.device = torch.device(opts.device)
+        self.headers = compiled.schedule.headers
+
+    def run(self, job: KeyJob) -> list[tuple[Output, torch.Tensor]]:
+        values: dict[int, object] = {}
+        raw_ok = _raw_loads(job)
+        for i, n in enumerate(job.steps):
+            values[id(n)] = self.step(n, job.key, values, id(n) in raw_ok, job)
+            for m in job.free_after[i]:
+                values.pop(id(m), None)
+        return [(o, values[id(o.node)]) for o in job.outputs]
+
+    def step(self, n: Node, key: str, values: dict, raw: bool, job: KeyJob):
+        if n.op == "union":  # the schedule activated exactly one side for this key
+            return values[id(job.union_choice[id(n)])]
+        ins = [values[id(i)] for i in n.inputs]
+        if n.op == "load":
+            t = self.reader.read(self.headers[n].tensors[key])
+            if raw or not t.is_floating_point():
+                return t
+            t = t.to(device=self.device, dtype=self.compute)
+            if not bool(torch.isfinite(t).all()):
+                raise NonFinite(n, key)
+            return t
+        if n.op in ("select", "exclude"):
+            return ins[0]
+        if n.op == "pick":
+            return ins[0][n.attr("index")]
+        if n.op == "lincomb":
+            coeffs = [c.at(key) if isinstance(c, KeyMap) else c for c in n.attr("coeffs")]
+            return ops.combine(ins, coeffs)
+        return self.kernel(n, key, ins)
+
+    def kernel(self, n: Node, key: str, ins: list):
+        b = _KERNELS[n.op]
+        attrs = {k: (v.at(key) if isinstance(v, KeyMap) else v) for k, v in n.attrs}
+        args, kwargs, pos = [], {}, 0
+        for p in b.params:
+            if p.type.endswith("cluster"):
+                w = list(attrs.pop("weights"))
+                args += [ins[pos:pos + len(w)], w]
+                pos += len(w)
+            elif p.type in ("space", "model", "delta"):
+                args.append(ins[pos])
+                pos += 1
+            elif p.name in attrs:
+                kwargs[p.name] = attrs.pop(p.name)
+        if "member" in attrs:
+            kwargs.update(key=key, member=attrs.pop("member"))
+        return getattr(ops, n.op)(*args, **kwargs)
+
+
+def _raw_loads(job: KeyJob) -> set[int]:
+    """Loads whose value is only written out (through aliases), never computed with: these
+    keep their stored dtype, so a copied key is bit-exact whatever the compute dtype."""
+    def used(n: Node):
+        return (job.union_choice[id(n)],) if n.op == "union" else n.inputs
+
+    computed = set()
+    for n in job.steps:
+        if n.op not in ALIAS_OPS:
+            computed.update(id(i) for i in used(n))
+    # Follow aliases down to their loads.
+    for n in reversed(job.steps):
+        if n.op in ALIAS_OPS and id(n) in computed:
+            computed.update(id(i) for i in used(n))
+    return {id(n) for n in job.steps if n.op == "load" and id(n) not in computed}
+
+
+def _fallback_job(compiled: Compiled, job: KeyJob) -> KeyJob:
+    """The same key copied from each save's fallback (for --nonfinite=fallback)."""
+    graph = compiled.graph
+    keys = node_keys(graph, compiled.schedule.headers)
+    outputs = []
+    for o in job.outputs:
+        fb = graph.saves[o.save].fallback
+        if fb is None or not keys[fb].has(job.key):
+            raise KmxError([error("K0401", f"key `{job.key}` has non-finite values and save "
+                                  f"`{graph.saves[o.save].written}` has no fallback with it")])
+        outputs.append(Output(o.save, fb, o.dtype, o.shape, "non-finite input"))
+    order = {n: i for i, n in enumerate(graph.topo())}
+    return make_job(job.key, outputs, keys, order, compiled.schedule.headers, 4)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def execute(compiled: Compiled, opts: RunOptions, progress=None) -> RunResult:
+    """Run a compiled recipe. Raises KmxError; never leaves a partial file under a final name."""
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise KmxError([error("K0406", "--device cuda: no CUDA device is available",
+                              help="run with --device cpu")])
+    threads = opts.threads or default_threads()
+    limit = opts.memory_limit or available_memory() // 2
+    torch.set_num_threads(1)
+    start, rss0 = time.monotonic(), _rss()
+    outputs = OutputSet(compiled, opts)
+    if outputs.complete():
+        return RunResult(outputs.final_paths(), 0, 0, 0.0, 0, 0, 0, nothing_to_do=True)
+    reader = Reader()
+    writers = outputs.open()
+    done = outputs.done_keys(writers)
+    jobs = [j for j in compiled.schedule.jobs if j.key not in done]
+    if progress:
+        progress.start(len(compiled.schedule.jobs), len(done),
+                       sum(j.read_bytes for j in compiled.schedule.jobs))
+    ev = _Evaluator(compiled, reader, opts)
+    fallbacks: list[str] = []
+    stop = threading.Event()
+    old_term = _on_sigterm()
+    try:
+        _run_jobs(jobs, ev, writers, compiled, opts, threads, limit, progress, fallbacks, stop)
+        outputs.commit(writers)
+    except (KeyboardInterrupt, _Interrupted):
+        stop.set()
+        outputs.keep_partial(writers)
+        raise KmxError([error("K0403", "run interrupted; finished keys are saved",
+                              help="run the same command with --resume to continue")])
+    except BaseException:
+        stop.set()
+        outputs.keep_partial(writers)
+        raise
+    finally:
+        reader.close()
+        _restore_sigterm(old_term)
+        if progress:
+            progress.finish()
+    return RunResult(outputs.final_paths(), len(compiled.schedule.jobs), len(done),
+                     time.monotonic() - start, sum(j.read_bytes for j in jobs),
+                     sum(compiled.schedule.bytes_written), max(0, _rss() - rss0),
+                     fallbacks=fallbacks)
+
+
+def _run_jobs(jobs, ev, writers, compiled, opts, threads, limit, progress, fallbacks, stop):
+    def work(job: KeyJob):
+        if stop.is_set():
+            return job
+        try:
+            results = ev.run(job)
+        except NonFinite as nf:
+            if opts.nonfinite != "fallback":
+                name = compiled.graph.names.get(nf.node, nf.node.attr("path"))
+                raise KmxError([error(
+                    "K0401", f"`{name}` has NaN or Inf values in key `{nf.key}`",
+                    help="fix the input, or run with --nonfinite=fallback to copy such keys "
+                         "from the save's fallback")]) from None
+            fallbacks.append(job.key)
+            results = ev.run(_fallback_job(compiled, job))
+        for out, value in results:
+            writers[out.save].write(job.key, to_bytes(value, out.dtype))
+        return job
+
+    in_flight: dict[Future, int] = {}
+    budget = 0
+    last_checkpoint = time.monotonic()
+    pending = list(reversed(jobs))  # pop() from the end keeps key order
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kmx") as pool:
+        try:
+            while pending or in_flight:
+                while pending and len(in_flight) < threads and (
+                        not in_flight or budget + pending[-1].est_bytes <= limit):
+                    job = pending.pop()
+                    in_flight[pool.submit(work, job)] = job.est_bytes
+                    budget += job.est_bytes
+                finished, _ = wait(in_flight, timeout=0.5, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    budget -= in_flight.pop(f)
+                    job = f.result()
+                    if progress:
+                        progress.advance(1, job.read_bytes)
+                if time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
+                    for w in writers:
+                        w.checkpoint()
+                    last_checkpoint = time.monotonic()
+        except BaseException:
+            stop.set()
+            for f in in_flight:
+                f.cancel()
+            wait(in_flight)
+            for w in writers:  # keys already written stay usable by --resume
+                try:
+                    w.checkpoint()
+                except (KmxError, RuntimeError):
+                    pass
+            raise
+
+
+def _on_sigterm():
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise _Interrupted()
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_sigterm(old) -> None:
+    if old is not None:
+        signal.signal(signal.SIGTERM, old)
+
+
+

@@ -1,0 +1,85 @@
+"""Tensor I/O for the runtime: read one tensor by its header offsets, turn a result into the
+bytes of its output dtype.
+
+Inputs are read with positional reads straight into a fresh torch buffer rather than through a
+memory map: mapped pages count toward the process's resident memory until unmapped, so merging
+four 2 GB files through mmap would hold 8 GB resident; a read buffer is freed with the key.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+
+from ..diagnostics import KmxError, error
+from ..io.header import TensorInfo
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
+    "I32": torch.int32, "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F32": torch.float32, "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
+                     ("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2FNUZ", "float8_e5m2fnuz")):
+    if hasattr(torch, _attr):
+        TORCH_DTYPES[_name] = getattr(torch, _attr)
+
+COMPUTE = {"fp32": torch.float32, "fp64": torch.float64}
+
+
+class Reader:
+    """Positional reads from input files; one descriptor per file, shared by all threads
+    (pread does not move a file offset, so it needs no lock)."""
+
+    def __init__(self):
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _fd(self, path: str) -> int:
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError as exc:
+                    raise KmxError([error("K0301", f"cannot open `{path}`: {exc.strerror}")])
+                self._fds[path] = fd
+            return fd
+
+    def read(self, info: TensorInfo) -> torch.Tensor:
+        dtype = TORCH_DTYPES.get(info.dtype)
+        if dtype is None:
+            raise KmxError([error("K0302", f"`{info.file}`: key `{info.name}` has dtype "
+                                  f"{info.dtype}, which this torch cannot hold")])
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        if info.nbytes:
+            view = memoryview(buf.numpy())
+            fd, done = self._fd(info.file), 0
+            while done < info.nbytes:
+                try:
+                    n = os.preadv(fd, [view[done:]], info.begin + done)
+                except OSError as exc:
+                    raise KmxError([error("K0302", f"cannot read `{info.file}` (key "
+                                          f"`{info.name}`): {exc.strerror}")])
+                if n == 0:
+                    raise KmxError([error("K0302", f"`{info.file}` ended early while reading "
+                                          f"`{info.name}`: was it truncated during the run?")])
+                done += n
+        return buf.view(dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+def to_bytes(t: torch.Tensor, dtype: str) -> memoryview:
+    """The tensor cast once to the output dtype, as raw little-endian bytes."""
+    out = t.detach().to(device="cpu", dtype=TORCH_DTYPES[dtype]).contiguous()
+    if out.numel() == 0:
+        return memoryview(b"")
+    return memoryview(out.reshape(-1).view(torch.uint8).numpy())

@@ -1,0 +1,370 @@
+"""The schedule: from the optimized graph and the inputs' safetensors headers (never tensor
+data), decide for every save and every key what happens — computed, copied from the fallback
+(and why), or an error — and the per-key evaluation order with liveness, which gives the
+estimate of peak memory.
+
+The contract's key rule: a key is computed when every input of the expression has it with one
+shape and a floating dtype; otherwise it is copied from the fallback; with no fallback that has
+it, planning fails naming the key and the models involved.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from .diagnostics import Diagnostic, KmxError, error
+from .io.dtypes import DTYPES, nbytes
+from .io.header import CheckpointHeader, TensorInfo, read_checkpoint
+from .ir import Graph, Node, match_key
+
+COMPUTE_ITEMSIZE = {"fp32": 4, "fp64": 8}
+ALIAS_OPS = {"select", "exclude", "union", "pick"}
+_STACKED = {"mean", "sum_", "median", "geometric_median", "model_stock", "karcher",
+            "ties_merge", "elect", "ties"}
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    shape: tuple[int, ...]
+    dtype: str  # stored dtype of the first input holding the key (the default output dtype)
+
+
+@dataclass
+class NodeKeys:
+    """What one node can produce: keys it computes, and keys it has but cannot compute."""
+    ok: dict[str, KeyInfo]
+    bad: dict[str, tuple]  # key -> ("missing", node) | ("shape", {name: shape}) | ("dtype", ...)
+
+    def has(self, key: str) -> bool:
+        return key in self.ok or key in self.bad
+
+
+@dataclass
+class Output:
+    save: int  # index into graph.saves
+    node: Node  # what to write: the save's expression, or its fallback
+    dtype: str  # output safetensors dtype
+    shape: tuple[int, ...]
+    copied: str | None  # None: computed; else why it is copied from the fallback
+
+
+@dataclass
+class KeyJob:
+    """Everything one key needs: evaluation order, when to free, what to write."""
+    key: str
+    steps: list[Node]
+    union_choice: dict[int, Node]  # id(union node) -> the input this key comes from
+    free_after: list[list[Node]]  # free_after[i]: values to drop once step i is done
+    outputs: list[Output]
+    est_bytes: int
+    read_bytes: int
+
+
+@dataclass
+class Schedule:
+    headers: dict[Node, CheckpointHeader]
+    jobs: list[KeyJob]
+    copied: list[dict[str, str]]  # per save: key -> reason
+    save_keys: list[int]
+    bytes_read: int
+    bytes_written: list[int]
+    peak_key: str | None
+    peak_bytes: int
+    warnings: list[Diagnostic] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------ headers
+
+def read_inputs(graph: Graph) -> dict[Node, CheckpointHeader]:
+    headers, diags = {}, []
+    for n in graph.topo():
+        if n.op != "load":
+            continue
+        spans = graph.origins.get(n) or [None]
+        try:
+            headers[n] = read_checkpoint(n.attr("path"), spans[0])
+        except KmxError as exc:
+            diags.extend(exc.diagnostics)
+    if diags:
+        raise KmxError(diags)
+    return headers
+
+
+# ------------------------------------------------------------------ key sets per node
+
+def node_keys(graph: Graph, headers: dict[Node, CheckpointHeader]) -> dict[Node, NodeKeys]:
+    out: dict[Node, NodeKeys] = {}
+    for n in graph.topo():
+        if n.op == "load":
+            ok, bad = {}, {}
+            for k, t in headers[n].tensors.items():
+                if DTYPES[t.dtype].is_float:
+                    ok[k] = KeyInfo(t.shape, t.dtype)
+                else:
+                    bad[k] = ("dtype", n, t.dtype)
+            out[n] = NodeKeys(ok, bad)
+        elif n.op in ("select", "exclude"):
+            src = out[n.inputs[0]]
+            pats = n.attr("patterns")
+            keep = (lambda k: any(match_key(p, k) for p in pats)) if n.op == "select" else \
+                (lambda k: not any(match_key(p, k) for p in pats))
+            out[n] = NodeKeys({k: v for k, v in src.ok.items() if keep(k)},
+                              {k: v for k, v in src.bad.items() if keep(k)})
+        elif n.op == "union":
+            x, y = out[n.inputs[0]], out[n.inputs[1]]
+            ok = {k: v for k, v in x.ok.items() if not y.has(k)}
+            bad = {k: v for k, v in x.bad.items() if not y.has(k)}
+            ok.update(y.ok)
+            bad.update(y.bad)
+            out[n] = NodeKeys(ok, bad)
+        elif n.op in ("pick", "zeros_like"):
+            out[n] = out[n.inputs[0]]
+        else:
+            out[n] = _combine([out[i] for i in n.inputs], n.inputs)
+    return out
+
+
+def _combine(ins: list[NodeKeys], nodes: tuple[Node, ...]) -> NodeKeys:
+    if len({id(i) for i in ins}) == 1:  # every input has the same key table (the common case)
+        return ins[0]
+    universe = set()
+    for i in ins:
+        universe.update(i.ok)
+        universe.update(i.bad)
+    ok, bad = {}, {}
+    for k in universe:
+        first, reason = None, None
+        for i, node in zip(ins, nodes):
+            info = i.ok.get(k)
+            if info is None:
+                reason = i.bad.get(k) or ("missing", node)
+                break
+            if first is None:
+                first = info
+            elif info.shape != first.shape:
+                reason = ("shape", nodes, k)
+                break
+        if reason is None:
+            ok[k] = first
+        else:
+            bad[k] = reason
+    return NodeKeys(ok, bad)
+
+
+def describe_reason(reason: tuple, graph: Graph, headers, key: str) -> str:
+    kind = reason[0]
+    if kind == "dtype":
+        return f"not a float ({reason[2]}) in {_name(graph, reason[1])}"
+    if kind == "missing":
+        lacking = [_name(graph, n) for n in _loads(reason[1]) if key not in headers[n].tensors]
+        return "missing in " + (", ".join(lacking) or _name(graph, reason[1]))
+    shapes = {}
+    for node in reason[1]:
+        for leaf in _loads(node):
+            t = headers[leaf].tensors.get(key)
+            if t is not None:
+                shapes.setdefault(tuple(t.shape), _name(graph, leaf))
+    return "shapes differ: " + ", ".join(f"{name} {list(s)}" for s, name in shapes.items())
+
+
+def _name(graph: Graph, n: Node) -> str:
+    if n in graph.names:
+        return graph.names[n]
+    if n.op == "load":
+        return os.path.basename(n.attr("path"))
+    return n.op
+
+
+def _loads(n: Node) -> list[Node]:
+    seen, out, stack = set(), [], [n]
+    while stack:
+        x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if x.op == "load":
+            out.append(x)
+        stack.extend(x.inputs)
+    return sorted(out, key=lambda m: m.attr("path"))
+
+
+# ------------------------------------------------------------------ per-key jobs
+
+def _active(root: Node, key: str, keys: dict[Node, NodeKeys], acc: dict[int, Node],
+            choices: dict[int, Node]) -> None:
+    """The nodes evaluated for `key`: a union follows only the side the key comes from
+    (recorded in `choices`)."""
+    stack = [root]
+    while stack:
+        n = stack.pop()
+        if id(n) in acc:
+            continue
+        acc[id(n)] = n
+        if n.op == "union":
+            x, y = n.inputs
+            choices[id(n)] = y if keys[y].has(key) else x
+            stack.append(choices[id(n)])
+        else:
+            stack.extend(n.inputs)
+
+
+def _workspace(n: Node, numel: int, item: int) -> int:
+    """Temporary memory of one op beyond its output (an estimate, documented in plan-format)."""
+    if n.op in _STACKED:
+        factor = 3 if n.op in ("median", "elect", "ties", "ties_merge") else 1
+        return factor * len(n.inputs) * numel * item
+    if n.op in ("della", "trim", "breadcrumbs", "dare"):
+        return numel * 16  # ranks / random draws in 64-bit
+    if n.op == "iso":
+        return 3 * numel * item
+    return numel * item
+
+
+def build_jobs(graph: Graph, headers, keys, compute: str = "fp32", strict: bool = False):
+    item = COMPUTE_ITEMSIZE[compute]
+    order = {n: i for i, n in enumerate(graph.topo())}
+    per_key: dict[str, list[Output]] = {}
+    copied: list[dict[str, str]] = []
+    diags: list[Diagnostic] = []
+    for si, save in enumerate(graph.saves):
+        ek = keys[save.expr]
+        fb = save.fallback
+        fk = keys[fb] if fb is not None else None
+        universe = set(ek.ok) | set(ek.bad) | (set(fk.ok) | set(fk.bad) if fk else set())
+        copied.append({})
+        failures = []
+        for k in sorted(universe):
+            if k in ek.ok:
+                info = ek.ok[k]
+                stored = _fallback_dtype(fb, headers, k) or info.dtype
+                dtype = save.dtype or stored
+                per_key.setdefault(k, []).append(Output(si, save.expr, dtype, info.shape, None))
+                continue
+            reason = describe_reason(ek.bad[k], graph, headers, k) if k in ek.bad else \
+                "not produced by the expression"
+            src = _copy_source(fb, fk, headers, k)
+            if src is None or strict:
+                failures.append((k, reason))
+                continue
+            shape, stored = src
+            dtype = save.dtype if save.dtype and DTYPES[stored].is_float else stored
+            per_key.setdefault(k, []).append(Output(si, fb, dtype, shape, reason))
+            copied[si][k] = reason
+        if failures:
+            diags.append(_fallback_error(save, failures, strict))
+    if diags:
+        raise KmxError(diags)
+    jobs = []
+    for k in sorted(per_key):
+        jobs.append(make_job(k, per_key[k], keys, order, headers, item))
+    return jobs, copied
+
+
+def _fallback_dtype(fb, headers, key):
+    if fb is not None and fb.op == "load":
+        t = headers[fb].tensors.get(key)
+        return t.dtype if t is not None else None
+    return None
+
+
+def _copy_source(fb, fk, headers, key):
+    if fb is None:
+        return None
+    if fb.op == "load":  # a file fallback copies anything it has, integer buffers included
+        t = headers[fb].tensors.get(key)
+        return (t.shape, t.dtype) if t is not None else None
+    info = fk.ok.get(key)
+    return (info.shape, info.dtype) if info is not None else None
+
+
+def _fallback_error(save, failures, strict: bool) -> Diagnostic:
+    shown = "; ".join(f"`{k}` ({why})" for k, why in failures[:3])
+    more = f" and {len(failures) - 3} more" if len(failures) > 3 else ""
+    code = "K0405" if strict else _code_for(failures[0][1])
+    if strict:
+        msg = f"--strict: {len(failures)} key(s) would be copied from the fallback: {shown}{more}"
+        help_ = "fix the inputs, or run without --strict to copy these keys"
+    else:
+        msg = f"{len(failures)} key(s) cannot be computed and have no fallback: {shown}{more}"
+        help_ = ("add `with fallback=MODEL` (a model that has these keys), or exclude(...) them; "
+                 "a save whose expression uses exactly one base falls back to it")
+    return error(code, msg, save.span, label="in this save", help=help_)
+
+
+def _code_for(reason: str) -> str:
+    if reason.startswith("shapes"):
+        return "K0303"
+    if reason.startswith("not a float"):
+        return "K0310"
+    return "K0304"
+
+
+def make_job(key: str, outputs: list[Output], keys, order: dict[Node, int], headers,
+             item: int) -> KeyJob:
+    acc: dict[int, Node] = {}
+    choices: dict[int, Node] = {}
+    for out in outputs:
+        _active(out.node, key, keys, acc, choices)
+    steps = sorted(acc.values(), key=order.__getitem__)
+
+    def used(n: Node):
+        return (choices[id(n)],) if n.op == "union" else n.inputs
+
+    last = {id(n): i for i, n in enumerate(steps)}
+    for i, n in enumerate(steps):
+        for inp in used(n):
+            last[id(inp)] = max(last[id(inp)], i)
+    end = len(steps)
+    for out in outputs:
+        last[id(out.node)] = end
+    # An alias (select, union, pick...) shares its input's tensor: keep the input alive as long.
+    for n in reversed(steps):
+        if n.op in ALIAS_OPS:
+            for inp in used(n):
+                last[id(inp)] = max(last[id(inp)], last[id(n)])
+    free_after: list[list[Node]] = [[] for _ in range(end + 1)]
+    for n in steps:
+        free_after[last[id(n)]].append(n)
+    shape = outputs[0].shape
+    numel = 1
+    for d in shape:
+        numel *= d
+    size = {id(n): 0 if n.op in ALIAS_OPS else
+            (len(n.inputs) * numel * item if n.op in ("elect", "ties") else numel * item)
+            for n in steps}
+    live, peak, read = 0, 0, 0
+    for i, n in enumerate(steps):
+        if n.op == "load":
+            t = headers[n].tensors.get(key)
+            read += t.nbytes if t is not None else 0
+        live += size[id(n)]
+        peak = max(peak, live + (0 if n.op in ALIAS_OPS or n.op == "load" else
+                                 _workspace(n, numel, item)))
+        live -= sum(size[id(m)] for m in free_after[i])
+    out_bytes = sum(nbytes(o.dtype, o.shape) or 0 for o in outputs)
+    peak = max(peak, live + out_bytes)
+    return KeyJob(key, steps, choices, free_after, outputs, peak, read)
+
+
+def schedule(graph: Graph, compute: str = "fp32", strict: bool = False,
+             headers: dict[Node, CheckpointHeader] | None = None) -> Schedule:
+    headers = headers if headers is not None else read_inputs(graph)
+    keys = node_keys(graph, headers)
+    jobs, copied = build_jobs(graph, headers, keys, compute, strict)
+    read_once: dict[tuple[str, str], int] = {}
+    for job in jobs:
+        for n in job.steps:
+            if n.op == "load":
+                t: TensorInfo | None = headers[n].tensors.get(job.key)
+                if t is not None:
+                    read_once[(t.file, t.name)] = t.nbytes
+    written = [0] * len(graph.saves)
+    counts = [0] * len(graph.saves)
+    for job in jobs:
+        for o in job.outputs:
+            written[o.save] += nbytes(o.dtype, o.shape) or 0
+            counts[o.save] += 1
+    peak_job = max(jobs, key=lambda j: j.est_bytes, default=None)
+    return Schedule(headers, jobs, copied, counts, sum(read_once.values()), written,
+                    peak_job.key if peak_job else None, peak_job.est_bytes if peak_job else 0)
