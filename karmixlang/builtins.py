@@ -138,7 +138,8 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in [
             "z ← Σ βᵢxᵢ / Σ βᵢ until |g(zₖ) − g(zₖ₊₁)| ≤ ftol·g(zₖ) or maxiter",
             "Pillutla, Kakade, Harchaoui, \"Robust Aggregation for Federated Learning\", "
             "arXiv 1912.13445",
-            "N = 2 stays at the mean; zero distances are guarded by eps; breakdown point 0.5 "
+            "N = 2 with equal weights stays at the mean (unequal weights: the heavier member, "
+            "the true minimiser); zero distances are guarded by eps; breakdown point 0.5 "
             "(use balanced()).", kernel="geometric_median"),
     Builtin("model_stock", "means and medians", (P("c", "mcluster"), P("base", "model")), "model",
             "Model Stock: interpolate the mean toward the base by the members' agreement",
@@ -162,7 +163,8 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in [
     # ---------------------------------------------------------------- filters on deltas
     Builtin("trim", "filters", (P("d", "delta"), _DENSITY), "first",
             "keep the largest-magnitude fraction of a delta",
-            "keep the ⌈density·n⌉… entries with the largest |d| (ties by position), zero the rest",
+            "keep the ⌈density·n⌉ entries with the largest |d| (the earlier position wins a tie), "
+            "zero the rest",
             "TIES-Merging trim step, arXiv 2306.01708",
             "density 1 keeps all; 0-d keys are kept.", broadcast=True, kernel="trim"),
     Builtin("dare", "filters",
@@ -185,7 +187,7 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in [
     Builtin("breadcrumbs", "filters",
             (P("d", "delta"), _DENSITY, P("gamma", "number", 0.01, lo=0, hi=1, hi_open=True)),
             "first", "drop the largest outliers and the smallest entries",
-            "zero the top gamma fraction by |d|, then the smallest so that density remains",
+            "zero the ⌊gamma·n⌋ largest |d|, then the smallest so that ⌈density·n⌉ entries remain",
             "Davari & Belilovsky, \"Model Breadcrumbs\", arXiv 2312.06795",
             "density + gamma must not exceed 1.", broadcast=True, kernel="breadcrumbs"),
     Builtin("clamp", "filters", (P("d", "delta"), P("lo", "number"), P("hi", "number")),

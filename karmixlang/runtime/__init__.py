@@ -1,0 +1,1 @@
+"""Runtime: the key-wise tensor kernels and the randomness they use."""

@@ -1,0 +1,99 @@
+"""Key-wise torch kernels of every v1 merge method (formulas: design/methods.md).
+
+Every op is a plain function of tensors of one key — already in the compute dtype (fp32 or
+fp64), all of one shape (0-d to 4-D conv), on any device — and Python scalars. It returns a
+new tensor (or a list of them for cluster filters) and never writes into its inputs. A
+cluster is `members: list[Tensor]` with `weights: list[float]` (positive). Small reductions
+(norms, Gram matrices, cosines) accumulate in fp64; everything else stays in the input dtype.
+Non-finite inputs are the executor's business, not checked here.
+
+This module holds the interpolations and re-exports the rest:
+- ops_base.combine(xs, coeffs): Σ coeffs[i]·xs[i], the executor's linear combinations;
+- ops_centers: mean, sum_, median, geometric_median, model_stock, karcher;
+- ops_sparse: trim, dare, della, breadcrumbs, clamp, iso, elect, ties, ties_merge;
+- rng: the counter-based uniforms behind dare and della.
+Each module's docstring states the conventions (rounding of counts, tie rules, the weighted
+median, the random scheme) that methods.md leaves to the implementation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .ops_base import combine, gram
+from .ops_centers import geometric_median, karcher, mean, median, model_stock, sum_
+from .ops_sparse import breadcrumbs, clamp, dare, della, elect, iso, ties, ties_merge, trim
+
+__all__ = [
+    "combine",
+    "lerp",
+    "slerp",
+    "add_difference",
+    "train_difference",
+    "mean",
+    "sum_",
+    "median",
+    "geometric_median",
+    "model_stock",
+    "karcher",
+    "ties_merge",
+    "trim",
+    "dare",
+    "della",
+    "breadcrumbs",
+    "clamp",
+    "iso",
+    "elect",
+    "ties",
+    "zeros_like",
+]
+
+# slerp falls back to lerp for nearly (anti)parallel inputs and for near-zero norms, as
+# mergekit does: sin Ω is then too small to divide by.
+_SLERP_DOT_LIMIT = 0.9995
+_SLERP_MIN_NORM = 1e-8
+
+
+def lerp(a: Tensor, b: Tensor, *, t: float) -> Tensor:
+    """(1 − t)·a + t·b."""
+    return a * (1.0 - t) + b * t
+
+
+def slerp(a: Tensor, b: Tensor, *, t: float) -> Tensor:
+    """Spherical interpolation of the flattened tensors (magnitudes interpolate with them)."""
+    g = gram([a, b])
+    norm_a, norm_b = math.sqrt(float(g[0, 0])), math.sqrt(float(g[1, 1]))
+    if min(norm_a, norm_b) < _SLERP_MIN_NORM:
+        return lerp(a, b, t=t)
+    dot = float(g[0, 1]) / (norm_a * norm_b)
+    if abs(dot) > _SLERP_DOT_LIMIT:
+        return lerp(a, b, t=t)
+    omega = math.acos(dot)
+    sin_omega = math.sin(omega)
+    coeffs = [math.sin((1.0 - t) * omega) / sin_omega, math.sin(t * omega) / sin_omega]
+    return combine([a, b], coeffs)
+
+
+def add_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: float = 1.0) -> Tensor:
+    """a + alpha·(b − c)."""
+    return a + (b - c) * alpha
+
+
+def train_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: float = 1.0) -> Tensor:
+    """a + 1.8·alpha·d·|b − a| / (|b − a| + |b − c|), d = b − c, element-wise (supermerger).
+
+    0/0 counts as 0, and an entry with b == c is a's entry exactly (so b == c gives a).
+    """
+    d = b - c
+    dist_a = (b - a).abs()
+    total = dist_a + d.abs()
+    share = torch.where(total > 0, dist_a / torch.where(total > 0, total, 1.0), 0)
+    return torch.where(d == 0, a, a + d * share * (1.8 * alpha))
+
+
+def zeros_like(x: Tensor) -> Tensor:
+    """A zero tensor of x's shape, dtype and device."""
+    return torch.zeros_like(x)
