@@ -1,0 +1,220 @@
+"""`kmx run`: results against numpy computed from the formulas, determinism, atomic outputs,
+overwrite rules, resume, non-finite inputs, sharding."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file
+
+import reference_np as ref
+from karmixlang.api import compile as compile_recipe
+from karmixlang.diagnostics import KmxError
+from karmixlang.runtime.executor import RunOptions, execute
+from karmixlang.synth import make_model, write_demo_pool, write_model, write_sharded_llm
+
+from conftest import recipe, tiny_models
+
+
+def run(path, **kw):
+    overrides = kw.pop("overrides", None)
+    threads = kw.get("threads", 1)
+    return execute(compile_recipe(path, overrides, threads=threads or 1,
+                                  compute_dtype=kw.get("compute_dtype", "fp32"),
+                                  strict=kw.get("strict", False)), RunOptions(**kw))
+
+
+def digest(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def f64(d):
+    return {k: v.astype(np.float64) for k, v in d.items() if v.dtype.kind == "f"}
+
+
+def test_arithmetic_lerp_mean_union_and_fallback_match_numpy(workdir):
+    m = tiny_models(workdir)
+    path = recipe(workdir, """
+        base o = "base.safetensors"
+        model a = "a.safetensors"
+        model b = "b.safetensors"
+        model c = "c.safetensors"
+        let soup = mean([a: 2, b, c])
+        save "out/x.safetensors" = o + 0.5*(soup - o) + 0.25*(a - b) | select(c, "vae.*")
+        save "out/y.safetensors" = lerp(a, add_difference(b, c, o, alpha=0.3), t=0.25) with dtype="fp16", fallback=a
+    """)
+    run(path)
+    x, y = load_file(str(workdir / "out/x.safetensors")), load_file(str(workdir / "out/y.safetensors"))
+    o, a, b, c = (f64(m[n]) for n in ("base", "a", "b", "c"))
+    for k in ("model.w", "model.conv", "model.scalar", "model.bias"):
+        soup = (2 * a[k] + b[k] + c[k]) / 4
+        want_x = o[k] + 0.5 * (soup - o[k]) + 0.25 * (a[k] - b[k])
+        assert x[k].dtype == m["base"][k].dtype  # default dtype: the fallback's
+        np.testing.assert_allclose(x[k], want_x.astype(x[k].dtype), rtol=2e-6, atol=1e-6)
+        want_y = ref.lerp(a[k], ref.add_difference(b[k], c[k], o[k], 0.3), 0.25)
+        assert y[k].dtype == np.float16
+        np.testing.assert_array_equal(y[k], want_y.astype(np.float32).astype(np.float16))
+    assert np.array_equal(x["vae.decoder"], m["c"]["vae.decoder"])  # the right side of |
+    assert x["pos_ids"].dtype == np.int64 and np.array_equal(x["pos_ids"], m["base"]["pos_ids"])
+    assert y["model.scalar"].shape == ()
+
+
+def test_dgmla_matches_the_reference_implementation(workdir):
+    m = tiny_models(workdir, names=("base", "a", "b", "c", "d"))
+    path = recipe(workdir, """
+        import "std/recipes.kmx" as std
+        base o = "base.safetensors"
+        cluster pool = balanced([["a.safetensors", "b.safetensors"], ["c.safetensors", "d.safetensors"]])
+        save "out.safetensors" = std.dgmla(pool, o, 7) with dtype="fp32"
+    """)
+    run(path, compute_dtype="fp64")
+    out = load_file(str(workdir / "out.safetensors"))
+    o = f64(m["base"])
+    for k in ("model.w", "model.conv", "model.bias", "model.scalar"):
+        deltas = [f64(m[n])[k] - o[k] for n in "abcd"]
+        ws = [0.5, 0.5, 0.5, 0.5]
+        dropped = [ref.della(d, 0.1, -0.05, 7, False, False, k, i) for i, d in enumerate(deltas)]
+        voted = ref.elect(dropped, ws, "mass")
+        center = ref.geometric_median(voted + [np.zeros_like(o[k])], ws + [1.0], 1e-6, 100, 1e-20)
+        np.testing.assert_allclose(out[k], (o[k] + center).astype(np.float32), rtol=1e-5,
+                                   atol=1e-6, err_msg=k)
+
+
+def test_threads_give_bit_identical_files(workdir):
+    write_demo_pool(workdir, arch="sd1", scale=1 / 32, n_per_cluster=2, seed=3)
+    path = recipe(workdir, """
+        import "std/recipes.kmx" as std
+        base a = "base-a.safetensors"
+        model donor = "vae-donor.safetensors"
+        cluster pool = balanced([glob("a/*.safetensors"), glob("b/*.safetensors")])
+        save "out/m.safetensors" = std.dgmla(pool, a, 1) | select(donor, "first_stage_model.*") with dtype="bf16"
+    """)
+    digests = []
+    for threads in (1, 2, 3):
+        run(path, threads=threads, force=True)
+        digests.append(digest(workdir / "out/m.safetensors"))
+    assert len(set(digests)) == 1
+    meta = safe_open(str(workdir / "out/m.safetensors"), "pt").metadata()
+    inputs = json.loads(meta["kmx_inputs"])
+    assert len(inputs) == 6 and all(i["hash"].startswith("blake2b:") for i in inputs)
+    assert all(i["hash"] != "blake2b:" + "0" * 32 for i in inputs)  # placeholders replaced
+
+
+def test_same_recipe_twice_gives_the_same_file(workdir):
+    tiny_models(workdir)
+    path = recipe(workdir, """
+        base o = "base.safetensors"
+        cluster pool = ["a.safetensors", "b.safetensors", "c.safetensors"]
+        save "out.safetensors" = o + ties_merge(dare(pool - o, p=0.5, seed=3), rule="mass")
+    """)
+    run(path)
+    first = digest(workdir / "out.safetensors")
+    meta = safe_open(str(workdir / "out.safetensors"), "np").metadata()
+    assert meta["kmx_recipe"].startswith("base o =") and "kmx_graph" in meta
+    run(path, force=True)
+    assert digest(workdir / "out.safetensors") == first
+
+
+def test_existing_output_needs_force_and_resume_of_a_complete_output_does_nothing(workdir):
+    tiny_models(workdir)
+    path = recipe(workdir, """
+        base o = "base.safetensors"
+        model a = "a.safetensors"
+        save "out.safetensors" = lerp(o, a, t=0.5)
+    """)
+    run(path)
+    with pytest.raises(KmxError) as exc:
+        run(path)
+    assert exc.value.diagnostics[0].code == "K0306"
+    assert run(path, resume=True).nothing_to_do
+
+
+def test_nonfinite_input_is_an_error_or_copied_from_the_fallback(workdir):
+    bad = np.ones((6, 5), np.float32)
+    bad[2, 3] = np.nan
+    m = tiny_models(workdir, extra={"b": {"model.w": bad}})
+    path = recipe(workdir, """
+        base o = "base.safetensors"
+        model b = "b.safetensors"
+        save "out.safetensors" = lerp(o, b, t=0.5)
+    """)
+    with pytest.raises(KmxError) as exc:
+        run(path)
+    d = exc.value.diagnostics[0]
+    assert d.code == "K0401" and "model.w" in d.message and "`b`" in d.message
+    assert not (workdir / "out.safetensors").exists()
+    result = run(path, nonfinite="fallback", force=True)
+    assert result.fallbacks == ["model.w"]
+    out = load_file(str(workdir / "out.safetensors"))
+    assert np.array_equal(out["model.w"], m["base"]["model.w"])
+
+
+def test_sharded_input_and_sharded_output(workdir):
+    llm = write_sharded_llm(workdir / "llm", n_layers=2, hidden=32, seed=0, shards=2,
+                            n_finetunes=2)
+    path = recipe(workdir, f"""
+        base o = "{llm['base']}"
+        cluster pool = ["{llm['finetunes'][0]}", "{llm['finetunes'][1]}"]
+        save "out/merged.safetensors" = o + ties_merge(trim(pool - o, density=0.5)) with shard="20KB"
+    """)
+    run(path)
+    index = json.loads((workdir / "out/merged.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((workdir / "out" / s).exists() for s in shards)
+    assert not (workdir / "out/merged.safetensors").exists()
+
+
+def _slow_recipe(workdir) -> str:
+    base = make_model("sd1", 1 / 8, seed=1, dtype="float32")
+    write_model(workdir / "base.safetensors", base)
+    for i in range(3):
+        write_model(workdir / f"m{i}.safetensors",
+                    make_model("sd1", 1 / 8, seed=5 + i, base=base, dtype="float32"))
+    return recipe(workdir, """
+        base o = "base.safetensors"
+        cluster pool = ["m0.safetensors", "m1.safetensors", "m2.safetensors"]
+        save "out.safetensors" = o + geometric_median(della(pool - o, p=0.3, eps=0.1, seed=1), maxiter=20)
+    """)
+
+
+def _kmx(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "karmixlang", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_interrupted_run_resumes_to_identical_bytes(workdir, sig):
+    path = _slow_recipe(workdir)
+    env = {**os.environ, "XDG_CACHE_HOME": str(workdir / ".cache")}
+    clean = _kmx("run", path, "-q", "--threads", "2", env=env)
+    assert clean.wait(timeout=300) == 0, clean.stderr.read()
+    expected = digest(workdir / "out.safetensors")
+    os.rename(workdir / "out.safetensors", workdir / "clean.safetensors")
+    inputs = {f: digest(workdir / f) for f in ("base.safetensors", "m0.safetensors")}
+
+    proc = _kmx("run", path, "-q", "--threads", "2", env=env)
+    journal = workdir / ".out.safetensors.kmx-journal"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not journal.exists() or journal.stat().st_size < 200):
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    rc = proc.wait(timeout=60)
+    stderr = proc.stderr.read()
+    assert not (workdir / "out.safetensors").exists(), "a partial file under the final name"
+    if sig != signal.SIGKILL:
+        assert rc == 1 and "K0403" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    resumed = _kmx("run", path, "-q", "--resume", "--threads", "1", env=env)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert digest(workdir / "out.safetensors") == expected
+    assert {f: digest(workdir / f) for f in inputs} == inputs
+    assert not journal.exists()
