@@ -11,7 +11,6 @@ import os
 import stat
 import tempfile
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -114,30 +113,6 @@ def test_escaped_names_read_back(tmp_path):
     body = b'{"smile\\ud83d\\ude00":%s}' % json.dumps(tensor()).encode()
     path = raw_file(tmp_path / "e.safetensors", body, b"\0" * 8)
     assert list(read_checkpoint(path).tensors) == ["smile\U0001F600"]
-
-
-def test_fifty_sdxl_sized_headers_read_fast(tmp_path):
-    names = [f"model.diffusion_model.output_blocks.{i}.1.transformer_blocks.0.attn2.to_k.weight"
-             for i in range(2531)]
-    header = {n: tensor("F16", (640, 2, 1, 1), 2560 * i, 2560 * (i + 1))
-              for i, n in enumerate(names)}
-    body = json.dumps(header).encode()
-    paths = []
-    for i in range(50):
-        # Sparse data region: only the header is ever read.
-        path = raw_file(tmp_path / f"m{i}.safetensors", body)
-        os.truncate(path, os.path.getsize(path) + 2560 * len(names))
-        paths.append(path)
-    start = time.perf_counter()
-    for p in paths:
-        read_checkpoint(p)
-    cold = time.perf_counter() - start
-    start = time.perf_counter()
-    for p in paths:
-        read_checkpoint(p)
-    warm = time.perf_counter() - start
-    # About 0.3 s cold and 1 ms warm on a 2-core container; the bounds leave room for slow CI.
-    assert cold < 1.5 and warm < 0.1, (cold, warm)
 
 
 def test_folder_with_one_file(tmp_path):
