@@ -43,6 +43,7 @@ class Ty:
 
 ANY = Ty("any")
 ERR = Ty("error")
+_BUSY = Ty("error", value="busy")  # a def body's let being typed: meeting it again is a cycle
 MODEL = Ty("space", 1.0)
 DELTA = Ty("space", 0.0)
 
@@ -188,6 +189,8 @@ def _coerce(default: object, text: str) -> object:
     if isinstance(default, float):
         if not re.fullmatch(r"-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?", text):
             raise ValueError("expected a number")
+        if not math.isfinite(float(text)):
+            raise ValueError("the number is too large")
         return float(text)
     return text
 
@@ -205,6 +208,8 @@ def _resolve_params(root: Unit, overrides: dict[str, str], diags: list[Diagnosti
         lib, _, name = key.rpartition(".")
         unit = root.imports.get(lib) if lib else root
         candidates = [n for n, d in root.decls.items() if isinstance(d, ast.Param)]
+        candidates += [f"{alias}.{n}" for alias, u in root.imports.items() if u is not None
+                       for n, d in u.decls.items() if isinstance(d, ast.Param)]
         if unit is None or name not in unit.params:
             hint = did_you_mean(key, candidates)
             diags.append(error("K0211", f"--set {key}: no param `{key}` in the recipe",
@@ -285,6 +290,9 @@ class Checker:
             return self.value(d.expr, scope)
         if isinstance(d, ast.Param):
             v = unit.params.get(d.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                return self.err("K0204", f"`{d.name}` = {unit.param_text[d.name]} is too large "
+                                "for a number", d.value.span)
             kind = "bool" if isinstance(v, bool) else "number" if isinstance(v, float) else "string"
             return Ty(kind, value=v)
         if isinstance(d, ast.Import):
@@ -306,6 +314,8 @@ class Checker:
 
     def expr(self, e, scope: Scope) -> Ty:
         if isinstance(e, ast.Number):
+            if not math.isfinite(e.value):
+                return self.err("K0204", f"`{e.text}` is too large for a number", e.span)
             return Ty("number", value=e.value)
         if isinstance(e, ast.String):
             return self.string(e, scope)
@@ -333,7 +343,7 @@ class Checker:
         raise AssertionError(f"unknown node {e!r}")
 
     def string(self, s: ast.String, scope: Scope) -> Ty:
-        text = []
+        text, bad = [], False
         for part in s.parts:
             if isinstance(part, str):
                 text.append(part)
@@ -342,8 +352,10 @@ class Checker:
             if part.lib is not None:
                 unit = unit.imports.get(part.lib)
                 if unit is None:
-                    self.err("K0102", f"unknown import `{part.lib}`", part.span)
-                    return ERR
+                    if part.lib not in scope.unit.imports:  # else the import failed: reported
+                        self.err("K0102", f"unknown import `{part.lib}`", part.span)
+                    bad = True
+                    continue
             decl = unit.decls.get(part.name)
             if decl is None:
                 hint = did_you_mean(part.name, [n for n, d in unit.decls.items()
@@ -351,22 +363,30 @@ class Checker:
                 self.err("K0102", f"unknown param `{part.name}` in interpolation", part.span,
                          label="not a param of this file",
                          help=f"did you mean `{hint}`?" if hint else "declare it with `param`")
-                return ERR
+                bad = True
+                continue
             if not isinstance(decl, ast.Param):
                 self.err("K0202", f"only params can be interpolated; `{part.name}` is not one",
                          part.span)
-                return ERR
-                text.append(unit.param_text[part.name])
-        return Ty("string", value="".join(text))
+                bad = True
+                continue
+            text.append(unit.param_text[part.name])
+        return ERR if bad else Ty("string", value="".join(text))
 
     def name(self, e: ast.Name, scope: Scope) -> Ty:
         if e.name in scope.locals:
             return scope.locals[e.name]
         if e.name in scope.lets:
             key = f"{scope.def_stack[-1]}.{e.name}"
+            if scope.locals.get(key) == _BUSY:
+                scope.locals[key] = ERR
+                return self.err("K0108", f"cycle: `{e.name}` depends on itself in "
+                                f"`{scope.def_stack[-1]}`", e.span,
+                                label="used here before it can be computed",
+                                help="a definition cannot depend on itself")
             if key in scope.locals:
                 return scope.locals[key]
-            scope.locals[key] = ERR  # guards a let cycle inside a body
+            scope.locals[key] = _BUSY
             scope.locals[key] = self.value(scope.lets[e.name].expr, scope)
             return scope.locals[key]
         if e.name in scope.unit.decls:
@@ -419,7 +439,10 @@ class Checker:
             known = a.value is not None and b.value is not None
             ops = {"+": lambda x, y: x + y, "-": lambda x, y: x - y,
                    "*": lambda x, y: x * y, "/": lambda x, y: x / y}
-            return Ty("number", value=ops[op](a.value, b.value) if known else None)
+            v = ops[op](a.value, b.value) if known else None
+            if v is not None and not math.isfinite(v):
+                return self.err("K0204", "the result is too large for a number", e.span)
+            return Ty("number", value=v)
         if op in "+-":
             if a.kind in ("space", "cluster") and b.kind in ("space", "cluster"):
                 if a.kind == "cluster" and b.kind == "cluster":
@@ -579,6 +602,8 @@ class Checker:
             return ERR
         inner = Scope(unit, local, {let.name: let for let in d.lets},
                       scope.def_stack + (d.name,))
+        for let in d.lets:  # in order, as check_def does: a cycle is found (and told) once
+            self.name(ast.Name(let.name, let.name_span), inner)
         return self.value(d.body, inner)
 
     def check_def(self, unit: Unit, d: ast.Def) -> None:
@@ -658,7 +683,7 @@ class Checker:
             return self.err("K0202", f"`{b.name}` expects {names[want]} for `{p.name}`, got "
                             f"{ty.describe()}", expr.span, help=help_)
         if ty.kind == "number" and ty.value is not None:
-            if want == "int" and (ty.value != int(ty.value) or math.isinf(ty.value)):
+            if want == "int" and (not math.isfinite(ty.value) or ty.value != int(ty.value)):
                 return self.err("K0204", f"`{p.name}` must be an integer, got {ty.value:g}",
                                 expr.span)
             if not p.in_range(ty.value):
@@ -853,7 +878,7 @@ def _check_save(ch: Checker, unit: Unit, s: ast.Save, paths: dict[str, ast.Save]
         if full in paths:
             ch.err("K0212", f"two saves write `{path_ty.value}`", s.path.span,
                    notes=(Label(paths[full].path.span, "first written here"),))
-        paths[full] = s
+        paths.setdefault(full, s)  # later duplicates point at the first save
 
 
 def check_program(path: str, overrides: dict[str, str] | None = None,
@@ -867,18 +892,61 @@ def check_program(path: str, overrides: dict[str, str] | None = None,
     program = Program(root, loader.units, loader.sources, dict(overrides or {}))
     _resolve_params(root, program.overrides, diags)
     ch = Checker(program, diags)
-    for unit in loader.units.values():
-        for name, d in unit.decls.items():
-            if isinstance(d, ast.Def):
-                ch.check_def(unit, d)
-            elif not isinstance(d, ast.Import):
-                ch.decl_type(unit, name, d.name_span)
-        paths: dict[str, ast.Save] = {}
-        for stmt in unit.module.stmts:
-            if isinstance(stmt, ast.Save):
-                _check_save(ch, unit, stmt, paths)
+    where = None
+    try:
+        for unit in loader.units.values():
+            for name in _dependency_order(unit):
+                d = unit.decls[name]
+                where = d.name_span
+                if isinstance(d, ast.Def):
+                    ch.check_def(unit, d)
+                elif not isinstance(d, ast.Import):
+                    ch.decl_type(unit, name, d.name_span)
+            paths: dict[str, ast.Save] = {}
+            for stmt in unit.module.stmts:
+                if isinstance(stmt, ast.Save):
+                    where = stmt.span
+                    _check_save(ch, unit, stmt, paths)
+    except RecursionError:  # e.g. a chain of hundreds of defs calling each other
+        diags.append(error("K0004", "definitions nested too deeply to check", where,
+                           label="checking this", help="shorten the chain of definitions"))
     _unused(root, diags)
     return (None if any(d.is_error for d in diags) else program), _dedupe(diags)
+
+
+def _dependency_order(unit: Unit) -> list[str]:
+    """The file's names, each after the names its definition uses (a cycle is cut anywhere),
+    found without recursion: typing them in this order keeps the checker's own recursion
+    shallow however long a chain of lets is."""
+    def uses(name: str) -> list[str]:
+        d = unit.decls[name]
+        roots = [getattr(d, "expr", None), getattr(d, "body", None)]
+        roots += [let.expr for let in getattr(d, "lets", ())]
+        found = []
+        for r in roots:
+            for node in ast.walk(r) if r is not None else ():
+                ref = node.func if isinstance(node, ast.Call) else node
+                if isinstance(ref, ast.Name) and ref.name in unit.decls and ref.name != name:
+                    found.append(ref.name)
+        return found
+
+    order: list[str] = []
+    seen: set[str] = set()
+    for start in unit.decls:
+        if start in seen:
+            continue
+        seen.add(start)
+        stack = [(start, iter(uses(start)))]
+        while stack:
+            name, deps = stack[-1]
+            nxt = next((n for n in deps if n not in seen), None)
+            if nxt is None:
+                stack.pop()
+                order.append(name)
+            else:
+                seen.add(nxt)
+                stack.append((nxt, iter(uses(nxt))))
+    return order
 
 
 def _unused(root: Unit, diags: list[Diagnostic]) -> None:

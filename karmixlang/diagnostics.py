@@ -191,6 +191,9 @@ def render_text(diag: Diagnostic, sources: dict[str, str]) -> str:
     return "\n".join(out)
 
 
+_CONTROLS = {c: " " for c in [*range(32), 127]}
+
+
 def _snippet(span: Span, label: str, sources: dict[str, str], arrow: str, pad: str) -> list[str]:
     lines = [f"{pad}{arrow} {span}"]
     text = sources.get(span.file)
@@ -198,10 +201,10 @@ def _snippet(span: Span, label: str, sources: dict[str, str], arrow: str, pad: s
         if label:
             lines.append(f"  = {label}")
         return lines
-    src_lines = text.splitlines() or [""]
+    src_lines = text.split("\n")  # as the lexer counts lines: not at \r, \f, \x1c, ...
     if not 1 <= span.line <= len(src_lines):
         return lines
-    src = src_lines[span.line - 1].replace("\t", " ")
+    src = src_lines[span.line - 1].rstrip("\r").translate(_CONTROLS)  # one column each
     end = span.end_col if span.end_line == span.line else len(src) + 1
     width = max(1, end - span.col)
     lines.append(f"{pad} |")

@@ -11,8 +11,9 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from lark.visitors import Transformer_NonRecursive
 
 from . import ast
 from .diagnostics import Diagnostic, Span, error
@@ -23,6 +24,14 @@ MAX_DEPTH = 200  # expression nesting; deeper recipes get K0004 instead of a Rec
 _OPEN = {"LPAR": "RPAR", "LSQB": "RSQB", "LBRACE": "RBRACE"}
 _CONTINUE_AFTER = {"EQUAL", "COMMA", "PLUS", "MINUS", "STAR", "SLASH", "VBAR", "COLON", "WITH"}
 _CONTINUE_BEFORE = {"WITH", "VBAR", "PLUS", "MINUS"}
+
+
+class _TooDeep(Exception):
+    """Raised by the postlexer at a bracket nested more than MAX_DEPTH levels deep."""
+
+    def __init__(self, tok: Token):
+        super().__init__(tok.value)
+        self.tok = tok
 
 
 class _Newlines:
@@ -57,6 +66,8 @@ class _Newlines:
                 stack.append("body")
             elif tok.type in _OPEN:
                 stack.append(tok.type)
+                if len(stack) > MAX_DEPTH:
+                    raise _TooDeep(tok)
             elif tok.type in ("RPAR", "RSQB", "RBRACE") and stack:
                 stack.pop()
             yield tok
@@ -137,9 +148,11 @@ def _syntax_diag(exc: UnexpectedInput, file: str, text: str) -> Diagnostic:
     if isinstance(exc, UnexpectedToken):
         tok = exc.token
         if tok.type == "$END" or (tok.type == "_NL" and tok.value == ""):
-            lines = text.splitlines() or [""]
-            line = len(lines)
-            span = Span(file, line, len(lines[-1]) + 1, line, len(lines[-1]) + 2)
+            # Lines as lark counts them (only "\n" ends one; splitlines() would also split at
+            # \r, \f, \x1c, ...): the end of the last line that has text.
+            lines = text.rstrip("\r\n").split("\n")
+            line, last = len(lines), len(lines[-1])
+            span = Span(file, line, last + 1, line, last + 2)
             return error("K0001", "unexpected end of file", span,
                          help=f"expected {_expected(exc.expected)}")
         width = max(1, len(tok.value)) if tok.type != "_NL" else 1
@@ -166,7 +179,7 @@ def _binop(op: str):
     return build
 
 
-class _Build(Transformer):
+class _Build(Transformer_NonRecursive):
     """Reductions -> AST nodes. Collects string and argument-order errors as it goes."""
 
     def __init__(self, file: str):
@@ -403,12 +416,19 @@ def _depth_diag(stmts, file: str) -> Diagnostic | None:
 
 def _comments(text: str, file: str, tokens_lines: set[int]) -> tuple[ast.Comment, ...]:
     out = []
-    for m in re.finditer(r"#[^\n]*", text):
-        if _inside_string(text, m.start()):
+    line, line_start = 1, 0  # advanced incrementally: a big recipe stays linear
+    pos = text.find("#")
+    while pos >= 0:
+        if _inside_string(text, pos):  # `"a#b" # real comment`: look again after this `#`
+            pos = text.find("#", pos + 1)
             continue
-        line = text.count("\n", 0, m.start()) + 1
-        col = m.start() - (text.rfind("\n", 0, m.start()) + 1) + 1
-        out.append(ast.Comment(m.group().rstrip(), line, col, line not in tokens_lines))
+        end = text.find("\n", pos)
+        end = len(text) if end < 0 else end
+        line += text.count("\n", line_start, pos)
+        line_start = text.rfind("\n", 0, pos) + 1
+        out.append(ast.Comment(text[pos:end].rstrip(), line, pos - line_start + 1,
+                               line not in tokens_lines))
+        pos = text.find("#", end)
     return tuple(out)
 
 
@@ -444,6 +464,11 @@ def parse(text: str, file: str = "<recipe>") -> tuple[ast.Module | None, list[Di
         stmts = build.transform(tree)
     except UnexpectedInput as exc:
         return None, [_syntax_diag(exc, file, text)]
+    except _TooDeep as exc:
+        tok = exc.tok
+        return None, [error("K0004", f"brackets nested more than {MAX_DEPTH} levels deep",
+                            Span(file, tok.line, tok.column, tok.line, tok.column + 1),
+                            label="too deep here", help="split the expression with `let` names")]
     except RecursionError:
         return None, [error("K0004", "recipe nested too deeply", Span(file, 1, 1, 1, 2))]
     if build.errors:
@@ -470,10 +495,17 @@ def parse_file(path: str) -> tuple[ast.Module | None, str | None, list[Diagnosti
             data = f.read(MAX_SOURCE_BYTES + 1)
     except OSError as exc:
         return None, None, [error("K0110", f"cannot read `{path}`: {exc.strerror or exc}")]
+    if len(data) > MAX_SOURCE_BYTES:  # before decoding: the cut may split a character
+        return None, None, [error("K0004", f"recipe larger than {MAX_SOURCE_BYTES // 2**20} MiB",
+                                  Span(path, 1, 1, 1, 2))]
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
+        start = data.rfind(b"\n", 0, exc.start) + 1
+        line = data.count(b"\n", 0, exc.start) + 1
+        col = len(data[start:exc.start].decode("utf-8", "replace")) + 1
         return None, None, [error("K0005", f"`{path}` is not UTF-8 text (byte {exc.start})",
-                                  Span(path, 1, 1, 1, 2))]
+                                  Span(path, line, col, line, col + 1),
+                                  label="not UTF-8", help="save the recipe as UTF-8")]
     module, diags = parse(text, path)
     return module, text, diags

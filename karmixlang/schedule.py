@@ -20,6 +20,7 @@ from .ir import Graph, Node, match_key
 
 COMPUTE_ITEMSIZE = {"fp32": 4, "fp64": 8}
 ALIAS_OPS = {"select", "exclude", "union", "pick"}
+LINEAR_OPS = {"lincomb", "mean", "sum_"}  # Σ cᵢxᵢ: inputs can be read one at a time
 _STACKED = {"mean", "sum_", "median", "geometric_median", "model_stock", "karcher",
             "ties_merge", "elect", "ties"}
 
@@ -55,6 +56,8 @@ class KeyJob:
     key: str
     steps: list[Node]
     union_choice: dict[int, Node]  # id(union node) -> the input this key comes from
+    deferred: frozenset[int]  # loads read inside their linear consumer, one at a time
+    loads: list[Node]  # every input this key reads
     free_after: list[list[Node]]  # free_after[i]: values to drop once step i is done
     outputs: list[Output]
     est_bytes: int
@@ -209,11 +212,15 @@ def _active(root: Node, key: str, keys: dict[Node, NodeKeys], acc: dict[int, Nod
             stack.extend(n.inputs)
 
 
+RAW_READ = 4  # bytes per element of a read buffer before conversion (fp32 inputs; fp16: 2)
+
+
 def _workspace(n: Node, numel: int, item: int) -> int:
-    """Temporary memory of one op beyond its output (an estimate, documented in plan-format)."""
+    """Temporary memory of one op beyond its output (an estimate, documented in plan-format;
+    the factors were measured with bench/plan_speed.py)."""
     if n.op in _STACKED:
-        factor = 3 if n.op in ("median", "elect", "ties", "ties_merge") else 1
-        return factor * len(n.inputs) * numel * item
+        factor = {"median": 3.5, "ties_merge": 1.5, "model_stock": 1.5}
+        return int(factor.get(n.op, 1) * len(n.inputs) * numel * item)
     if n.op in ("della", "trim", "breadcrumbs", "dare"):
         return numel * 16  # ranks / random draws in 64-bit
     if n.op == "iso":
@@ -255,9 +262,10 @@ def build_jobs(graph: Graph, headers, keys, compute: str = "fp32", strict: bool 
             diags.append(_fallback_error(save, failures, strict))
     if diags:
         raise KmxError(diags)
-    jobs = []
-    for k in sorted(per_key):
-        jobs.append(make_job(k, per_key[k], keys, order, headers, item))
+    cache: dict = {}
+    unions = tuple(n for n in order if n.op == "union")
+    jobs = [make_job(k, per_key[k], keys, order, headers, item, cache, unions)
+            for k in sorted(per_key)]
     return jobs, copied
 
 
@@ -300,8 +308,20 @@ def _code_for(reason: str) -> str:
     return "K0304"
 
 
-def make_job(key: str, outputs: list[Output], keys, order: dict[Node, int], headers,
-             item: int) -> KeyJob:
+@dataclass(frozen=True)
+class _Template:
+    """The per-key plan shared by every key with the same outputs and union choices; sizes
+    are per element (everything a key holds scales with its element count)."""
+    steps: list[Node]
+    choices: dict[int, Node]
+    deferred: frozenset[int]
+    free_after: list[list[Node]]
+    loads: list[Node]
+    peak_per_element: float
+    end_per_element: float
+
+
+def _template(outputs: list[Output], key: str, keys, order: dict[Node, int], item: int):
     acc: dict[int, Node] = {}
     choices: dict[int, Node] = {}
     for out in outputs:
@@ -311,10 +331,22 @@ def make_job(key: str, outputs: list[Output], keys, order: dict[Node, int], head
     def used(n: Node):
         return (choices[id(n)],) if n.op == "union" else n.inputs
 
+    # A load whose only use is one linear combination is read inside it, accumulated, and
+    # dropped: a weighted sum of N models then holds one input at a time, not N.
+    uses: dict[int, int] = {}
+    for n in steps:
+        for inp in used(n):
+            uses[id(inp)] = uses.get(id(inp), 0) + 1
+    outs = {id(o.node) for o in outputs}
+    deferred = frozenset(id(i) for n in steps if n.op in LINEAR_OPS for i in n.inputs
+                         if i.op == "load" and uses[id(i)] == 1 and id(i) not in outs)
+    steps = [n for n in steps if id(n) not in deferred]
+
     last = {id(n): i for i, n in enumerate(steps)}
     for i, n in enumerate(steps):
         for inp in used(n):
-            last[id(inp)] = max(last[id(inp)], i)
+            if id(inp) not in deferred:
+                last[id(inp)] = max(last[id(inp)], i)
     end = len(steps)
     for out in outputs:
         last[id(out.node)] = end
@@ -326,25 +358,42 @@ def make_job(key: str, outputs: list[Output], keys, order: dict[Node, int], head
     free_after: list[list[Node]] = [[] for _ in range(end + 1)]
     for n in steps:
         free_after[last[id(n)]].append(n)
-    shape = outputs[0].shape
-    numel = 1
-    for d in shape:
-        numel *= d
     size = {id(n): 0 if n.op in ALIAS_OPS else
-            (len(n.inputs) * numel * item if n.op in ("elect", "ties") else numel * item)
-            for n in steps}
-    live, peak, read = 0, 0, 0
+            (len(n.inputs) * item if n.op in ("elect", "ties") else item) for n in steps}
+    live, peak = 0, 0
     for i, n in enumerate(steps):
-        if n.op == "load":
-            t = headers[n].tensors.get(key)
-            read += t.nbytes if t is not None else 0
         live += size[id(n)]
-        peak = max(peak, live + (0 if n.op in ALIAS_OPS or n.op == "load" else
-                                 _workspace(n, numel, item)))
+        if n.op == "load" or any(id(x) in deferred for x in n.inputs):
+            work = RAW_READ + (item if n.op != "load" else 0)  # read buffer (+ one input)
+        else:
+            work = 0 if n.op in ALIAS_OPS else _workspace(n, 1, item)
+        peak = max(peak, live + work)
         live -= sum(size[id(m)] for m in free_after[i])
+    loads = [n for n in acc.values() if n.op == "load"]
+    return _Template(steps, choices, deferred, free_after, loads, peak, live)
+
+
+def make_job(key: str, outputs: list[Output], keys, order: dict[Node, int], headers, item: int,
+             cache: dict | None = None, unions: tuple[Node, ...] = ()) -> KeyJob:
+    if cache is None:
+        t = _template(outputs, key, keys, order, item)
+    else:
+        sig = (tuple(id(o.node) for o in outputs),
+               tuple(keys[u.inputs[1]].has(key) for u in unions))
+        t = cache.get(sig)
+        if t is None:
+            t = cache[sig] = _template(outputs, key, keys, order, item)
+    numel = 1
+    for d in outputs[0].shape:
+        numel *= d
+    read = 0
+    for n in t.loads:
+        info = headers[n].tensors.get(key)
+        read += info.nbytes if info is not None else 0
     out_bytes = sum(nbytes(o.dtype, o.shape) or 0 for o in outputs)
-    peak = max(peak, live + out_bytes)
-    return KeyJob(key, steps, choices, free_after, outputs, peak, read)
+    peak = max(t.peak_per_element * numel, t.end_per_element * numel + out_bytes)
+    return KeyJob(key, t.steps, t.choices, t.deferred, t.loads, t.free_after, outputs, int(peak),
+                  read)
 
 
 def schedule(graph: Graph, compute: str = "fp32", strict: bool = False,
@@ -354,11 +403,10 @@ def schedule(graph: Graph, compute: str = "fp32", strict: bool = False,
     jobs, copied = build_jobs(graph, headers, keys, compute, strict)
     read_once: dict[tuple[str, str], int] = {}
     for job in jobs:
-        for n in job.steps:
-            if n.op == "load":
-                t: TensorInfo | None = headers[n].tensors.get(job.key)
-                if t is not None:
-                    read_once[(t.file, t.name)] = t.nbytes
+        for n in job.loads:
+            t: TensorInfo | None = headers[n].tensors.get(job.key)
+            if t is not None:
+                read_once[(t.file, t.name)] = t.nbytes
     written = [0] * len(graph.saves)
     counts = [0] * len(graph.saves)
     for job in jobs:

@@ -9,6 +9,7 @@ intra-op threads are fixed at one so reductions always add in the same order.
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import signal
@@ -24,7 +25,7 @@ from ..builtins import BUILTINS
 from ..diagnostics import KmxError, error
 from ..io.writer import CheckpointWriter, OutputLayout
 from ..ir import KeyMap, Node
-from ..schedule import ALIAS_OPS, KeyJob, Output, make_job, node_keys
+from ..schedule import ALIAS_OPS, LINEAR_OPS, KeyJob, Output, make_job, node_keys
 from . import ops
 from .outputs import OutputSet
 from .tensors import COMPUTE, Reader, to_bytes
@@ -63,6 +64,19 @@ class RunResult:
     fallbacks: list[str] = field(default_factory=list)  # keys copied for non-finite inputs
 
 
+def _return_freed_memory_promptly() -> None:
+    """Serve tensor-sized allocations by mmap, so memory freed after a key goes back to the
+    system at once (glibc otherwise keeps 1–32 MB blocks in its heap, and resident memory
+    drifts well above what the keys in flight hold). Harmless where mallopt is missing."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def default_threads() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                       else os.cpu_count() or 1))
@@ -79,8 +93,40 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+class _RssSampler:
+    """Peak resident memory during the run, above what the process held when it started
+    (ru_maxrss is a lifetime maximum, useless for a second run in one process)."""
+
+    def __init__(self, interval: float = 0.01):
+        self.interval = interval
+        self.base = self.peak = _current_rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="kmx-rss")
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, _current_rss())
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _current_rss())
+
+    @property
+    def growth(self) -> int:
+        return max(0, self.peak - self.base)
+
+
+def _current_rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class _Evaluator:
@@ -105,23 +151,44 @@ class _Evaluator:
     def step(self, n: Node, key: str, values: dict, raw: bool, job: KeyJob):
         if n.op == "union":  # the schedule activated exactly one side for this key
             return values[id(job.union_choice[id(n)])]
-        ins = [values[id(i)] for i in n.inputs]
         if n.op == "load":
-            t = self.reader.read(self.headers[n].tensors[key])
-            if raw or not t.is_floating_point():
-                return t
-            t = t.to(device=self.device, dtype=self.compute)
-            if not bool(torch.isfinite(t).all()):
-                raise NonFinite(n, key)
-            return t
+            return self.load(n, key, raw)
+        if n.op in LINEAR_OPS:
+            return self.linear(n, key, values, job)
+        ins = [values[id(i)] for i in n.inputs]
         if n.op in ("select", "exclude"):
             return ins[0]
         if n.op == "pick":
             return ins[0][n.attr("index")]
+        return self.kernel(n, key, ins)
+
+    def load(self, n: Node, key: str, raw: bool = False):
+        t = self.reader.read(self.headers[n].tensors[key])
+        if raw or not t.is_floating_point():
+            return t
+        t = t.to(device=self.device, dtype=self.compute)
+        if not bool(torch.isfinite(t).all()):
+            raise NonFinite(n, key)
+        return t
+
+    def linear(self, n: Node, key: str, values: dict, job: KeyJob):
+        """Σ cᵢxᵢ accumulated in input order (as ops.combine does); deferred loads are read
+        here one at a time and dropped right after use."""
         if n.op == "lincomb":
             coeffs = [c.at(key) if isinstance(c, KeyMap) else c for c in n.attr("coeffs")]
-            return ops.combine(ins, coeffs)
-        return self.kernel(n, key, ins)
+        else:
+            ws = list(n.attr("weights"))
+            total = math.fsum(ws) if n.op == "mean" else 1.0
+            coeffs = [w / total for w in ws]
+        acc = None
+        for x, c in zip(n.inputs, coeffs):
+            t = self.load(x, key) if id(x) in job.deferred else values[id(x)]
+            if acc is None:
+                acc = t * c
+            else:
+                acc.add_(t, alpha=c)
+            del t
+        return acc
 
     def kernel(self, n: Node, key: str, ins: list):
         b = _KERNELS[n.op]
@@ -186,7 +253,8 @@ def execute(compiled: Compiled, opts: RunOptions, progress=None) -> RunResult:
     threads = opts.threads or default_threads()
     limit = opts.memory_limit or available_memory() // 2
     torch.set_num_threads(1)
-    start, rss0 = time.monotonic(), _rss()
+    _return_freed_memory_promptly()
+    start = time.monotonic()
     outputs = OutputSet(compiled, opts)
     if outputs.complete():
         return RunResult(outputs.final_paths(), 0, 0, 0.0, 0, 0, 0, nothing_to_do=True)
@@ -202,7 +270,9 @@ def execute(compiled: Compiled, opts: RunOptions, progress=None) -> RunResult:
     stop = threading.Event()
     old_term = _on_sigterm()
     try:
-        _run_jobs(jobs, ev, writers, compiled, opts, threads, limit, progress, fallbacks, stop)
+        with _RssSampler() as rss:
+            _run_jobs(jobs, ev, writers, compiled, opts, threads, limit, progress, fallbacks,
+                      stop)
         outputs.commit(writers)
     except (KeyboardInterrupt, _Interrupted):
         stop.set()
@@ -220,7 +290,7 @@ def execute(compiled: Compiled, opts: RunOptions, progress=None) -> RunResult:
             progress.finish()
     return RunResult(outputs.final_paths(), len(compiled.schedule.jobs), len(done),
                      time.monotonic() - start, sum(j.read_bytes for j in jobs),
-                     sum(compiled.schedule.bytes_written), max(0, _rss() - rss0),
+                     sum(compiled.schedule.bytes_written), rss.growth,
                      fallbacks=fallbacks)
 
 
