@@ -2,7 +2,7 @@
 
     check(path)            -> diagnostics
     compile(path)          -> Compiled (graph, schedule, plan), reading headers only
-    run(path, ...)         -> RunResult (in karmixlang.runtime; imports torch)
+    run(path, ...)         -> RunResult (imports torch)
     format(text)           -> canonical text
 """
 
@@ -15,7 +15,7 @@ from .check import Program, check_program
 from .diagnostics import Diagnostic, KmxError, error
 from .ir import Graph
 from .lower import lower
-from .optimize import optimize
+from .optimize import base_choice_warnings, optimize
 from .plan import Plan, build_plan
 from .schedule import Schedule, schedule
 
@@ -43,7 +43,7 @@ def compile(path: str, overrides: dict[str, str] | None = None, *, threads: int 
     sched = schedule(graph, compute_dtype, strict)
     _guard_outputs(graph, sched)
     plan = build_plan(path, graph, sched, threads, compute_dtype)
-    return Compiled(program, graph, sched, plan, diags)
+    return Compiled(program, graph, sched, plan, diags + base_choice_warnings(graph))
 
 
 def _guard_outputs(graph: Graph, sched: Schedule) -> None:
@@ -68,3 +68,25 @@ def _guard_outputs(graph: Graph, sched: Schedule) -> None:
                                s.span, label="this save", help="save to a new file"))
     if diags:
         raise KmxError(diags)
+
+
+def run(path: str, overrides: dict[str, str] | None = None, **options):
+    """Compile and run a recipe; `options` are those of runtime.executor.RunOptions
+    (threads, device, compute_dtype, memory_limit, resume, force, strict, nonfinite)."""
+    from .machine import default_threads
+    from .runtime.executor import RunOptions, execute
+
+    opts = RunOptions(**options)
+    compiled = compile(path, overrides, threads=opts.threads or default_threads(),
+                       compute_dtype=opts.compute_dtype, strict=opts.strict)
+    return execute(compiled, opts)
+
+
+def format(text: str, file: str = "<recipe>") -> str:
+    """The canonical layout of recipe text. Raises KmxError on a syntax error."""
+    from .fmt import format_source
+
+    out, diags = format_source(text, file)
+    if out is None:
+        raise KmxError(diags)
+    return out

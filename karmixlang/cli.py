@@ -1,7 +1,8 @@
 """The `kmx` command line. The only module that prints.
 
-Exit codes: 0 success (warnings allowed), 1 errors in the recipe or its inputs, 2 usage errors,
-123 internal formatter error (as black), 130 interrupted.
+Exit codes: 0 success (warnings allowed), 1 errors in the recipe or its inputs (an interrupted
+run, K0403, included), 2 usage errors, 3 an internal error (a bug: one line, no traceback),
+123 the formatter refused its own output (as black), 130 interrupted outside a run.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 from rich.console import Console
@@ -96,17 +98,19 @@ def cmd_check(args) -> int:
     return status
 
 
-def _compile(args, threads: int = 1):
+def _compile(args):
     from .api import compile as compile_recipe
+    from .machine import default_threads
 
-    return compile_recipe(args.file, parse_sets(args.set), threads=threads,
-                          compute_dtype=args.compute_dtype, strict=args.strict)
+    return compile_recipe(args.file, parse_sets(args.set), threads=args.threads or
+                          default_threads(), compute_dtype=args.compute_dtype,
+                          strict=args.strict)
 
 
 def cmd_plan(args) -> int:
     from .plan import render_dot, render_text as plan_text
 
-    compiled = _compile(args, threads=args.threads or 1)
+    compiled = _compile(args)
     print_warnings(compiled)
     if args.json:
         out.print(compiled.plan.to_json(), markup=False)
@@ -136,7 +140,9 @@ def cmd_run(args) -> int:
         limit = parse_size(args.memory_limit) if args.memory_limit else None
     except ValueError as exc:
         raise UsageError(f"--memory-limit: {exc}")
-    compiled = _compile(args, threads=args.threads or 1)
+    if args.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", args.device):
+        raise UsageError(f"--device must be cpu or cuda (or cuda:N), not {args.device!r}")
+    compiled = _compile(args)
     print_warnings(compiled)
     if not args.quiet:
         err.print(Text(summary_line(compiled.plan).replace("nothing executed.", "running.")))

@@ -39,13 +39,17 @@ class KeyMap:
                 if match_key(pattern, key):
                     return value
             raise KeyError(key)
+        # A key outside the given slots takes `default=`, else the BASE weight (supermerger's
+        # "base alpha" for everything that is not a UNet block).
         slot = slot_of(self.arch, key)
-        for name, value in self.rules:
-            if name == slot:
-                return value
-        if self.default is None:
-            raise KeyError(key)
-        return self.default
+        rules = dict(self.rules)
+        if slot in rules:
+            return rules[slot]
+        if self.default is not None:
+            return self.default
+        if "BASE" in rules:
+            return rules["BASE"]
+        raise KeyError(key)
 
     def describe(self) -> str:
         if self.kind == "by_key":

@@ -18,6 +18,22 @@ from .io.dtypes import parse_user_dtype
 from .ir import Builder, Graph, KeyMap, Node, SaveSpec
 
 
+class PathText(str):
+    """A string value that remembers the folder of the file whose literal it came from:
+    relative paths resolve there, even when the string is passed to a def in another file."""
+
+    folder: str
+
+    def __new__(cls, text: str, folder: str):
+        obj = super().__new__(cls, text)
+        obj.folder = folder
+        return obj
+
+
+def _folder(value, unit: Unit) -> str:
+    return getattr(value, "folder", unit.folder)
+
+
 @dataclass(frozen=True)
 class ClusterVal:
     members: tuple[tuple[Node, float], ...]  # (member, weight)
@@ -48,6 +64,7 @@ class Lowerer:
                 v = self.load(unit, self.string(d.path, env), d, "base" if d.is_base else "model")
             elif isinstance(d, ast.Param):
                 v = unit.params[name]
+                v = PathText(v, unit.folder) if isinstance(v, str) else v
             else:
                 v = self.value(d.expr, env)
             if isinstance(v, Node):
@@ -56,7 +73,7 @@ class Lowerer:
         return self.decl_memo[key]
 
     def load(self, unit: Unit, path: str, at, role: str) -> Node:
-        full = os.path.abspath(os.path.join(unit.folder, path))
+        full = os.path.abspath(os.path.join(_folder(path, unit), path))
         node = self.b.node("load", (), {"path": full, "role": role}, at.span)
         self.names.setdefault(node, getattr(at, "name", None) or os.path.basename(full))
         return node
@@ -69,7 +86,7 @@ class Lowerer:
             else:
                 unit = env.unit.imports[part.lib] if part.lib else env.unit
                 out.append(unit.param_text[part.name])
-        return "".join(out)
+        return PathText("".join(out), env.unit.folder)
 
     def value(self, e, env: _Env):
         if isinstance(e, ast.Number):
@@ -230,7 +247,7 @@ class Lowerer:
         return KeyMap("blocks", rules, arch, None if default is None else float(default))
 
     def _glob(self, args, extra, kw, e, env):
-        pattern = os.path.join(env.unit.folder, args["pattern"])
+        pattern = os.path.join(_folder(args["pattern"], env.unit), args["pattern"])
         files = sorted(globlib.glob(pattern), key=lambda p: os.fsencode(p))
         if not files:
             raise KmxError([error("K0307", f"glob matched no files: {pattern}", e.span,

@@ -14,6 +14,7 @@ from typing import Callable
 
 import networkx as nx
 
+from .diagnostics import Diagnostic, warning
 from .ir import Builder, Graph, KeyMap, Node
 
 Rewrite = Callable[[Node, tuple, Builder], Node]
@@ -139,3 +140,30 @@ def optimize(graph: Graph) -> Graph:
     for _, p in PASSES:
         graph = p(graph)
     return graph
+
+
+# ------------------------------------------------------------------ analyses
+
+_TRANSLATION_EQUIVARIANT = {"mean", "median", "geometric_median"}
+
+
+def base_choice_warnings(graph: Graph) -> list[Diagnostic]:
+    """K0213 for `b + F(c − b)` with F translation-equivariant: it equals F(c), so the choice
+    of b changes nothing (methods.md, "Algebraic properties")."""
+    out = []
+    for s in graph.saves:
+        e = s.expr
+        if e.op != "lincomb" or len(e.inputs) != 2 or e.attr("coeffs") != (1.0, 1.0):
+            continue
+        for b, center in (e.inputs, e.inputs[::-1]):
+            if b.op != "load" or center.op not in _TRANSLATION_EQUIVARIANT:
+                continue
+            if all(m.op == "lincomb" and len(m.inputs) == 2 and m.inputs[1] is b
+                   and m.attr("coeffs") == (1.0, -1.0) for m in center.inputs):
+                name = graph.names.get(b, "the base")
+                out.append(warning(
+                    "K0213", f"the choice of `{name}` cannot change this result: "
+                    f"`{name} + {center.op}(c - {name})` equals `{center.op}(c)`", s.span,
+                    help="only base-dependent steps (trim, dare, della, breadcrumbs, elect, "
+                         "ties, model_stock, iso, or the base as a zero vote) make it matter"))
+    return out

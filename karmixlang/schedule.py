@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from .diagnostics import Diagnostic, KmxError, error
 from .io.dtypes import DTYPES, nbytes
 from .io.header import CheckpointHeader, TensorInfo, read_checkpoint
-from .ir import Graph, Node, match_key
+from .ir import Graph, KeyMap, Node, match_key
 
 COMPUTE_ITEMSIZE = {"fp32": 4, "fp64": 8}
 ALIAS_OPS = {"select", "exclude", "union", "pick"}
@@ -396,11 +396,44 @@ def make_job(key: str, outputs: list[Output], keys, order: dict[Node, int], head
                   read)
 
 
+def _keymaps(n: Node) -> list[KeyMap]:
+    out = []
+    for _, v in n.attrs:
+        for x in (v if isinstance(v, tuple) else (v,)):
+            if isinstance(x, KeyMap):
+                out.append(x)
+    return out
+
+
+def check_keymaps(graph: Graph, jobs: list[KeyJob]) -> None:
+    """Every per-key number must have a value for every key it is used at: found now, from
+    the headers, rather than as a crash in the middle of a run."""
+    failures: dict[int, tuple[Node, KeyMap, list[str]]] = {}
+    for job in jobs:
+        for n in job.steps:
+            for km in _keymaps(n):
+                try:
+                    km.at(job.key)
+                except KeyError:
+                    failures.setdefault(id(km), (n, km, []))[2].append(job.key)
+    diags = []
+    for n, km, keys in failures.values():
+        spans = graph.origins.get(n) or [None]
+        shown = ", ".join(f"`{k}`" for k in keys[:3]) + (f" and {len(keys) - 3} more"
+                                                          if len(keys) > 3 else "")
+        diags.append(error("K0204", f"{km.describe()} has no value for {len(keys)} key(s): "
+                           f"{shown}", spans[0], help='end by_key with a "*" rule, or give '
+                           "blocks() a default="))
+    if diags:
+        raise KmxError(diags)
+
+
 def schedule(graph: Graph, compute: str = "fp32", strict: bool = False,
              headers: dict[Node, CheckpointHeader] | None = None) -> Schedule:
     headers = headers if headers is not None else read_inputs(graph)
     keys = node_keys(graph, headers)
     jobs, copied = build_jobs(graph, headers, keys, compute, strict)
+    check_keymaps(graph, jobs)
     read_once: dict[tuple[str, str], int] = {}
     for job in jobs:
         for n in job.loads:

@@ -247,3 +247,55 @@ def test_plan_never_imports_torch(workdir):
             "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
     r = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_base_choice_that_cannot_matter_is_warned(workdir):
+    tiny_models(workdir)
+    path = recipe(workdir, """
+        base o = "base.safetensors"
+        cluster pool = ["a.safetensors", "b.safetensors"]
+        save "same.safetensors" = o + median(pool - o)
+        save "differs.safetensors" = o + median(trim(pool - o, density=0.5))
+    """)
+    warnings = compile_recipe(path).warnings
+    assert [(w.code, w.span.line) for w in warnings] == [("K0213", 3)]
+
+
+def test_paths_resolve_relative_to_the_file_that_wrote_them(workdir):
+    (workdir / "lib").mkdir()
+    (workdir / "lib" / "models").mkdir()
+    tiny_models(workdir / "lib" / "models", names=("x", "y"))
+    tiny_models(workdir, names=("base",))
+    recipe(workdir / "lib", """
+        def pool_here() = glob("models/*.safetensors")
+    """, "helpers.kmx")
+    path = recipe(workdir, """
+        import "lib/helpers.kmx" as lib
+        base o = "base.safetensors"
+        save "out.safetensors" = o + mean(lib.pool_here() - o)
+    """)
+    paths = [i["path"] for i in compile_recipe(path).plan.data["inputs"]]
+    assert paths == ["base.safetensors", "lib/models/x.safetensors", "lib/models/y.safetensors"]
+
+
+def test_per_key_numbers_without_a_value_are_plan_errors(workdir):
+    tiny_models(workdir)
+    path = recipe(workdir, """
+        model a = "a.safetensors"
+        model b = "b.safetensors"
+        save "out.safetensors" = lerp(a, b, t=by_key({"model.*": 0.3})) with fallback=a
+    """)
+    with pytest.raises(KmxError) as exc:
+        compile_recipe(path)
+    d = exc.value.diagnostics[0]
+    assert d.code == "K0204" and "vae.decoder" in d.message and d.span.line == 3
+
+
+def test_blocks_give_keys_outside_every_slot_the_base_weight():
+    from karmixlang.ir import KeyMap
+
+    km = KeyMap("blocks", (("BASE", 0.25), ("IN00", 0.5)), "sdxl", None)
+    assert km.at("model.diffusion_model.input_blocks.0.0.weight") == 0.5
+    assert km.at("conditioner.embedders.0.transformer.text_model.final_layer_norm.bias") == 0.25
+    assert km.at("alphas_cumprod") == 0.25  # no slot: the BASE weight
+    assert KeyMap("blocks", (("IN00", 0.5),), "sdxl", 0.9).at("alphas_cumprod") == 0.9

@@ -150,3 +150,16 @@ def test_hostile_recipes_are_diagnostics_not_crashes(workdir, capsys):
         err = capsys.readouterr().err
         assert want in err and "Traceback" not in err
     assert not (workdir / "PWNED").exists()
+
+
+def test_resume_refuses_when_an_input_changed(workdir, monkeypatch):
+    path = merge_recipe(workdir)
+    monkeypatch.setattr(writer_mod, "_pwrite_all", failing_after(3, errno.ENOSPC))
+    with pytest.raises(KmxError):
+        execute(compile_recipe(path), RunOptions(threads=1))
+    monkeypatch.undo()
+    os.utime(workdir / "a.safetensors", ns=(1, 1))  # rewritten in place, same size and header
+    with pytest.raises(KmxError) as exc:
+        execute(compile_recipe(path), RunOptions(threads=1, resume=True))
+    assert exc.value.diagnostics[0].code == "K0404"
+    assert not (workdir / "out/m.safetensors").exists()

@@ -25,6 +25,7 @@ from ..builtins import BUILTINS
 from ..diagnostics import KmxError, error
 from ..io.writer import CheckpointWriter, OutputLayout
 from ..ir import KeyMap, Node
+from ..machine import available_memory, default_threads
 from ..schedule import ALIAS_OPS, LINEAR_OPS, KeyJob, Output, make_job, node_keys
 from . import ops
 from .outputs import OutputSet
@@ -75,22 +76,6 @@ def _return_freed_memory_promptly() -> None:
         libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
-
-
-def default_threads() -> int:
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                      else os.cpu_count() or 1))
-
-
-def available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 class _RssSampler:

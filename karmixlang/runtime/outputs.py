@@ -17,9 +17,10 @@ import threading
 from .. import __version__
 from ..diagnostics import KmxError, error
 from ..io.header import hash_data_region
-from ..io.writer import CheckpointWriter, OutputLayout, parse_size, plan_output
+from ..io.writer import CheckpointWriter, OutputLayout, _hidden, parse_size, plan_output
 
 _PLACEHOLDER = "blake2b:" + "0" * 32
+STAMP_SUFFIX = ".kmx-inputs"
 
 
 class _HashCache:
@@ -161,10 +162,32 @@ class OutputSet:
         try:
             for layout in self.layouts:
                 writers.append(CheckpointWriter(layout, resume=self.opts.resume))
+                self._stamp(layout, resumed=bool(writers[-1].done_keys))
         except BaseException:
             self.keep_partial(writers)
             raise
         return writers
+
+    def _stamp(self, layout: OutputLayout, resumed: bool) -> None:
+        """Record the inputs' size and mtime beside a fresh partial output; on resume, refuse
+        if they changed (a rewritten input would otherwise mix old and new keys)."""
+        path = _hidden(layout.final_path, STAMP_SUFFIX)
+        stamp = [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p, _ in self.inputs]
+        if resumed:
+            try:
+                with open(path) as f:
+                    same = json.load(f) == stamp
+            except (OSError, ValueError):
+                same = False
+            if not same:
+                raise KmxError([error(
+                    "K0404", f"cannot resume `{layout.final_path}`: the inputs changed since "
+                    "the interrupted run", help="run again without --resume to start over")])
+            return
+        with open(path, "w") as f:
+            json.dump(stamp, f)
+            f.flush()
+            os.fsync(f.fileno())
 
     def done_keys(self, writers: list[CheckpointWriter]) -> set[str]:
         """Keys every output that holds them has already journaled (an earlier run's work)."""
@@ -177,6 +200,10 @@ class OutputSet:
     def commit(self, writers: list[CheckpointWriter]) -> None:
         for i, w in enumerate(writers):
             w.commit(self._final_headers(i))
+            try:
+                os.unlink(_hidden(self.layouts[i].final_path, STAMP_SUFFIX))
+            except OSError:
+                pass
 
     def keep_partial(self, writers: list[CheckpointWriter]) -> None:
         for w in writers:
