@@ -174,17 +174,26 @@ def test_sharded_input_and_sharded_output(workdir):
     assert not (workdir / "out/merged.safetensors").exists()
 
 
-def _slow_recipe(workdir) -> str:
+@pytest.fixture(scope="module")
+def slow_merge(tmp_path_factory):
+    """Inputs big enough for a run of a few seconds, and the bytes of an uninterrupted run."""
+    folder = tmp_path_factory.mktemp("slow")
     base = make_model("sd1", 1 / 8, seed=1, dtype="float32")
-    write_model(workdir / "base.safetensors", base)
+    write_model(folder / "base.safetensors", base)
     for i in range(3):
-        write_model(workdir / f"m{i}.safetensors",
+        write_model(folder / f"m{i}.safetensors",
                     make_model("sd1", 1 / 8, seed=5 + i, base=base, dtype="float32"))
-    return recipe(workdir, """
+    path = recipe(folder, """
         base o = "base.safetensors"
         cluster pool = ["m0.safetensors", "m1.safetensors", "m2.safetensors"]
         save "out.safetensors" = o + geometric_median(della(pool - o, p=0.3, eps=0.1, seed=1), maxiter=20)
     """)
+    env = {**os.environ, "XDG_CACHE_HOME": str(folder / ".cache")}
+    clean = _kmx("run", path, "-q", "--threads", "2", env=env)
+    assert clean.wait(timeout=300) == 0, clean.stderr.read()
+    expected = digest(folder / "out.safetensors")
+    os.remove(folder / "out.safetensors")
+    return folder, path, env, expected
 
 
 def _kmx(*args, **kw):
@@ -193,28 +202,23 @@ def _kmx(*args, **kw):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
-def test_interrupted_run_resumes_to_identical_bytes(workdir, sig):
-    path = _slow_recipe(workdir)
-    env = {**os.environ, "XDG_CACHE_HOME": str(workdir / ".cache")}
-    clean = _kmx("run", path, "-q", "--threads", "2", env=env)
-    assert clean.wait(timeout=300) == 0, clean.stderr.read()
-    expected = digest(workdir / "out.safetensors")
-    os.rename(workdir / "out.safetensors", workdir / "clean.safetensors")
-    inputs = {f: digest(workdir / f) for f in ("base.safetensors", "m0.safetensors")}
-
+def test_interrupted_run_resumes_to_identical_bytes(slow_merge, sig):
+    folder, path, env, expected = slow_merge
+    inputs = {f: digest(folder / f) for f in ("base.safetensors", "m0.safetensors")}
     proc = _kmx("run", path, "-q", "--threads", "2", env=env)
-    journal = workdir / ".out.safetensors.kmx-journal"
+    journal = folder / ".out.safetensors.kmx-journal"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not journal.exists() or journal.stat().st_size < 200):
         time.sleep(0.05)
     proc.send_signal(sig)
     rc = proc.wait(timeout=60)
     stderr = proc.stderr.read()
-    assert not (workdir / "out.safetensors").exists(), "a partial file under the final name"
+    assert not (folder / "out.safetensors").exists(), "a partial file under the final name"
     if sig != signal.SIGKILL:
         assert rc == 1 and "K0403" in stderr and "--resume" in stderr and "Traceback" not in stderr
     resumed = _kmx("run", path, "-q", "--resume", "--threads", "1", env=env)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
-    assert digest(workdir / "out.safetensors") == expected
-    assert {f: digest(workdir / f) for f in inputs} == inputs
+    assert digest(folder / "out.safetensors") == expected
+    assert {f: digest(folder / f) for f in inputs} == inputs
     assert not journal.exists()
+    os.remove(folder / "out.safetensors")
