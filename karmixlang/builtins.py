@@ -240,6 +240,12 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in [
 ]}
 
 
+_TYPE_NAMES = {"space": "Model or Delta", "model": "Model", "delta": "Delta",
+               "cluster": "Cluster", "mcluster": "Cluster of models",
+               "dcluster": "Cluster of deltas", "number": "Number", "int": "integer",
+               "string": "String", "bool": "Bool", "map": "map `{...}`", "list": "list `[...]`"}
+
+
 def methods_markdown() -> str:
     """docs/methods.md, generated from the table above."""
     out = ["# Builtin functions", "",
@@ -269,11 +275,32 @@ def methods_markdown() -> str:
             if p.keymap:
                 extra.append("may be per-key (by_key/blocks)")
             desc = f" — {p.doc}" if p.doc else ""
-            out += [f"- `{p.name}`: {p.type}{' (' + '; '.join(extra) + ')' if extra else ''}{desc}"]
+            kind = _TYPE_NAMES[p.type] + (" (or a Cluster of them)" if b.broadcast and
+                                          p.type in ("space", "delta") else "")
+            out += [f"- `{p.name}`: {kind}{' (' + '; '.join(extra) + ')' if extra else ''}{desc}"]
         out += [f"- **Reference:** {b.reference}"] if b.reference != "—" else []
         out += [f"- **Edge cases:** {b.edge_cases}"] if b.edge_cases else []
         out += [""]
-    return "\n".join(out)
+    return "\n".join(out + _RANDOMNESS) + "\n"
+
+
+_RANDOMNESS = """## Randomness (`dare`, `della`)
+
+Masks never come from a global generator. Each (seed, tensor key, member index) names one
+stream, and element i of a key (its row-major flat index) always gets the i-th number of its
+stream, so a result never depends on threads, key order, the other keys or chunking:
+
+1. Stream key: `msg = b"karmixlang-rng-v1\\0" + le64(seed) + le64(member) + le64(len(name)) +
+   name` (name: the tensor key in UTF-8; le64: 8 little-endian bytes of v mod 2⁶⁴);
+   `h = blake2b(msg, digest_size=16)`; k0, k1 = the two little-endian 64-bit halves of h.
+2. Generator: Philox4x64-10 (as numpy.random.Philox) with key (k0, k1); block j is the
+   256-bit counter j, and its four output words are elements 4j…4j+3.
+3. Uniform: word x gives `(x >> 11)·2⁻⁵³` in [0, 1); an element is kept when `u < q`, with q
+   the keep probability (1 − p for DARE, DELLA's rank-based q).
+
+`karmixlang/runtime/rng.py` implements it; `tests/reference_np.py` re-implements it in pure
+Python and the tests check they agree.
+""".splitlines()
 
 
 if __name__ == "__main__":

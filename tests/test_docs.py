@@ -165,3 +165,10 @@ def test_kmx_examples_in_reference_pages_parse(name):
     for i, block in enumerate(re.findall(r"```kmx\n(.*?)```", read(name), re.S)):
         module, diags = parse(block, f"{name}#{i}")
         assert module is not None, (name, i, [d.message for d in diags])
+
+
+def test_methods_page_is_generated_from_the_builtins_table():
+    from karmixlang.builtins import methods_markdown
+
+    page = (DOCS / "methods.md").read_text(encoding="utf-8")
+    assert page == methods_markdown(), "regenerate: python -m karmixlang.builtins > docs/methods.md"
