@@ -42,3 +42,9 @@ def tiny_models(folder, names=("base", "a", "b", "c"), seed=0, extra=None) -> di
         write_model(os.path.join(folder, f"{name}.safetensors"), tensors)
         out[name] = tensors
     return out
+
+
+def fuzz_examples(default: int) -> int:
+    """Hypothesis examples for a fuzz test: bounded in CI, raised for a release run with
+    KMX_FUZZ_EXAMPLES (docs/reliability.md)."""
+    return int(os.environ.get("KMX_FUZZ_EXAMPLES", default))

@@ -22,6 +22,7 @@ from karmixlang.diagnostics import KmxError, Span
 from karmixlang.io import header as header_mod
 from karmixlang.io.dtypes import DTYPES, nbytes, parse_user_dtype
 from karmixlang.io.header import hash_data_region, read_checkpoint
+from conftest import fuzz_examples
 
 SPAN = Span("merge.kmx", 3, 9, 3, 30)
 
@@ -394,13 +395,13 @@ def _read_or_kmx_error(content: bytes) -> None:
         header_mod._CACHE.clear()
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=fuzz_examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=200))
 def test_random_bytes_never_crash(content):
     _read_or_kmx_error(content)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=fuzz_examples(400), deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=6),
        st.integers(-3, 3), st.integers(0, 40))
 def test_mutated_headers_never_crash(flips, length_delta, data_len):
@@ -411,7 +412,7 @@ def test_mutated_headers_never_crash(flips, length_delta, data_len):
     _read_or_kmx_error(length + bytes(body) + b"\0" * data_len)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=fuzz_examples(200), deadline=None)
 @given(st.recursive(st.none() | st.booleans() | st.integers(-5, 50) | st.text(max_size=5),
                     lambda kids: st.lists(kids, max_size=3) | st.dictionaries(
                         st.sampled_from(["dtype", "shape", "data_offsets", "__metadata__", "x"]),
