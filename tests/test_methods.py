@@ -513,3 +513,18 @@ def test_cuda_matches_cpu():
             torch.testing.assert_close(g.cpu(), w, rtol=1e-4, atol=1e-5, msg=name)
     for seeded in ("dare", "della"):
         assert torch.equal(ALL_OPS[seeded](gpu, ws).ne(0).cpu(), ALL_OPS[seeded](xs, ws).ne(0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ordinal_ranks_break_ties_by_position(dtype):
+    from karmixlang.runtime.ops_sparse import ordinal_ranks
+
+    rng = np.random.default_rng(4)
+    rows = torch.from_numpy(np.abs(rng.integers(0, 5, size=(3, 200))).astype(np.float64)).to(dtype)
+    rows[0, :10] = 0.0
+    expected = torch.empty(rows.shape, dtype=torch.int64)
+    for r in range(rows.shape[0]):
+        order = sorted(range(rows.shape[1]), key=lambda i: (float(rows[r, i]), i))
+        for rank, i in enumerate(order):
+            expected[r, i] = rank
+    assert torch.equal(ordinal_ranks(rows), expected)
