@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 
 from . import ast
@@ -23,6 +24,7 @@ from .parser import parse_file
 from .resources import data_dir
 
 TOL = 1e-9
+_RECURSION_LIMIT = 4_000  # as the CLI and the formatter: parser.MAX_DEPTH levels fit in it
 SAVE_OPTIONS = ("dtype", "fallback", "metadata", "shard", "delta")
 
 
@@ -290,6 +292,12 @@ class Checker:
             return self.value(d.expr, scope)
         if isinstance(d, ast.Param):
             v = unit.params.get(d.name)
+            if isinstance(d.value, ast.String) and not d.value.is_plain:
+                part = next(p for p in d.value.parts if isinstance(p, ast.Interp))
+                return self.err("K0003", "a param's value cannot interpolate", part.span,
+                                label="interpolation in a param",
+                                help="write the value literally, or interpolate where the "
+                                     "string is used: \"${name}/x.safetensors\"")
             if isinstance(v, float) and not math.isfinite(v):
                 return self.err("K0204", f"`{d.name}` = {unit.param_text[d.name]} is too large "
                                 "for a number", d.value.span)
@@ -884,6 +892,15 @@ def _check_save(ch: Checker, unit: Unit, s: ast.Save, paths: dict[str, ast.Save]
 def check_program(path: str, overrides: dict[str, str] | None = None,
                   text: str | None = None) -> tuple[Program | None, list[Diagnostic]]:
     """Load, resolve and type-check a recipe. Returns (program or None, all diagnostics)."""
+    limit = sys.getrecursionlimit()  # the checker recurses over expressions and def calls
+    sys.setrecursionlimit(max(limit, _RECURSION_LIMIT))
+    try:
+        return _check_program(path, overrides)
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def _check_program(path: str, overrides: dict[str, str] | None):
     diags: list[Diagnostic] = []
     loader = _Loader(diags)
     root = loader.load(path)
@@ -909,7 +926,9 @@ def check_program(path: str, overrides: dict[str, str] | None = None,
                     _check_save(ch, unit, stmt, paths)
     except RecursionError:  # e.g. a chain of hundreds of defs calling each other
         diags.append(error("K0004", "definitions nested too deeply to check", where,
-                           label="checking this", help="shorten the chain of definitions"))
+                           label="checking this",
+                           help="shorten the chain of defs calling defs, or split the "
+                                "expression with `let` names"))
     _unused(root, diags)
     return (None if any(d.is_error for d in diags) else program), _dedupe(diags)
 
