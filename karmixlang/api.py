@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .check import Program, check_program
+from .checker import Program, check_program
 from .diagnostics import Diagnostic, KmxError, error
 from .ir import Graph
 from .lower import lower

@@ -77,7 +77,7 @@ class UsageError(Exception):
 # ------------------------------------------------------------------ commands
 
 def cmd_check(args) -> int:
-    from .check import check_program
+    from .checker import check_program
 
     status = EXIT_OK
     all_diags = []

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from karmixlang.check import check_program
+from karmixlang.checker import check_program
 from karmixlang.diagnostics import CODES, Severity
 from karmixlang.parser import MAX_DEPTH, MAX_SOURCE_BYTES
 

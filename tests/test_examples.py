@@ -11,7 +11,7 @@ import pytest
 from safetensors import safe_open
 
 from karmixlang.api import compile as compile_recipe
-from karmixlang.check import check_program
+from karmixlang.checker import check_program
 from karmixlang.plan import render_text
 from karmixlang.runtime.executor import RunOptions, execute
 from karmixlang.synth import write_demo_pool, write_sharded_llm

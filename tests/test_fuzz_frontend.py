@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from karmixlang.check import check_program
+from karmixlang.checker import check_program
 from karmixlang.cli import main
 from karmixlang.diagnostics import CODES, render_text
 from karmixlang.parser import parse

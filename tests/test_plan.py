@@ -11,7 +11,7 @@ import pytest
 
 from karmixlang import optimize as opt
 from karmixlang.api import compile as compile_recipe
-from karmixlang.check import check_program
+from karmixlang.checker import check_program
 from karmixlang.diagnostics import KmxError
 from karmixlang.io.header import read_checkpoint
 from karmixlang.lower import lower

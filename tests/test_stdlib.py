@@ -9,7 +9,7 @@ from safetensors.numpy import load_file
 
 import reference_np as ref
 from karmixlang.api import compile as compile_recipe
-from karmixlang.check import check_program
+from karmixlang.checker import check_program
 from karmixlang.cli import main
 from karmixlang.fmt import format_source
 from karmixlang.resources import data_dir

@@ -20,12 +20,22 @@ from .blocks import OPTIONAL_SLOTS, SLOTS
 from .builtins import BUILTINS, Builtin, P
 from .diagnostics import Diagnostic, Label, Span, did_you_mean, error, warning
 from .io.dtypes import parse_user_dtype
+from .io.writer import parse_size
 from .parser import parse_file
 from .resources import data_dir
 
 TOL = 1e-9
 _RECURSION_LIMIT = 4_000  # as the CLI and the formatter: parser.MAX_DEPTH levels fit in it
 SAVE_OPTIONS = ("dtype", "fallback", "metadata", "shard", "delta")
+# The float dtypes a checkpoint can be written in (torch can cast to them).
+SAVE_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
+
+
+def _valid_size(text: str) -> bool:
+    try:
+        return parse_size(text) > 0
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -311,6 +321,11 @@ class Checker:
     def value(self, e, scope: Scope) -> Ty:
         """The type of an expression used as a value: arithmetic must have come out affine."""
         ty = self.expr(e, scope)
+        if ty.kind in ("lib", "func"):
+            what = "an imported file" if ty.kind == "lib" else "a function"
+            return self.err("K0202", f"`{ty.value}` is {what}, not a value", e.span,
+                            help="use a member `lib.name`" if ty.kind == "lib" else
+                            f"call it: `{ty.value}(...)`")
         if isinstance(e, (ast.BinOp, ast.Neg)) and ty.kind in ("space", "cluster"):
             if ty.weight is not None and _affine(ty.weight) is None:
                 return self.err(
@@ -851,13 +866,13 @@ def _check_save(ch: Checker, unit: Unit, s: ast.Save, paths: dict[str, ast.Save]
         if ty is not None and ty.kind not in (want, "error"):
             ch.err("K0208", f"`{name}` must be a {want}", opts[name].value.span)
         elif name == "dtype" and ty is not None and ty.value is not None \
-                and parse_user_dtype(ty.value) is None:
-            ch.err("K0208", f"unknown dtype \"{ty.value}\"", opts[name].value.span,
+                and parse_user_dtype(ty.value) not in SAVE_DTYPES:
+            ch.err("K0208", f"cannot save as dtype \"{ty.value}\"", opts[name].value.span,
                    help='dtypes: "fp16", "bf16", "fp32", "fp64", "fp8_e4m3fn", "fp8_e5m2"')
         elif name == "shard" and ty is not None and isinstance(ty.value, str) \
-                and not re.fullmatch(r"\s*[0-9]+(\.[0-9]+)?\s*([KMGT]i?B|B)?\s*", ty.value):
+                and not _valid_size(ty.value):
             ch.err("K0208", f"invalid shard size \"{ty.value}\"", opts[name].value.span,
-                   help='write a size such as "5GB" or "500MiB"')
+                   help='write a positive size such as "5GB" or "500MiB"')
     if "metadata" in opts and isinstance(opts["metadata"].value, ast.MapLit):
         for pair in opts["metadata"].value.pairs:
             if ch.value(pair.value, scope).kind not in ("string", "error"):
