@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -148,34 +149,27 @@ class Graph:
 
     def nx(self, include_extra: bool = False) -> nx.DiGraph:
         g = nx.DiGraph()
-        stack = self.roots() + (self.extra_roots if include_extra else [])
-        seen = set()
+        for n in reachable(self.roots() + (self.extra_roots if include_extra else [])):
+            g.add_node(n)
+            g.add_edges_from((i, n) for i in n.inputs)
+        return g
+
+    def topo(self) -> list[Node]:
+        """Nodes reachable from the saves, inputs first, in a deterministic order: among the
+        ready nodes, the one a depth-first walk from the saves meets first."""
+        order = {n: i for i, n in enumerate(reachable(self.roots()))}
+        return list(nx.lexicographical_topological_sort(self.nx(), key=order.__getitem__))
+
+
+def reachable(roots) -> Iterator[Node]:
+    """Every node the roots depend on, once, depth first (inputs in order), root by root."""
+    seen: set[int] = set()
+    for root in roots:
+        stack = [root]
         while stack:
             n = stack.pop()
             if id(n) in seen:
                 continue
             seen.add(id(n))
-            g.add_node(n)
-            for i in n.inputs:
-                g.add_edge(i, n)
-                stack.append(i)
-        return g
-
-    def topo(self) -> list[Node]:
-        """Nodes reachable from the saves, inputs first, in a deterministic order."""
-        g = self.nx()
-        order = {n: i for i, n in enumerate(self._discovery())}
-        return list(nx.lexicographical_topological_sort(g, key=lambda n: order[n]))
-
-    def _discovery(self) -> list[Node]:
-        out, seen = [], set()
-        for root in self.roots():
-            stack = [root]
-            while stack:
-                n = stack.pop()
-                if id(n) in seen:
-                    continue
-                seen.add(id(n))
-                out.append(n)
-                stack.extend(reversed(n.inputs))
-        return out
+            yield n
+            stack.extend(reversed(n.inputs))

@@ -15,7 +15,7 @@ from .builtins import BUILTINS
 from .checker import Program, Unit
 from .diagnostics import KmxError, error
 from .io.dtypes import parse_user_dtype
-from .ir import Builder, Graph, KeyMap, Node, SaveSpec
+from .ir import Builder, Graph, KeyMap, Node, SaveSpec, reachable
 
 
 class PathText(str):
@@ -273,7 +273,7 @@ class Lowerer:
         expr = self.value(s.expr, env)
         fallback, reason = opts.get("fallback"), "with fallback="
         if fallback is None:
-            bases = {n for n in _reachable(expr) if n.op == "load" and n.attr("role") == "base"}
+            bases = {n for n in reachable([expr]) if n.op == "load" and n.attr("role") == "base"}
             fallback, reason = (bases.pop(), "the only base") if len(bases) == 1 else (None, "")
         dtype = opts.get("dtype")
         return SaveSpec(
@@ -295,15 +295,6 @@ def _is_num(v) -> bool:
     return isinstance(v, (int, float, KeyMap)) and not isinstance(v, bool)
 
 
-def _reachable(root: Node):
-    seen, stack = set(), [root]
-    while stack:
-        n = stack.pop()
-        if id(n) in seen:
-            continue
-        seen.add(id(n))
-        yield n
-        stack.extend(n.inputs)
 
 
 def lower(program: Program) -> Graph:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from .diagnostics import Diagnostic, KmxError, error
 from .io.dtypes import DTYPES, nbytes
 from .io.header import CheckpointHeader, TensorInfo, read_checkpoint
-from .ir import Graph, KeyMap, Node, match_key
+from .ir import Graph, KeyMap, Node, match_key, reachable
 
 COMPUTE_ITEMSIZE = {"fp32": 4, "fp64": 8}
 ALIAS_OPS = {"select", "exclude", "union", "pick"}
@@ -180,16 +180,7 @@ def _name(graph: Graph, n: Node) -> str:
 
 
 def _loads(n: Node) -> list[Node]:
-    seen, out, stack = set(), [], [n]
-    while stack:
-        x = stack.pop()
-        if id(x) in seen:
-            continue
-        seen.add(id(x))
-        if x.op == "load":
-            out.append(x)
-        stack.extend(x.inputs)
-    return sorted(out, key=lambda m: m.attr("path"))
+    return sorted((x for x in reachable([n]) if x.op == "load"), key=lambda m: m.attr("path"))
 
 
 # ------------------------------------------------------------------ per-key jobs
