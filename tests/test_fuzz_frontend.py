@@ -9,6 +9,7 @@ swapping and inserting characters or tokens.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -21,6 +22,8 @@ from karmixlang.checker import check_program
 from karmixlang.cli import main
 from karmixlang.diagnostics import CODES, render_text
 from karmixlang.parser import parse
+
+from conftest import fuzz_examples
 
 VALID = Path(__file__).parent / "data" / "valid"
 CORPUS = {p.name: p.read_text(encoding="utf-8") for p in sorted(VALID.glob("*.kmx"))}
@@ -37,7 +40,9 @@ CHARS = st.characters(codec="utf-8", categories=("L", "N", "P", "S", "Zs")) | \
 # Random text: characters, with a bias towards the language's symbols and words.
 RANDOM_TEXT = st.lists(CHARS | st.sampled_from(SYMBOLS + WORDS), max_size=150).map("".join)
 
-FUZZ = settings(deadline=None, max_examples=120, derandomize=True,
+# derandomize keeps CI reproducible; a release run (KMX_FUZZ_EXAMPLES) explores afresh.
+FUZZ = settings(deadline=None, max_examples=fuzz_examples(120),
+                derandomize="KMX_FUZZ_EXAMPLES" not in os.environ,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
@@ -185,7 +190,7 @@ def test_mutated_recipes_give_diagnostics_not_exceptions(tmp_path, case):
     check_text(tmp_path, text)
 
 
-@settings(FUZZ, max_examples=40)
+@settings(FUZZ, max_examples=fuzz_examples(40))
 @given(case=mutated())
 def test_mutated_recipes_through_the_cli(tmp_path, capsys, case):
     _, text = case

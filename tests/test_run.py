@@ -222,3 +222,16 @@ def test_interrupted_run_resumes_to_identical_bytes(slow_merge, sig):
     assert {f: digest(folder / f) for f in inputs} == inputs
     assert not journal.exists()
     os.remove(folder / "out.safetensors")
+
+
+def test_a_tight_memory_limit_runs_one_key_at_a_time_with_the_same_result(workdir):
+    tiny_models(workdir)
+    path = recipe(workdir, """
+        base o = "base.safetensors"
+        cluster pool = ["a.safetensors", "b.safetensors", "c.safetensors"]
+        save "out.safetensors" = o + geometric_median(pool - o)
+    """)
+    run(path, threads=2)
+    free = digest(workdir / "out.safetensors")
+    run(path, threads=2, memory_limit=1, force=True)
+    assert digest(workdir / "out.safetensors") == free
