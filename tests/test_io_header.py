@@ -136,7 +136,7 @@ def test_hash_covers_data_only_and_combines_shards(tmp_path):
     save_file({"x": np.arange(4, dtype=np.float32)}, a, metadata={"v": "1"})
     save_file({"x": np.arange(4, dtype=np.float32)}, b, metadata={"v": "2, a longer one"})
     data = np.arange(4, dtype=np.float32).tobytes()
-    expected = "blake2b:" + hashlib.blake2b(data, digest_size=16).hexdigest()
+    expected = "sha256:" + hashlib.sha256(data).hexdigest()
     assert hash_data_region(a) == hash_data_region(b) == expected
     save_file({"x": np.arange(1, 5, dtype=np.float32)}, b)
     assert hash_data_region(b) != expected
@@ -145,10 +145,10 @@ def test_hash_covers_data_only_and_combines_shards(tmp_path):
     files = read_checkpoint(index).files
     def data_digest(f):
         raw = open(f, "rb").read()
-        return hashlib.blake2b(raw[8 + int.from_bytes(raw[:8], "little"):], digest_size=16).digest()
+        return hashlib.sha256(raw[8 + int.from_bytes(raw[:8], "little"):]).digest()
 
-    combined = hashlib.blake2b(b"".join(map(data_digest, files)), digest_size=16).hexdigest()
-    assert hash_data_region(index) == "blake2b:" + combined
+    combined = hashlib.sha256(b"".join(map(data_digest, files))).hexdigest()
+    assert hash_data_region(index) == "sha256:" + combined
 
 
 # ---------------------------------------------------------------- broken files

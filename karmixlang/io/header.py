@@ -383,7 +383,8 @@ def _resolve_folder(path: str, span: Span | None) -> str:
 
 
 def hash_data_region(path: str, span: Span | None = None) -> str:
-    """"blake2b:" + hex digest (blake2b, digest_size=16) of the tensor bytes after the header.
+    """"sha256:" + hex digest of the tensor bytes after the header (sha256 rather than
+    blake2b: with the SHA extensions of current CPUs it is the faster of the two).
 
     Only data is hashed, so a rewritten header (new metadata) keeps the hash. A sharded
     checkpoint hashes each shard in `files` order and then hashes those digests together.
@@ -391,14 +392,18 @@ def hash_data_region(path: str, span: Span | None = None) -> str:
     files = read_checkpoint(path, span).files
     digests = [_hash_file(f, span) for f in files]
     if len(digests) == 1:
-        return "blake2b:" + digests[0].hex()
-    return "blake2b:" + hashlib.blake2b(b"".join(digests), digest_size=16).hexdigest()
+        return HASH_PREFIX + digests[0].hex()
+    return HASH_PREFIX + hashlib.sha256(b"".join(digests)).hexdigest()
+
+
+HASH_PREFIX = "sha256:"
+HASH_PLACEHOLDER = HASH_PREFIX + "0" * 64  # same length as a real hash
 
 
 def _hash_file(path: str, span: Span | None) -> bytes:
     st = _stat(path, span)
     _check_regular(path, st, span)
-    h = hashlib.blake2b(digest_size=16)
+    h = hashlib.sha256()
     buf = bytearray(HASH_CHUNK)
     view = memoryview(buf)
     fd = _open_regular(path, span, st)

@@ -16,10 +16,9 @@ import threading
 
 from .. import __version__
 from ..diagnostics import KmxError, error
-from ..io.header import hash_data_region
+from ..io.header import HASH_PLACEHOLDER, hash_data_region
 from ..io.writer import CheckpointWriter, OutputLayout, _hidden, parse_size, plan_output
 
-_PLACEHOLDER = "blake2b:" + "0" * 32
 STAMP_SUFFIX = ".kmx-inputs"
 
 
@@ -75,7 +74,7 @@ class OutputSet:
         self.hashes: dict[str, str] = {}
         self._hash_error: BaseException | None = None
         self._hasher = threading.Thread(target=self._hash_inputs, daemon=True, name="kmx-hash")
-        self.layouts = [self._layout(i, {p: _PLACEHOLDER for p, _ in self.inputs})
+        self.layouts = [self._layout(i, {p: HASH_PLACEHOLDER for p, _ in self.inputs})
                         for i in range(len(compiled.graph.saves))]
 
     # -- layout and metadata
