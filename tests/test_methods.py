@@ -528,3 +528,13 @@ def test_ordinal_ranks_break_ties_by_position(dtype):
         for rank, i in enumerate(order):
             expected[r, i] = rank
     assert torch.equal(ordinal_ranks(rows), expected)
+
+
+def test_elected_sign_of_near_ties_does_not_depend_on_member_order():
+    from karmixlang.runtime.ops_sparse import _order_free_sign
+
+    big = 3.0e7
+    votes = torch.tensor([[big, 1.0, -1.0], [1.0, big, 1.0], [-big, -big, 0.5]], dtype=torch.float32)
+    expected = torch.sign(votes.sort(dim=0).values.sum(dim=0))
+    for perm in ([0, 1, 2], [2, 1, 0], [1, 2, 0]):
+        assert torch.equal(_order_free_sign(votes[perm]), expected)
