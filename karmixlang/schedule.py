@@ -241,7 +241,7 @@ def build_jobs(graph: Graph, headers, keys, compute: str = "fp32", strict: bool 
                 continue
             reason = describe_reason(ek.bad[k], graph, headers, k) if k in ek.bad else \
                 "not produced by the expression"
-            src = _copy_source(fb, fk, headers, k)
+            src = _copy_source(fb, keys, headers, k)
             if src is None or strict:
                 failures.append((k, reason))
                 continue
@@ -267,13 +267,20 @@ def _fallback_dtype(fb, headers, key):
     return None
 
 
-def _copy_source(fb, fk, headers, key):
+def _copy_source(fb, keys, headers, key):
+    """(shape, dtype) of `key` as the fallback gives it, or None. A fallback that is a file,
+    or key selection over files (select/exclude/|), copies anything the file has, integer
+    buffers included; a computed fallback gives what it can compute."""
     if fb is None:
         return None
-    if fb.op == "load":  # a file fallback copies anything it has, integer buffers included
-        t = headers[fb].tensors.get(key)
+    node = fb
+    while node.op in ("select", "exclude", "union") and keys[node].has(key):
+        x = node.inputs[0]
+        node = node.inputs[1] if node.op == "union" and keys[node.inputs[1]].has(key) else x
+    if node.op == "load" and keys[fb].has(key):
+        t = headers[node].tensors.get(key)
         return (t.shape, t.dtype) if t is not None else None
-    info = fk.ok.get(key)
+    info = keys[fb].ok.get(key)
     return (info.shape, info.dtype) if info is not None else None
 
 

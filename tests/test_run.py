@@ -235,3 +235,25 @@ def test_a_tight_memory_limit_runs_one_key_at_a_time_with_the_same_result(workdi
     free = digest(workdir / "out.safetensors")
     run(path, threads=2, memory_limit=1, force=True)
     assert digest(workdir / "out.safetensors") == free
+
+
+def test_a_key_selection_fallback_copies_integer_buffers(workdir):
+    m = tiny_models(workdir)
+    path = recipe(workdir, """
+        model a = "a.safetensors"
+        model b = "b.safetensors"
+        save "out.safetensors" = exclude(lerp(a, b, t=0.5), "vae.*") with fallback=exclude(a, "vae.*")
+    """)
+    run(path)
+    out = load_file(str(workdir / "out.safetensors"))
+    assert "vae.decoder" not in out
+    assert out["pos_ids"].dtype == np.int64 and np.array_equal(out["pos_ids"], m["a"]["pos_ids"])
+
+
+def test_stale_hash_cache_entries_are_recomputed(workdir):
+    from karmixlang.runtime.outputs import _HashCache
+
+    tiny_models(workdir)
+    cache = _HashCache()
+    cache.data[cache.key(str(workdir / "a.safetensors"))] = "blake2b:" + "1" * 32
+    assert cache.get(str(workdir / "a.safetensors")).startswith("sha256:")

@@ -16,7 +16,7 @@ import threading
 
 from .. import __version__
 from ..diagnostics import KmxError, error
-from ..io.header import HASH_PLACEHOLDER, hash_data_region
+from ..io.header import HASH_PLACEHOLDER, HASH_PREFIX, hash_data_region
 from ..io.writer import CheckpointWriter, OutputLayout, _hidden, parse_size, plan_output
 
 STAMP_SUFFIX = ".kmx-inputs"
@@ -43,7 +43,10 @@ class _HashCache:
 
     def get(self, path: str) -> str:
         k = self.key(path)
-        if k not in self.data:
+        cached = self.data.get(k)
+        # An entry from another kmx version may use another algorithm: never trust its length.
+        if not (isinstance(cached, str) and cached.startswith(HASH_PREFIX)
+                and len(cached) == len(HASH_PLACEHOLDER)):
             self.data[k] = hash_data_region(path)
         return self.data[k]
 
