@@ -163,3 +163,16 @@ def test_resume_refuses_when_an_input_changed(workdir, monkeypatch):
         execute(compile_recipe(path), RunOptions(threads=1, resume=True))
     assert exc.value.diagnostics[0].code == "K0404"
     assert not (workdir / "out/m.safetensors").exists()
+
+
+def test_a_plain_rerun_does_not_discard_an_interrupted_run(workdir, monkeypatch):
+    path = merge_recipe(workdir)
+    monkeypatch.setattr(writer_mod, "_pwrite_all", failing_after(3, errno.ENOSPC))
+    with pytest.raises(KmxError):
+        execute(compile_recipe(path), RunOptions(threads=1))
+    monkeypatch.undo()
+    with pytest.raises(KmxError) as exc:
+        execute(compile_recipe(path), RunOptions(threads=1))
+    assert exc.value.diagnostics[0].code == "K0306" and "--resume" in exc.value.diagnostics[0].help
+    execute(compile_recipe(path), RunOptions(threads=1, force=True))
+    assert (workdir / "out/m.safetensors").exists()

@@ -17,7 +17,8 @@ import threading
 from .. import __version__
 from ..diagnostics import KmxError, error
 from ..io.header import HASH_PLACEHOLDER, HASH_PREFIX, hash_data_region
-from ..io.writer import CheckpointWriter, OutputLayout, _hidden, parse_size, plan_output
+from ..io.writer import (JOURNAL_SUFFIX, CheckpointWriter, OutputLayout, _hidden, parse_size,
+                         plan_output)
 
 STAMP_SUFFIX = ".kmx-inputs"
 
@@ -159,6 +160,13 @@ class OutputSet:
                 raise KmxError([error("K0306", f"`{existing[0]}` already exists",
                                       help="pass --force to replace it, or --resume to finish "
                                            "an interrupted run")])
+            journal = _hidden(layout.final_path, JOURNAL_SUFFIX)
+            if os.path.exists(journal) and not (self.opts.force or self.opts.resume):
+                # Hours of finished keys must not be thrown away by a plain rerun.
+                raise KmxError([error(
+                    "K0306", f"an interrupted run of `{layout.final_path}` left its finished "
+                    "keys behind", help="pass --resume to continue it, or --force to start "
+                    "over")])
         self._hasher.start()
         writers: list[CheckpointWriter] = []
         try:
