@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .checker import Program, check_program
+from .checker import check_program
+from .program import Program
 from .diagnostics import Diagnostic, KmxError, error
 from .ir import Graph
 from .lower import lower

@@ -7,7 +7,7 @@ The tensor kernels live in runtime/ops.py under the same names.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 REQUIRED = object()
 

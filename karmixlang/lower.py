@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from . import ast
 from .builtins import BUILTINS
-from .checker import Program, Unit
+from .program import Program, Unit
 from .diagnostics import KmxError, error
 from .io.dtypes import parse_user_dtype
 from .ir import Builder, Graph, KeyMap, Node, SaveSpec, reachable

@@ -23,7 +23,6 @@ import torch
 from ..api import Compiled
 from ..builtins import BUILTINS
 from ..diagnostics import KmxError, error
-from ..io.writer import CheckpointWriter, OutputLayout
 from ..ir import KeyMap, Node
 from ..machine import available_memory, default_threads
 from ..schedule import ALIAS_OPS, LINEAR_OPS, KeyJob, Output, make_job, node_keys

@@ -1,0 +1,191 @@
+"""A recipe and its imports, loaded: each file parsed once, its declarations indexed, import
+cycles and missing imports reported, and params resolved (defaults, then `--set`)."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+from . import ast
+from .builtins import BUILTINS
+from .diagnostics import Diagnostic, Label, Span, did_you_mean, error
+from .parser import parse_file
+from .resources import data_dir
+
+@dataclass
+class Unit:
+    """One parsed `.kmx` file with its declarations."""
+    path: str
+    module: ast.Module
+    text: str
+    decls: dict[str, ast.Decl] = field(default_factory=dict)
+    imports: dict[str, "Unit"] = field(default_factory=dict)
+    params: dict[str, object] = field(default_factory=dict)  # resolved param values
+    param_text: dict[str, str] = field(default_factory=dict)  # as written, for interpolation
+
+    @property
+    def folder(self) -> str:
+        return os.path.dirname(os.path.abspath(self.path))
+
+
+@dataclass
+class Program:
+    root: Unit
+    units: dict[str, Unit]
+    sources: dict[str, str]
+    overrides: dict[str, str]
+
+
+# ------------------------------------------------------------------ loading
+
+def _stdlib_path(rel: str) -> str:
+    return str(data_dir("stdlib").joinpath(rel))
+
+
+def resolve_import(unit: Unit, path: str) -> str:
+    if path.startswith("std/"):
+        return _stdlib_path(path[4:])
+    return os.path.normpath(os.path.join(unit.folder, path))
+
+
+class _Loader:
+    def __init__(self, diags: list[Diagnostic]):
+        self.diags = diags
+        self.units: dict[str, Unit] = {}
+        self.sources: dict[str, str] = {}
+
+    def load(self, path: str, chain: tuple[str, ...] = (), span: Span | None = None) -> Unit | None:
+        key = os.path.realpath(path)
+        if key in chain:
+            cycle = " -> ".join(os.path.basename(p) for p in chain[chain.index(key):] + (key,))
+            self.diags.append(error("K0109", f"import cycle: {cycle}", span,
+                                    label="this import closes the cycle",
+                                    help="move the shared definitions into a third file"))
+            return None
+        if key in self.units:
+            return self.units[key]
+        if span is not None and not os.path.isfile(path):
+            self.diags.append(error("K0110", f"cannot find `{path}`", span,
+                                    label="imported here",
+                                    help="`std/...` names the shipped stdlib; other paths are "
+                                         "relative to the importing file"))
+            return None
+        module, text, diags = parse_file(path)
+        if text is not None:
+            self.sources[path] = text
+        if diags:
+            self.diags.extend(d if d.span or span is None else _with_span(d, span) for d in diags)
+            return None
+        unit = Unit(path, module, text)
+        self.units[key] = unit
+        self._declare(unit)
+        for stmt in module.stmts:
+            if isinstance(stmt, ast.Import):
+                if not stmt.path.is_plain:
+                    self.diags.append(error("K0003", "import paths do not interpolate",
+                                            stmt.path.span, help="write the path literally"))
+                    continue
+                target = resolve_import(unit, stmt.path.plain)
+                sub = self.load(target, chain + (key,), stmt.path.span)
+                unit.imports[stmt.alias] = sub  # None when it failed: already reported
+                if sub is not None:
+                    for s in sub.module.stmts:
+                        if isinstance(s, ast.Save):
+                            self.diags.append(error(
+                                "K0113", "an imported file may not contain `save`", s.span,
+                                label="save in an imported file",
+                                help="keep saves in the recipe you run",
+                                notes=(Label(stmt.span, "imported here"),)))
+        return unit
+
+    def _declare(self, unit: Unit) -> None:
+        for stmt in unit.module.stmts:
+            if isinstance(stmt, ast.Save):
+                continue
+            name = stmt.alias if isinstance(stmt, ast.Import) else stmt.name
+            span = stmt.name_span
+            if name in BUILTINS:
+                self.diags.append(error("K0111", f"`{name}` shadows a builtin function", span,
+                                        label="choose another name"))
+            elif name in unit.decls:
+                first = unit.decls[name]
+                self.diags.append(error(
+                    "K0101", f"`{name}` is defined twice", span, label="defined again here",
+                    notes=(Label(first.name_span, "first defined here"),),
+                    help="every name is defined once per file"))
+            else:
+                unit.decls[name] = stmt
+
+
+def _with_span(d: Diagnostic, span: Span) -> Diagnostic:
+    return Diagnostic(d.code, d.message, span, d.label, d.severity, d.help, d.notes)
+
+
+# ------------------------------------------------------------------ params
+
+def _literal_value(lit) -> tuple[object, str]:
+    if isinstance(lit, ast.Number):
+        return lit.value, lit.text
+    if isinstance(lit, ast.Neg):
+        return -lit.operand.value, "-" + lit.operand.text
+    if isinstance(lit, ast.Bool):
+        return lit.value, "true" if lit.value else "false"
+    return lit.plain, lit.plain
+
+
+def _coerce(default: object, text: str) -> object:
+    """An override's value typed as the param's default; ValueError when it does not fit."""
+    if isinstance(default, bool):
+        if text not in ("true", "false"):
+            raise ValueError("expected `true` or `false`")
+        return text == "true"
+    if isinstance(default, float):
+        if not re.fullmatch(r"-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?", text):
+            raise ValueError("expected a number")
+        if not math.isfinite(float(text)):
+            raise ValueError("the number is too large")
+        return float(text)
+    return text
+
+
+def _resolve_params(root: Unit, overrides: dict[str, str], diags: list[Diagnostic]) -> None:
+    seen = set()
+    for unit in [root] + _all_imported(root):
+        if id(unit) in seen:
+            continue
+        seen.add(id(unit))
+        for name, decl in unit.decls.items():
+            if isinstance(decl, ast.Param):
+                unit.params[name], unit.param_text[name] = _literal_value(decl.value)
+    for key, text in overrides.items():
+        lib, _, name = key.rpartition(".")
+        unit = root.imports.get(lib) if lib else root
+        candidates = [n for n, d in root.decls.items() if isinstance(d, ast.Param)]
+        candidates += [f"{alias}.{n}" for alias, u in root.imports.items() if u is not None
+                       for n, d in u.decls.items() if isinstance(d, ast.Param)]
+        if unit is None or name not in unit.params:
+            hint = did_you_mean(key, candidates)
+            diags.append(error("K0211", f"--set {key}: no param `{key}` in the recipe",
+                               help=f"did you mean `{hint}`?" if hint else
+                               "params: " + (", ".join(sorted(candidates)) or "none")))
+            continue
+        try:
+            unit.params[name] = _coerce(unit.params[name], text)
+            unit.param_text[name] = text
+        except ValueError as exc:
+            kind = type(unit.params[name]).__name__.replace("float", "number")
+            diags.append(error("K0211", f"--set {key}={text}: {exc}",
+                               unit.decls[name].span, label=f"`{name}` is a {kind} param"))
+
+
+def _all_imported(unit: Unit) -> list[Unit]:
+    out, stack = [], list(unit.imports.values())
+    while stack:
+        u = stack.pop()
+        if u is not None:  # None: an import that failed (already reported)
+            out.append(u)
+            stack.extend(u.imports.values())
+    return out
+

@@ -1,0 +1,509 @@
+"""The type checker: every expression's abstract value with the affine rules (Model / Delta /
+Cluster). A Model is a space value of affine weight 1, a Delta of weight 0; a linear
+combination carries the sum of its coefficients, and the weight is checked where the
+combination is used (the top of an arithmetic expression). It reports every problem it finds."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from . import ast
+from .builtins import BUILTINS, Builtin, P
+from .diagnostics import Diagnostic, Span, did_you_mean, error
+from .program import Program, Unit
+from .typerules import BuiltinRules
+from .values import _BUSY, ANY, DELTA, ERR, MODEL, Ty, _affine
+
+_RECURSION_LIMIT = 4_000  # as the CLI and the formatter: parser.MAX_DEPTH levels fit in it
+
+
+@dataclass
+class Scope:
+    unit: Unit
+    locals: dict[str, Ty] = field(default_factory=dict)
+    lets: dict[str, ast.Let] = field(default_factory=dict)  # a def body's lets, lazily typed
+    def_stack: tuple[str, ...] = ()
+
+
+class Checker(BuiltinRules):
+    def __init__(self, program: Program, diags: list[Diagnostic]):
+        self.p = program
+        self.diags = diags
+        self.memo: dict[tuple[str, str], Ty] = {}
+        self.active: list[tuple[str, str]] = []
+
+    def err(self, code, msg, span, **kw):
+        self.diags.append(error(code, msg, span, **kw))
+        return ERR
+
+    # -- declarations
+    def decl_type(self, unit: Unit, name: str, ref_span: Span) -> Ty:
+        key = (unit.path, name)
+        if key in self.memo:
+            return self.memo[key]
+        if key in self.active:
+            cycle = self.active[self.active.index(key):] + [key]
+            return self.err("K0108", "cycle: " + " -> ".join(n for _, n in cycle), ref_span,
+                            label="used here before it can be computed",
+                            help="a definition cannot depend on itself")
+        self.active.append(key)
+        try:
+            ty = self._decl_type(unit, unit.decls[name])
+        finally:
+            self.active.pop()
+        self.memo[key] = ty
+        return ty
+
+    def _decl_type(self, unit: Unit, d: ast.Decl) -> Ty:
+        scope = Scope(unit)
+        if isinstance(d, ast.ModelDecl):
+            self.string(d.path, scope)
+            return MODEL
+        if isinstance(d, ast.ClusterDecl):
+            ty = self.value(d.expr, scope)
+            if ty.kind not in ("cluster", "any", "error"):
+                return self.err("K0202", f"`{d.name}` is declared a cluster but is a "
+                                f"{ty.describe()}", d.expr.span,
+                                help="use `let` for a single model or delta")
+            return ty
+        if isinstance(d, ast.Let):
+            return self.value(d.expr, scope)
+        if isinstance(d, ast.Param):
+            v = unit.params.get(d.name)
+            if isinstance(d.value, ast.String) and not d.value.is_plain:
+                part = next(p for p in d.value.parts if isinstance(p, ast.Interp))
+                return self.err("K0003", "a param's value cannot interpolate", part.span,
+                                label="interpolation in a param",
+                                help="write the value literally, or interpolate where the "
+                                     "string is used: \"${name}/x.safetensors\"")
+            if isinstance(v, float) and not math.isfinite(v):
+                return self.err("K0204", f"`{d.name}` = {unit.param_text[d.name]} is too large "
+                                "for a number", d.value.span)
+            kind = "bool" if isinstance(v, bool) else "number" if isinstance(v, float) else "string"
+            return Ty(kind, value=v)
+        if isinstance(d, ast.Import):
+            return Ty("lib", value=d.alias)
+        return Ty("func", value=d.name)
+
+    # -- expressions
+    def value(self, e, scope: Scope) -> Ty:
+        """The type of an expression used as a value: arithmetic must have come out affine."""
+        ty = self.expr(e, scope)
+        if ty.kind in ("lib", "func"):
+            what = "an imported file" if ty.kind == "lib" else "a function"
+            return self.err("K0202", f"`{ty.value}` is {what}, not a value", e.span,
+                            help="use a member `lib.name`" if ty.kind == "lib" else
+                            f"call it: `{ty.value}(...)`")
+        if isinstance(e, (ast.BinOp, ast.Neg)) and ty.kind in ("space", "cluster"):
+            if ty.weight is not None and _affine(ty.weight) is None:
+                return self.err(
+                    "K0201", f"the coefficients of models sum to {ty.weight:g}, not 1 or 0",
+                    e.span, label="neither a Model nor a Delta",
+                    help="a Model needs coefficients summing to 1: `lerp(a, b, 0.5)`, "
+                         "`mean([a, b])` or `0.3*a + 0.7*b`; a Delta sums to 0: `a - b`")
+        return ty
+
+    def expr(self, e, scope: Scope) -> Ty:
+        if isinstance(e, ast.Number):
+            if not math.isfinite(e.value):
+                return self.err("K0204", f"`{e.text}` is too large for a number", e.span)
+            return Ty("number", value=e.value)
+        if isinstance(e, ast.String):
+            return self.string(e, scope)
+        if isinstance(e, ast.Bool):
+            return Ty("bool", value=e.value)
+        if isinstance(e, ast.Name):
+            return self.name(e, scope)
+        if isinstance(e, ast.Member):
+            return self.member(e, scope)
+        if isinstance(e, ast.Neg):
+            return self.arith("neg", None, self.expr(e.operand, scope), e)
+        if isinstance(e, ast.BinOp):
+            if e.op == "|":
+                return self.union(e, scope)
+            return self.arith(e.op, self.expr(e.left, scope), self.expr(e.right, scope), e)
+        if isinstance(e, ast.ClusterLit):
+            return self.cluster(e, scope)
+        if isinstance(e, ast.MapLit):
+            for pair in e.pairs:
+                self.string(pair.key, scope)
+                self.value(pair.value, scope)
+            return Ty("map")
+        if isinstance(e, ast.Call):
+            return self.call(e, scope)
+        raise AssertionError(f"unknown node {e!r}")
+
+    def string(self, s: ast.String, scope: Scope) -> Ty:
+        text, bad = [], False
+        for part in s.parts:
+            if isinstance(part, str):
+                text.append(part)
+                continue
+            unit = scope.unit
+            if part.lib is not None:
+                unit = unit.imports.get(part.lib)
+                if unit is None:
+                    if part.lib not in scope.unit.imports:  # else the import failed: reported
+                        self.err("K0102", f"unknown import `{part.lib}`", part.span)
+                    bad = True
+                    continue
+            decl = unit.decls.get(part.name)
+            if decl is None:
+                hint = did_you_mean(part.name, [n for n, d in unit.decls.items()
+                                                if isinstance(d, ast.Param)])
+                self.err("K0102", f"unknown param `{part.name}` in interpolation", part.span,
+                         label="not a param of this file",
+                         help=f"did you mean `{hint}`?" if hint else "declare it with `param`")
+                bad = True
+                continue
+            if not isinstance(decl, ast.Param):
+                self.err("K0202", f"only params can be interpolated; `{part.name}` is not one",
+                         part.span)
+                bad = True
+                continue
+            text.append(unit.param_text[part.name])
+        return ERR if bad else Ty("string", value="".join(text))
+
+    def name(self, e: ast.Name, scope: Scope) -> Ty:
+        if e.name in scope.locals:
+            return scope.locals[e.name]
+        if e.name in scope.lets:
+            key = f"{scope.def_stack[-1]}.{e.name}"
+            if scope.locals.get(key) == _BUSY:
+                scope.locals[key] = ERR
+                return self.err("K0108", f"cycle: `{e.name}` depends on itself in "
+                                f"`{scope.def_stack[-1]}`", e.span,
+                                label="used here before it can be computed",
+                                help="a definition cannot depend on itself")
+            if key in scope.locals:
+                return scope.locals[key]
+            scope.locals[key] = _BUSY
+            scope.locals[key] = self.value(scope.lets[e.name].expr, scope)
+            return scope.locals[key]
+        if e.name in scope.unit.decls:
+            return self.decl_type(scope.unit, e.name, e.span)
+        if e.name in BUILTINS:
+            return self.err("K0202", f"`{e.name}` is a function; call it", e.span,
+                            help=f"`{BUILTINS[e.name].signature()}`")
+        candidates = list(scope.unit.decls) + list(scope.locals) + list(scope.lets)
+        hint = did_you_mean(e.name, [c for c in candidates if "." not in c])
+        help_ = None
+        if hint:
+            where = ""
+            d = scope.unit.decls.get(hint)
+            if d is not None:
+                kind = type(d).__name__.replace("Decl", "").lower()
+                kind = "base" if getattr(d, "is_base", False) else kind
+                where = f" ({kind} defined at {d.name_span})"
+            help_ = f"did you mean `{hint}`?{where}"
+        return self.err("K0102", f"unknown name `{e.name}`", e.span,
+                        label="not defined in this file", help=help_)
+
+    def member(self, e: ast.Member, scope: Scope) -> Ty:
+        unit = scope.unit.imports.get(e.lib)
+        if unit is None:
+            if e.lib in scope.unit.imports:
+                return ERR  # the import itself failed and was reported
+            if e.lib in scope.unit.decls or e.lib in scope.locals:
+                return self.err("K0115", f"`{e.lib}` is not an imported file", e.span)
+            return self.err("K0102", f"unknown import `{e.lib}`", e.span,
+                            help="import a file with `import \"PATH.kmx\" as NAME`")
+        if e.name not in unit.decls:
+            hint = did_you_mean(e.name, unit.decls)
+            return self.err("K0115", f"`{e.lib}` has no member `{e.name}`", e.span,
+                            help=f"did you mean `{e.lib}.{hint}`?" if hint else None)
+        return self.decl_type(unit, e.name, e.span)
+
+    def arith(self, op: str, a: Ty | None, b: Ty, e) -> Ty:
+        if (a is not None and a.kind in ("error", "any")) or b.kind in ("error", "any"):
+            return ERR if ERR in (a, b) else ANY
+        if op == "neg":
+            if b.kind == "number":
+                return Ty("number", value=None if b.value is None else -b.value)
+            if b.kind in ("space", "cluster"):
+                return Ty(b.kind, None if b.weight is None else -b.weight, size=b.size)
+            return self._bad_operand("-", b, e)
+        nums = a.kind == "number" and b.kind == "number"
+        if nums:
+            if op == "/" and b.value == 0:
+                return self.err("K0204", "division by zero", e.span)
+            known = a.value is not None and b.value is not None
+            ops = {"+": lambda x, y: x + y, "-": lambda x, y: x - y,
+                   "*": lambda x, y: x * y, "/": lambda x, y: x / y}
+            v = ops[op](a.value, b.value) if known else None
+            if v is not None and not math.isfinite(v):
+                return self.err("K0204", "the result is too large for a number", e.span)
+            return Ty("number", value=v)
+        if op in "+-":
+            if a.kind in ("space", "cluster") and b.kind in ("space", "cluster"):
+                if a.kind == "cluster" and b.kind == "cluster":
+                    return self.err("K0202", f"cannot {'add' if op == '+' else 'subtract'} two "
+                                    "clusters", e.span,
+                                    help="combine clusters with a cluster literal: `[c1, c2]`")
+                wa, wb = a.weight, b.weight
+                w = None if wa is None or wb is None else (wa + wb if op == "+" else wa - wb)
+                kind = "cluster" if "cluster" in (a.kind, b.kind) else "space"
+                size = a.size if a.kind == "cluster" else b.size
+                return Ty(kind, w, size=size)
+            return self._bad_operand(op, b if a.kind in ("space", "cluster") else a, e)
+        # * and /
+        space, num = (a, b) if a.kind in ("space", "cluster") else (b, a)
+        if op == "/" and a.kind not in ("space", "cluster"):
+            return self._bad_operand("/", b, e)
+        if space.kind not in ("space", "cluster") or num.kind not in ("number", "keymap"):
+            return self.err("K0202", f"cannot multiply {a.describe()} by {b.describe()}", e.span,
+                            help="scale models and deltas by numbers")
+        if op == "/" and num.value == 0:
+            return self.err("K0204", "division by zero", e.span)
+        if num.kind == "keymap" or num.value is None:
+            if _affine(space.weight) != 0 and num.kind == "keymap":
+                return self.err("K0202", "a per-key number can only scale a Delta", e.span,
+                                help="interpolate models with `lerp(a, b, t=blocks(...))`")
+            w = 0.0 if _affine(space.weight) == 0 else None
+        else:
+            w = None if space.weight is None else (
+                space.weight * num.value if op == "*" else space.weight / num.value)
+        return Ty(space.kind, w, size=space.size)
+
+    def _bad_operand(self, op: str, ty: Ty, e) -> Ty:
+        return self.err("K0202", f"`{op}` cannot be applied to a {ty.describe()}", e.span)
+
+    def union(self, e: ast.BinOp, scope: Scope) -> Ty:
+        a, b = self.value(e.left, scope), self.value(e.right, scope)
+        if ERR in (a, b) or ANY in (a, b):
+            return ERR if ERR in (a, b) else ANY
+        if a.kind != "space" or b.kind != "space" or _affine(a.weight) != _affine(b.weight):
+            return self.err("K0202", f"`|` needs two Models or two Deltas, got {a.describe()} | "
+                            f"{b.describe()}", e.span,
+                            help="`x | y` takes each key from y when y has it, else from x")
+        return a
+
+    def cluster(self, e: ast.ClusterLit, scope: Scope) -> Ty:
+        if not e.items:
+            return self.err("K0207", "empty cluster", e.span, help="list at least one model")
+        weights = set()
+        size = 0
+        for item in e.items:
+            ty = self.value(item.expr, scope) if not isinstance(item.expr, ast.String) else MODEL
+            if isinstance(item.expr, ast.String):
+                self.string(item.expr, scope)
+            if item.weight is not None:
+                wty = self.value(item.weight, scope)
+                if wty.kind != "number":
+                    if wty.kind not in ("error", "any"):
+                        self.err("K0202", "a cluster weight is a number", item.weight.span)
+                elif wty.value is not None and wty.value <= 0:
+                    self.err("K0206", f"weight {wty.value:g} is not positive", item.weight.span,
+                             help="drop the member instead of giving it a zero weight")
+            if ty.kind in ("error", "any"):
+                return ty  # unknown members (a def's parameters): nothing more to check
+            if ty.kind not in ("space", "cluster"):
+                self.err("K0202", f"a cluster holds models or deltas, not a {ty.describe()}",
+                         item.expr.span)
+                continue
+            if size is not None:
+                size = None if ty.kind == "cluster" and ty.size is None else \
+                    size + (ty.size if ty.kind == "cluster" else 1)
+            weights.add(_affine(ty.weight))
+        if len(weights) > 1:
+            return self.err("K0202", "a cluster mixes models and deltas", e.span,
+                            help="subtract a base from the models: `[a - base, d]`")
+        w = weights.pop() if weights else None
+        return Ty("cluster", None if w is None else float(w), size=size)
+
+    # -- calls
+    def call(self, e: ast.Call, scope: Scope) -> Ty:
+        if isinstance(e.func, ast.Member):
+            unit = scope.unit.imports.get(e.func.lib)
+            if unit is None:
+                self.member(e.func, scope)
+                return ERR
+            d = unit.decls.get(e.func.name)
+            if not isinstance(d, ast.Def):
+                if d is None:
+                    return self.member(e.func, scope)
+                return self.err("K0114", f"`{e.func.lib}.{e.func.name}` is not a function",
+                                e.func.span)
+            return self.call_def(unit, d, e, scope)
+        name = e.func.name
+        d = scope.unit.decls.get(name)
+        if isinstance(d, ast.Def) and name not in scope.locals:
+            return self.call_def(scope.unit, d, e, scope)
+        if name in BUILTINS:
+            return self.call_builtin(BUILTINS[name], e, scope)
+        if d is not None or name in scope.locals or name in scope.lets:
+            return self.err("K0114", f"`{name}` is not a function", e.func.span)
+        defs = [n for n, x in scope.unit.decls.items() if isinstance(x, ast.Def)]
+        hint = did_you_mean(name, list(BUILTINS) + defs)
+        return self.err("K0103", f"unknown function `{name}`", e.func.span,
+                        help=f"did you mean `{hint}`?" if hint else "`kmx methods` lists them")
+
+    def bind(self, fname: str, params: list[tuple[str, bool]], e: ast.Call, varargs: bool = False,
+             extra_kwargs: bool = False):
+        """Match a call's arguments to parameters -> (bound {name: expr}, extra, ok)."""
+        bound: dict[str, object] = {}
+        extra: list = []
+        ok = True
+        names = [n for n, _ in params]
+        for i, arg in enumerate(e.args):
+            if i < len(names):
+                bound[names[i]] = arg
+            elif varargs:
+                extra.append(arg)
+            else:
+                self.err("K0106", f"`{fname}` takes at most {len(names)} positional "
+                         f"argument{'s' if len(names) != 1 else ''}", arg.span)
+                ok = False
+        kw_extra = {}
+        for kw in e.kwargs:
+            if kw.name in bound or kw.name in kw_extra:
+                self.err("K0107", f"argument `{kw.name}` given twice", kw.span)
+                ok = False
+            elif kw.name in names:
+                bound[kw.name] = kw.value
+            elif extra_kwargs:
+                kw_extra[kw.name] = kw
+            else:
+                hint = did_you_mean(kw.name, names)
+                self.err("K0104", f"`{fname}` has no parameter `{kw.name}`", kw.span,
+                         help=f"did you mean `{hint}`?" if hint else
+                         f"parameters: {', '.join(names) or 'none'}")
+                ok = False
+        for n, required in params:
+            if required and n not in bound:
+                self.err("K0105", f"`{fname}` needs the argument `{n}`", e.span,
+                         label="missing argument")
+                ok = False
+        return bound, extra, kw_extra, ok
+
+    def call_def(self, unit: Unit, d: ast.Def, e: ast.Call, scope: Scope) -> Ty:
+        if d.name in scope.def_stack:
+            chain = " -> ".join(scope.def_stack[scope.def_stack.index(d.name):] + (d.name,))
+            return self.err("K0108", f"recursive def: {chain}", e.span,
+                            help="a def cannot call itself, directly or through others")
+        params = [(p.name, p.default is None) for p in d.params]
+        bound, _, _, ok = self.bind(d.name, params, e)
+        local = {}
+        for p in d.params:
+            if p.name in bound:
+                local[p.name] = self.value(bound[p.name], scope)
+            elif p.default is not None:
+                local[p.name] = self.expr(p.default, Scope(unit))
+        if not ok:
+            return ERR
+        inner = Scope(unit, local, {let.name: let for let in d.lets},
+                      scope.def_stack + (d.name,))
+        for let in d.lets:  # in order, as check_def does: a cycle is found (and told) once
+            self.name(ast.Name(let.name, let.name_span), inner)
+        return self.value(d.body, inner)
+
+    def check_def(self, unit: Unit, d: ast.Def) -> None:
+        """Check a def's body once with unknown argument types (finds unknown names even in a
+        def nobody calls)."""
+        seen = set()
+        for p in d.params:
+            if p.name in seen:
+                self.err("K0101", f"parameter `{p.name}` is defined twice", p.span)
+            seen.add(p.name)
+        lets = {}
+        for let in d.lets:
+            if let.name in lets or let.name in seen:
+                self.err("K0101", f"`{let.name}` is defined twice in `{d.name}`", let.name_span)
+            lets[let.name] = let
+        local = {p.name: ANY for p in d.params}
+        inner = Scope(unit, local, lets, (d.name,))
+        for let in d.lets:
+            self.name(ast.Name(let.name, let.name_span), inner)
+        self.value(d.body, inner)
+
+    def call_builtin(self, b: Builtin, e: ast.Call, scope: Scope) -> Ty:
+        params = [(p.name, p.required) for p in b.params]
+        bound, extra, kw_extra, ok = self.bind(b.name, params, e, varargs=b.varargs is not None,
+                                               extra_kwargs=b.extra_kwargs)
+        tys: dict[str, Ty] = {}
+        for p in b.params:
+            if p.name in bound:
+                tys[p.name] = self.arg(b, p, bound[p.name], scope)
+        for arg in extra:
+            self.arg(b, b.varargs, arg, scope)
+        if b.name in ("select", "exclude") and not extra and ok:
+            self.err("K0105", f"`{b.name}` needs at least one key pattern", e.span,
+                     help=f'`{b.name}(x, "first_stage_model.*")`')
+        if not ok or any(t.kind == "error" for t in tys.values()):
+            return ERR
+        special = getattr(self, f"_check_{b.name}", None)
+        if special is not None:
+            special(b, bound, tys, kw_extra, e, scope)
+        return self.result(b, tys, e)
+
+    def arg(self, b: Builtin, p: P, expr, scope: Scope) -> Ty:
+        if p.type == "list":
+            if not isinstance(expr, ast.ClusterLit):
+                return self.err("K0202", f"`{b.name}` expects a list `[...]` for `{p.name}`",
+                                expr.span)
+            # balanced() takes a cluster literal of sub-clusters; blocks() a list of numbers.
+            return self.cluster(expr, scope) if b.name == "balanced" else Ty("list", value=expr)
+        ty = self.value(expr, scope)
+        if ty.kind in ("error", "any"):
+            return ty
+        want = p.type
+        w = _affine(ty.weight)
+        ok = {
+            "space": ty.kind == "space" or (b.broadcast and ty.kind == "cluster"),
+            "model": ty.kind == "space" and w == 1,
+            "delta": (ty.kind == "space" or (b.broadcast and ty.kind == "cluster")) and w == 0,
+            "cluster": ty.kind == "cluster",
+            "mcluster": ty.kind == "cluster" and w == 1,
+            "dcluster": ty.kind == "cluster" and w == 0,
+            "number": ty.kind == "number" or (p.keymap and ty.kind == "keymap"),
+            "int": ty.kind == "number",
+            "string": ty.kind == "string",
+            "bool": ty.kind == "bool",
+            "map": ty.kind == "map",
+        }[want]
+        if not ok:
+            names = {"space": "a Model or a Delta", "model": "a Model", "delta": "a Delta",
+                     "cluster": "a Cluster", "mcluster": "a Cluster of models",
+                     "dcluster": "a Cluster of deltas", "number": "a Number", "int": "an integer",
+                     "string": "a String", "bool": "`true` or `false`", "map": "a map `{...}`"}
+            help_ = None
+            if want in ("delta", "dcluster") and w == 1:
+                help_ = f"subtract a base to get task vectors: `{b.name}(x - base, ...)`"
+            elif want == "number" and ty.kind == "keymap":
+                help_ = f"`{p.name}` cannot vary per key"
+            return self.err("K0202", f"`{b.name}` expects {names[want]} for `{p.name}`, got "
+                            f"{ty.describe()}", expr.span, help=help_)
+        if ty.kind == "number" and ty.value is not None:
+            if want == "int" and (not math.isfinite(ty.value) or ty.value != int(ty.value)):
+                return self.err("K0204", f"`{p.name}` must be an integer, got {ty.value:g}",
+                                expr.span)
+            if not p.in_range(ty.value):
+                return self.err("K0204", f"`{p.name}` = {ty.value:g} is outside {p.range_text()}",
+                                expr.span, label="out of range", help=p.doc or None)
+        if p.choices and ty.kind == "string" and ty.value not in p.choices:
+            hint = did_you_mean(str(ty.value), p.choices)
+            return self.err("K0204", f"`{p.name}` must be one of "
+                            + ", ".join(f'"{c}"' for c in p.choices), expr.span,
+                            help=f'did you mean "{hint}"?' if hint else None)
+        return ty
+
+    def result(self, b: Builtin, tys: dict[str, Ty], e) -> Ty:
+        first = tys.get(b.params[0].name, ANY) if b.params else ANY
+        if first.kind == "any" and b.returns in ("first", "elem", "delta", "cluster"):
+            return ANY  # inside a def checked without its arguments' types
+        if b.returns == "first":
+            return first
+        if b.returns == "elem":
+            return Ty("space", first.weight)
+        if b.returns == "model":
+            return MODEL
+        if b.returns == "delta":
+            return Ty("cluster", 0.0, size=first.size) if first.kind == "cluster" and \
+                b.broadcast else DELTA
+        if b.returns == "keymap":
+            return Ty("keymap")
+        if b.returns == "mcluster":
+            return Ty("cluster", 1.0)
+        return tys["clusters"]  # balanced(): the sub-clusters' common type
+

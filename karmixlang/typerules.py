@@ -1,0 +1,118 @@
+"""The builtin-specific checks: value ranges and agreements that involve several parameters
+of one call (DELLA's p with eps, breadcrumbs' density with gamma, blocks' slots, ...). A mixin
+of the type checker: `Checker.call_builtin` calls `_check_<name>` when it exists."""
+
+from __future__ import annotations
+
+import re
+
+from .blocks import OPTIONAL_SLOTS, SLOTS
+from .diagnostics import did_you_mean, warning
+from .values import TOL, Ty, _affine
+
+
+class BuiltinRules:
+    def _check_lerp(self, b, bound, tys, kw, e, scope):
+        t = tys.get("t")
+        if t and t.kind == "number" and t.value is not None and not 0 <= t.value <= 1:
+            self.diags.append(warning("K0210", f"t = {t.value:g} extrapolates beyond the two "
+                                      "inputs", bound["t"].span,
+                                      help="t in [0, 1] interpolates"))
+        self._same_kind(b, tys, ("a", "b"), e)
+
+    _check_slerp = _check_lerp
+
+    def _check_add_difference(self, b, bound, tys, kw, e, scope):
+        self._same_kind(b, tys, ("b", "c"), e)
+
+    _check_train_difference = _check_add_difference
+
+    def _same_kind(self, b, tys, names, e):
+        kinds = {_affine(tys[n].weight) for n in names if n in tys and tys[n].kind == "space"}
+        if len(kinds) > 1:
+            self.err("K0202", f"`{b.name}` needs {' and '.join(names)} of one kind (both models "
+                     "or both deltas)", e.span)
+
+    def _check_model_stock(self, b, bound, tys, kw, e, scope):
+        c = tys.get("c")
+        if c and c.size is not None and c.size < 2:
+            self.err("K0204", "model_stock needs at least 2 models", bound["c"].span)
+
+    def _check_della(self, b, bound, tys, kw, e, scope):
+        p, eps = tys.get("p"), tys.get("eps")
+        rescale = tys.get("rescale", Ty("bool", value=True)).value
+        if p and eps and p.value is not None and eps.value is not None and rescale is not False:
+            lo, hi = 1 - p.value - eps.value, 1 - p.value + eps.value
+            if lo <= 0 and hi <= 0:
+                self.err("K0205", f"with p = {p.value:g} and eps = {eps.value:g} every entry is "
+                         "dropped and rescaling divides by zero", e.span,
+                         help="lower p or |eps|, or pass rescale=false")
+
+    def _check_breadcrumbs(self, b, bound, tys, kw, e, scope):
+        d, g = tys.get("density"), tys.get("gamma", Ty("number", value=0.01))
+        if d and d.value is not None and g.value is not None and d.value + g.value > 1 + TOL:
+            self.err("K0204", f"density + gamma = {d.value + g.value:g} exceeds 1", e.span)
+
+    def _check_clamp(self, b, bound, tys, kw, e, scope):
+        lo, hi = tys.get("lo"), tys.get("hi")
+        if lo and hi and lo.value is not None and hi.value is not None and lo.value > hi.value:
+            self.err("K0204", f"lo = {lo.value:g} is greater than hi = {hi.value:g}", e.span)
+
+    def _check_select(self, b, bound, tys, kw, e, scope):
+        for arg in e.args[1:]:
+            ty = self.expr(arg, scope)
+            if isinstance(ty.value, str) and ty.value.startswith("re:"):
+                try:
+                    re.compile(ty.value[3:])
+                except re.error as exc:
+                    self.err("K0204", f"invalid regular expression: {exc}", arg.span)
+
+    _check_exclude = _check_select
+
+    def _check_by_key(self, b, bound, tys, kw, e, scope):
+        m = bound.get("weights")
+        for pair in getattr(m, "pairs", ()):
+            ty = self.value(pair.value, scope)
+            if ty.kind not in ("number", "error", "any"):
+                self.err("K0202", "by_key values are numbers", pair.value.span)
+
+    def _check_blocks(self, b, bound, tys, kw, e, scope):
+        arch = tys["arch"].value
+        if arch not in SLOTS:
+            return
+        slots, optional = SLOTS[arch], OPTIONAL_SLOTS[arch]
+        allowed = slots + optional
+        listing = f"slots of \"{arch}\": {', '.join(allowed)}"
+        lst = bound.get("weights")
+        if lst is not None and kw:
+            self.err("K0209", "give block weights as a list or as slot keywords, not both",
+                     e.span)
+        if lst is not None:
+            n = len(lst.items)
+            if n not in (len(slots), len(allowed)):
+                counts = " or ".join(str(c) for c in sorted({len(slots), len(allowed)}))
+                self.err("K0209", f"\"{arch}\" takes {counts} block weights, got {n}", lst.span,
+                         help=listing)
+            for item in lst.items:
+                ty = self.value(item.expr, scope)
+                if ty.kind not in ("number", "error", "any") or item.weight is not None:
+                    self.err("K0209", "block weights are numbers", item.span)
+        for name, kwarg in kw.items():
+            if name not in allowed:
+                hint = did_you_mean(name, allowed)
+                self.err("K0209", f"unknown block `{name}` for \"{arch}\"", kwarg.span,
+                         help=(f"did you mean `{hint}`? " if hint else "") + listing)
+            elif self.value(kwarg.value, scope).kind not in ("number", "error", "any"):
+                self.err("K0209", "block weights are numbers", kwarg.value.span)
+        if lst is None and "default" not in bound and set(slots) - set(kw):
+            missing = [s for s in slots if s not in kw]
+            self.err("K0209", f"no weight for {len(missing)} block(s) and no `default=`", e.span,
+                     help=f"missing: {', '.join(missing[:8])}{'...' if len(missing) > 8 else ''}")
+
+    def _check_balanced(self, b, bound, tys, kw, e, scope):
+        for item in bound["clusters"].items:
+            if item.weight is not None:
+                self.err("K0202", "balanced() gives every sub-cluster the same weight; drop the "
+                         "`: weight`", item.weight.span)
+
+

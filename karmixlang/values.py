@@ -1,0 +1,46 @@
+"""The checker's abstract values: what an expression is known to be before any checkpoint is
+read. A Model is a space value of affine weight 1, a Delta of weight 0; a linear combination
+carries the sum of its coefficients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TOL = 1e-9
+
+
+@dataclass(frozen=True)
+class Ty:
+    kind: str  # space cluster number keymap string bool map lib func any error
+    weight: float | None = None  # affine weight of a space value or of a cluster's members
+    value: object = None  # the constant, when known (numbers, strings, bools)
+    size: int | None = None  # members of a cluster, when known without reading files
+
+    def describe(self) -> str:
+        if self.kind in ("space", "cluster"):
+            inner = {1: "Model", 0: "Delta"}.get(_affine(self.weight), "combination")
+            return inner if self.kind == "space" else f"Cluster[{inner}]"
+        return {"number": "Number", "keymap": "KeyMap", "string": "String", "bool": "Bool",
+                "map": "Map", "lib": "imported file", "func": "function"}.get(self.kind, self.kind)
+
+
+ANY = Ty("any")
+ERR = Ty("error")
+_BUSY = Ty("error", value="busy")  # a def body's let being typed: meeting it again is a cycle
+MODEL = Ty("space", 1.0)
+DELTA = Ty("space", 0.0)
+
+
+def _affine(w: float | None) -> int | None:
+    """1 for a Model, 0 for a Delta, None for any other (or unknown) weight."""
+    if w is None:
+        return None
+    if abs(w - 1) <= TOL:
+        return 1
+    if abs(w) <= TOL:
+        return 0
+    return None
+
+
+
+# ------------------------------------------------------------------ the type checker
