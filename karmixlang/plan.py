@@ -175,6 +175,8 @@ def render_text(plan: Plan) -> str:
 def summary_line(plan: Plan) -> str:
     d, t = plan.data, plan.data["totals"]
     n = len(d["saves"])
+    if n == 0:
+        return "Plan: the recipe has no save statement · nothing to read or write."
     keys = sorted({s["keys"] for s in d["saves"]})
     copied = sum(s["copied"] for s in d["saves"])
     key_text = f"{keys[0]:,}" if len(keys) == 1 else f"{keys[0]:,}–{keys[-1]:,}"

@@ -299,3 +299,10 @@ def test_blocks_give_keys_outside_every_slot_the_base_weight():
     assert km.at("conditioner.embedders.0.transformer.text_model.final_layer_norm.bias") == 0.25
     assert km.at("alphas_cumprod") == 0.25  # no slot: the BASE weight
     assert KeyMap("blocks", (("IN00", 0.5),), "sdxl", 0.9).at("alphas_cumprod") == 0.9
+
+
+def test_a_recipe_without_saves_plans_to_do_nothing(workdir):
+    path = recipe(workdir, "param x = 1\n")
+    c = compile_recipe(path)
+    assert c.plan.data["saves"] == [] and c.plan.data["totals"]["bytes_read"] == 0
+    assert render_text(c.plan).splitlines()[-1].startswith("Plan: the recipe has no save")
