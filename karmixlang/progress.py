@@ -6,25 +6,33 @@ from __future__ import annotations
 import time
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn, TransferSpeedColumn)
 from rich.text import Text
 
 
 class BarProgress:
+    """Bytes drive the bar, the rate and the ETA (they track the work better than key counts:
+    keys range from a few bytes to hundreds of MB); the key count is shown beside them."""
+
     def __init__(self, console: Console):
-        self.progress = Progress(TextColumn("merging"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("keys"), TransferSpeedColumn(), TimeElapsedColumn(),
+        self.progress = Progress(TextColumn("merging"), BarColumn(),
+                                 TextColumn("{task.fields[keys]:,}/{task.fields[total_keys]:,} keys"),
+                                 DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn(),
                                  TextColumn("eta"), TimeRemainingColumn(), console=console,
                                  transient=True)
         self.task = None
+        self.keys = 0
 
-    def start(self, keys: int, done: int, total_bytes: int) -> None:
+    def start(self, keys: int, done: int, total_bytes: int, done_bytes: int) -> None:
+        self.keys = done
         self.progress.start()
-        self.task = self.progress.add_task("merge", total=keys, completed=done)
+        self.task = self.progress.add_task("merge", total=max(1, total_bytes),
+                                           completed=done_bytes, keys=done, total_keys=keys)
 
     def advance(self, keys: int, nbytes: int) -> None:
-        self.progress.advance(self.task, keys)
+        self.keys += keys
+        self.progress.update(self.task, advance=nbytes, keys=self.keys)
 
     def finish(self) -> None:
         self.progress.stop()
@@ -38,7 +46,7 @@ class LineProgress:
         self.total = self.done = self.next_report = 0
         self.t0 = 0.0
 
-    def start(self, keys: int, done: int, total_bytes: int) -> None:
+    def start(self, keys: int, done: int, total_bytes: int, done_bytes: int) -> None:
         self.total, self.done, self.t0 = keys, done, time.monotonic()
         self.next_report = done + max(1, keys // 10)
         if done:

@@ -250,7 +250,8 @@ def execute(compiled: Compiled, opts: RunOptions, progress=None) -> RunResult:
     jobs = [j for j in compiled.schedule.jobs if j.key not in done]
     if progress:
         progress.start(len(compiled.schedule.jobs), len(done),
-                       sum(j.read_bytes for j in compiled.schedule.jobs))
+                       sum(j.read_bytes for j in compiled.schedule.jobs),
+                       sum(j.read_bytes for j in compiled.schedule.jobs if j.key in done))
     ev = _Evaluator(compiled, reader, opts)
     fallbacks: list[str] = []
     stop = threading.Event()
