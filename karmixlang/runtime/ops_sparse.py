@@ -219,13 +219,15 @@ def _elected_sign(members: Sequence[Tensor], ws: list[float], rule: str) -> Tens
 
 def _order_free_sign(votes: Tensor) -> Tensor:
     """sign(Σ votes) over dim 0, independent of member order: the sign of the sum in sorted
-    order. Sorting every element is slow, so the sum is first taken in fp64; where it clears
-    the rounding bound of a sorted sum in the votes' dtype, both signs are the exact sum's and
-    agree; only the near-ties left (rare) are sorted."""
+    order. Sorting every element is slow, so the sum is first taken in any order; where it
+    clears the rounding bound of any order, its sign and the sorted sum's are both the exact
+    sum's; only the near-ties left (rare) are sorted."""
     n = votes.shape[0]
-    total = votes.sum(dim=0, dtype=torch.float64)
-    bound = votes.abs().sum(dim=0, dtype=torch.float64) * (2 * n * torch.finfo(votes.dtype).eps)
-    sign = torch.sign(total).to(votes.dtype)
+    # Any summation order errs by at most (n − 1)·eps·Σ|v|; twice that margin (and again for
+    # the rounding of the bound itself) leaves only true near-ties to sort.
+    total = votes.sum(dim=0)
+    bound = votes.abs().sum(dim=0) * (4 * n * torch.finfo(votes.dtype).eps)
+    sign = torch.sign(total)
     near = (total.abs() <= bound) & (bound > 0)
     if bool(near.any()):
         idx = near.nonzero().squeeze(1)
@@ -258,7 +260,9 @@ def ties_merge(
     den = torch.zeros_like(members[0])
     for x, w in zip(members, ws):
         # A zero entry never agrees with γ != 0; where γ = 0 the numerator is 0 anyway.
-        agree = torch.sign(x) == gamma
-        num += torch.where(agree, x * w, 0)
-        den += agree.to(den.dtype) * w
-    return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0)
+        agree = (torch.sign(x) == gamma).to(x.dtype)
+        num.addcmul_(x, agree, value=w)
+        den.add_(agree, alpha=w)
+    # den is 0 (and then num too) or at least the smallest weight: clamping there only turns
+    # 0/0 into 0.
+    return num.div_(den.clamp_(min=min(ws)))
