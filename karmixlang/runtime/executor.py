@@ -25,7 +25,8 @@ from ..builtins import BUILTINS
 from ..diagnostics import KmxError, error
 from ..ir import KeyMap, Node
 from ..machine import available_memory, default_threads
-from ..schedule import ALIAS_OPS, LINEAR_OPS, KeyJob, Output, make_job, node_keys
+from ..schedule import (ALIAS_OPS, COMPUTE_ITEMSIZE, LINEAR_OPS, KeyJob, Output, make_job,
+                        node_keys)
 from . import ops
 from .outputs import OutputSet
 from .tensors import COMPUTE, Reader, to_bytes
@@ -224,7 +225,8 @@ def _fallback_job(compiled: Compiled, job: KeyJob) -> KeyJob:
                                   f"`{graph.saves[o.save].written}` has no fallback with it")])
         outputs.append(Output(o.save, fb, o.dtype, o.shape, "non-finite input"))
     order = {n: i for i, n in enumerate(graph.topo())}
-    return make_job(job.key, outputs, keys, order, compiled.schedule.headers, 4)
+    item = COMPUTE_ITEMSIZE[compiled.plan.data["compute_dtype"]]
+    return make_job(job.key, outputs, keys, order, compiled.schedule.headers, item)
 
 
 class _Interrupted(Exception):
