@@ -116,9 +116,9 @@ def _random_keep(
         keep = u.to(d.device) < q
         kept = flat[sl]
         if rescale:
-            # Only kept entries are divided, and those have q > u >= 0.
-            divisor = torch.where(keep, q, 1.0).to(d.dtype) if torch.is_tensor(q) else q
-            kept = kept / divisor
+            # Only kept entries are selected below, and those have q > u >= 0 (a q of 0
+            # elsewhere may give inf there, never selected).
+            kept = kept / (q.to(d.dtype) if torch.is_tensor(q) else q)
         out[sl] = torch.where(keep, kept, 0)
     return out.reshape(d.shape)
 
