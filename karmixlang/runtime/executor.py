@@ -29,7 +29,7 @@ from ..schedule import (ALIAS_OPS, COMPUTE_ITEMSIZE, LINEAR_OPS, KeyJob, Output,
                         node_keys)
 from . import ops
 from .outputs import OutputSet
-from .tensors import COMPUTE, Reader, to_bytes
+from .tensors import COMPUTE, Reader, Scratch, to_bytes
 
 _KERNELS = {b.kernel: b for b in BUILTINS.values() if b.kernel}
 CHECKPOINT_SECONDS = 2.0
@@ -123,23 +123,30 @@ class _Evaluator:
         self.compute = COMPUTE[opts.compute_dtype]
         self.device = torch.device(opts.device)
         self.headers = compiled.schedule.headers
+        self.scratch = Scratch()
 
     def run(self, job: KeyJob) -> list[tuple[Output, torch.Tensor]]:
+        """The job's outputs. They may live in this thread's scratch buffers: write them out
+        before this thread runs its next job."""
         values: dict[int, object] = {}
         raw_ok = _raw_loads(job)
+        used = {id(i) for n in job.steps for i in n.inputs}
+        # A linear combination that is only written out accumulates in a reused buffer.
+        into = {id(o.node): f"out{k}" for k, o in enumerate(job.outputs)
+                if o.node.op in LINEAR_OPS and id(o.node) not in used}
         for i, n in enumerate(job.steps):
-            values[id(n)] = self.step(n, job.key, values, id(n) in raw_ok, job)
+            values[id(n)] = self.step(n, job.key, values, id(n) in raw_ok, job, into)
             for m in job.free_after[i]:
                 values.pop(id(m), None)
         return [(o, values[id(o.node)]) for o in job.outputs]
 
-    def step(self, n: Node, key: str, values: dict, raw: bool, job: KeyJob):
+    def step(self, n: Node, key: str, values: dict, raw: bool, job: KeyJob, into: dict):
         if n.op == "union":  # the schedule activated exactly one side for this key
             return values[id(job.union_choice[id(n)])]
         if n.op == "load":
             return self.load(n, key, raw)
         if n.op in LINEAR_OPS:
-            return self.linear(n, key, values, job)
+            return self.linear(n, key, values, job, into.get(id(n)))
         ins = [values[id(i)] for i in n.inputs]
         if n.op in ("select", "exclude"):
             return ins[0]
@@ -148,19 +155,40 @@ class _Evaluator:
         return self.kernel(n, key, ins)
 
     def load(self, n: Node, key: str, raw: bool = False):
+        """An input tensor: as stored (`raw`, for copies), or on the device in the compute
+        dtype, checked finite."""
         t = self.reader.read(self.headers[n].tensors[key])
         if raw or not t.is_floating_point():
             return t
         t = t.to(device=self.device, dtype=self.compute)
+        self.check_finite(t, n, key)
+        return t
+
+    @staticmethod
+    def check_finite(t: torch.Tensor, n: Node, key: str) -> None:
         # A NaN or Inf anywhere makes the sum non-finite, and a plain sum is ~20x cheaper than
         # isfinite(); only a non-finite sum (or an overflow) needs the exact test.
         if not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):
             raise NonFinite(n, key)
+
+    def load_widened(self, n: Node, key: str) -> torch.Tensor:
+        """A deferred input, read and widened through this thread's reused buffers (valid
+        until its next call): streaming a weighted sum then allocates nothing per input."""
+        info = self.headers[n].tensors[key]
+        raw = self.reader.read(info, self.scratch.get("read", info.nbytes))
+        if raw.dtype == self.compute or not raw.is_floating_point() or \
+                self.device.type != "cpu":
+            t = raw.to(device=self.device, dtype=self.compute)
+        else:
+            wide = self.scratch.get("wide", raw.numel() * self.compute.itemsize)
+            t = wide.view(self.compute).view(raw.shape).copy_(raw)
+        self.check_finite(t, n, key)
         return t
 
-    def linear(self, n: Node, key: str, values: dict, job: KeyJob):
+    def linear(self, n: Node, key: str, values: dict, job: KeyJob, scratch: str | None):
         """Σ cᵢxᵢ accumulated in input order (as ops.combine does); deferred loads are read
-        here one at a time and dropped right after use."""
+        here one at a time, and `scratch` names the reused buffer of a result that is only
+        written out."""
         if n.op == "lincomb":
             coeffs = [c.at(key) if isinstance(c, KeyMap) else c for c in n.attr("coeffs")]
         else:
@@ -169,9 +197,14 @@ class _Evaluator:
             coeffs = [w / total for w in ws]
         acc = None
         for x, c in zip(n.inputs, coeffs):
-            t = self.load(x, key) if id(x) in job.deferred else values[id(x)]
-            if acc is None:
-                acc = t * c
+            t = self.load_widened(x, key) if id(x) in job.deferred else values[id(x)]
+            if acc is None:  # never an input itself: the first input may be shared
+                if scratch is not None and t.device.type == "cpu":
+                    nbytes = t.numel() * self.compute.itemsize
+                    acc = self.scratch.get(scratch, nbytes).view(self.compute)
+                    acc = acc.view(t.shape).copy_(t).mul_(c)
+                else:
+                    acc = t * c
             else:
                 acc.add_(t, alpha=c)
             del t
@@ -299,7 +332,7 @@ def _run_jobs(jobs, ev, writers, compiled, opts, threads, limit, progress, fallb
             fallbacks.append(job.key)
             results = ev.run(_fallback_job(compiled, job))
         for out, value in results:
-            writers[out.save].write(job.key, to_bytes(value, out.dtype))
+            writers[out.save].write(job.key, to_bytes(value, out.dtype, ev.scratch))
         return job
 
     in_flight: dict[Future, int] = {}

@@ -49,12 +49,14 @@ class Reader:
                 self._fds[path] = fd
             return fd
 
-    def read(self, info: TensorInfo) -> torch.Tensor:
+    def read(self, info: TensorInfo, into: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor's bytes read into a fresh buffer, or into `into` (a uint8 scratch buffer
+        of exactly info.nbytes that the caller reuses)."""
         dtype = TORCH_DTYPES.get(info.dtype)
         if dtype is None:
             raise KmxError([error("K0302", f"`{info.file}`: key `{info.name}` has dtype "
                                   f"{info.dtype}, which this torch cannot hold")])
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        buf = into if into is not None else torch.empty(info.nbytes, dtype=torch.uint8)
         if info.nbytes:
             view = memoryview(buf.numpy())
             fd, done = self._fd(info.file), 0
@@ -77,9 +79,33 @@ class Reader:
             self._fds.clear()
 
 
-def to_bytes(t: torch.Tensor, dtype: str) -> memoryview:
-    """The tensor cast once to the output dtype, as raw little-endian bytes."""
-    out = t.detach().to(device="cpu", dtype=TORCH_DTYPES[dtype]).contiguous()
-    if out.numel() == 0:
+class Scratch:
+    """Per-thread byte buffers reused from key to key. A fresh multi-megabyte buffer costs a
+    page fault per 4 KB (zero-filled by the kernel): for streaming merges that was most of the
+    run time. A buffer only grows, to the largest tensor its thread has handled."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def get(self, name: str, nbytes: int) -> torch.Tensor:
+        buf = getattr(self._local, name, None)
+        if buf is None or buf.numel() < nbytes:
+            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+            setattr(self._local, name, buf)
+        return buf[:nbytes]
+
+
+def to_bytes(t: torch.Tensor, dtype: str, scratch: Scratch | None = None) -> memoryview:
+    """The tensor cast once to the output dtype, as raw little-endian bytes. With `scratch`
+    the cast lands in the thread's reused read buffer: valid until its next read or cast."""
+    target = TORCH_DTYPES[dtype]
+    t = t.detach()
+    if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    if scratch is None or t.dtype == target or t.device.type != "cpu":
+        out = t.to(device="cpu", dtype=target).contiguous()
+        return memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    # The read buffer is free by now (inputs are consumed before outputs are written).
+    buf = scratch.get("read", t.numel() * torch.empty((), dtype=target).element_size())
+    buf.view(target).copy_(t.reshape(-1))
+    return memoryview(buf.numpy())
