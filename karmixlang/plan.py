@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from .ir import Graph, KeyMap
 from .resources import data_dir
-from .schedule import Schedule, _name
+from .schedule import COMPUTE_ITEMSIZE, HEAP_BLOCK_LIMIT, Schedule, _name
 
 SCHEMA_VERSION = 1
 
@@ -99,9 +99,7 @@ def build_plan(recipe: str, graph: Graph, sched: Schedule, threads: int = 1,
             "keys": len(sched.jobs),
             "bytes_read": sched.bytes_read,
             "bytes_written": sum(sched.bytes_written),
-            # The `threads` largest keys in flight at once: the worst the admission allows.
-            "peak_memory_bytes": sum(sorted((j.est_bytes for j in sched.jobs),
-                                            reverse=True)[:max(1, threads)]),
+            "peak_memory_bytes": peak_memory(sched, threads, compute),
             "peak_memory_key": sched.peak_key,
             "peak_memory_per_key_bytes": sched.peak_bytes,
             "threads": threads,
@@ -109,6 +107,25 @@ def build_plan(recipe: str, graph: Graph, sched: Schedule, threads: int = 1,
         },
     }
     return Plan(data)
+
+
+def peak_memory(sched: Schedule, threads: int, compute: str) -> int:
+    """The `threads` largest keys in flight at once (the worst the admission allows), plus
+    what the allocator keeps for reuse: blocks under its mmap threshold return to a heap
+    that stays resident, so each thread can hold a previous key's peak of such blocks."""
+    threads = max(1, threads)
+    item = COMPUTE_ITEMSIZE[compute]
+    live = sorted((j.est_bytes for j in sched.jobs), reverse=True)[:threads]
+    small = sorted((j.est_bytes for j in sched.jobs
+                    if _numel(j.outputs[0].shape) * item < HEAP_BLOCK_LIMIT), reverse=True)
+    return sum(live) + sum(small[:threads])
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _reason_kind(reason: str) -> str:

@@ -19,6 +19,9 @@ from .io.header import CheckpointHeader, TensorInfo, read_checkpoint
 from .ir import Graph, KeyMap, Node, match_key, reachable
 
 COMPUTE_ITEMSIZE = {"fp32": 4, "fp64": 8}
+# Blocks below this come from glibc's heap, which keeps them for reuse (the runtime raises the
+# mmap threshold to this maximum); larger ones are mapped and unmapped (runtime/executor.py).
+HEAP_BLOCK_LIMIT = 32 << 20
 ALIAS_OPS = {"select", "exclude", "union", "pick"}
 LINEAR_OPS = {"lincomb", "mean", "sum_"}  # Σ cᵢxᵢ: inputs can be read one at a time
 _STACKED = {"mean", "sum_", "median", "geometric_median", "model_stock", "karcher",
