@@ -1,0 +1,148 @@
+"""Synthetic benchmark inputs with real key layouts, built once into the cache folder.
+
+A suite is one base model and up to 16 fine-tunes of it that share a cluster direction (the
+structure of a real pool, see karmixlang.synth); fine-tune i is the same bytes whatever N, so
+the N = 4 inputs are the first four of the N = 16 ones. Files are float16, as checkpoints ship.
+
+    sd15     SD1.5 (LDM keys) at full size without the EMA copy: 1.07 B parameters, 2.1 GB
+    sdxl-r   SDXL (SGM keys) with every width scaled by 1/4: 0.22 B parameters, 0.43 GB
+    sdxl     SDXL at full size: 3.47 B parameters, 6.9 GB (opt-in, --full-sdxl)
+    llm      a LLaMA-like model in Hugging Face's sharded form with a config.json (for
+             mergekit, which only reads HF model folders): hidden 2048, 4 layers, vocab 32000,
+             0.31 B parameters, 0.61 GB in 2 shards
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from karmixlang import synth
+
+SEED = 2025
+CLUSTER_SHIFT = 0.03  # the shared direction of the pool, relative to each tensor's scale
+OWN_SHIFT = 0.01  # each fine-tune's own change
+LLM = {"hidden": 2048, "n_layers": 4, "vocab": 32000, "shards": 2}
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    layout: str  # "sd1", "sdxl" or "llm"
+    scale: float
+    sharded: bool = False
+
+    def root(self, cache: Path) -> Path:
+        return cache / "data" / self.name
+
+    def path(self, cache: Path, i: int | None) -> Path:
+        """Input i (None: the base): a .safetensors file, or an HF folder for sharded suites."""
+        name = "base" if i is None else f"ft-{i:02d}"
+        return self.root(cache) / (name if self.sharded else f"{name}.safetensors")
+
+    def files(self, cache: Path, i: int | None) -> list[Path]:
+        """The safetensors files of input i."""
+        p = self.path(cache, i)
+        return sorted(p.glob("*.safetensors")) if self.sharded else [p]
+
+
+SUITES = {
+    "sd15": Suite("sd15", "sd1", 1.0),
+    "sdxl-r": Suite("sdxl-r", "sdxl", 0.25),
+    "sdxl": Suite("sdxl", "sdxl", 1.0),
+    "llm": Suite("llm", "llm", 1.0, sharded=True),
+}
+
+
+def _layout(suite: Suite) -> dict:
+    if suite.layout == "llm":
+        return synth.llm_layout(LLM["n_layers"], LLM["hidden"], LLM["vocab"])
+    layout = synth.load_layout(suite.layout)
+    # SD1.5 checkpoints often ship without the EMA copy; merges never use it.
+    return {k: s for k, s in layout.items() if s.component != "ema"}
+
+
+def _llm_config() -> dict:
+    h, heads = LLM["hidden"], LLM["hidden"] // 128
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": h, "intermediate_size": -(-h // 3) * 8,
+        "num_attention_heads": heads, "num_key_value_heads": heads // 4,
+        "num_hidden_layers": LLM["n_layers"], "vocab_size": LLM["vocab"],
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+        "tie_word_embeddings": False, "torch_dtype": "float16", "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+
+
+def _write(suite: Suite, dest: Path, tensors: dict, role: str) -> None:
+    meta = {"format": "pt", "kmx_bench": json.dumps({"suite": suite.name, "role": role})}
+    if not suite.sharded:
+        synth.write_model(dest, tensors, meta)
+        return
+    # Hugging Face's sharded form: contiguous runs of keys, an index naming each key's file,
+    # and the config.json mergekit and transformers read the architecture from.
+    names, shards = list(tensors), LLM["shards"]
+    cuts = [len(names) * j // shards for j in range(shards + 1)]
+    weight_map = {}
+    dest.mkdir(parents=True, exist_ok=True)
+    for j in range(shards):
+        file = f"model-{j + 1:05d}-of-{shards:05d}.safetensors"
+        part = names[cuts[j]:cuts[j + 1]]
+        synth.write_model(dest / file, {k: tensors[k] for k in part}, meta)
+        weight_map.update(dict.fromkeys(part, file))
+    total = sum(t.nbytes for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (dest / "config.json").write_text(json.dumps(_llm_config(), indent=2) + "\n")
+    # the index last: its presence marks a complete folder
+    (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _done(suite: Suite, cache: Path, i: int | None) -> bool:
+    p = suite.path(cache, i)
+    return (p / "model.safetensors.index.json").exists() if suite.sharded else p.exists()
+
+
+def build(suite: Suite, cache: Path, n: int, log=print) -> None:
+    """Write the base and fine-tunes 0..n-1 of `suite` that are not in the cache yet."""
+    missing = [i for i in [None, *range(n)] if not _done(suite, cache, i)]
+    if not missing:
+        return
+    layout = _layout(suite)
+    t0 = time.monotonic()
+    log(f"[data] {suite.name}: building {len(missing)} checkpoint(s) "
+        f"({_params(layout, suite.scale) / 1e9:.2f} B parameters each) ...")
+    base = synth.make_model(layout, suite.scale, (SEED, 0))
+    if None in missing:
+        _write(suite, suite.path(cache, None), base, "base")
+    if missing != [None]:
+        direction = synth.make_delta(layout, suite.scale, (SEED, 1), CLUSTER_SHIFT)
+        for i in missing:
+            if i is None:
+                continue
+            ft = synth.make_model(layout, suite.scale, (SEED, 2, i), base=base,
+                                  delta_scale=OWN_SHIFT, cluster_direction=direction)
+            _write(suite, suite.path(cache, i), ft, f"ft-{i}")
+            del ft
+            log(f"[data] {suite.name}: ft-{i:02d} done ({time.monotonic() - t0:.0f} s)")
+    log(f"[data] {suite.name}: ready in {time.monotonic() - t0:.0f} s")
+
+
+def _params(layout: dict, scale: float) -> int:
+    return sum(math.prod(synth.scaled_shape(s.shape, scale)) for s in layout.values())
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="build the benchmark inputs (bench/run.py does "
+                                 "this on demand)")
+    ap.add_argument("--cache", type=Path, default=Path("/tmp/kmx-bench"))
+    ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("suites", nargs="+", choices=list(SUITES))
+    a = ap.parse_args()
+    for s in a.suites:
+        build(SUITES[s], a.cache, a.n)
