@@ -286,7 +286,7 @@ def wall(r: dict) -> float:
 def table(results: list[dict]) -> str:
     """Markdown: one row per case and tool; ratios are kmx / that tool."""
     rows = ["| suite | N | merge | tool | wall s | CPU s | peak RSS GiB | wall kmx/tool "
-            "| RSS kmx/tool | max rel err vs kmx |",
+            "| RSS kmx/tool | rel err vs kmx: max per key / global / max of change |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     by_case: dict[str, dict[str, dict]] = {}
     for r in results:
@@ -297,7 +297,8 @@ def table(results: list[dict]) -> str:
             r = recs.get(tool)
             if r is None:
                 continue
-            head = f"| {r['suite']} | {r['n']} | {MERGES[r['merge']][0]} | {tool} "
+            label = MERGES[r["merge"]][0] + (", fp32 out" if name.endswith("-fp32") else "")
+            head = f"| {r['suite']} | {r['n']} | {label} | {tool} "
             if r["status"] != "ok":
                 rows.append(head + f"| {r['status']}: {r.get('why', '')[:120]} | | | | | |")
                 continue
@@ -308,8 +309,8 @@ def table(results: list[dict]) -> str:
             ag = r.get("agreement")
             err = ""
             if ag:
-                err = (f"{ag['max_rel_err']:.1e} (global {ag['global_rel_err']:.1e}; of "
-                       f"change {ag['max_rel_err_of_change']:.1e})"
+                err = (f"{ag['max_rel_err']:.1e} / {ag['global_rel_err']:.1e} / "
+                       f"{ag['max_rel_err_of_change']:.1e}"
                        if "max_rel_err" in ag else "compare failed")
             elif tool not in ("kmx", "floor") and tool not in MERGES[r["merge"]][3]:
                 err = "n/a: defined differently"
