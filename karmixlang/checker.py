@@ -88,8 +88,8 @@ def _check_save(ch: Checker, unit: Unit, s: ast.Save, paths: dict[str, ast.Save]
         paths.setdefault(full, s)  # later duplicates point at the first save
 
 
-def check_program(path: str, overrides: dict[str, str] | None = None,
-                  text: str | None = None) -> tuple[Program | None, list[Diagnostic]]:
+def check_program(path: str, overrides: dict[str, str] | None = None
+                  ) -> tuple[Program | None, list[Diagnostic]]:
     """Load, resolve and type-check a recipe. Returns (program or None, all diagnostics)."""
     limit = sys.getrecursionlimit()  # the checker recurses over expressions and def calls
     sys.setrecursionlimit(max(limit, _RECURSION_LIMIT))

@@ -152,12 +152,18 @@ def test_hostile_recipes_are_diagnostics_not_crashes(workdir, capsys):
     assert not (workdir / "PWNED").exists()
 
 
-def test_resume_refuses_when_an_input_changed(workdir, monkeypatch):
+def interrupted_by_disk_full(workdir, monkeypatch) -> str:
+    """A recipe whose run stopped after a few keys, leaving its partial output behind."""
     path = merge_recipe(workdir)
     monkeypatch.setattr(writer_mod, "_pwrite_all", failing_after(3, errno.ENOSPC))
     with pytest.raises(KmxError):
         execute(compile_recipe(path), RunOptions(threads=1))
     monkeypatch.undo()
+    return path
+
+
+def test_resume_refuses_when_an_input_changed(workdir, monkeypatch):
+    path = interrupted_by_disk_full(workdir, monkeypatch)
     os.utime(workdir / "a.safetensors", ns=(1, 1))  # rewritten in place, same size and header
     with pytest.raises(KmxError) as exc:
         execute(compile_recipe(path), RunOptions(threads=1, resume=True))
@@ -166,11 +172,7 @@ def test_resume_refuses_when_an_input_changed(workdir, monkeypatch):
 
 
 def test_a_plain_rerun_does_not_discard_an_interrupted_run(workdir, monkeypatch):
-    path = merge_recipe(workdir)
-    monkeypatch.setattr(writer_mod, "_pwrite_all", failing_after(3, errno.ENOSPC))
-    with pytest.raises(KmxError):
-        execute(compile_recipe(path), RunOptions(threads=1))
-    monkeypatch.undo()
+    path = interrupted_by_disk_full(workdir, monkeypatch)
     with pytest.raises(KmxError) as exc:
         execute(compile_recipe(path), RunOptions(threads=1))
     assert exc.value.diagnostics[0].code == "K0306" and "--resume" in exc.value.diagnostics[0].help
