@@ -28,6 +28,8 @@ class Compiled:
     schedule: Schedule
     plan: Plan
     warnings: list[Diagnostic]
+    path: str = ""  # the recipe and --set values, to compile it again elsewhere (Ray workers)
+    overrides: dict[str, str] | None = None
 
 
 def check(path: str, overrides: dict[str, str] | None = None) -> list[Diagnostic]:
@@ -44,7 +46,8 @@ def compile(path: str, overrides: dict[str, str] | None = None, *, threads: int 
     sched = schedule(graph, compute_dtype, strict)
     _guard_outputs(graph, sched)
     plan = build_plan(path, graph, sched, threads, compute_dtype)
-    return Compiled(program, graph, sched, plan, diags + base_choice_warnings(graph))
+    return Compiled(program, graph, sched, plan, diags + base_choice_warnings(graph),
+                    os.path.abspath(path), overrides)
 
 
 def _guard_outputs(graph: Graph, sched: Schedule) -> None:

@@ -50,6 +50,8 @@ class RunOptions:
     force: bool = False
     strict: bool = False
     nonfinite: str = "error"  # or "fallback"
+    executor: str = "local"  # or "ray"
+    address: str | None = None  # the Ray cluster to join; None starts a local one
 
 
 @dataclass
@@ -271,6 +273,129 @@ class _Interrupted(Exception):
     pass
 
 
+class RunSession:
+    """What an executor needs from a run: compute a key's results, deliver them to the
+    writers, and a periodic tick (journal checkpoints). `spec` lets another process rebuild
+    the same computation from the recipe (see runtime/ray_exec.py)."""
+
+    def __init__(self, compiled: Compiled, opts: RunOptions, writers, progress, stop):
+        self.compiled, self.opts, self.writers = compiled, opts, writers
+        self.progress, self.stop = progress, stop
+        self.evaluator = _Evaluator(compiled, Reader(), opts)
+        self.fallbacks: list[str] = []
+        self._last_checkpoint = time.monotonic()
+
+    @property
+    def spec(self) -> "RunSpec":
+        return RunSpec(self.compiled.path, self.compiled.overrides, self.opts)
+
+    def compute(self, job: KeyJob) -> list[tuple[Output, memoryview]]:
+        """The job's outputs as bytes of their output dtype (valid until this thread's next
+        job); a key with non-finite inputs is copied from the fallback, or fails, per
+        --nonfinite."""
+        return compute_key(self.compiled, self.evaluator, self.opts, job, self.fallbacks)
+
+    def deliver(self, job: KeyJob, results) -> None:
+        for out, data in results:
+            self.writers[out.save].write(job.key, data)
+
+    def finished(self, job: KeyJob) -> None:
+        if self.progress:
+            self.progress.advance(1, job.read_bytes)
+
+    def tick(self) -> None:
+        if time.monotonic() - self._last_checkpoint > CHECKPOINT_SECONDS:
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        for w in self.writers:
+            w.checkpoint()
+        self._last_checkpoint = time.monotonic()
+
+    def close(self) -> None:
+        self.evaluator.reader.close()
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Enough to rebuild a run's computation in another process: the recipe is compiled
+    again there (compilation is deterministic), so no graph object crosses processes."""
+    path: str
+    overrides: dict[str, str] | None
+    opts: RunOptions
+
+
+def compute_key(compiled: Compiled, ev: "_Evaluator", opts: RunOptions, job: KeyJob,
+                fallbacks: list[str]) -> list[tuple[Output, memoryview]]:
+    try:
+        results = ev.run(job)
+    except NonFinite as nf:
+        if opts.nonfinite != "fallback":
+            name = compiled.graph.names.get(nf.node, nf.node.attr("path"))
+            raise KmxError([error(
+                "K0401", f"`{name}` has NaN or Inf values in key `{nf.key}`",
+                help="fix the input, or run with --nonfinite=fallback to copy such keys "
+                     "from the save's fallback")]) from None
+        fallbacks.append(job.key)
+        results = ev.run(_fallback_job(compiled, job))
+    # Each output is cast into its own reused buffer: all of them are delivered afterwards.
+    return [(out, to_bytes(value, out.dtype, ev.scratch, "read" if i == 0 else f"cast{i}"))
+            for i, (out, value) in enumerate(results)]
+
+
+class LocalExecutor:
+    """Keys on a thread pool in this process. Admission keeps the estimated memory of the
+    keys in flight under `limit` (a key larger than the limit runs alone)."""
+
+    name = "local"
+
+    def __init__(self, threads: int, limit: int):
+        self.threads, self.limit = threads, limit
+
+    def run(self, jobs: list[KeyJob], session: RunSession) -> None:
+        stop = session.stop
+
+        def work(job: KeyJob):
+            if not stop.is_set():
+                session.deliver(job, session.compute(job))
+            return job
+
+        in_flight: dict[Future, int] = {}
+        budget = 0
+        pending = list(reversed(jobs))  # pop() from the end keeps key order
+        with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="kmx") as pool:
+            try:
+                while pending or in_flight:
+                    while pending and len(in_flight) < self.threads and (
+                            not in_flight or budget + pending[-1].est_bytes <= self.limit):
+                        job = pending.pop()
+                        in_flight[pool.submit(work, job)] = job.est_bytes
+                        budget += job.est_bytes
+                    finished, _ = wait(in_flight, timeout=0.5, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        budget -= in_flight.pop(f)
+                        session.finished(f.result())
+                    session.tick()
+            except BaseException:
+                stop.set()
+                for f in in_flight:
+                    f.cancel()
+                wait(in_flight)
+                raise
+
+
+def make_executor(opts: RunOptions, threads: int, limit: int):
+    if opts.executor == "ray":
+        from .ray_exec import RayExecutor
+
+        return RayExecutor(opts.address, limit)
+    return LocalExecutor(threads, limit)
+
+
+class _Interrupted(Exception):
+    pass
+
+
 def execute(compiled: Compiled, opts: RunOptions, progress=None) -> RunResult:
     """Run a compiled recipe. Raises KmxError; never leaves a partial file under a final name."""
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
@@ -284,7 +409,7 @@ def execute(compiled: Compiled, opts: RunOptions, progress=None) -> RunResult:
     outputs = OutputSet(compiled, opts)
     if outputs.complete():
         return RunResult(outputs.final_paths(), 0, 0, 0.0, 0, 0, 0, nothing_to_do=True)
-    reader = Reader()
+    executor = make_executor(opts, threads, limit)
     writers = outputs.open()
     done = outputs.done_keys(writers)
     jobs = [j for j in compiled.schedule.jobs if j.key not in done]
@@ -292,87 +417,42 @@ def execute(compiled: Compiled, opts: RunOptions, progress=None) -> RunResult:
         progress.start(len(compiled.schedule.jobs), len(done),
                        sum(j.read_bytes for j in compiled.schedule.jobs),
                        sum(j.read_bytes for j in compiled.schedule.jobs if j.key in done))
-    ev = _Evaluator(compiled, reader, opts)
-    fallbacks: list[str] = []
-    stop = threading.Event()
+    session = RunSession(compiled, opts, writers, progress, threading.Event())
     old_term = _on_sigterm()
     try:
         with _RssSampler() as rss:
-            _run_jobs(jobs, ev, writers, compiled, opts, threads, limit, progress, fallbacks,
-                      stop)
+            try:
+                executor.run(jobs, session)
+            except BaseException:
+                _checkpoint_quietly(session)
+                raise
         outputs.commit(writers)
     except (KeyboardInterrupt, _Interrupted):
-        stop.set()
+        session.stop.set()
         outputs.keep_partial(writers)
         raise KmxError([error("K0403", "run interrupted; finished keys are saved",
                               help="run the same command with --resume to continue")])
     except BaseException:
-        stop.set()
+        session.stop.set()
         outputs.keep_partial(writers)
         raise
     finally:
-        reader.close()
+        session.close()
         _restore_sigterm(old_term)
         if progress:
             progress.finish()
     return RunResult(outputs.final_paths(), len(compiled.schedule.jobs), len(done),
                      time.monotonic() - start, sum(j.read_bytes for j in jobs),
                      sum(compiled.schedule.bytes_written), rss.growth,
-                     fallbacks=fallbacks)
+                     fallbacks=session.fallbacks)
 
 
-def _run_jobs(jobs, ev, writers, compiled, opts, threads, limit, progress, fallbacks, stop):
-    def work(job: KeyJob):
-        if stop.is_set():
-            return job
-        try:
-            results = ev.run(job)
-        except NonFinite as nf:
-            if opts.nonfinite != "fallback":
-                name = compiled.graph.names.get(nf.node, nf.node.attr("path"))
-                raise KmxError([error(
-                    "K0401", f"`{name}` has NaN or Inf values in key `{nf.key}`",
-                    help="fix the input, or run with --nonfinite=fallback to copy such keys "
-                         "from the save's fallback")]) from None
-            fallbacks.append(job.key)
-            results = ev.run(_fallback_job(compiled, job))
-        for out, value in results:
-            writers[out.save].write(job.key, to_bytes(value, out.dtype, ev.scratch))
-        return job
-
-    in_flight: dict[Future, int] = {}
-    budget = 0
-    last_checkpoint = time.monotonic()
-    pending = list(reversed(jobs))  # pop() from the end keeps key order
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kmx") as pool:
-        try:
-            while pending or in_flight:
-                while pending and len(in_flight) < threads and (
-                        not in_flight or budget + pending[-1].est_bytes <= limit):
-                    job = pending.pop()
-                    in_flight[pool.submit(work, job)] = job.est_bytes
-                    budget += job.est_bytes
-                finished, _ = wait(in_flight, timeout=0.5, return_when=FIRST_COMPLETED)
-                for f in finished:
-                    budget -= in_flight.pop(f)
-                    job = f.result()
-                    if progress:
-                        progress.advance(1, job.read_bytes)
-                if time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
-                    for w in writers:
-                        w.checkpoint()
-                    last_checkpoint = time.monotonic()
-        except BaseException:
-            stop.set()
-            for f in in_flight:
-                f.cancel()
-            wait(in_flight)
-            for w in writers:  # keys already written stay usable by --resume
-                try:
-                    w.checkpoint()
-                except (KmxError, RuntimeError):
-                    pass
-            raise
+def _checkpoint_quietly(session: RunSession) -> None:
+    """Keys already written stay usable by --resume, whatever stopped the run."""
+    try:
+        session.checkpoint()
+    except (KmxError, RuntimeError, OSError):
+        pass
 
 
 def _on_sigterm():

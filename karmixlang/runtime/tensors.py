@@ -95,9 +95,11 @@ class Scratch:
         return buf[:nbytes]
 
 
-def to_bytes(t: torch.Tensor, dtype: str, scratch: Scratch | None = None) -> memoryview:
+def to_bytes(t: torch.Tensor, dtype: str, scratch: Scratch | None = None,
+             buffer: str = "read") -> memoryview:
     """The tensor cast once to the output dtype, as raw little-endian bytes. With `scratch`
-    the cast lands in the thread's reused read buffer: valid until its next read or cast."""
+    the cast lands in the thread's reused `buffer` (by default the read buffer, free once the
+    inputs are consumed): valid until that buffer's next use."""
     target = TORCH_DTYPES[dtype]
     t = t.detach()
     if t.numel() == 0:
@@ -105,7 +107,6 @@ def to_bytes(t: torch.Tensor, dtype: str, scratch: Scratch | None = None) -> mem
     if scratch is None or t.dtype == target or t.device.type != "cpu":
         out = t.to(device="cpu", dtype=target).contiguous()
         return memoryview(out.reshape(-1).view(torch.uint8).numpy())
-    # The read buffer is free by now (inputs are consumed before outputs are written).
-    buf = scratch.get("read", t.numel() * torch.empty((), dtype=target).element_size())
+    buf = scratch.get(buffer, t.numel() * torch.empty((), dtype=target).element_size())
     buf.view(target).copy_(t.reshape(-1))
     return memoryview(buf.numpy())
