@@ -37,15 +37,18 @@ def check(path: str, overrides: dict[str, str] | None = None) -> list[Diagnostic
 
 
 def compile(path: str, overrides: dict[str, str] | None = None, *, threads: int = 1,
-            compute_dtype: str = "fp32", strict: bool = False) -> Compiled:
-    """Check, lower, optimize and schedule a recipe. Raises KmxError with diagnostics."""
+            compute_dtype: str = "fp32", strict: bool = False, memory_limit: int | None = None,
+            executor: str = "local") -> Compiled:
+    """Check, lower, optimize and schedule a recipe. Raises KmxError with diagnostics.
+    `memory_limit` (bytes; None: half of the available memory) decides which keys run out
+    of core; `executor` ("local" or "ray") how the plan groups keys."""
     program, diags = check_program(path, overrides)
     if program is None:
         raise KmxError(diags)
     graph = optimize(lower(program))
     sched = schedule(graph, compute_dtype, strict)
     _guard_outputs(graph, sched)
-    plan = build_plan(path, graph, sched, threads, compute_dtype)
+    plan = build_plan(path, graph, sched, threads, compute_dtype, executor=executor)
     return Compiled(program, graph, sched, plan, diags + base_choice_warnings(graph),
                     os.path.abspath(path), overrides)
 
@@ -82,7 +85,8 @@ def run(path: str, overrides: dict[str, str] | None = None, **options):
 
     opts = RunOptions(**options)
     compiled = compile(path, overrides, threads=opts.threads or default_threads(),
-                       compute_dtype=opts.compute_dtype, strict=opts.strict)
+                       compute_dtype=opts.compute_dtype, strict=opts.strict,
+                       memory_limit=opts.memory_limit, executor=opts.executor)
     return execute(compiled, opts)
 
 

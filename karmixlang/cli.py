@@ -98,13 +98,23 @@ def cmd_check(args) -> int:
     return status
 
 
+def _memory_limit(args) -> int | None:
+    from .io.writer import parse_size
+
+    try:
+        return parse_size(args.memory_limit) if args.memory_limit else None
+    except ValueError as exc:
+        raise UsageError(f"--memory-limit: {exc}")
+
+
 def _compile(args):
     from .api import compile as compile_recipe
     from .machine import default_threads
 
     return compile_recipe(args.file, parse_sets(args.set), threads=args.threads or
                           default_threads(), compute_dtype=args.compute_dtype,
-                          strict=args.strict)
+                          strict=args.strict, memory_limit=_memory_limit(args),
+                          executor=args.executor)
 
 
 def cmd_plan(args) -> int:
@@ -132,14 +142,10 @@ def print_warnings(compiled) -> None:
 
 
 def cmd_run(args) -> int:
-    from .io.writer import parse_size
     from .plan import summary_line
     from .runtime.executor import RunOptions, execute
 
-    try:
-        limit = parse_size(args.memory_limit) if args.memory_limit else None
-    except ValueError as exc:
-        raise UsageError(f"--memory-limit: {exc}")
+    limit = _memory_limit(args)
     if args.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", args.device):
         raise UsageError(f"--device must be cpu or cuda (or cuda:N), not {args.device!r}")
     compiled = _compile(args)
@@ -148,7 +154,8 @@ def cmd_run(args) -> int:
         err.print(Text(summary_line(compiled.plan).replace("nothing executed.", "running.")))
     opts = RunOptions(threads=args.threads or 0, device=args.device,
                       compute_dtype=args.compute_dtype, memory_limit=limit, resume=args.resume,
-                      force=args.force, strict=args.strict, nonfinite=args.nonfinite)
+                      force=args.force, strict=args.strict, nonfinite=args.nonfinite,
+                      executor=args.executor, address=args.address)
     from .progress import make_progress
 
     result = execute(compiled, opts, None if args.quiet else make_progress(err))
@@ -288,6 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
                             help="treat every key that would be copied from a fallback as an error")
             sp.add_argument("--threads", type=int, default=0, metavar="N",
                             help="keys in flight (default: one per core, at most 8)")
+            sp.add_argument("--memory-limit", metavar="SIZE",
+                            help='e.g. "8GB" (default: half of the available memory); keys '
+                                 "that do not fit run out of core")
+            sp.add_argument("--executor", choices=("local", "ray"), default="local",
+                            help="run keys on this machine's threads (default) or on a Ray "
+                                 "cluster (pip install 'karmixlang[ray]')")
+            sp.add_argument("--address", metavar="ADDR",
+                            help="the Ray cluster to join (default: start a local one)")
 
     s = sub.add_parser("check", help="report every problem in recipes (reads no checkpoint)")
     s.add_argument("files", nargs="+", metavar="FILE")
@@ -318,8 +333,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file", metavar="FILE")
     recipe_opts(s)
     s.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    s.add_argument("--memory-limit", metavar="SIZE",
-                   help='e.g. "8GB" (default: half of the available memory)')
     s.add_argument("--resume", action="store_true", help="continue an interrupted run")
     s.add_argument("--force", action="store_true", help="replace existing outputs")
     s.add_argument("--nonfinite", choices=("error", "fallback"), default="error",

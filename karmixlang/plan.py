@@ -43,7 +43,7 @@ def _rel(path: str, base: str) -> str:
 
 
 def build_plan(recipe: str, graph: Graph, sched: Schedule, threads: int = 1,
-               compute: str = "fp32") -> Plan:
+               compute: str = "fp32", executor: str = "local") -> Plan:
     base = os.path.dirname(os.path.abspath(recipe))
     order = graph.topo()
     ids = {n: i + 1 for i, n in enumerate(order)}
