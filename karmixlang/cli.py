@@ -223,7 +223,7 @@ def cmd_explain(args) -> int:
 
     code = args.code.upper()
     if code not in CODES:
-        raise UsageError(f"unknown code {args.code!r}; codes are K0001..K0406 "
+        raise UsageError(f"unknown code {args.code!r}; codes are {min(CODES)}..{max(CODES)} "
                          "(see docs/errors/)")
     page = data_dir("errors").joinpath(f"{code}.md")
     out.print(page.read_text(encoding="utf-8"), markup=False)

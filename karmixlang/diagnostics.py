@@ -66,6 +66,8 @@ CODES: dict[str, str] = {
     "K0404": "cannot resume",
     "K0405": "strict mode: key would be copied from the fallback",
     "K0406": "device not available",
+    "K0407": "the Ray executor cannot run",
+    "K0408": "key too large for the memory limit",
 }
 
 
@@ -136,6 +138,11 @@ class KmxError(Exception):
     def __init__(self, diagnostics: Iterable[Diagnostic]):
         self.diagnostics = list(diagnostics)
         super().__init__("; ".join(f"{d.code}: {d.message}" for d in self.diagnostics))
+
+    def __reduce__(self):
+        # Rebuilt from the diagnostics, not from the joined message in `args`: a Ray worker's
+        # error must reach the driver with its codes (runtime/ray_exec.py).
+        return KmxError, (self.diagnostics,)
 
 
 def error(code: str, message: str, span: Span | None = None, **kw) -> Diagnostic:

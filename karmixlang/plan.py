@@ -9,6 +9,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 
+from .groups import group_keys
 from .ir import Graph, KeyMap
 from .resources import data_dir
 from .schedule import COMPUTE_ITEMSIZE, HEAP_BLOCK_LIMIT, Schedule, _name
@@ -106,16 +107,44 @@ def build_plan(recipe: str, graph: Graph, sched: Schedule, threads: int = 1,
             "estimate": True,
         },
     }
+    ooc = out_of_core(sched)
+    if ooc:
+        data["totals"]["out_of_core"] = ooc
+    if executor == "ray":  # the Ray executor's unit of work (groups.py, docs/ray.md)
+        data["groups"] = [{"keys": len(g.keys), "first": g.keys[0], "last": g.keys[-1],
+                           "bytes_read": g.bytes_read} for g in group_keys(sched.jobs)]
     return Plan(data)
 
 
+def out_of_core(sched: Schedule) -> dict | None:
+    """The keys that run in chunks (outofcore.py) and what that costs; None when none do."""
+    jobs = [j for j in sched.jobs if j.ooc is not None]
+    if not jobs:
+        return None
+    return {
+        "keys": len(jobs),
+        "memory_limit": sched.memory_limit,
+        "extra_read_bytes": sum(j.ooc.extra_read_bytes for j in jobs),
+        "largest_spill_bytes": max(j.ooc.spill_bytes for j in jobs),
+        "examples": [{"key": j.key, "chunk_elements": j.ooc.chunk_elems,
+                      "chunks": j.ooc.chunks, "gram_passes": j.ooc.gram_passes,
+                      "spilled": j.ooc.spilled, "spill_bytes": j.ooc.spill_bytes,
+                      "extra_read_bytes": j.ooc.extra_read_bytes,
+                      "in_memory_bytes": j.mem_bytes}
+                     for j in sorted(jobs, key=lambda j: -j.mem_bytes)[:5]],
+    }
+
+
 def peak_memory(sched: Schedule, threads: int, compute: str) -> int:
-    """The `threads` largest keys in flight at once (the worst the admission allows), plus
+    """The `threads` largest keys in flight at once (as far as admission under the memory
+    limit allows them together), plus
     what the allocator keeps for reuse: blocks under its mmap threshold return to a heap
     that stays resident, so each thread can hold a previous key's peak of such blocks."""
     threads = max(1, threads)
     item = COMPUTE_ITEMSIZE[compute]
     live = sorted((j.est_bytes for j in sched.jobs), reverse=True)[:threads]
+    # Admission starts a key only while the keys in flight fit the limit (or it runs alone).
+    live = [min(sum(live), max(sched.memory_limit, live[0]))] if live else []
     small = sorted((j.est_bytes for j in sched.jobs
                     if _numel(j.outputs[0].shape) * item < HEAP_BLOCK_LIMIT), reverse=True)
     return sum(live) + sum(small[:threads])
@@ -181,12 +210,49 @@ def render_text(plan: Plan) -> str:
             out.append(f"      {count} copied: {reason}")
         for ex in s["copied_examples"]:
             out.append(f"      e.g. {ex['key']}: {ex['reason']}")
+    if "out_of_core" in t:
+        out += [""] + _out_of_core_text(t["out_of_core"])
     out += ["", f"Reads {human_bytes(t['bytes_read'])}, writes {human_bytes(t['bytes_written'])}, "
                 f"peak memory ~{human_bytes(t['peak_memory_bytes'])} "
                 f"(~{human_bytes(t['peak_memory_per_key_bytes'])} per key in flight, largest at "
                 f"{t['peak_memory_key']}; {t['threads']} thread(s))", ""]
+    if "groups" in d:
+        out += _groups_text(d["groups"]) + [""]
     out.append(summary_line(plan))
     return "\n".join(out)
+
+
+def _out_of_core_text(ooc: dict) -> list[str]:
+    n = ooc["keys"]
+    out = [f"Out of core ({n} key{'s' if n != 1 else ''} too large to hold in memory under the "
+           f"{human_bytes(ooc['memory_limit'])} limit; they run in chunks):"]
+    for ex in ooc["examples"]:
+        spill = (f", {ex['spilled']} filtered member(s) spilled to "
+                 f"{human_bytes(ex['spill_bytes'])} of temporary files") if ex["spilled"] else ""
+        gram = f", {ex['gram_passes']} Gram pass(es)" if ex["gram_passes"] else ""
+        out.append(f"  {ex['key']}: ~{human_bytes(ex['in_memory_bytes'])} in memory -> "
+                   f"{ex['chunks']} chunks of {ex['chunk_elements']:,} elements{gram}{spill}; "
+                   f"reads {human_bytes(ex['extra_read_bytes'])} more")
+    if n > len(ooc["examples"]):
+        out.append(f"  … and {n - len(ooc['examples'])} more")
+    spills = (f"; temporary files up to {human_bytes(ooc['largest_spill_bytes'])} per key "
+              "(next to the output, removed after the key)") if ooc["largest_spill_bytes"] else ""
+    out.append(f"  in all: reads {human_bytes(ooc['extra_read_bytes'])} more than once{spills}")
+    return out
+
+
+def _groups_text(groups: list[dict], shown: int = 8) -> list[str]:
+    """One line per group (`--executor ray`); the middle elided when there are many."""
+    keys = sum(g["keys"] for g in groups)
+    out = [f"Ray key groups ({len(groups):,} tasks for {keys:,} keys; each worker reads its "
+           "group's keys by path):"]
+    rows = [f"  #{i + 1:<4} {g['keys']:>3} {'key ' if g['keys'] == 1 else 'keys'}  reads "
+            f"{human_bytes(g['bytes_read']):>9}  "
+            f"{g['first']}" + (f" … {g['last']}" if g["keys"] > 1 else "")
+            for i, g in enumerate(groups)]
+    if len(rows) > shown:
+        rows[shown // 2:-(shown // 2)] = [f"  … {len(rows) - shown} more groups"]
+    return out + rows
 
 
 def summary_line(plan: Plan) -> str:

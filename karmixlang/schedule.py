@@ -17,6 +17,8 @@ from .diagnostics import Diagnostic, KmxError, error
 from .io.dtypes import DTYPES, nbytes
 from .io.header import CheckpointHeader, TensorInfo, read_checkpoint
 from .ir import Graph, KeyMap, Node, match_key, reachable
+from .machine import available_memory
+from .outofcore import SPLIT_OPS, OutOfCore, plan_key
 
 COMPUTE_ITEMSIZE = {"fp32": 4, "fp64": 8}
 # Blocks below this come from glibc's heap, which keeps them for reuse (the runtime raises the
@@ -65,6 +67,8 @@ class KeyJob:
     outputs: list[Output]
     est_bytes: int
     read_bytes: int
+    ooc: OutOfCore | None = None  # set when the key runs in chunks (outofcore.py)
+    mem_bytes: int = 0  # est_bytes of evaluating the key in memory (est_bytes if not ooc)
 
 
 @dataclass
@@ -77,6 +81,7 @@ class Schedule:
     bytes_written: list[int]
     peak_key: str | None
     peak_bytes: int
+    memory_limit: int  # the limit the out-of-core keys were planned for
     warnings: list[Diagnostic] = field(default_factory=list)
 
 
@@ -101,6 +106,9 @@ def read_inputs(graph: Graph) -> dict[Node, CheckpointHeader]:
 
 def node_keys(graph: Graph, headers: dict[Node, CheckpointHeader]) -> dict[Node, NodeKeys]:
     out: dict[Node, NodeKeys] = {}
+    # Inputs with the same float keys, shapes and dtypes (fine-tunes of one model) share one
+    # `ok` table, so combining them is a lookup rather than a walk over every key.
+    tables: dict[tuple, dict[str, KeyInfo]] = {}
     for n in graph.topo():
         if n.op == "load":
             ok, bad = {}, {}
@@ -109,6 +117,8 @@ def node_keys(graph: Graph, headers: dict[Node, CheckpointHeader]) -> dict[Node,
                     ok[k] = KeyInfo(t.shape, t.dtype)
                 else:
                     bad[k] = ("dtype", n, t.dtype)
+            ok = tables.setdefault(tuple(sorted((k, v.shape, v.dtype) for k, v in ok.items())),
+                                   ok)
             out[n] = NodeKeys(ok, bad)
         elif n.op in ("select", "exclude"):
             src = out[n.inputs[0]]
@@ -134,6 +144,12 @@ def node_keys(graph: Graph, headers: dict[Node, CheckpointHeader]) -> dict[Node,
 def _combine(ins: list[NodeKeys], nodes: tuple[Node, ...]) -> NodeKeys:
     if len({id(i) for i in ins}) == 1:  # every input has the same key table (the common case)
         return ins[0]
+    if len({id(i.ok) for i in ins}) == 1:  # the same float keys: only the others differ
+        bad = {}
+        for i in ins:
+            for k in i.bad:
+                bad.setdefault(k, ins[0].bad.get(k) or ("missing", nodes[0]))
+        return NodeKeys(ins[0].ok, bad)
     universe = set()
     for i in ins:
         universe.update(i.ok)
@@ -209,15 +225,15 @@ def _active(root: Node, key: str, keys: dict[Node, NodeKeys], acc: dict[int, Nod
 RAW_READ = 4  # bytes per element of a read buffer before conversion (fp32 inputs; fp16: 2)
 
 
-def _workspace(n: Node, numel: int, item: int) -> int:
+def _workspace(op: str, inputs: int, numel: int, item: int) -> int:
     """Temporary memory of one op beyond its output (an estimate, documented in plan-format;
     the factors were measured with bench/plan_speed.py)."""
-    if n.op in _STACKED:
+    if op in _STACKED:
         factor = {"median": 3.5, "ties_merge": 1.5, "model_stock": 1.5}
-        return int(factor.get(n.op, 1) * len(n.inputs) * numel * item)
-    if n.op in ("della", "trim", "breadcrumbs", "dare"):
+        return int(factor.get(op, 1) * inputs * numel * item)
+    if op in ("della", "trim", "breadcrumbs", "dare"):
         return numel * 16  # ranks / random draws in 64-bit
-    if n.op == "iso":
+    if op == "iso":
         return 3 * numel * item
     return numel * item
 
@@ -367,7 +383,7 @@ def _template(outputs: list[Output], key: str, keys, order: dict[Node, int], ite
         if n.op == "load" or any(id(x) in deferred for x in n.inputs):
             work = RAW_READ + (item if n.op != "load" else 0)  # read buffer (+ one input)
         else:
-            work = 0 if n.op in ALIAS_OPS else _workspace(n, 1, item)
+            work = 0 if n.op in ALIAS_OPS else _workspace(n.op, len(n.inputs), 1, item)
         peak = max(peak, live + work)
         live -= sum(size[id(m)] for m in free_after[i])
     loads = [n for n in acc.values() if n.op == "load"]
@@ -410,9 +426,12 @@ def check_keymaps(graph: Graph, jobs: list[KeyJob]) -> None:
     """Every per-key number must have a value for every key it is used at: found now, from
     the headers, rather than as a crash in the middle of a run."""
     failures: dict[int, tuple[Node, KeyMap, list[str]]] = {}
+    mapped = {id(n): kms for n in graph.topo() if (kms := _keymaps(n))}
+    if not mapped:
+        return
     for job in jobs:
         for n in job.steps:
-            for km in _keymaps(n):
+            for km in mapped.get(id(n), ()):
                 try:
                     km.at(job.key)
                 except KeyError:
@@ -429,12 +448,54 @@ def check_keymaps(graph: Graph, jobs: list[KeyJob]) -> None:
         raise KmxError(diags)
 
 
+def plan_out_of_core(graph: Graph, jobs: list[KeyJob], limit: int, threads: int,
+                     item: int, headers) -> None:
+    """Keys whose in-memory estimate exceeds the limit run in chunks (outofcore.py); their
+    estimate becomes the chunked one. A key that cannot fit even so is an error."""
+    def whole_per_element(n: Node) -> float:
+        # the filtered member's inputs read and widened, the result, and the filter's
+        # workspace (ties: the trim of one member)
+        op = "trim" if n.op in SPLIT_OPS else n.op
+        return 2 * RAW_READ + 4 * item + _workspace(op, 1, 1, item)
+
+    failures = []
+    for job in jobs:
+        job.mem_bytes = job.mem_bytes or job.est_bytes
+        job.ooc, job.est_bytes = None, job.mem_bytes
+        if job.mem_bytes <= limit:
+            continue
+        numel = 1
+        for d in job.outputs[0].shape:
+            numel *= d
+        per_element = job.mem_bytes / max(1, numel)
+        ooc = plan_key(job, per_element, limit, threads, item, headers, whole_per_element)
+        if ooc.whole_bytes > limit:
+            failures.append((job, ooc.whole_bytes))
+            continue
+        job.ooc = ooc
+        job.est_bytes = max(ooc.chunk_bytes, ooc.whole_bytes)
+    if failures:
+        job, need = max(failures, key=lambda f: f[1])
+        more = f" (and {len(failures) - 1} more key(s))" if len(failures) > 1 else ""
+        raise KmxError([error(
+            "K0408", f"key `{job.key}` needs ~{need:,} bytes even out of core, over the memory "
+            f"limit of {limit:,} bytes{more}", graph.saves[job.outputs[0].save].span,
+            label="in this save",
+            help="a whole-key filter (trim, della, breadcrumbs, iso, dare, ties) holds one "
+                 "member of the key in memory: raise --memory-limit")])
+
+
 def schedule(graph: Graph, compute: str = "fp32", strict: bool = False,
-             headers: dict[Node, CheckpointHeader] | None = None) -> Schedule:
+             headers: dict[Node, CheckpointHeader] | None = None,
+             memory_limit: int | None = None, threads: int = 1) -> Schedule:
+    """`memory_limit`: bytes (None: half of the available memory), which decides the keys
+    that run out of core; `threads`: keys in flight, which share it."""
     headers = headers if headers is not None else read_inputs(graph)
     keys = node_keys(graph, headers)
     jobs, copied = build_jobs(graph, headers, keys, compute, strict)
     check_keymaps(graph, jobs)
+    limit = memory_limit or available_memory() // 2
+    plan_out_of_core(graph, jobs, limit, threads, COMPUTE_ITEMSIZE[compute], headers)
     read_once: dict[tuple[str, str], int] = {}
     for job in jobs:
         for n in job.loads:
@@ -449,4 +510,5 @@ def schedule(graph: Graph, compute: str = "fp32", strict: bool = False,
             counts[o.save] += 1
     peak_job = max(jobs, key=lambda j: j.est_bytes, default=None)
     return Schedule(headers, jobs, copied, counts, sum(read_once.values()), written,
-                    peak_job.key if peak_job else None, peak_job.est_bytes if peak_job else 0)
+                    peak_job.key if peak_job else None, peak_job.est_bytes if peak_job else 0,
+                    limit)

@@ -298,23 +298,30 @@ class CheckpointWriter:
 
     # -------------------------------------------------------- writing
 
-    def write(self, key: str, data: bytes | memoryview) -> None:
-        """Write the bytes of `key` at its offset. Thread-safe; order does not matter."""
+    def write(self, key: str, data: bytes | memoryview, start: int | None = None) -> None:
+        """Write the bytes of `key` at its offset. Thread-safe; order does not matter. A key
+        too large to hold may come in pieces, in order: `start` is then the piece's byte
+        offset within the key, and the key counts as written with its last piece."""
         slot = self.layout.slots.get(key)
         if slot is None:
             raise KeyError(f"{key!r} is not in the output layout")
         view = memoryview(data).cast("B")
-        if view.nbytes != slot.nbytes:
+        if start is None and view.nbytes != slot.nbytes:
             raise ValueError(f"{key!r} needs {slot.nbytes} bytes, got {view.nbytes}")
+        start = start or 0
+        if start < 0 or start + view.nbytes > slot.nbytes:
+            raise ValueError(f"{key!r} has {slot.nbytes} bytes: no piece of {view.nbytes} at "
+                             f"{start}")
+        complete = start + view.nbytes == slot.nbytes
         self._enter()
         ok = False
         try:
-            _pwrite_all(self._fds[slot.file], view, slot.offset)
+            _pwrite_all(self._fds[slot.file], view, slot.offset + start)
             ok = True
         except OSError as e:
             self._fail_os(e, self._temps[slot.file])
         finally:
-            self._leave(key if ok else None)
+            self._leave(key if ok and complete else None)
 
     def checkpoint(self) -> None:
         """Make every key written so far durable: fsync the data, then journal the keys.

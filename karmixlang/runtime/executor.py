@@ -13,6 +13,7 @@ import math
 import os
 import resource
 import signal
+import tempfile
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -24,12 +25,13 @@ from ..api import Compiled
 from ..builtins import BUILTINS
 from ..diagnostics import KmxError, error
 from ..ir import KeyMap, Node
-from ..machine import available_memory, default_threads
+from ..machine import default_threads
 from ..schedule import (ALIAS_OPS, COMPUTE_ITEMSIZE, LINEAR_OPS, KeyJob, Output, make_job,
-                        node_keys)
+                        node_keys, plan_out_of_core)
 from . import ops
 from .outputs import OutputSet
-from .tensors import COMPUTE, Reader, Scratch, to_bytes
+from .chunked import Streamed, run_chunked
+from .tensors import COMPUTE, Reader, Scratch, part, to_bytes
 
 _KERNELS = {b.kernel: b for b in BUILTINS.values() if b.kernel}
 CHECKPOINT_SECONDS = 2.0
@@ -147,13 +149,16 @@ class _Evaluator:
                 values.pop(id(m), None)
         return [(o, values[id(o.node)]) for o in job.outputs]
 
-    def step(self, n: Node, key: str, values: dict, raw: bool, job: KeyJob, into: dict):
+    def step(self, n: Node, key: str, values: dict, raw: bool, job: KeyJob, into: dict,
+             span: tuple[int, int] | None = None):
+        """One node's value: of the whole key, or of flat elements [a, b) when `span` is given
+        (element-wise steps only: runtime/chunked.py decides which)."""
         if n.op == "union":  # the schedule activated exactly one side for this key
             return values[id(job.union_choice[id(n)])]
         if n.op == "load":
-            return self.load(n, key, raw)
+            return self.load(n, key, raw, span)
         if n.op in LINEAR_OPS:
-            return self.linear(n, key, values, job, into.get(id(n)))
+            return self.linear(n, key, values, job, into.get(id(n)), span)
         ins = [values[id(i)] for i in n.inputs]
         if n.op in ("select", "exclude"):
             return ins[0]
@@ -161,10 +166,14 @@ class _Evaluator:
             return ins[0][n.attr("index")]
         return self.kernel(n, key, ins)
 
-    def load(self, n: Node, key: str, raw: bool = False):
+    def read(self, n: Node, key: str, span, into: torch.Tensor | None = None) -> torch.Tensor:
+        info = self.headers[n].tensors[key]
+        return self.reader.read(part(info, span) if span else info, into)
+
+    def load(self, n: Node, key: str, raw: bool = False, span=None):
         """An input tensor: as stored (`raw`, for copies), or on the device in the compute
         dtype, checked finite."""
-        t = self.reader.read(self.headers[n].tensors[key])
+        t = self.read(n, key, span)
         if raw or not t.is_floating_point():
             return t
         t = t.to(device=self.device, dtype=self.compute)
@@ -178,10 +187,12 @@ class _Evaluator:
         if not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):
             raise NonFinite(n, key)
 
-    def load_widened(self, n: Node, key: str) -> torch.Tensor:
+    def load_widened(self, n: Node, key: str, span=None) -> torch.Tensor:
         """A deferred input, read and widened through this thread's reused buffers (valid
         until its next call): streaming a weighted sum then allocates nothing per input."""
         info = self.headers[n].tensors[key]
+        if span:
+            info = part(info, span)
         raw = self.reader.read(info, self.scratch.get("read", info.nbytes))
         if raw.dtype == self.compute or not raw.is_floating_point() or \
                 self.device.type != "cpu":
@@ -192,7 +203,8 @@ class _Evaluator:
         self.check_finite(t, n, key)
         return t
 
-    def linear(self, n: Node, key: str, values: dict, job: KeyJob, scratch: str | None):
+    def linear(self, n: Node, key: str, values: dict, job: KeyJob, scratch: str | None,
+               span=None):
         """Σ cᵢxᵢ accumulated in input order (as ops.combine does); deferred loads are read
         here one at a time, and `scratch` names the reused buffer of a result that is only
         written out."""
@@ -204,7 +216,7 @@ class _Evaluator:
             coeffs = [w / total for w in ws]
         acc = None
         for x, c in zip(n.inputs, coeffs):
-            t = self.load_widened(x, key) if id(x) in job.deferred else values[id(x)]
+            t = self.load_widened(x, key, span) if id(x) in job.deferred else values[id(x)]
             if acc is None:  # never an input itself: the first input may be shared
                 if scratch is not None and t.device.type == "cpu":
                     nbytes = t.numel() * self.compute.itemsize
@@ -217,7 +229,8 @@ class _Evaluator:
             del t
         return acc
 
-    def kernel(self, n: Node, key: str, ins: list):
+    def call_args(self, n: Node, key: str, ins: list) -> tuple[list, dict]:
+        """The positional and keyword arguments of n's kernel, from its input values."""
         b = _KERNELS[n.op]
         attrs = {k: (v.at(key) if isinstance(v, KeyMap) else v) for k, v in n.attrs}
         args, kwargs, pos = [], {}, 0
@@ -233,6 +246,10 @@ class _Evaluator:
                 kwargs[p.name] = attrs.pop(p.name)
         if "member" in attrs:
             kwargs.update(key=key, member=attrs.pop("member"))
+        return args, kwargs
+
+    def kernel(self, n: Node, key: str, ins: list):
+        args, kwargs = self.call_args(n, key, ins)
         return getattr(ops, n.op)(*args, **kwargs)
 
 
@@ -278,8 +295,10 @@ class RunSession:
     writers, and a periodic tick (journal checkpoints). `spec` lets another process rebuild
     the same computation from the recipe (see runtime/ray_exec.py)."""
 
-    def __init__(self, compiled: Compiled, opts: RunOptions, writers, progress, stop):
+    def __init__(self, compiled: Compiled, opts: RunOptions, writers, progress, stop,
+                 threads: int = 1):
         self.compiled, self.opts, self.writers = compiled, opts, writers
+        self.threads = threads
         self.progress, self.stop = progress, stop
         self.evaluator = _Evaluator(compiled, Reader(), opts)
         self.fallbacks: list[str] = []
@@ -287,7 +306,8 @@ class RunSession:
 
     @property
     def spec(self) -> "RunSpec":
-        return RunSpec(self.compiled.path, self.compiled.overrides, self.opts)
+        return RunSpec(self.compiled.path, self.compiled.overrides, self.opts,
+                       self.compiled.schedule.memory_limit, self.threads)
 
     def compute(self, job: KeyJob) -> list[tuple[Output, memoryview]]:
         """The job's outputs as bytes of their output dtype (valid until this thread's next
@@ -296,6 +316,10 @@ class RunSession:
         return compute_key(self.compiled, self.evaluator, self.opts, job, self.fallbacks)
 
     def deliver(self, job: KeyJob, results) -> None:
+        if isinstance(results, Streamed):
+            for k, start, data in results:
+                self.writers[job.outputs[k].save].write(job.key, data, start)
+            return
         for out, data in results:
             self.writers[out.save].write(job.key, data)
 
@@ -323,24 +347,50 @@ class RunSpec:
     path: str
     overrides: dict[str, str] | None
     opts: RunOptions
+    memory_limit: int  # as the driver planned: the same keys out of core, in the same chunks
+    threads: int
 
 
 def compute_key(compiled: Compiled, ev: "_Evaluator", opts: RunOptions, job: KeyJob,
-                fallbacks: list[str]) -> list[tuple[Output, memoryview]]:
+                fallbacks: list[str]):
+    """The job's outputs as [(Output, bytes)] (valid until this thread's next job), or, for
+    an out-of-core key, as Streamed pieces computed while they are written. A key with
+    non-finite inputs is copied from the fallback, or fails, per --nonfinite."""
+    if job.ooc is not None:
+        return Streamed(_pieces(compiled, ev, opts, job, fallbacks))
     try:
         results = ev.run(job)
     except NonFinite as nf:
-        if opts.nonfinite != "fallback":
-            name = compiled.graph.names.get(nf.node, nf.node.attr("path"))
-            raise KmxError([error(
-                "K0401", f"`{name}` has NaN or Inf values in key `{nf.key}`",
-                help="fix the input, or run with --nonfinite=fallback to copy such keys "
-                     "from the save's fallback")]) from None
-        fallbacks.append(job.key)
-        results = ev.run(_fallback_job(compiled, job))
+        results = ev.run(_on_nonfinite(compiled, opts, job, nf, fallbacks))
     # Each output is cast into its own reused buffer: all of them are delivered afterwards.
     return [(out, to_bytes(value, out.dtype, ev.scratch, "read" if i == 0 else f"cast{i}"))
             for i, (out, value) in enumerate(results)]
+
+
+def _pieces(compiled, ev, opts, job, fallbacks):
+    # Filtered members spill next to the output (the disk meant for big files); on a machine
+    # that lacks that folder (a Ray worker), into the system's temporary folder.
+    spill_root = os.path.dirname(os.path.abspath(compiled.graph.saves[0].path))
+    if not os.path.isdir(spill_root):
+        spill_root = tempfile.gettempdir()
+    try:
+        yield from run_chunked(ev, job, _raw_loads(job), spill_root)
+    except NonFinite as nf:
+        # Pieces already written are overwritten by the fallback's whole key.
+        for k, (out, value) in enumerate(ev.run(_on_nonfinite(compiled, opts, job, nf,
+                                                              fallbacks))):
+            yield k, 0, to_bytes(value, out.dtype, ev.scratch)
+
+
+def _on_nonfinite(compiled, opts, job, nf: NonFinite, fallbacks: list[str]) -> KeyJob:
+    if opts.nonfinite != "fallback":
+        name = compiled.graph.names.get(nf.node, nf.node.attr("path"))
+        raise KmxError([error(
+            "K0401", f"`{name}` has NaN or Inf values in key `{nf.key}`",
+            help="fix the input, or run with --nonfinite=fallback to copy such keys from the "
+                 "save's fallback")]) from None
+    fallbacks.append(job.key)
+    return _fallback_job(compiled, job)
 
 
 class LocalExecutor:
@@ -383,6 +433,9 @@ class LocalExecutor:
                 wait(in_flight)
                 raise
 
+    def close(self) -> None:
+        pass
+
 
 def make_executor(opts: RunOptions, threads: int, limit: int):
     if opts.executor == "ray":
@@ -402,7 +455,11 @@ def execute(compiled: Compiled, opts: RunOptions, progress=None) -> RunResult:
         raise KmxError([error("K0406", "--device cuda: no CUDA device is available",
                               help="run with --device cpu")])
     threads = opts.threads or default_threads()
-    limit = opts.memory_limit or available_memory() // 2
+    limit = opts.memory_limit or compiled.schedule.memory_limit
+    if limit != compiled.schedule.memory_limit:  # compiled for another limit: plan again
+        plan_out_of_core(compiled.graph, compiled.schedule.jobs, limit, threads,
+                         COMPUTE_ITEMSIZE[opts.compute_dtype], compiled.schedule.headers)
+        compiled.schedule.memory_limit = limit
     torch.set_num_threads(1)
     _tune_allocator()
     start = time.monotonic()
@@ -410,6 +467,13 @@ def execute(compiled: Compiled, opts: RunOptions, progress=None) -> RunResult:
     if outputs.complete():
         return RunResult(outputs.final_paths(), 0, 0, 0.0, 0, 0, 0, nothing_to_do=True)
     executor = make_executor(opts, threads, limit)
+    try:
+        return _run(compiled, opts, executor, outputs, threads, progress, start)
+    finally:
+        executor.close()
+
+
+def _run(compiled, opts, executor, outputs, threads, progress, start) -> RunResult:
     writers = outputs.open()
     done = outputs.done_keys(writers)
     jobs = [j for j in compiled.schedule.jobs if j.key not in done]
@@ -417,7 +481,7 @@ def execute(compiled: Compiled, opts: RunOptions, progress=None) -> RunResult:
         progress.start(len(compiled.schedule.jobs), len(done),
                        sum(j.read_bytes for j in compiled.schedule.jobs),
                        sum(j.read_bytes for j in compiled.schedule.jobs if j.key in done))
-    session = RunSession(compiled, opts, writers, progress, threading.Event())
+    session = RunSession(compiled, opts, writers, progress, threading.Event(), threads)
     old_term = _on_sigterm()
     try:
         with _RssSampler() as rss:

@@ -24,7 +24,9 @@ import torch
 from torch import Tensor
 
 from .ops_base import combine, gram
-from .ops_centers import geometric_median, karcher, mean, median, model_stock, sum_
+from .ops_centers import (geometric_median, geometric_median_coeffs, geometric_median_start,
+                          karcher, karcher_apply, karcher_coeffs, mean, median, model_stock,
+                          model_stock_apply, model_stock_ratio, sum_)
 from .ops_sparse import breadcrumbs, clamp, dare, della, elect, iso, ties, ties_merge, trim
 
 __all__ = [
@@ -64,17 +66,65 @@ def lerp(a: Tensor, b: Tensor, *, t: float) -> Tensor:
 
 def slerp(a: Tensor, b: Tensor, *, t: float) -> Tensor:
     """Spherical interpolation of the flattened tensors (magnitudes interpolate with them)."""
-    g = gram([a, b])
+    return slerp_apply(a, b, t, slerp_coeffs(gram([a, b]), t))
+
+
+def slerp_coeffs(g: Tensor, t: float) -> list[float] | None:
+    """The coefficients of a and b from their Gram matrix; None: interpolate linearly."""
     norm_a, norm_b = math.sqrt(float(g[0, 0])), math.sqrt(float(g[1, 1]))
     if min(norm_a, norm_b) < _SLERP_MIN_NORM:
-        return lerp(a, b, t=t)
+        return None
     dot = float(g[0, 1]) / (norm_a * norm_b)
     if abs(dot) > _SLERP_DOT_LIMIT:
-        return lerp(a, b, t=t)
+        return None
     omega = math.acos(dot)
     sin_omega = math.sin(omega)
-    coeffs = [math.sin((1.0 - t) * omega) / sin_omega, math.sin(t * omega) / sin_omega]
-    return combine([a, b], coeffs)
+    return [math.sin((1.0 - t) * omega) / sin_omega, math.sin(t * omega) / sin_omega]
+
+
+def slerp_apply(a: Tensor, b: Tensor, t: float, coeffs: list[float] | None) -> Tensor:
+    return lerp(a, b, t=t) if coeffs is None else combine([a, b], coeffs)
+
+
+class GramMethod:
+    """A method whose result is a combination of its inputs with coefficients found from
+    their Gram matrix, split for out-of-core keys (runtime/chunked.py): `rows` and `center`
+    say which Gram matrix to accumulate over chunks, `solve` turns it into the function that
+    forms the result from a chunk of each input. Arguments are the op's own."""
+
+    @staticmethod
+    def rows(args) -> list[Tensor]:
+        return list(args[0]) if isinstance(args[0], list) else list(args[:2])
+
+    @staticmethod
+    def center(op: str, args, kwargs) -> Tensor | None:
+        if op == "geometric_median":
+            return combine(args[0], geometric_median_start([float(w) for w in args[1]]))
+        if op == "model_stock":
+            return args[2]
+        return None
+
+    @staticmethod
+    def solve(op: str, g: Tensor, args, kwargs):
+        if op == "slerp":
+            coeffs = slerp_coeffs(g, kwargs["t"])
+            return lambda a, b, **_: slerp_apply(a, b, kwargs["t"], coeffs)
+        ws = [float(w) for w in args[1]]
+        if op == "geometric_median":
+            coeffs = geometric_median_coeffs(g, ws, **_defaults(geometric_median, kwargs))
+            return lambda members, weights, **_: combine(members, coeffs)
+        if op == "model_stock":
+            t = model_stock_ratio(g, len(ws))
+            return lambda members, weights, base: model_stock_apply(members, ws, base, t)
+        if len(ws) == 1:
+            return lambda members, weights, **_: members[0].clone()
+        plan = karcher_coeffs(g, ws, **_defaults(karcher, kwargs))
+        return lambda members, weights, **_: karcher_apply(members, plan)
+
+
+def _defaults(fn, kwargs: dict) -> dict:
+    """The keyword arguments `fn` would use: its defaults, overridden by `kwargs`."""
+    return {**(fn.__kwdefaults__ or {}), **kwargs}
 
 
 def add_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: float = 1.0) -> Tensor:

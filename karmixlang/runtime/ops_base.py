@@ -10,9 +10,10 @@ from torch import Tensor
 
 # Cluster-wide element-wise work (a stack of N members, its sort indices, fp64 copies) runs
 # over slices of the flattened key so that its temporaries stay near this many elements
-# whatever the key's size.
-_CHUNK_ELEMS = 1 << 24
-_MIN_CHUNK = 1 << 16
+# whatever the key's size. Slices are a power of two long, so an out-of-core chunk (also a
+# power of two, runtime/chunked.py) splits into exactly the slices of the in-memory run.
+_CHUNK_ELEMS = 1 << 22
+_MIN_CHUNK = 1 << 12
 
 
 def check_cluster(members: Sequence[Tensor], weights: Sequence[float]) -> list[float]:
@@ -32,7 +33,7 @@ def check_cluster(members: Sequence[Tensor], weights: Sequence[float]) -> list[f
 
 def flat_slices(n: int, rows: int = 1) -> Iterator[slice]:
     """Slices covering range(n), sized so that `rows` stacked slices stay near _CHUNK_ELEMS."""
-    step = max(_MIN_CHUNK, _CHUNK_ELEMS // max(rows, 1))
+    step = max(_MIN_CHUNK, 1 << ((_CHUNK_ELEMS // max(rows, 1)).bit_length() - 1))
     for start in range(0, n, step):
         yield slice(start, min(n, start + step))
 
@@ -44,17 +45,37 @@ def gram(xs: Sequence[Tensor], center: Tensor | None = None) -> Tensor:
     cosines keep full precision without an fp64 copy of the whole key. Centring (on the base,
     or near the answer) removes the common component that would otherwise dominate the sums.
     """
-    flats = [x.reshape(-1) for x in xs]
-    ref = center.reshape(-1) if center is not None else None
-    g = torch.zeros(len(xs), len(xs), dtype=torch.float64, device=flats[0].device)
-    for sl in flat_slices(flats[0].numel(), len(xs)):
-        block = torch.stack([f[sl] for f in flats]).to(torch.float64)
-        if ref is not None:
-            block -= ref[sl].to(torch.float64)
-        g += block @ block.T
-    # The small iterations that use G run on the CPU: G is N x N, and convergence tests need
-    # host values anyway.
-    return ((g + g.T) / 2).cpu()
+    acc = GramSum(len(xs))
+    acc.add(xs, center)
+    return acc.result()
+
+
+class GramSum:
+    """A Gram matrix summed over consecutive pieces of the flattened tensors: one piece for
+    a whole key, or one per out-of-core chunk (the same slices, hence the same sums)."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+        self.g: Tensor | None = None
+
+    def add(self, xs: Sequence[Tensor], center: Tensor | None = None) -> None:
+        flats = [x.reshape(-1) for x in xs]
+        ref = center.reshape(-1) if center is not None else None
+        if self.g is None:
+            self.g = torch.zeros(self.rows, self.rows, dtype=torch.float64,
+                                 device=flats[0].device)
+        for sl in flat_slices(flats[0].numel(), self.rows):
+            block = torch.stack([f[sl] for f in flats]).to(torch.float64)
+            if ref is not None:
+                block -= ref[sl].to(torch.float64)
+            self.g += block @ block.T
+
+    def result(self) -> Tensor:
+        g = self.g if self.g is not None else torch.zeros(self.rows, self.rows,
+                                                           dtype=torch.float64)
+        # The small iterations that use G run on the CPU: G is N x N, and convergence tests
+        # need host values anyway.
+        return ((g + g.T) / 2).cpu()
 
 
 def combine(xs: Sequence[Tensor], coeffs: Sequence[float]) -> Tensor:

@@ -23,7 +23,9 @@ from torch import Tensor
 
 from .ops_base import check_cluster, combine, flat_slices, gram
 
-__all__ = ["mean", "sum_", "median", "geometric_median", "model_stock", "karcher"]
+__all__ = ["mean", "sum_", "median", "geometric_median", "model_stock", "karcher",
+           "geometric_median_start", "geometric_median_coeffs", "model_stock_ratio",
+           "model_stock_apply", "karcher_coeffs", "karcher_apply"]
 
 _F64 = torch.float64
 _MEDIAN_TIE_RTOL = 1e-9
@@ -80,12 +82,23 @@ def geometric_median(
     unequal weights Weiszfeld moves to the heavier one, the true minimiser (breakdown point).
     """
     ws = check_cluster(members, weights)
+    g = gram(members, center=combine(members, geometric_median_start(ws)))
+    return combine(members, geometric_median_coeffs(g, ws, eps=eps, maxiter=maxiter, ftol=ftol))
+
+
+def geometric_median_start(ws: list[float]) -> list[float]:
+    """The weighted mean's coefficients: the starting point, and the Gram matrix's centre
+    (distances to iterates then come from small numbers, not differences of large norms)."""
+    w = torch.tensor(ws, dtype=_F64)
+    return (w / w.sum()).tolist()
+
+
+def geometric_median_coeffs(g: Tensor, ws: list[float], *, eps: float, maxiter: int,
+                            ftol: float) -> list[float]:
+    """Weiszfeld on coefficients, from G centred on the start (geometric_median_start)."""
     n_members = len(ws)
     w = torch.tensor(ws, dtype=_F64)
-    c = w / w.sum()
-    # Centre the Gram matrix on the starting point: distances to iterates are then computed
-    # from small numbers, not as differences of large norms.
-    g = gram(members, center=combine(members, c.tolist()))
+    c = torch.tensor(geometric_median_start(ws), dtype=_F64)
     eye = torch.eye(n_members, dtype=_F64)
 
     def distances(coeffs: Tensor) -> Tensor:
@@ -104,7 +117,7 @@ def geometric_median(
         objective = new_objective
         if converged:
             break
-    return combine(members, c.tolist())
+    return c.tolist()
 
 
 def model_stock(members: Sequence[Tensor], weights: Sequence[float], base: Tensor) -> Tensor:
@@ -116,18 +129,26 @@ def model_stock(members: Sequence[Tensor], weights: Sequence[float], base: Tenso
     on average (or are zero) give t = 0, the base. The weights enter only the mean.
     """
     ws = check_cluster(members, weights)
-    n_members = len(ws)
+    t = model_stock_ratio(gram(members, center=base), len(ws))
+    return model_stock_apply(members, ws, base, t)
+
+
+def model_stock_ratio(g: Tensor, n_members: int) -> float:
+    """t from the Gram matrix of the task vectors (members centred on the base)."""
     if n_members < 2:
         raise ValueError(
             "model_stock needs at least 2 members: it measures the angle between their task "
             f"vectors, got {n_members}"
         )
-    g = gram(members, center=base)
     norms = g.diagonal().clamp(min=0).sqrt()
     cos = (g / (norms[:, None] * norms[None, :]).clamp(min=1e-6)).clamp(-1.0, 1.0)
     i, j = torch.triu_indices(n_members, n_members, offset=1)
     cos_theta = min(max(float(cos[i, j].mean()), 0.0), 1.0)
-    t = n_members * cos_theta / (1 + (n_members - 1) * cos_theta)
+    return n_members * cos_theta / (1 + (n_members - 1) * cos_theta)
+
+
+def model_stock_apply(members: Sequence[Tensor], ws: list[float], base: Tensor,
+                      t: float) -> Tensor:
     return combine([mean(members, ws), base], [t, 1.0 - t])
 
 
@@ -150,13 +171,19 @@ def karcher(
     ws = check_cluster(members, weights)
     if len(ws) == 1:
         return members[0].clone()
+    return karcher_apply(members, karcher_coeffs(gram(members), ws, maxiter=maxiter, tol=tol))
+
+
+def karcher_coeffs(g: Tensor, ws: list[float], *, maxiter: int,
+                   tol: float) -> tuple[list[int], list[float]]:
+    """(members with a direction, their coefficients) from the uncentred Gram matrix; no
+    members means a zero result."""
     w = torch.tensor(ws, dtype=_F64)
-    g = gram(members)
     norms = g.diagonal().clamp(min=0).sqrt()
     scale = float((w * norms).sum() / w.sum())
     valid = (norms > tol).nonzero().flatten().tolist()
     if not valid:
-        return torch.zeros_like(members[0])
+        return [], []
     nv = norms[valid]
     k = g[valid][:, valid] / (nv[:, None] * nv[None, :])  # Gram matrix of the unit vectors
     alpha = w[valid] / w[valid].sum()
@@ -184,5 +211,11 @@ def karcher(
         unit_norm = length(c)
         if unit_norm > tol:
             c = c / unit_norm
-    coeffs = (scale * c / nv).tolist()
+    return valid, (scale * c / nv).tolist()
+
+
+def karcher_apply(members: Sequence[Tensor], plan: tuple[list[int], list[float]]) -> Tensor:
+    valid, coeffs = plan
+    if not valid:
+        return torch.zeros_like(members[0])
     return combine([members[i] for i in valid], coeffs)

@@ -14,6 +14,7 @@ import threading
 import torch
 
 from ..diagnostics import KmxError, error
+from ..io.dtypes import DTYPES
 from ..io.header import TensorInfo
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -77,6 +78,14 @@ class Reader:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+
+
+def part(info: TensorInfo, span: tuple[int, int]) -> TensorInfo:
+    """Flat elements [a, b) of a stored tensor, as a 1-D tensor of its own."""
+    a, b = span
+    item = DTYPES[info.dtype].itemsize
+    return TensorInfo(info.name, info.dtype, (b - a,), info.file, info.begin + a * item,
+                      info.begin + b * item)
 
 
 class Scratch:

@@ -1,0 +1,197 @@
+"""Out-of-core keys: evaluate a key's graph over chunks of its flattened elements when its
+members do not fit the memory limit together (planning and the rules: outofcore.py).
+
+The passes, in the key's evaluation order:
+1. each whole-key filter (trim, della, ...) is computed one member at a time, in memory, and
+   spilled to a temporary file in the compute dtype;
+2. each Gram method accumulates its members' Gram matrix over the chunks, then solves for
+   its coefficients;
+3. a last pass forms the outputs chunk by chunk and hands each piece to the writer.
+Inputs are read chunk by chunk in their stored dtype and widened per chunk.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+
+import torch
+
+from ..diagnostics import KmxError, error
+from ..io.header import TensorInfo
+from ..ir import Node
+from ..outofcore import GRAM_OPS, SPLIT_OPS, WHOLE_OPS
+from ..schedule import KeyJob
+from . import ops
+from .ops_base import GramSum
+from .tensors import Reader, part, to_bytes
+
+Span = tuple[int, int]
+# A piece of an output: (index into job.outputs, byte offset within the key, bytes).
+Piece = tuple[int, int, memoryview]
+
+
+class Streamed:
+    """An out-of-core key's outputs, produced piece by piece as they are iterated: each piece
+    must be written before the next is asked for (they live in reused buffers)."""
+
+    def __init__(self, pieces: Iterator[Piece]):
+        self.pieces = pieces
+
+    def __iter__(self) -> Iterator[Piece]:
+        return self.pieces
+
+
+def run_chunked(ev, job: KeyJob, raw_ok: set[int], spill_root: str) -> Streamed:
+    return Streamed(_ChunkedKey(ev, job, raw_ok, spill_root).pieces())
+
+
+class _ChunkedKey:
+    def __init__(self, ev, job: KeyJob, raw_ok: set[int], spill_root: str):
+        self.ev, self.job, self.raw_ok = ev, job, raw_ok
+        self.shape = job.outputs[0].shape
+        self.numel = 1
+        for d in self.shape:
+            self.numel *= d
+        self.chunk = job.ooc.chunk_elems
+        self.spill_root = spill_root
+        self.spill_reader = Reader()
+        # id(node) -> its value for a span, read back from spills (inputs not evaluated)
+        self.given: dict[int, Callable[[Span | None], object]] = {}
+        # id(node) -> its value from its inputs' values (Gram methods once solved)
+        self.replaced: dict[int, Callable[[list], object]] = {}
+
+    def spans(self) -> Iterator[Span]:
+        for a in range(0, self.numel, self.chunk):
+            yield a, min(self.numel, a + self.chunk)
+
+    def pieces(self) -> Iterator[Piece]:
+        folder = tempfile.mkdtemp(prefix=".kmx-spill-", dir=self.spill_root)
+        try:
+            for n in self.job.steps:
+                if n.op in GRAM_OPS:
+                    self.solve(n)
+                elif n.op in WHOLE_OPS or n.op in SPLIT_OPS:
+                    self.spill(n, folder)
+            targets = [o.node for o in self.job.outputs]
+            into = {id(o.node): f"out{k}" for k, o in enumerate(self.job.outputs)}
+            scratch = self.ev.scratch
+            for a, b in self.spans():
+                values = self.evaluate(targets, (a, b), into)
+                for k, o in enumerate(self.job.outputs):
+                    data = to_bytes(values[id(o.node)], o.dtype, scratch,
+                                    "read" if k == 0 else f"cast{k}")
+                    yield k, a * (data.nbytes // (b - a)), data
+        finally:
+            self.spill_reader.close()
+            shutil.rmtree(folder, ignore_errors=True)
+
+    # ------------------------------------------------------------ evaluation
+
+    def evaluate(self, targets: list[Node], span: Span | None, into: dict | None = None):
+        """The targets' values over `span` (None: the whole key, shaped): the job's steps
+        that lead to them, stopping at spilled values."""
+        job, ev = self.job, self.ev
+        needed = self.needed(targets)
+        keep = {id(t) for t in targets}
+        values: dict[int, object] = {}
+        for i, n in enumerate(job.steps):
+            if id(n) in needed:
+                if id(n) in self.given:
+                    values[id(n)] = self.given[id(n)](span)
+                elif id(n) in self.replaced:
+                    values[id(n)] = self.replaced[id(n)]([values[id(x)] for x in n.inputs])
+                else:
+                    values[id(n)] = ev.step(n, job.key, values, id(n) in self.raw_ok, job,
+                                            into or {}, span)
+            for m in job.free_after[i]:
+                if id(m) not in keep:
+                    values.pop(id(m), None)
+        return values
+
+    def needed(self, targets: list[Node]) -> set[int]:
+        out, stack = set(), list(targets)
+        while stack:
+            n = stack.pop()
+            if id(n) in out or id(n) in self.job.deferred:
+                continue
+            out.add(id(n))
+            if id(n) in self.given:
+                continue
+            stack.extend((self.job.union_choice[id(n)],) if n.op == "union" else n.inputs)
+        return out
+
+    # ------------------------------------------------------------ Gram methods
+
+    def solve(self, n: Node) -> None:
+        """One pass over the chunks accumulating the Gram matrix; then the node is formed from
+        its inputs' chunks with the coefficients found."""
+        acc, args, kwargs = None, None, None
+        for span in self.spans():
+            values = self.evaluate(list(n.inputs), span)
+            args, kwargs = self.ev.call_args(n, self.job.key, [values[id(x)] for x in n.inputs])
+            rows = ops.GramMethod.rows(args)
+            acc = acc or GramSum(len(rows))
+            acc.add(rows, ops.GramMethod.center(n.op, args, kwargs))
+        form = ops.GramMethod.solve(n.op, acc.result(), args, kwargs)
+        key = self.job.key
+
+        def formed(ins: list):
+            a, kw = self.ev.call_args(n, key, ins)
+            return form(*a, **kw)
+
+        self.replaced[id(n)] = formed
+
+    # ------------------------------------------------------------ whole-key filters
+
+    def spill(self, n: Node, folder: str) -> None:
+        """Compute the filter one member at a time over the whole key and write each result
+        to a temporary file; later passes read it back chunk by chunk."""
+        key = self.job.key
+        if n.op in SPLIT_OPS:  # ties: trim each member alone, elect over chunks
+            (_, weights), kwargs = self.ev.call_args(n, key, [None] * len(n.inputs))
+            infos = []
+            for i, x in enumerate(n.inputs):
+                member = self.evaluate([x], None)[id(x)]
+                infos.append(self.write_spill(ops.trim(member, density=kwargs["density"]),
+                                              folder, f"{id(n)}-{i}"))
+                del member
+            rule = kwargs.get("rule", "mass")
+
+            def elected(span):
+                return ops.elect([self.read_spill(info, span) for info in infos], weights,
+                                 rule=rule)
+
+            self.given[id(n)] = elected
+            return
+        values = self.evaluate(list(n.inputs), None)
+        result = self.ev.kernel(n, key, [values[id(x)] for x in n.inputs])
+        del values
+        info = self.write_spill(result, folder, str(id(n)))
+        self.given[id(n)] = lambda span: self.read_spill(info, span)
+
+    def write_spill(self, t: torch.Tensor, folder: str, name: str) -> TensorInfo:
+        path = os.path.join(folder, name)
+        data = memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                done = 0
+                while done < data.nbytes:
+                    done += os.pwrite(fd, data[done:], done)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise KmxError([error(
+                "K0402", f"cannot write a temporary file for out-of-core key `{self.job.key}` "
+                f"in `{folder}`: {exc.strerror}",
+                help="out-of-core keys spill filtered members next to the output (see `kmx "
+                     "plan`): free some space, or raise --memory-limit")]) from None
+        dtype = {torch.float32: "F32", torch.float64: "F64"}[t.dtype]
+        return TensorInfo(name, dtype, tuple(t.shape), path, 0, data.nbytes)
+
+    def read_spill(self, info: TensorInfo, span: Span | None) -> torch.Tensor:
+        t = self.spill_reader.read(part(info, span) if span else info)
+        return t.to(self.ev.device)

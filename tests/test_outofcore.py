@@ -1,0 +1,139 @@
+"""Out-of-core keys: a key whose members do not fit --memory-limit runs in chunks, with the
+same bytes as the in-memory run; the plan says which keys and what it costs; measured memory
+stays under the limit."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from karmixlang.api import compile as compile_recipe
+from karmixlang.diagnostics import KmxError
+from karmixlang.runtime import ops_base
+from karmixlang.runtime.executor import RunOptions, execute
+from karmixlang.synth import write_model
+
+from conftest import recipe
+
+MB = 1 << 20
+
+
+def pool(folder, n: int, big=(256, 256), seed=0) -> None:
+    """A base and `n` fine-tunes: one large fp16 key, smaller fp32 keys, an integer buffer."""
+    rng = np.random.default_rng(seed)
+    base = {
+        "big.w": rng.normal(size=big).astype(np.float16),
+        "conv.w": rng.normal(size=(8, 4, 3, 3)).astype(np.float32),
+        "norm.b": rng.normal(size=(16,)).astype(np.float32),
+        "ids": np.arange(6, dtype=np.int64),
+    }
+    write_model(os.path.join(folder, "base.safetensors"), base)
+    os.makedirs(os.path.join(folder, "m"), exist_ok=True)
+    for i in range(n):
+        tuned = {k: (v + (0.05 * rng.normal(size=v.shape)).astype(v.dtype)
+                     if v.dtype.kind == "f" else v) for k, v in base.items()}
+        write_model(os.path.join(folder, "m", f"{i:03d}.safetensors"), tuned)
+
+
+HEAD = """
+import "std/recipes.kmx" as std
+base o = "base.safetensors"
+cluster pool = glob("m/*.safetensors")
+"""
+
+RECIPES = {
+    "geometric_median": 'save "out.safetensors" = o + geometric_median(pool - o)',
+    "dgmla": 'save "out.safetensors" = std.dgmla(pool, o, 7)',
+    "model_stock": 'save "out.safetensors" = std.model_stock_soup(pool, o)',
+    "karcher_slerp": ('model a = "m/000.safetensors"\nmodel b = "m/001.safetensors"\n'
+                      'save "out.safetensors" = o + karcher(pool - o) + slerp(a, b, t=0.3) - a'),
+    "ties": 'save "out.safetensors" = std.ties_merging(pool, o)',
+    "ties_soup": 'save "out.safetensors" = std.ties_soup(pool, o)',
+    "dare_median": 'save "out.safetensors" = o + median(dare(pool - o, p=0.5, seed=3))',
+    "breadcrumbs": 'save "out.safetensors" = std.breadcrumbs_ties(pool, o)',
+    "dgmiz_two_saves": ('save "out.safetensors" = std.dgmiz(pool, o, 5)\n'
+                        'save "avg.safetensors" = mean(pool) with dtype="fp16", fallback=o'),
+}
+
+
+@pytest.fixture
+def small_slices(monkeypatch):
+    """Kernel slices small enough that the tiny test keys still split into several: the
+    out-of-core chunks then cover whole slices, as they do at real sizes."""
+    monkeypatch.setattr(ops_base, "_CHUNK_ELEMS", 1 << 14)
+
+
+def run_both(folder, text: str, limit: int):
+    path = recipe(folder, HEAD + text)
+    chunked = compile_recipe(path, threads=2, memory_limit=limit)
+    ooc = [j for j in chunked.schedule.jobs if j.ooc is not None]
+    execute(chunked, RunOptions(threads=2, memory_limit=limit))
+    outs = [s.path for s in chunked.graph.saves]
+    got = {p: open(p, "rb").read() for p in outs}
+    execute(compile_recipe(path, threads=2), RunOptions(threads=2, force=True))
+    want = {p: open(p, "rb").read() for p in outs}
+    return ooc, got, want
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_out_of_core_output_is_bit_identical(tmp_path, small_slices, name):
+    pool(tmp_path, 6)
+    ooc, got, want = run_both(tmp_path, RECIPES[name], 3 * MB)
+    assert [j.key for j in ooc] == ["big.w"]
+    assert ooc[0].ooc.chunks > 1
+    for path in want:
+        assert got[path] == want[path], path
+
+
+def test_plan_names_out_of_core_keys_and_their_cost(tmp_path):
+    pool(tmp_path, 6)
+    path = recipe(tmp_path, HEAD + RECIPES["dgmla"])
+    data = json.loads(subprocess.run(
+        [sys.executable, "-m", "karmixlang", "plan", path, "--json", "--memory-limit", "3MB",
+         "--threads", "2"], capture_output=True, text=True, check=True).stdout)
+    ooc = data["totals"]["out_of_core"]
+    assert ooc["keys"] == 1 and ooc["examples"][0]["key"] == "big.w"
+    ex = ooc["examples"][0]
+    assert ex["gram_passes"] == 1  # one geometric median
+    assert ex["spilled"] == 6  # every member's DELLA result
+    assert ex["spill_bytes"] == 6 * 256 * 256 * 4
+    assert ex["extra_read_bytes"] > 0
+    text = subprocess.run([sys.executable, "-m", "karmixlang", "plan", path, "--memory-limit",
+                           "3MB", "--threads", "2"], capture_output=True, text=True,
+                          check=True).stdout
+    assert "Out of core (1 key" in text and "big.w" in text
+    # Unlimited, nothing goes out of core and the plan says nothing about it.
+    plain = subprocess.run([sys.executable, "-m", "karmixlang", "plan", path],
+                           capture_output=True, text=True, check=True).stdout
+    assert "Out of core" not in plain
+
+
+def test_a_member_that_cannot_fit_is_a_planning_error(tmp_path):
+    pool(tmp_path, 3)
+    path = recipe(tmp_path, HEAD + RECIPES["ties"])
+    with pytest.raises(KmxError) as exc:
+        compile_recipe(path, memory_limit=512 << 10)
+    d = exc.value.diagnostics[0]
+    assert d.code == "K0408" and "big.w" in d.message and "--memory-limit" in d.help
+
+
+def test_many_models_run_under_a_tight_limit(tmp_path):
+    """32 fine-tunes of a 16M-element key: 2 GB to hold in fp32, merged by geometric median
+    under a 256 MB limit. Measured in a fresh process (resident growth during the run)."""
+    pool(tmp_path, 32, big=(4096, 4096))
+    path = recipe(tmp_path, HEAD + RECIPES["geometric_median"])
+    proc = subprocess.run([sys.executable, "-m", "karmixlang", "run", path, "--memory-limit",
+                           "256MB", "--threads", "2", "-q"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    peak = re.search(r"peak memory ([\d.]+) (MB|GB|KB|B) \(resident growth\)", proc.stderr)
+    value = float(peak.group(1)) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[peak.group(2)]
+    assert value < 256 * MB, proc.stderr
+    chunked = open(tmp_path / "out.safetensors", "rb").read()
+    execute(compile_recipe(path, threads=2), RunOptions(threads=2, force=True))
+    assert open(tmp_path / "out.safetensors", "rb").read() == chunked
