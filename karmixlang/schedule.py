@@ -61,7 +61,7 @@ class KeyJob:
     key: str
     steps: list[Node]
     union_choice: dict[int, Node]  # id(union node) -> the input this key comes from
-    deferred: frozenset[int]  # loads read inside their linear consumer, one at a time
+    deferred: frozenset[int]  # loads and combinations evaluated inside their linear consumer
     loads: list[Node]  # every input this key reads
     free_after: list[list[Node]]  # free_after[i]: values to drop once step i is done
     outputs: list[Output]
@@ -348,22 +348,36 @@ def _template(outputs: list[Output], key: str, keys, order: dict[Node, int], ite
     def used(n: Node):
         return (choices[id(n)],) if n.op == "union" else n.inputs
 
-    # A load whose only use is one linear combination is read inside it, accumulated, and
-    # dropped: a weighted sum of N models then holds one input at a time, not N.
+    # A load or linear combination whose only use is one linear combination is evaluated
+    # inside it, accumulated, and dropped: a weighted sum of N models, or Σ wᵢ(mᵢ − base),
+    # then holds one input at a time, not N (same arithmetic, in reused buffers).
     uses: dict[int, int] = {}
     for n in steps:
         for inp in used(n):
             uses[id(inp)] = uses.get(id(inp), 0) + 1
     outs = {id(o.node) for o in outputs}
     deferred = frozenset(id(i) for n in steps if n.op in LINEAR_OPS for i in n.inputs
-                         if i.op == "load" and uses[id(i)] == 1 and id(i) not in outs)
+                         if i.op in LINEAR_OPS | {"load"} and uses[id(i)] == 1
+                         and id(i) not in outs)
     steps = [n for n in steps if id(n) not in deferred]
+
+    def feeds(x: Node):
+        """The values a deferred subtree reads (depth-first through deferred nodes)."""
+        for y in x.inputs:
+            if id(y) in deferred:
+                yield from feeds(y)
+            else:
+                yield y
+
+    def depth(x: Node) -> int:  # nesting of deferred combinations: one buffer per level
+        return max((1 + depth(y) for y in x.inputs if id(y) in deferred and y.op != "load"),
+                   default=0)
 
     last = {id(n): i for i, n in enumerate(steps)}
     for i, n in enumerate(steps):
         for inp in used(n):
-            if id(inp) not in deferred:
-                last[id(inp)] = max(last[id(inp)], i)
+            for y in (feeds(inp) if id(inp) in deferred else (inp,)):
+                last[id(y)] = max(last[id(y)], i)
     end = len(steps)
     for out in outputs:
         last[id(out.node)] = end
@@ -381,7 +395,8 @@ def _template(outputs: list[Output], key: str, keys, order: dict[Node, int], ite
     for i, n in enumerate(steps):
         live += size[id(n)]
         if n.op == "load" or any(id(x) in deferred for x in n.inputs):
-            work = RAW_READ + (item if n.op != "load" else 0)  # read buffer (+ one input)
+            # read buffer (+ one widened input, + one buffer per nested combination)
+            work = RAW_READ + (item * (1 + depth(n)) if n.op != "load" else 0)
         else:
             work = 0 if n.op in ALIAS_OPS else _workspace(n.op, len(n.inputs), 1, item)
         peak = max(peak, live + work)

@@ -115,7 +115,10 @@ class _ChunkedKey:
         out, stack = set(), list(targets)
         while stack:
             n = stack.pop()
-            if id(n) in out or id(n) in self.job.deferred:
+            if id(n) in out:
+                continue
+            if id(n) in self.job.deferred:  # evaluated inside its consumer, from its inputs
+                stack.extend(n.inputs)
                 continue
             out.add(id(n))
             if id(n) in self.given:

@@ -204,10 +204,10 @@ class _Evaluator:
         return t
 
     def linear(self, n: Node, key: str, values: dict, job: KeyJob, scratch: str | None,
-               span=None):
-        """Σ cᵢxᵢ accumulated in input order (as ops.combine does); deferred loads are read
-        here one at a time, and `scratch` names the reused buffer of a result that is only
-        written out."""
+               span=None, depth: int = 0):
+        """Σ cᵢxᵢ accumulated in input order (as ops.combine does); deferred inputs (loads,
+        and combinations used only here) are evaluated here one at a time, and `scratch`
+        names the reused buffer of a result that is only written out or summed at once."""
         if n.op == "lincomb":
             coeffs = [c.at(key) if isinstance(c, KeyMap) else c for c in n.attr("coeffs")]
         else:
@@ -216,7 +216,12 @@ class _Evaluator:
             coeffs = [w / total for w in ws]
         acc = None
         for x, c in zip(n.inputs, coeffs):
-            t = self.load_widened(x, key, span) if id(x) in job.deferred else values[id(x)]
+            if id(x) not in job.deferred:
+                t = values[id(x)]
+            elif x.op == "load":
+                t = self.load_widened(x, key, span)
+            else:
+                t = self.linear(x, key, values, job, f"nested{depth + 1}", span, depth + 1)
             if acc is None:  # never an input itself: the first input may be shared
                 if scratch is not None and t.device.type == "cpu":
                     nbytes = t.numel() * self.compute.itemsize
@@ -260,9 +265,13 @@ def _raw_loads(job: KeyJob) -> set[int]:
         return (job.union_choice[id(n)],) if n.op == "union" else n.inputs
 
     computed = set()
-    for n in job.steps:
-        if n.op not in ALIAS_OPS:
-            computed.update(id(i) for i in used(n))
+    stack = [n for n in job.steps if n.op not in ALIAS_OPS]
+    while stack:  # through deferred combinations too: what they read is computed with
+        n = stack.pop()
+        for i in used(n):
+            computed.add(id(i))
+            if id(i) in job.deferred:
+                stack.append(i)
     # Follow aliases down to their loads.
     for n in reversed(job.steps):
         if n.op in ALIAS_OPS and id(n) in computed:
