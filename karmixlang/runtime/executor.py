@@ -181,13 +181,16 @@ class _Evaluator:
         return t
 
     @staticmethod
-    def check_finite(t: torch.Tensor, n: Node, key: str) -> None:
+    def finite(t: torch.Tensor) -> bool:
         # A NaN or Inf anywhere makes the sum non-finite, and a plain sum is ~20x cheaper than
         # isfinite(); only a non-finite sum (or an overflow) needs the exact test.
-        if not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):
+        return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
+
+    def check_finite(self, t: torch.Tensor, n: Node, key: str) -> None:
+        if not self.finite(t):
             raise NonFinite(n, key)
 
-    def load_widened(self, n: Node, key: str, span=None) -> torch.Tensor:
+    def load_widened(self, n: Node, key: str, span=None, check: bool = True) -> torch.Tensor:
         """A deferred input, read and widened through this thread's reused buffers (valid
         until its next call): streaming a weighted sum then allocates nothing per input."""
         info = self.headers[n].tensors[key]
@@ -200,7 +203,8 @@ class _Evaluator:
         else:
             wide = self.scratch.get("wide", raw.numel() * self.compute.itemsize)
             t = wide.view(self.compute).view(raw.shape).copy_(raw)
-        self.check_finite(t, n, key)
+        if check:
+            self.check_finite(t, n, key)
         return t
 
     def linear(self, n: Node, key: str, values: dict, job: KeyJob, scratch: str | None,
@@ -214,12 +218,15 @@ class _Evaluator:
             ws = list(n.attr("weights"))
             total = math.fsum(ws) if n.op == "mean" else 1.0
             coeffs = [w / total for w in ws]
-        acc = None
+        acc, streamed = None, []
         for x, c in zip(n.inputs, coeffs):
             if id(x) not in job.deferred:
                 t = values[id(x)]
             elif x.op == "load":
-                t = self.load_widened(x, key, span)
+                # Checked through the result: a NaN or Inf in any term (whatever its
+                # coefficient, as 0·Inf is NaN) makes the sum non-finite.
+                t = self.load_widened(x, key, span, check=False)
+                streamed.append(x)
             else:
                 t = self.linear(x, key, values, job, f"nested{depth + 1}", span, depth + 1)
             if acc is None:  # never an input itself: the first input may be shared
@@ -232,6 +239,9 @@ class _Evaluator:
             else:
                 acc.add_(t, alpha=c)
             del t
+        if streamed and not self.finite(acc):  # name the input (or it was an overflow)
+            for x in streamed:
+                self.load_widened(x, key, span)
         return acc
 
     def call_args(self, n: Node, key: str, ins: list) -> tuple[list, dict]:
