@@ -231,8 +231,12 @@ def _workspace(op: str, inputs: int, numel: int, item: int) -> int:
     if op in _STACKED:
         factor = {"median": 3.5, "ties_merge": 1.5, "model_stock": 1.5}
         return int(factor.get(op, 1) * inputs * numel * item)
-    if op in ("della", "trim", "breadcrumbs", "dare"):
-        return numel * 16  # ranks / random draws in 64-bit
+    if op in ("trim", "breadcrumbs"):
+        return numel * 4  # magnitudes, partitioned in place (ops_sparse, bench/kernels.py)
+    if op == "dare":
+        return numel * 2  # random draws, slice by slice
+    if op == "della":
+        return numel * 12  # packed sort keys and int32 ranks
     if op == "iso":
         return 3 * numel * item
     return numel * item
