@@ -3,12 +3,13 @@ runs in chunks instead (runtime/chunked.py executes it). No torch here.
 
 A key's graph is evaluated over chunks of its flattened elements, in passes:
 
-- element-wise ops (arithmetic, means, medians, sign election, clamp...) work on a chunk as on
-  the whole key, so they cost nothing extra;
+- element-wise ops (arithmetic, means, medians, sign election, clamp, dare — whose random
+  stream is indexed by flat position...) work on a chunk as on the whole key, so they cost
+  nothing extra;
 - Gram methods (geometric_median, model_stock, karcher, slerp) need the members' fp64 Gram
   matrix: one pass accumulates it chunk by chunk, the iterations run on coefficients, and
   the result is formed chunk by chunk in a later pass — one extra pass each;
-- whole-key filters (trim, della, breadcrumbs, iso, dare, and the trim inside ties) need a
+- whole-key filters (trim, della, breadcrumbs, iso, and the trim inside ties) need a
   rank, threshold or SVD of the whole tensor: each filtered member is computed alone, in
   memory, and spilled to a temporary file in the compute dtype, which later passes read in
   chunks. A single member of the key must therefore fit the limit.
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from .ir import Node
 
 GRAM_OPS = frozenset({"geometric_median", "model_stock", "karcher", "slerp"})
-WHOLE_OPS = frozenset({"trim", "della", "breadcrumbs", "iso", "dare"})
+WHOLE_OPS = frozenset({"trim", "della", "breadcrumbs", "iso"})
 SPLIT_OPS = frozenset({"ties"})  # trim each member whole, elect chunk by chunk
 MIN_CHUNK = 1 << 12
 # An out-of-core key takes at most this share of the limit per thread in flight, leaving the

@@ -500,7 +500,7 @@ def plan_out_of_core(graph: Graph, jobs: list[KeyJob], limit: int, threads: int,
             "K0408", f"key `{job.key}` needs ~{need:,} bytes even out of core, over the memory "
             f"limit of {limit:,} bytes{more}", graph.saves[job.outputs[0].save].span,
             label="in this save",
-            help="a whole-key filter (trim, della, breadcrumbs, iso, dare, ties) holds one "
+            help="a whole-key filter (trim, della, breadcrumbs, iso, ties) holds one "
                  "member of the key in memory: raise --memory-limit")])
 
 

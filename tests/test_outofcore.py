@@ -56,6 +56,7 @@ RECIPES = {
     "ties": 'save "out.safetensors" = std.ties_merging(pool, o)',
     "ties_soup": 'save "out.safetensors" = std.ties_soup(pool, o)',
     "dare_median": 'save "out.safetensors" = o + median(dare(pool - o, p=0.5, seed=3))',
+    "dare_ties": 'save "out.safetensors" = std.dare_ties(pool, o, 11)',
     "breadcrumbs": 'save "out.safetensors" = std.breadcrumbs_ties(pool, o)',
     "dgmiz_two_saves": ('save "out.safetensors" = std.dgmiz(pool, o, 5)\n'
                         'save "avg.safetensors" = mean(pool) with dtype="fp16", fallback=o'),

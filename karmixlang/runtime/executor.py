@@ -164,7 +164,7 @@ class _Evaluator:
             return ins[0]
         if n.op == "pick":
             return ins[0][n.attr("index")]
-        return self.kernel(n, key, ins)
+        return self.kernel(n, key, ins, span)
 
     def read(self, n: Node, key: str, span, into: torch.Tensor | None = None) -> torch.Tensor:
         info = self.headers[n].tensors[key]
@@ -244,8 +244,9 @@ class _Evaluator:
                 self.load_widened(x, key, span)
         return acc
 
-    def call_args(self, n: Node, key: str, ins: list) -> tuple[list, dict]:
-        """The positional and keyword arguments of n's kernel, from its input values."""
+    def call_args(self, n: Node, key: str, ins: list, span=None) -> tuple[list, dict]:
+        """The positional and keyword arguments of n's kernel, from its input values (a
+        random filter on a chunk also gets the chunk's place, for its random stream)."""
         b = _KERNELS[n.op]
         attrs = {k: (v.at(key) if isinstance(v, KeyMap) else v) for k, v in n.attrs}
         args, kwargs, pos = [], {}, 0
@@ -261,10 +262,12 @@ class _Evaluator:
                 kwargs[p.name] = attrs.pop(p.name)
         if "member" in attrs:
             kwargs.update(key=key, member=attrs.pop("member"))
+            if span:
+                kwargs["offset"] = span[0]
         return args, kwargs
 
-    def kernel(self, n: Node, key: str, ins: list):
-        args, kwargs = self.call_args(n, key, ins)
+    def kernel(self, n: Node, key: str, ins: list, span=None):
+        args, kwargs = self.call_args(n, key, ins, span)
         return getattr(ops, n.op)(*args, **kwargs)
 
 

@@ -203,14 +203,16 @@ def _random_keep(
     key: str,
     member: int,
     out: Tensor | None = None,
+    offset: int = 0,
 ) -> Tensor:
     """d with flat element i kept when u_i < q_i (divided by q_i if rescale), else zero; into
-    out (flat, d's dtype) if given, whose slice keep_prob may read before it is written."""
+    out (flat, d's dtype) if given, whose slice keep_prob may read before it is written.
+    `offset`: d is flat elements [offset, offset + d.numel()) of a larger key."""
     flat = d.reshape(-1)
     out = torch.empty_like(flat) if out is None else out
     for sl in _slices(flat.numel()):
         q = keep_prob(sl)
-        u = uniform(seed, key, member, sl.stop - sl.start, sl.start)
+        u = uniform(seed, key, member, sl.stop - sl.start, offset + sl.start)
         if d.device.type == "cpu":  # numpy compares ~3× faster
             keep = torch.from_numpy(np.less(u, q.numpy() if torch.is_tensor(q) else q))
         else:
@@ -225,13 +227,16 @@ def _random_keep(
 
 
 def dare(
-    d: Tensor, *, p: float, seed: int, rescale: bool = True, key: str, member: int
+    d: Tensor, *, p: float, seed: int, rescale: bool = True, key: str, member: int,
+    offset: int = 0,
 ) -> Tensor:
-    """Drop each entry with probability p; divide the survivors by 1 − p when rescale."""
+    """Drop each entry with probability p; divide the survivors by 1 − p when rescale.
+    `offset`: d is a chunk of its key starting at that flat element (out-of-core keys)."""
     if p >= 1:
         return torch.zeros_like(d)
     return _random_keep(
-        d, lambda sl: 1.0 - p, rescale=rescale, seed=seed, key=key, member=member
+        d, lambda sl: 1.0 - p, rescale=rescale, seed=seed, key=key, member=member,
+        offset=offset,
     )
 
 
