@@ -46,7 +46,7 @@ def compile(path: str, overrides: dict[str, str] | None = None, *, threads: int 
     if program is None:
         raise KmxError(diags)
     graph = optimize(lower(program))
-    sched = schedule(graph, compute_dtype, strict, memory_limit=memory_limit, threads=threads)
+    sched = schedule(graph, compute_dtype, strict, memory_limit=memory_limit)
     _guard_outputs(graph, sched)
     plan = build_plan(path, graph, sched, threads, compute_dtype, executor=executor)
     return Compiled(program, graph, sched, plan, diags + base_choice_warnings(graph),

@@ -16,7 +16,11 @@ A key's graph is evaluated over chunks of its flattened elements, in passes:
 
 Chunks are a power of two in length, so they split into the same slices that the in-memory
 kernels use (ops_base.flat_slices): out-of-core results are bit-identical to in-memory ones
-whenever the chunk is at least one such slice.
+whenever the chunk is at least one such slice, which the chunk length is raised to when the
+limit allows.
+
+A key that fits the limit but is large (CHUNK_ABOVE_BYTES) and needs no whole-key filter runs
+in chunks as well: it costs at most the Gram passes' rereads and bounds resident memory.
 """
 
 from __future__ import annotations
@@ -25,13 +29,26 @@ from dataclasses import dataclass
 
 from .ir import Node
 
+# The kernels work on power-of-two slices of a key's flattened elements, about this many
+# elements in all over the stacked rows (runtime/ops_base.flat_slices).
+KERNEL_SLICE_ELEMS = 1 << 21
+MIN_SLICE = 1 << 12
 GRAM_OPS = frozenset({"geometric_median", "model_stock", "karcher", "slerp"})
 WHOLE_OPS = frozenset({"trim", "della", "breadcrumbs", "iso"})
 SPLIT_OPS = frozenset({"ties"})  # trim each member whole, elect chunk by chunk
-MIN_CHUNK = 1 << 12
-# An out-of-core key takes at most this share of the limit per thread in flight, leaving the
-# rest for other keys, read buffers and what the allocator keeps.
-OOC_SHARE = 2
+MIN_CHUNK = MIN_SLICE
+# A key over the limit gets chunks of at most this share of it, leaving the rest for other
+# keys, read buffers and what the allocator keeps (admission keeps the sum under the limit).
+OOC_SHARE = 4
+# A key that fits the limit but would hold more than this runs in chunks too, when that costs
+# no temporary files (no whole-key filter): large buffers cost page faults, and resident
+# memory then stays near this per key in flight.
+CHUNK_ABOVE_BYTES = 32 << 20
+
+
+def slice_step(rows: int) -> int:
+    """The kernels' slice length for `rows` stacked tensors (a power of two)."""
+    return max(MIN_SLICE, _pow2_floor(KERNEL_SLICE_ELEMS // max(rows, 1)))
 
 
 @dataclass(frozen=True)
@@ -44,6 +61,7 @@ class OutOfCore:
     extra_read_bytes: int  # reads beyond reading every input once (repeat passes, spills)
     whole_bytes: int  # peak of computing one whole-key filter in memory
     chunk_bytes: int  # peak of evaluating one chunk
+    over_limit: bool  # chunked because it does not fit the limit (else: to bound memory)
 
 
 def barriers(steps: list[Node]) -> list[Node]:
@@ -62,20 +80,32 @@ def _pow2_floor(n: int) -> int:
     return 1 << max(0, n.bit_length() - 1)
 
 
-def plan_key(job, per_element: float, limit: int, threads: int, item: int, headers,
-             whole_per_element) -> OutOfCore:
-    """The chunked evaluation of `job`. `per_element`: the in-memory peak bytes per element
-    (an upper bound for one chunk's); `whole_per_element(node)`: the same for computing one
-    whole-key filter alone (the caller refuses a key whose `whole_bytes` exceed the limit)."""
+def plan_key(job, per_element: float, limit: int, item: int, headers,
+             whole_per_element) -> OutOfCore | None:
+    """The chunked evaluation of `job` under `limit`, or None when it fits and chunking it
+    would not pay. `per_element`: the in-memory peak bytes per element (an upper bound for
+    one chunk's); `whole_per_element(node)`: the same for computing one whole-key filter alone
+    (the caller refuses a key whose `whole_bytes` exceed the limit). The chunk length depends
+    on the limit, never on the thread count: the bytes of a result must not."""
     numel = _numel(job.outputs[0].shape)
     walls = barriers(job.steps)
+    over = per_element * numel > limit
+    if not over and (per_element * numel <= CHUNK_ABOVE_BYTES or
+                     any(n.op not in GRAM_OPS for n in walls)):
+        return None
     # A Gram pass stacks a slice of its rows in the compute dtype and again in fp64 (the
     # in-memory estimate leaves this out: there the slice is capped by the kernel).
-    per_element += max((len(n.inputs) * (item + 8) for n in walls if n.op in GRAM_OPS),
-                       default=0)
-    budget = max(1, limit // (OOC_SHARE * max(1, threads)))
+    rows = max((len(n.inputs) for n in walls if n.op in GRAM_OPS), default=0)
+    per_element += rows * (item + 8)
+    budget = limit // OOC_SHARE if over else CHUNK_ABOVE_BYTES
     chunk = max(MIN_CHUNK, _pow2_floor(int(budget / max(per_element, 1.0))))
+    # Whole kernel slices make the Gram sums, hence the bytes, those of the in-memory run.
+    step = slice_step(rows) if rows else 0
+    if chunk < step and step * per_element <= limit // 2:
+        chunk = step
     chunk = min(chunk, max(MIN_CHUNK, 1 << max(0, (numel - 1).bit_length())))
+    if not over and chunk >= numel:
+        return None
     spilled = sum(len(n.inputs) if n.op in SPLIT_OPS else 1 for n in walls
                   if n.op not in GRAM_OPS)
     whole = max((int(whole_per_element(n) * numel) for n in walls if n.op not in GRAM_OPS),
@@ -83,7 +113,7 @@ def plan_key(job, per_element: float, limit: int, threads: int, item: int, heade
     gram_passes = sum(1 for n in walls if n.op in GRAM_OPS)
     reads = _pass_reads(job, walls, headers, item * numel)
     return OutOfCore(chunk, -(-numel // chunk), gram_passes, spilled, spilled * numel * item,
-                     max(0, reads - job.read_bytes), whole, int(chunk * per_element))
+                     max(0, reads - job.read_bytes), whole, int(chunk * per_element), over)
 
 
 def _pass_reads(job, walls: list[Node], headers, spill_size: int) -> int:

@@ -123,6 +123,7 @@ def out_of_core(sched: Schedule) -> dict | None:
         return None
     return {
         "keys": len(jobs),
+        "over_limit": sum(1 for j in jobs if j.ooc.over_limit),
         "memory_limit": sched.memory_limit,
         "extra_read_bytes": sum(j.ooc.extra_read_bytes for j in jobs),
         "largest_spill_bytes": max(j.ooc.spill_bytes for j in jobs),
@@ -223,9 +224,13 @@ def render_text(plan: Plan) -> str:
 
 
 def _out_of_core_text(ooc: dict) -> list[str]:
-    n = ooc["keys"]
-    out = [f"Out of core ({n} key{'s' if n != 1 else ''} too large to hold in memory under the "
-           f"{human_bytes(ooc['memory_limit'])} limit; they run in chunks):"]
+    n, over = ooc["keys"], ooc["over_limit"]
+    why = (f"{over} too large to hold in memory under the {human_bytes(ooc['memory_limit'])} "
+           "limit" if over else "")
+    if n > over:
+        why += ("; " if why else "") + (f"{n - over} large enough that chunks save memory at "
+                                        "no cost")
+    out = [f"Out of core ({n} key{'s' if n != 1 else ''} run in chunks: {why}):"]
     for ex in ooc["examples"]:
         spill = (f", {ex['spilled']} filtered member(s) spilled to "
                  f"{human_bytes(ex['spill_bytes'])} of temporary files") if ex["spilled"] else ""

@@ -467,10 +467,11 @@ def check_keymaps(graph: Graph, jobs: list[KeyJob]) -> None:
         raise KmxError(diags)
 
 
-def plan_out_of_core(graph: Graph, jobs: list[KeyJob], limit: int, threads: int,
-                     item: int, headers) -> None:
-    """Keys whose in-memory estimate exceeds the limit run in chunks (outofcore.py); their
-    estimate becomes the chunked one. A key that cannot fit even so is an error."""
+def plan_out_of_core(graph: Graph, jobs: list[KeyJob], limit: int, item: int,
+                     headers) -> None:
+    """Keys whose in-memory estimate exceeds the limit run in chunks (outofcore.py), and so do
+    large keys that can at no cost; their estimate becomes the chunked one. A key that cannot
+    fit even so is an error."""
     def whole_per_element(n: Node) -> float:
         # the filtered member's inputs read and widened, the result, and the filter's
         # workspace (ties: the trim of one member)
@@ -481,13 +482,13 @@ def plan_out_of_core(graph: Graph, jobs: list[KeyJob], limit: int, threads: int,
     for job in jobs:
         job.mem_bytes = job.mem_bytes or job.est_bytes
         job.ooc, job.est_bytes = None, job.mem_bytes
-        if job.mem_bytes <= limit:
-            continue
         numel = 1
         for d in job.outputs[0].shape:
             numel *= d
         per_element = job.mem_bytes / max(1, numel)
-        ooc = plan_key(job, per_element, limit, threads, item, headers, whole_per_element)
+        ooc = plan_key(job, per_element, limit, item, headers, whole_per_element)
+        if ooc is None:
+            continue
         if ooc.whole_bytes > limit:
             failures.append((job, ooc.whole_bytes))
             continue
@@ -506,15 +507,15 @@ def plan_out_of_core(graph: Graph, jobs: list[KeyJob], limit: int, threads: int,
 
 def schedule(graph: Graph, compute: str = "fp32", strict: bool = False,
              headers: dict[Node, CheckpointHeader] | None = None,
-             memory_limit: int | None = None, threads: int = 1) -> Schedule:
+             memory_limit: int | None = None) -> Schedule:
     """`memory_limit`: bytes (None: half of the available memory), which decides the keys
-    that run out of core; `threads`: keys in flight, which share it."""
+    that run out of core."""
     headers = headers if headers is not None else read_inputs(graph)
     keys = node_keys(graph, headers)
     jobs, copied = build_jobs(graph, headers, keys, compute, strict)
     check_keymaps(graph, jobs)
     limit = memory_limit or available_memory() // 2
-    plan_out_of_core(graph, jobs, limit, threads, COMPUTE_ITEMSIZE[compute], headers)
+    plan_out_of_core(graph, jobs, limit, COMPUTE_ITEMSIZE[compute], headers)
     read_once: dict[tuple[str, str], int] = {}
     for job in jobs:
         for n in job.loads:

@@ -12,10 +12,11 @@ import sys
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from karmixlang.api import compile as compile_recipe
 from karmixlang.diagnostics import KmxError
-from karmixlang.runtime import ops_base
+from karmixlang import outofcore
 from karmixlang.runtime.executor import RunOptions, execute
 from karmixlang.synth import write_model
 
@@ -67,7 +68,7 @@ RECIPES = {
 def small_slices(monkeypatch):
     """Kernel slices small enough that the tiny test keys still split into several: the
     out-of-core chunks then cover whole slices, as they do at real sizes."""
-    monkeypatch.setattr(ops_base, "_CHUNK_ELEMS", 1 << 14)
+    monkeypatch.setattr(outofcore, "KERNEL_SLICE_ELEMS", 1 << 14)
 
 
 def run_both(folder, text: str, limit: int):
@@ -108,7 +109,7 @@ def test_plan_names_out_of_core_keys_and_their_cost(tmp_path):
     text = subprocess.run([sys.executable, "-m", "karmixlang", "plan", path, "--memory-limit",
                            "3MB", "--threads", "2"], capture_output=True, text=True,
                           check=True).stdout
-    assert "Out of core (1 key" in text and "big.w" in text
+    assert "Out of core (1 key run in chunks: 1 too large" in text and "big.w" in text
     # Unlimited, nothing goes out of core and the plan says nothing about it.
     plain = subprocess.run([sys.executable, "-m", "karmixlang", "plan", path],
                            capture_output=True, text=True, check=True).stdout
@@ -138,3 +139,26 @@ def test_many_models_run_under_a_tight_limit(tmp_path):
     chunked = open(tmp_path / "out.safetensors", "rb").read()
     execute(compile_recipe(path, threads=2), RunOptions(threads=2, force=True))
     assert open(tmp_path / "out.safetensors", "rb").read() == chunked
+
+
+def test_nan_in_an_out_of_core_key_falls_back_whole(tmp_path, small_slices):
+    """A NaN found in a later chunk, after earlier pieces were written: with
+    --nonfinite=fallback the key is rewritten whole from the fallback, as in memory."""
+    pool(tmp_path, 6)
+    path = os.path.join(tmp_path, "m", "003.safetensors")
+    tensors = load_file(path)
+    tensors["big.w"][-1, -1] = np.nan  # in the last chunk
+    write_model(path, tensors)
+    text = RECIPES["geometric_median"] + " with fallback=o"
+    chunked = compile_recipe(recipe(tmp_path, HEAD + text), threads=1, memory_limit=3 * MB)
+    assert [j.key for j in chunked.schedule.jobs if j.ooc is not None] == ["big.w"]
+    with pytest.raises(KmxError) as exc:
+        execute(chunked, RunOptions(threads=1, memory_limit=3 * MB))
+    assert exc.value.diagnostics[0].code == "K0401"
+    result = execute(chunked, RunOptions(threads=1, memory_limit=3 * MB, nonfinite="fallback",
+                                         force=True))
+    assert result.fallbacks == ["big.w"]
+    got = open(tmp_path / "out.safetensors", "rb").read()
+    execute(compile_recipe(os.path.join(tmp_path, "r.kmx"), threads=1),
+            RunOptions(threads=1, nonfinite="fallback", force=True))
+    assert open(tmp_path / "out.safetensors", "rb").read() == got

@@ -479,7 +479,7 @@ def execute(compiled: Compiled, opts: RunOptions, progress=None) -> RunResult:
     threads = opts.threads or default_threads()
     limit = opts.memory_limit or compiled.schedule.memory_limit
     if limit != compiled.schedule.memory_limit:  # compiled for another limit: plan again
-        plan_out_of_core(compiled.graph, compiled.schedule.jobs, limit, threads,
+        plan_out_of_core(compiled.graph, compiled.schedule.jobs, limit,
                          COMPUTE_ITEMSIZE[opts.compute_dtype], compiled.schedule.headers)
         compiled.schedule.memory_limit = limit
     torch.set_num_threads(1)

@@ -8,12 +8,12 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from .. import outofcore
+
 # Cluster-wide element-wise work (a stack of N members, its sort indices, fp64 copies) runs
-# over slices of the flattened key so that its temporaries stay near this many elements
-# whatever the key's size. Slices are a power of two long, so an out-of-core chunk (also a
+# over slices of the flattened key so that its temporaries stay bounded whatever the key's
+# size. Slices are a power of two long (outofcore.slice_step), so an out-of-core chunk (also a
 # power of two, runtime/chunked.py) splits into exactly the slices of the in-memory run.
-_CHUNK_ELEMS = 1 << 22
-_MIN_CHUNK = 1 << 12
 
 
 def check_cluster(members: Sequence[Tensor], weights: Sequence[float]) -> list[float]:
@@ -32,8 +32,9 @@ def check_cluster(members: Sequence[Tensor], weights: Sequence[float]) -> list[f
 
 
 def flat_slices(n: int, rows: int = 1) -> Iterator[slice]:
-    """Slices covering range(n), sized so that `rows` stacked slices stay near _CHUNK_ELEMS."""
-    step = max(_MIN_CHUNK, 1 << ((_CHUNK_ELEMS // max(rows, 1)).bit_length() - 1))
+    """Slices covering range(n), sized so that `rows` stacked slices stay near
+    outofcore.KERNEL_SLICE_ELEMS elements."""
+    step = outofcore.slice_step(rows)
     for start in range(0, n, step):
         yield slice(start, min(n, start + step))
 
