@@ -467,10 +467,6 @@ def make_executor(opts: RunOptions, threads: int, limit: int):
     return LocalExecutor(threads, limit)
 
 
-class _Interrupted(Exception):
-    pass
-
-
 def execute(compiled: Compiled, opts: RunOptions, progress=None) -> RunResult:
     """Run a compiled recipe. Raises KmxError; never leaves a partial file under a final name."""
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
