@@ -44,13 +44,17 @@ class Streamed:
         return self.pieces
 
 
-def run_chunked(ev, job: KeyJob, raw_ok: set[int], spill_root: str) -> Streamed:
-    return Streamed(_ChunkedKey(ev, job, raw_ok, spill_root).pieces())
+def run_chunked(ev, job: KeyJob, raw_ok: set[int], into: dict[int, str],
+                spill_root: str) -> Streamed:
+    """`raw_ok`: loads only copied (kept in their stored dtype); `into`: outputs accumulated
+    in reused buffers (both as the executor decides for a whole key)."""
+    return Streamed(_ChunkedKey(ev, job, raw_ok, into, spill_root).pieces())
 
 
 class _ChunkedKey:
-    def __init__(self, ev, job: KeyJob, raw_ok: set[int], spill_root: str):
-        self.ev, self.job, self.raw_ok = ev, job, raw_ok
+    def __init__(self, ev, job: KeyJob, raw_ok: set[int], into: dict[int, str],
+                 spill_root: str):
+        self.ev, self.job, self.raw_ok, self.into = ev, job, raw_ok, into
         self.shape = job.outputs[0].shape
         self.numel = 1
         for d in self.shape:
@@ -76,10 +80,9 @@ class _ChunkedKey:
                 elif n.op in WHOLE_OPS or n.op in SPLIT_OPS:
                     self.spill(n, folder)
             targets = [o.node for o in self.job.outputs]
-            into = {id(o.node): f"out{k}" for k, o in enumerate(self.job.outputs)}
             scratch = self.ev.scratch
             for a, b in self.spans():
-                values = self.evaluate(targets, (a, b), into)
+                values = self.evaluate(targets, (a, b), self.into)
                 for k, o in enumerate(self.job.outputs):
                     data = to_bytes(values[id(o.node)], o.dtype, scratch,
                                     "read" if k == 0 else f"cast{k}")

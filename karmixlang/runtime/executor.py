@@ -139,10 +139,7 @@ class _Evaluator:
         before this thread runs its next job."""
         values: dict[int, object] = {}
         raw_ok = _raw_loads(job)
-        used = {id(i) for n in job.steps for i in n.inputs}
-        # A linear combination that is only written out accumulates in a reused buffer.
-        into = {id(o.node): f"out{k}" for k, o in enumerate(job.outputs)
-                if o.node.op in LINEAR_OPS and id(o.node) not in used}
+        into = output_buffers(job)
         for i, n in enumerate(job.steps):
             values[id(n)] = self.step(n, job.key, values, id(n) in raw_ok, job, into)
             for m in job.free_after[i]:
@@ -166,9 +163,9 @@ class _Evaluator:
             return ins[0][n.attr("index")]
         return self.kernel(n, key, ins, span)
 
-    def read(self, n: Node, key: str, span, into: torch.Tensor | None = None) -> torch.Tensor:
+    def read(self, n: Node, key: str, span) -> torch.Tensor:
         info = self.headers[n].tensors[key]
-        return self.reader.read(part(info, span) if span else info, into)
+        return self.reader.read(part(info, span) if span else info)
 
     def load(self, n: Node, key: str, raw: bool = False, span=None):
         """An input tensor: as stored (`raw`, for copies), or on the device in the compute
@@ -269,6 +266,13 @@ class _Evaluator:
     def kernel(self, n: Node, key: str, ins: list, span=None):
         args, kwargs = self.call_args(n, key, ins, span)
         return getattr(ops, n.op)(*args, **kwargs)
+
+
+def output_buffers(job: KeyJob) -> dict[int, str]:
+    """A linear combination that is only written out accumulates in a reused buffer."""
+    used = {id(i) for n in job.steps for i in n.inputs}
+    return {id(o.node): f"out{k}" for k, o in enumerate(job.outputs)
+            if o.node.op in LINEAR_OPS and id(o.node) not in used}
 
 
 def _raw_loads(job: KeyJob) -> set[int]:
@@ -396,7 +400,7 @@ def _pieces(compiled, ev, opts, job, fallbacks):
     if not os.path.isdir(spill_root):
         spill_root = tempfile.gettempdir()
     try:
-        yield from run_chunked(ev, job, _raw_loads(job), spill_root)
+        yield from run_chunked(ev, job, _raw_loads(job), output_buffers(job), spill_root)
     except NonFinite as nf:
         # Pieces already written are overwritten by the fallback's whole key.
         for k, (out, value) in enumerate(ev.run(_on_nonfinite(compiled, opts, job, nf,
