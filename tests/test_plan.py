@@ -233,7 +233,9 @@ def test_plan_json_schema_and_renderers(workdir):
     assert dot.startswith("digraph kmx {") and "-> save0" in dot
 
 
-def test_plan_never_imports_torch(workdir):
+@pytest.mark.parametrize("command", [["plan"], ["plan", "--executor", "ray"], ["check"],
+                                     ["fmt", "--check"]])
+def test_check_fmt_and_plan_never_import_torch(workdir, command):
     import subprocess
     import sys
 
@@ -243,10 +245,13 @@ def test_plan_never_imports_torch(workdir):
         model a = "a.safetensors"
         save "out.safetensors" = lerp(o, a, t=0.5)
     """)
-    code = ("import sys; from karmixlang.cli import main; rc = main(['plan', sys.argv[1]]); "
-            "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
-    r = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    code = ("import sys; from karmixlang.cli import main; rc = main(sys.argv[2:] + [sys.argv[1]]);"
+            " assert 'torch' not in sys.modules and 'ray' not in sys.modules, 'imported';"
+            " sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, path, *command], capture_output=True,
+                       text=True)
+    assert "imported" not in r.stderr, r.stderr
+    assert r.returncode == 0 or command[0] == "fmt" and r.returncode == 1, r.stderr
 
 
 def test_base_choice_that_cannot_matter_is_warned(workdir):
