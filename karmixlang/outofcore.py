@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .io.dtypes import DTYPES
 from .ir import Node
 
 # The kernels work on power-of-two slices of a key's flattened elements, about this many
@@ -90,6 +91,9 @@ def plan_key(job, per_element: float, limit: int, item: int, headers,
     numel = _numel(job.outputs[0].shape)
     walls = barriers(job.steps)
     over = per_element * numel > limit
+    stored = (headers[n].tensors.get(job.key) for n in job.loads)
+    if any(DTYPES[t.dtype].bits % 8 for t in stored if t is not None):
+        return None  # packed sub-byte elements (F4, F6) cannot be cut at any element
     if not over and (per_element * numel <= CHUNK_ABOVE_BYTES or
                      any(n.op not in GRAM_OPS for n in walls)):
         return None
