@@ -9,7 +9,10 @@ A key's graph is evaluated over chunks of its flattened elements, in passes:
 - Gram methods (geometric_median, model_stock, karcher, slerp) need the members' fp64 Gram
   matrix: one pass accumulates it chunk by chunk, the iterations run on coefficients, and
   the result is formed chunk by chunk in a later pass — one extra pass each;
-- whole-key filters (trim, della, breadcrumbs, iso, and the trim inside ties) need a
+- trim (alone or inside ties) finds each member's threshold, the exact k-th largest
+  magnitude, in two passes of a radix selection over fp32 magnitude bits, then masks chunk by
+  chunk — two extra passes each, and no member is ever held whole;
+- the other whole-key filters (della, breadcrumbs, iso; trim in fp64) need a
   rank, threshold or SVD of the whole tensor: each filtered member is computed alone, in
   memory, and spilled to a temporary file in the compute dtype, which later passes read in
   chunks. A single member of the key must therefore fit the limit.
@@ -56,13 +59,20 @@ def slice_step(rows: int) -> int:
 class OutOfCore:
     chunk_elems: int
     chunks: int
-    gram_passes: int  # extra passes over the inputs, one per Gram method
+    passes: int  # extra passes over the inputs: one per Gram method, two per trim
     spilled: int  # whole-key filter results written to temporary files
     spill_bytes: int
     extra_read_bytes: int  # reads beyond reading every input once (repeat passes, spills)
     whole_bytes: int  # peak of computing one whole-key filter in memory
     chunk_bytes: int  # peak of evaluating one chunk
     over_limit: bool  # chunked because it does not fit the limit (else: to bound memory)
+
+
+def threshold_trim(n: Node, itemsize: int) -> bool:
+    """trim, and the trim inside ties, find each member's threshold in two passes over the
+    chunks (an exact radix selection on fp32 magnitude bits) instead of spilling; other
+    whole-key filters, and fp64, are spilled."""
+    return itemsize == 4 and (n.op == "trim" or n.op in SPLIT_OPS)
 
 
 def barriers(steps: list[Node]) -> list[Node]:
@@ -110,19 +120,19 @@ def plan_key(job, per_element: float, limit: int, item: int, headers,
     chunk = min(chunk, max(MIN_CHUNK, 1 << max(0, (numel - 1).bit_length())))
     if not over and chunk >= numel:
         return None
-    spilled = sum(len(n.inputs) if n.op in SPLIT_OPS else 1 for n in walls
-                  if n.op not in GRAM_OPS)
-    whole = max((int(whole_per_element(n) * numel) for n in walls if n.op not in GRAM_OPS),
-                default=0)
-    gram_passes = sum(1 for n in walls if n.op in GRAM_OPS)
-    reads = _pass_reads(job, walls, headers, item * numel)
-    return OutOfCore(chunk, -(-numel // chunk), gram_passes, spilled, spilled * numel * item,
+    spills = [n for n in walls if n.op not in GRAM_OPS and not threshold_trim(n, item)]
+    spilled = sum(len(n.inputs) if n.op in SPLIT_OPS else 1 for n in spills)
+    whole = max((int(whole_per_element(n) * numel) for n in spills), default=0)
+    passes = sum(1 if n.op in GRAM_OPS else 2 for n in walls if n not in spills)
+    reads = _pass_reads(job, walls, headers, item * numel, item)
+    return OutOfCore(chunk, -(-numel // chunk), passes, spilled, spilled * numel * item,
                      max(0, reads - job.read_bytes), whole, int(chunk * per_element), over)
 
 
-def _pass_reads(job, walls: list[Node], headers, spill_size: int) -> int:
-    """Bytes read by all passes: each barrier's pass, then the final one. A pass reads the
-    loads under its targets, stopping at filters already spilled (read back instead)."""
+def _pass_reads(job, walls: list[Node], headers, spill_size: int, item: int) -> int:
+    """Bytes read by all passes: each barrier's pass (two for a trim by threshold), then the
+    final one. A pass reads the loads under its targets, stopping at filters already spilled
+    (read back instead)."""
     spilled: set[int] = set()
     total = 0
 
@@ -145,7 +155,7 @@ def _pass_reads(job, walls: list[Node], headers, spill_size: int) -> int:
         return got
 
     for n in walls:
-        total += reads(n.inputs)
-        if n.op not in GRAM_OPS:
+        total += reads(n.inputs) * (2 if threshold_trim(n, item) else 1)
+        if n.op not in GRAM_OPS and not threshold_trim(n, item):
             spilled.add(id(n))
     return total + reads([o.node for o in job.outputs])

@@ -128,7 +128,7 @@ def out_of_core(sched: Schedule) -> dict | None:
         "extra_read_bytes": sum(j.ooc.extra_read_bytes for j in jobs),
         "largest_spill_bytes": max(j.ooc.spill_bytes for j in jobs),
         "examples": [{"key": j.key, "chunk_elements": j.ooc.chunk_elems,
-                      "chunks": j.ooc.chunks, "gram_passes": j.ooc.gram_passes,
+                      "chunks": j.ooc.chunks, "extra_passes": j.ooc.passes,
                       "spilled": j.ooc.spilled, "spill_bytes": j.ooc.spill_bytes,
                       "extra_read_bytes": j.ooc.extra_read_bytes,
                       "in_memory_bytes": j.mem_bytes}
@@ -234,7 +234,7 @@ def _out_of_core_text(ooc: dict) -> list[str]:
     for ex in ooc["examples"]:
         spill = (f", {ex['spilled']} filtered member(s) spilled to "
                  f"{human_bytes(ex['spill_bytes'])} of temporary files") if ex["spilled"] else ""
-        gram = f", {ex['gram_passes']} Gram pass(es)" if ex["gram_passes"] else ""
+        gram = f", {ex['extra_passes']} extra pass(es)" if ex["extra_passes"] else ""
         out.append(f"  {ex['key']}: ~{human_bytes(ex['in_memory_bytes'])} in memory -> "
                    f"{ex['chunks']} chunks of {ex['chunk_elements']:,} elements{gram}{spill}; "
                    f"reads {human_bytes(ex['extra_read_bytes'])} more")

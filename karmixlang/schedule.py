@@ -501,7 +501,7 @@ def plan_out_of_core(graph: Graph, jobs: list[KeyJob], limit: int, item: int,
             "K0408", f"key `{job.key}` needs ~{need:,} bytes even out of core, over the memory "
             f"limit of {limit:,} bytes{more}", graph.saves[job.outputs[0].save].span,
             label="in this save",
-            help="a whole-key filter (trim, della, breadcrumbs, iso, ties) holds one "
+            help="a whole-key filter (della, breadcrumbs, iso; trim in fp64) holds one "
                  "member of the key in memory: raise --memory-limit")])
 
 

@@ -104,7 +104,7 @@ def test_plan_names_out_of_core_keys_and_their_cost(tmp_path):
     ooc = data["totals"]["out_of_core"]
     assert ooc["keys"] == 1 and ooc["examples"][0]["key"] == "big.w"
     ex = ooc["examples"][0]
-    assert ex["gram_passes"] == 1  # one geometric median
+    assert ex["extra_passes"] == 1  # one geometric median
     assert ex["spilled"] == 6  # every member's DELLA result
     assert ex["spill_bytes"] == 6 * 256 * 256 * 4
     assert ex["extra_read_bytes"] > 0
@@ -118,9 +118,21 @@ def test_plan_names_out_of_core_keys_and_their_cost(tmp_path):
     assert "Out of core" not in plain
 
 
-def test_a_member_that_cannot_fit_is_a_planning_error(tmp_path):
+def test_trim_finds_its_threshold_in_passes_and_spills_nothing(tmp_path):
     pool(tmp_path, 3)
     path = recipe(tmp_path, HEAD + RECIPES["ties"])
+    job = next(j for j in compile_recipe(path, memory_limit=512 << 10).schedule.jobs if j.ooc)
+    assert job.ooc.spilled == 0 and job.ooc.whole_bytes == 0
+    assert job.ooc.passes == 2 * 3  # two radix-selection passes per member's trim
+    # In fp64 the magnitude bits do not fit the two 16-bit levels: trims spill there.
+    job = next(j for j in compile_recipe(path, memory_limit=3 << 20, compute_dtype="fp64")
+               .schedule.jobs if j.ooc)
+    assert job.ooc.spilled == 3
+
+
+def test_a_member_that_cannot_fit_is_a_planning_error(tmp_path):
+    pool(tmp_path, 3)
+    path = recipe(tmp_path, HEAD + 'save "out.safetensors" = std.della_ties(pool, o, 1)')
     with pytest.raises(KmxError) as exc:
         compile_recipe(path, memory_limit=512 << 10)
     d = exc.value.diagnostics[0]

@@ -22,9 +22,9 @@ import torch
 from ..diagnostics import KmxError, error
 from ..io.header import TensorInfo
 from ..ir import Node
-from ..outofcore import GRAM_OPS, SPLIT_OPS, WHOLE_OPS
+from ..outofcore import GRAM_OPS, SPLIT_OPS, WHOLE_OPS, threshold_trim
 from ..schedule import KeyJob
-from . import ops
+from . import ops, ops_sparse
 from .ops_base import GramSum
 from .tensors import Reader, part, to_bytes
 
@@ -64,8 +64,10 @@ class _ChunkedKey:
         self.spill_reader = Reader()
         # id(node) -> its value for a span, read back from spills (inputs not evaluated)
         self.given: dict[int, Callable[[Span | None], object]] = {}
-        # id(node) -> its value from its inputs' values (Gram methods once solved)
+        # id(node) -> its value from its inputs' values (Gram methods once solved, trims
+        # once their thresholds are known)
         self.replaced: dict[int, Callable[[list], object]] = {}
+        self.tops: list[_Top] = []
 
     def spans(self) -> Iterator[Span]:
         for a in range(0, self.numel, self.chunk):
@@ -77,6 +79,8 @@ class _ChunkedKey:
             for n in self.job.steps:
                 if n.op in GRAM_OPS:
                     self.solve(n)
+                elif threshold_trim(n, self.ev.compute.itemsize):
+                    self.select_top(n)
                 elif n.op in WHOLE_OPS or n.op in SPLIT_OPS:
                     self.spill(n, folder)
             targets = [o.node for o in self.job.outputs]
@@ -97,6 +101,9 @@ class _ChunkedKey:
         """The targets' values over `span` (None: the whole key, shaped): the job's steps
         that lead to them, stopping at spilled values."""
         job, ev = self.job, self.ev
+        if span is None or span[0] == 0:  # a pass starts: trims count their ties afresh
+            for top in self.tops:
+                top.seen = 0
         needed = self.needed(targets)
         keep = {id(t) for t in targets}
         values: dict[int, object] = {}
@@ -150,6 +157,31 @@ class _ChunkedKey:
 
         self.replaced[id(n)] = formed
 
+    # ------------------------------------------------------------ trims by threshold
+
+    def select_top(self, n: Node) -> None:
+        """trim (alone, or per member inside ties) without holding a member: two passes find
+        each member's exact k-th largest magnitude, then every chunk keeps what is above it,
+        and the ties at it by position, as the whole-key trim does (ops_sparse)."""
+        (_, weights), kwargs = self.ev.call_args(n, self.job.key, [None] * len(n.inputs)) \
+            if n.op in SPLIT_OPS else (([], []), self.ev.call_args(n, self.job.key, [None])[1])
+        k = ops_sparse._count(kwargs["density"], self.numel)
+        tops = [_Top(k) for _ in n.inputs]
+        self.tops += tops
+        for level in (0, 1):
+            for span in self.spans():
+                values = self.evaluate(list(n.inputs), span)
+                for top, x in zip(tops, n.inputs):
+                    top.count(_magnitude_bits(values[id(x)]), level)
+            for top in tops:
+                top.settle(level)
+        if n.op in SPLIT_OPS:
+            rule = kwargs.get("rule", "mass")
+            self.replaced[id(n)] = lambda ins: ops.elect(
+                [top.keep(x) for top, x in zip(tops, ins)], weights, rule=rule)
+        else:
+            self.replaced[id(n)] = lambda ins: tops[0].keep(ins[0])
+
     # ------------------------------------------------------------ whole-key filters
 
     def spill(self, n: Node, folder: str) -> None:
@@ -201,3 +233,56 @@ class _ChunkedKey:
     def read_spill(self, info: TensorInfo, span: Span | None) -> torch.Tensor:
         t = self.spill_reader.read(part(info, span) if span else info)
         return t.to(self.ev.device)
+
+
+def _magnitude_bits(t: torch.Tensor) -> torch.Tensor:
+    # A non-negative float32's bits, read as an int32, order exactly as its value.
+    return t.detach().reshape(-1).abs().cpu().view(torch.int32)
+
+
+class _Top:
+    """One member's trim out of core: the k-th largest magnitude found by a two-level radix
+    selection over the chunks (the high 16 bits, then the low 16 within the chosen bucket),
+    then each chunk's mask. Ties at the threshold are kept by position, counted in `seen`
+    over a pass's chunks in order."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.hist = torch.zeros(1 << 16, dtype=torch.int64)
+        self.high = 0  # the threshold's high 16 bits, once level 0 is settled
+        self.above = 0  # entries known to be above the threshold
+        self.threshold = 0
+        self.room = 0  # entries equal to the threshold that are kept
+        self.seen = 0
+
+    def count(self, bits: torch.Tensor, level: int) -> None:
+        if level == 0:
+            self.hist += torch.bincount(bits >> 16, minlength=1 << 16)
+        else:
+            inside = bits[(bits >> 16) == self.high]
+            self.hist += torch.bincount(inside & 0xFFFF, minlength=1 << 16)
+
+    def settle(self, level: int) -> None:
+        if self.k == 0:
+            return
+        # from the top bucket down: the bucket where the k-th largest falls
+        from_top = self.hist.flip(0).cumsum(0)
+        index = int(torch.searchsorted(from_top, self.k - self.above if level else self.k))
+        bucket = (1 << 16) - 1 - index
+        above = int(from_top[index - 1]) if index else 0
+        if level == 0:
+            self.high, self.above = bucket, above
+        else:
+            self.threshold = (self.high << 16) | bucket
+            self.above += above
+            self.room = self.k - self.above
+        self.hist.zero_()
+
+    def keep(self, x: torch.Tensor) -> torch.Tensor:
+        if self.k == 0:
+            return torch.zeros_like(x)
+        bits = _magnitude_bits(x).reshape(x.shape).to(x.device)
+        at = bits == self.threshold
+        ties = at.reshape(-1).cumsum(0).reshape(x.shape) + self.seen
+        self.seen += int(at.sum())
+        return torch.where((bits > self.threshold) | (at & (ties <= self.room)), x, 0)
