@@ -163,8 +163,7 @@ class _ChunkedKey:
         """trim (alone, or per member inside ties) without holding a member: two passes find
         each member's exact k-th largest magnitude, then every chunk keeps what is above it,
         and the ties at it by position, as the whole-key trim does (ops_sparse)."""
-        (_, weights), kwargs = self.ev.call_args(n, self.job.key, [None] * len(n.inputs)) \
-            if n.op in SPLIT_OPS else (([], []), self.ev.call_args(n, self.job.key, [None])[1])
+        _, kwargs = self.ev.call_args(n, self.job.key, [None] * len(n.inputs))
         k = ops_sparse._count(kwargs["density"], self.numel)
         tops = [_Top(k) for _ in n.inputs]
         self.tops += tops
@@ -176,7 +175,7 @@ class _ChunkedKey:
             for top in tops:
                 top.settle(level)
         if n.op in SPLIT_OPS:
-            rule = kwargs.get("rule", "mass")
+            weights, rule = list(n.attr("weights")), kwargs.get("rule", "mass")
             self.replaced[id(n)] = lambda ins: ops.elect(
                 [top.keep(x) for top, x in zip(tops, ins)], weights, rule=rule)
         else:
