@@ -24,7 +24,7 @@ from safetensors.numpy import load_file
 
 from karmixlang.api import compile as compile_recipe
 from karmixlang.runtime.executor import RunOptions, execute
-from karmixlang.synth import write_model
+from karmixlang.synth import write_tuned_pool
 
 HEAD = """
 import "std/recipes.kmx" as std
@@ -58,12 +58,7 @@ def make_pool(folder: str, n: int, big: tuple[int, int]) -> None:
     base = {"big.w": rng.normal(size=big).astype(np.float16),
             "conv.w": rng.normal(size=(64, 32, 3, 3)).astype(np.float32),
             "norm.b": rng.normal(size=(320,)).astype(np.float32)}
-    write_model(os.path.join(folder, "base.safetensors"), base)
-    os.makedirs(os.path.join(folder, "m"), exist_ok=True)
-    for i in range(n):
-        tuned = {k: (v + (0.05 * rng.normal(size=v.shape)).astype(v.dtype)
-                     if v.dtype.kind == "f" else v) for k, v in base.items()}
-        write_model(os.path.join(folder, "m", f"{i:03d}.safetensors"), tuned)
+    write_tuned_pool(folder, base, n, rng)
 
 
 def run(path: str, device: str, limit: int | None = None) -> tuple[dict, float]:

@@ -28,6 +28,7 @@ in chunks as well: it costs at most the Gram passes' rereads and bounds resident
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .io.dtypes import DTYPES
@@ -80,13 +81,6 @@ def barriers(steps: list[Node]) -> list[Node]:
     return [n for n in steps if n.op in GRAM_OPS | WHOLE_OPS | SPLIT_OPS]
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def _pow2_floor(n: int) -> int:
     return 1 << max(0, n.bit_length() - 1)
 
@@ -98,7 +92,7 @@ def plan_key(job, per_element: float, limit: int, item: int, headers,
     one chunk's); `whole_per_element(node)`: the same for computing one whole-key filter alone
     (the caller refuses a key whose `whole_bytes` exceed the limit). The chunk length depends
     on the limit, never on the thread count: the bytes of a result must not."""
-    numel = _numel(job.outputs[0].shape)
+    numel = math.prod(job.outputs[0].shape)
     walls = barriers(job.steps)
     over = per_element * numel > limit
     stored = (headers[n].tensors.get(job.key) for n in job.loads)

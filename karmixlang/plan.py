@@ -5,6 +5,7 @@ documents the JSON schema."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -147,15 +148,8 @@ def peak_memory(sched: Schedule, threads: int, compute: str) -> int:
     # Admission starts a key only while the keys in flight fit the limit (or it runs alone).
     live = [min(sum(live), max(sched.memory_limit, live[0]))] if live else []
     small = sorted((j.est_bytes for j in sched.jobs
-                    if _numel(j.outputs[0].shape) * item < HEAP_BLOCK_LIMIT), reverse=True)
+                    if math.prod(j.outputs[0].shape) * item < HEAP_BLOCK_LIMIT), reverse=True)
     return sum(live) + sum(small[:threads])
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _reason_kind(reason: str) -> str:

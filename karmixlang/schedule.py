@@ -10,6 +10,7 @@ it, planning fails naming the key and the models involved.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -419,9 +420,7 @@ def make_job(key: str, outputs: list[Output], keys, order: dict[Node, int], head
         t = cache.get(sig)
         if t is None:
             t = cache[sig] = _template(outputs, key, keys, order, item)
-    numel = 1
-    for d in outputs[0].shape:
-        numel *= d
+    numel = math.prod(outputs[0].shape)
     read = 0
     for n in t.loads:
         info = headers[n].tensors.get(key)
@@ -482,10 +481,7 @@ def plan_out_of_core(graph: Graph, jobs: list[KeyJob], limit: int, item: int,
     for job in jobs:
         job.mem_bytes = job.mem_bytes or job.est_bytes
         job.ooc, job.est_bytes = None, job.mem_bytes
-        numel = 1
-        for d in job.outputs[0].shape:
-            numel *= d
-        per_element = job.mem_bytes / max(1, numel)
+        per_element = job.mem_bytes / max(1, math.prod(job.outputs[0].shape))
         ooc = plan_key(job, per_element, limit, item, headers, whole_per_element)
         if ooc is None:
             continue

@@ -255,6 +255,18 @@ def write_model(
     return _replace_into(Path(path), lambda tmp: save_file(arrays, tmp, metadata=meta))
 
 
+def write_tuned_pool(folder: str | os.PathLike, base: Mapping[str, np.ndarray], n: int,
+                     rng: np.random.Generator, scale: float = 0.05) -> None:
+    """`base` as folder/base.safetensors and `n` fine-tunes of it as folder/m/000.safetensors
+    ...: every float tensor plus scale·N(0, 1) noise, the others as they are."""
+    write_model(os.path.join(folder, "base.safetensors"), base)
+    os.makedirs(os.path.join(folder, "m"), exist_ok=True)
+    for i in range(n):
+        tuned = {k: (v + (scale * rng.normal(size=v.shape)).astype(v.dtype)
+                     if v.dtype.kind == "f" else v) for k, v in base.items()}
+        write_model(os.path.join(folder, "m", f"{i:03d}.safetensors"), tuned)
+
+
 def _tag(**fields: object) -> dict[str, str]:
     return {"kmx_synthetic": json.dumps(fields, sort_keys=True)}
 

@@ -18,7 +18,7 @@ from karmixlang.api import compile as compile_recipe
 from karmixlang.diagnostics import KmxError
 from karmixlang import outofcore
 from karmixlang.runtime.executor import RunOptions, execute
-from karmixlang.synth import write_model
+from karmixlang.synth import write_model, write_tuned_pool
 
 from conftest import recipe
 
@@ -34,12 +34,7 @@ def pool(folder, n: int, big=(256, 256), seed=0) -> None:
         "norm.b": rng.normal(size=(16,)).astype(np.float32),
         "ids": np.arange(6, dtype=np.int64),
     }
-    write_model(os.path.join(folder, "base.safetensors"), base)
-    os.makedirs(os.path.join(folder, "m"), exist_ok=True)
-    for i in range(n):
-        tuned = {k: (v + (0.05 * rng.normal(size=v.shape)).astype(v.dtype)
-                     if v.dtype.kind == "f" else v) for k, v in base.items()}
-        write_model(os.path.join(folder, "m", f"{i:03d}.safetensors"), tuned)
+    write_tuned_pool(folder, base, n, rng)
 
 
 HEAD = """

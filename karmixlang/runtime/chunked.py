@@ -12,6 +12,7 @@ Inputs are read chunk by chunk in their stored dtype and widened per chunk.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -55,10 +56,7 @@ class _ChunkedKey:
     def __init__(self, ev, job: KeyJob, raw_ok: set[int], into: dict[int, str],
                  spill_root: str):
         self.ev, self.job, self.raw_ok, self.into = ev, job, raw_ok, into
-        self.shape = job.outputs[0].shape
-        self.numel = 1
-        for d in self.shape:
-            self.numel *= d
+        self.numel = math.prod(job.outputs[0].shape)
         self.chunk = job.ooc.chunk_elems
         self.spill_root = spill_root
         self.spill_reader = Reader()

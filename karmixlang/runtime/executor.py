@@ -335,10 +335,8 @@ class RunSession:
         return RunSpec(self.compiled.path, self.compiled.overrides, self.opts,
                        self.compiled.schedule.memory_limit, self.threads)
 
-    def compute(self, job: KeyJob) -> list[tuple[Output, memoryview]]:
-        """The job's outputs as bytes of their output dtype (valid until this thread's next
-        job); a key with non-finite inputs is copied from the fallback, or fails, per
-        --nonfinite."""
+    def compute(self, job: KeyJob):
+        """compute_key for this run: what deliver() takes."""
         return compute_key(self.compiled, self.evaluator, self.opts, job, self.fallbacks)
 
     def deliver(self, job: KeyJob, results) -> None:
