@@ -24,7 +24,7 @@ from safetensors.numpy import load_file
 
 from karmixlang.api import compile as compile_recipe
 from karmixlang.runtime.executor import RunOptions, execute
-from karmixlang.synth import write_tuned_pool
+from karmixlang.demo.synth import write_tuned_pool
 
 HEAD = """
 import "std/recipes.kmx" as std

@@ -1,7 +1,7 @@
 """Synthetic benchmark inputs with real key layouts, built once into the cache folder.
 
 A suite is one base model and up to 16 fine-tunes of it that share a cluster direction (the
-structure of a real pool, see karmixlang.synth); fine-tune i is the same bytes whatever N, so
+structure of a real pool, see karmixlang.demo.synth); fine-tune i is the same bytes whatever N, so
 the N = 4 inputs are the first four of the N = 16 ones. Files are float16, as checkpoints ship.
 
     sd15     SD1.5 (LDM keys) at full size without the EMA copy: 1.07 B parameters, 2.1 GB
@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from karmixlang import synth
+from karmixlang.demo import synth
 
 SEED = 2025
 CLUSTER_SHIFT = 0.03  # the shared direction of the pool, relative to each tensor's scale

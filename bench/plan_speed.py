@@ -50,7 +50,7 @@ MEMORY_RECIPES = {
 
 def sparse_sdxl(path: Path) -> None:
     """A full-size SDXL checkpoint whose data region is a hole (reads as zeros)."""
-    from karmixlang import synth
+    from karmixlang.demo import synth
 
     header, offset = {}, 0
     for key, spec in synth.load_layout("sdxl").items():

@@ -11,14 +11,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .checker import check_program
-from .program import Program
-from .diagnostics import Diagnostic, KmxError, error
-from .ir import Graph
-from .lower import lower
-from .optimize import base_choice_warnings, optimize
-from .plan import Plan, build_plan
-from .schedule import Schedule, schedule
+from karmixlang.check.checker import check_program
+from karmixlang.check.program import Program
+from karmixlang.diagnostics import Diagnostic, KmxError, error
+from karmixlang.ir.graph import Graph
+from karmixlang.ir.lower import lower
+from karmixlang.ir.optimize import base_choice_warnings, optimize
+from karmixlang.plan.report import Plan, build_plan
+from karmixlang.plan.schedule import Schedule, schedule
 
 
 @dataclass
@@ -80,8 +80,8 @@ def _guard_outputs(graph: Graph, sched: Schedule) -> None:
 def run(path: str, overrides: dict[str, str] | None = None, **options):
     """Compile and run a recipe; `options` are those of runtime.executor.RunOptions
     (threads, device, compute_dtype, memory_limit, resume, force, strict, nonfinite)."""
-    from .machine import default_threads
-    from .runtime.executor import RunOptions, execute
+    from karmixlang.machine import default_threads
+    from karmixlang.runtime.executor import RunOptions, execute
 
     opts = RunOptions(**options)
     compiled = compile(path, overrides, threads=opts.threads or default_threads(),
@@ -92,7 +92,7 @@ def run(path: str, overrides: dict[str, str] | None = None, **options):
 
 def format(text: str, file: str = "<recipe>") -> str:
     """The canonical layout of recipe text. Raises KmxError on a syntax error."""
-    from .fmt import format_source
+    from karmixlang.syntax.fmt import format_source
 
     out, diags = format_source(text, file)
     if out is None:

@@ -16,8 +16,8 @@ import sys
 from rich.console import Console
 from rich.text import Text
 
-from . import __version__
-from .diagnostics import Diagnostic, KmxError, render_json, render_text
+from karmixlang import __version__
+from karmixlang.diagnostics import Diagnostic, KmxError, render_json, render_text
 
 EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
 
@@ -77,7 +77,7 @@ class UsageError(Exception):
 # ------------------------------------------------------------------ commands
 
 def cmd_check(args) -> int:
-    from .checker import check_program
+    from karmixlang.check.checker import check_program
 
     status = EXIT_OK
     all_diags = []
@@ -99,7 +99,7 @@ def cmd_check(args) -> int:
 
 
 def _memory_limit(args) -> int | None:
-    from .io.writer import parse_size
+    from karmixlang.io.writer import parse_size
 
     try:
         return parse_size(args.memory_limit) if args.memory_limit else None
@@ -108,8 +108,8 @@ def _memory_limit(args) -> int | None:
 
 
 def _compile(args):
-    from .api import compile as compile_recipe
-    from .machine import default_threads
+    from karmixlang.api import compile as compile_recipe
+    from karmixlang.machine import default_threads
 
     return compile_recipe(args.file, parse_sets(args.set), threads=args.threads or
                           default_threads(), compute_dtype=args.compute_dtype,
@@ -118,7 +118,7 @@ def _compile(args):
 
 
 def cmd_plan(args) -> int:
-    from .plan import render_dot, render_text as plan_text
+    from karmixlang.plan.report import render_dot, render_text as plan_text
 
     compiled = _compile(args)
     print_warnings(compiled)
@@ -142,8 +142,8 @@ def print_warnings(compiled) -> None:
 
 
 def cmd_run(args) -> int:
-    from .plan import summary_line
-    from .runtime.executor import RunOptions, execute
+    from karmixlang.plan.report import summary_line
+    from karmixlang.runtime.executor import RunOptions, execute
 
     limit = _memory_limit(args)
     if args.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", args.device):
@@ -156,14 +156,14 @@ def cmd_run(args) -> int:
                       compute_dtype=args.compute_dtype, memory_limit=limit, resume=args.resume,
                       force=args.force, strict=args.strict, nonfinite=args.nonfinite,
                       executor=args.executor, address=args.address)
-    from .progress import make_progress
+    from karmixlang.console import make_progress
 
     result = execute(compiled, opts, None if args.quiet else make_progress(err))
     if result.nothing_to_do:
         err.print(Text("Nothing to do: every output is complete and matches the plan.",
                        style="green"))
         return EXIT_OK
-    from .plan import human_bytes
+    from karmixlang.plan.report import human_bytes
 
     for path in result.outputs:
         out.print(Text(f"wrote {path}"))
@@ -181,7 +181,7 @@ def cmd_run(args) -> int:
 def cmd_fmt(args) -> int:
     import difflib
 
-    from .fmt import FormatterError, format_source
+    from karmixlang.syntax.fmt import FormatterError, format_source
 
     status = EXIT_OK
     for path in args.files:
@@ -218,8 +218,8 @@ def cmd_fmt(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    from .diagnostics import CODES
-    from .resources import data_dir
+    from karmixlang.diagnostics import CODES
+    from karmixlang.resources import data_dir
 
     code = args.code.upper()
     if code not in CODES:
@@ -231,7 +231,7 @@ def cmd_explain(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from .builtins import BUILTINS
+    from karmixlang.builtins import BUILTINS
 
     group = None
     for b in BUILTINS.values():
@@ -243,8 +243,8 @@ def cmd_methods(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .io.header import read_checkpoint
-    from .plan import human_bytes
+    from karmixlang.io.header import read_checkpoint
+    from karmixlang.plan.report import human_bytes
 
     h = read_checkpoint(args.file)
     if args.json:
@@ -261,13 +261,13 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from karmixlang.demo import run_demo
 
     return run_demo(args.dir, out, err, threads=args.threads)
 
 
 def cmd_new(args) -> int:
-    from .resources import template_text
+    from karmixlang.resources import template_text
 
     if os.path.exists(args.path) and not args.force:
         raise UsageError(f"{args.path} exists; pass --force to replace it")

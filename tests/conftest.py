@@ -8,7 +8,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from karmixlang.synth import write_model
+from karmixlang.demo.synth import write_model
 
 
 @pytest.fixture

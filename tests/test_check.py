@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from karmixlang.checker import check_program
+from karmixlang.check.checker import check_program
 from karmixlang.diagnostics import CODES, Severity
-from karmixlang.parser import MAX_DEPTH, MAX_SOURCE_BYTES
+from karmixlang.syntax.parser import MAX_DEPTH, MAX_SOURCE_BYTES
 
 DATA = Path(__file__).parent / "data"
 VALID = sorted((DATA / "valid").glob("*.kmx"))

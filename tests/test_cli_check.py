@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from karmixlang.checker import check_program
+from karmixlang.check.checker import check_program
 from karmixlang.cli import main
 from karmixlang.diagnostics import CODES
 

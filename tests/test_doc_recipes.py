@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 try:
-    from karmixlang.checker import check_program
+    from karmixlang.check.checker import check_program
 except ImportError:  # before check.py was renamed checker.py
     from karmixlang.check import check_program
 from karmixlang.cli import build_parser

@@ -17,9 +17,9 @@ from karmixlang import api
 from karmixlang.blocks import all_slots, slot_of
 from karmixlang.cli import build_parser
 from karmixlang.diagnostics import CODES
-from karmixlang.parser import parse
+from karmixlang.syntax.parser import parse
 from karmixlang.resources import data_dir
-from karmixlang.synth import load_layout, write_model
+from karmixlang.demo.synth import load_layout, write_model
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 ERRORS = DOCS / "errors"

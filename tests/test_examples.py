@@ -11,10 +11,10 @@ import pytest
 from safetensors import safe_open
 
 from karmixlang.api import compile as compile_recipe
-from karmixlang.checker import check_program
-from karmixlang.plan import render_text
+from karmixlang.check.checker import check_program
+from karmixlang.plan.report import render_text
 from karmixlang.runtime.executor import RunOptions, execute
-from karmixlang.synth import write_demo_pool, write_sharded_llm
+from karmixlang.demo.synth import write_demo_pool, write_sharded_llm
 
 from conftest import recipe
 
@@ -45,7 +45,7 @@ def test_there_are_examples():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_example_checks_and_formats_clean(name):
-    from karmixlang.fmt import format_source
+    from karmixlang.syntax.fmt import format_source
 
     path = EXAMPLES / f"{name}.kmx"
     program, diags = check_program(str(path))

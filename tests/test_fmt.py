@@ -10,9 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from karmixlang import ast, fmt
-from karmixlang.fmt import FormatterError, format_source
-from karmixlang.parser import parse
+from karmixlang.syntax import ast
+from karmixlang.syntax import fmt
+from karmixlang.syntax.fmt import FormatterError, format_source
+from karmixlang.syntax.parser import parse
 
 CASES = Path(__file__).parent / "data" / "fmt"
 

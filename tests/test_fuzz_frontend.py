@@ -18,10 +18,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from karmixlang.checker import check_program
+from karmixlang.check.checker import check_program
 from karmixlang.cli import main
 from karmixlang.diagnostics import CODES, render_text
-from karmixlang.parser import parse
+from karmixlang.syntax.parser import parse
 
 from conftest import fuzz_examples
 

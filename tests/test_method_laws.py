@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from karmixlang.runtime import ops
+from karmixlang.runtime import kernels as ops
 
 F64 = torch.float64
 LAWS = settings(max_examples=100, deadline=None, database=None)

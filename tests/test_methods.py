@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import reference_np as ref
-from karmixlang.runtime import ops, rng
+from karmixlang.runtime import kernels as ops
+from karmixlang.runtime.kernels import rng
 
 SHAPES = [(), (7,), (5, 6), (4, 3, 3, 3)]
 DTYPES = [torch.float64, torch.float32]
@@ -517,7 +518,7 @@ def test_cuda_matches_cpu():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_ordinal_ranks_break_ties_by_position(dtype):
-    from karmixlang.runtime.ops_sparse import ordinal_ranks
+    from karmixlang.runtime.kernels.sparse import ordinal_ranks
 
     rng = np.random.default_rng(4)
     rows = torch.from_numpy(np.abs(rng.integers(0, 5, size=(3, 200))).astype(np.float64)).to(dtype)
@@ -531,7 +532,7 @@ def test_ordinal_ranks_break_ties_by_position(dtype):
 
 
 def test_elected_sign_of_near_ties_does_not_depend_on_member_order():
-    from karmixlang.runtime.ops_sparse import _order_free_sign
+    from karmixlang.runtime.kernels.sparse import _order_free_sign
 
     big = 3.0e7
     votes = torch.tensor([[big, 1.0, -1.0], [1.0, big, 1.0], [-big, -big, 0.5]], dtype=torch.float32)

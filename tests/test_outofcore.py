@@ -16,9 +16,9 @@ from safetensors.numpy import load_file
 
 from karmixlang.api import compile as compile_recipe
 from karmixlang.diagnostics import KmxError
-from karmixlang import outofcore
+from karmixlang.plan import outofcore
 from karmixlang.runtime.executor import RunOptions, execute
-from karmixlang.synth import write_model, write_tuned_pool
+from karmixlang.demo.synth import write_model, write_tuned_pool
 
 from conftest import recipe
 

@@ -19,7 +19,7 @@ def test_installed_wheel_finds_its_data(tmp_path):
                    capture_output=True)
     (wheel,) = wheels.glob("karmixlang-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for required in ("karmixlang/grammar.lark", "karmixlang/stdlib/recipes.kmx",
+    for required in ("karmixlang/syntax/grammar.lark", "karmixlang/stdlib/recipes.kmx",
                      "karmixlang/errors/K0201.md", "karmixlang/data/sdxl-sgm.json.gz",
                      "karmixlang/data/demo.kmx", "karmixlang/data/template-ties.kmx"):
         assert required in names, required
@@ -35,7 +35,7 @@ def test_installed_wheel_finds_its_data(tmp_path):
             "assert karmixlang.__file__.startswith(sys.argv[1]), karmixlang.__file__; "
             "from karmixlang.cli import main; "
             "assert main(['check', sys.argv[2]]) == 0; assert main(['explain', 'K0201']) == 0; "
-            "from karmixlang.synth import load_layout; assert len(load_layout('sd1')) > 1000")
+            "from karmixlang.demo.synth import load_layout; assert len(load_layout('sd1')) > 1000")
     env = {**os.environ, "PYTHONPATH": str(target)}
     r = subprocess.run([sys.executable, "-c", code, str(target), str(recipe)], cwd=tmp_path,
                        env=env, capture_output=True, text=True)

@@ -8,9 +8,9 @@ import re
 
 import pytest
 
-from karmixlang import ast
-from karmixlang.ast import BinOp, Call, ClusterItem, ClusterLit, KwArg, Name, Neg, Number, String
-from karmixlang.parser import MAX_DEPTH, MAX_SOURCE_BYTES, build_lark, parse, parse_file
+from karmixlang.syntax import ast
+from karmixlang.syntax.ast import BinOp, Call, ClusterItem, ClusterLit, KwArg, Name, Neg, Number, String
+from karmixlang.syntax.parser import MAX_DEPTH, MAX_SOURCE_BYTES, build_lark, parse, parse_file
 
 
 def stmts(text: str):

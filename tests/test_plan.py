@@ -9,14 +9,14 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from karmixlang import optimize as opt
+from karmixlang.ir import optimize as opt
 from karmixlang.api import compile as compile_recipe
-from karmixlang.checker import check_program
+from karmixlang.check.checker import check_program
 from karmixlang.diagnostics import KmxError
 from karmixlang.io.header import read_checkpoint
-from karmixlang.lower import lower
-from karmixlang.plan import render_dot, render_text
-from karmixlang.synth import make_model, write_model
+from karmixlang.ir.lower import lower
+from karmixlang.plan.report import render_dot, render_text
+from karmixlang.demo.synth import make_model, write_model
 
 from conftest import recipe, tiny_models
 
@@ -297,7 +297,7 @@ def test_per_key_numbers_without_a_value_are_plan_errors(workdir):
 
 
 def test_blocks_give_keys_outside_every_slot_the_base_weight():
-    from karmixlang.ir import KeyMap
+    from karmixlang.ir.graph import KeyMap
 
     km = KeyMap("blocks", (("BASE", 0.25), ("IN00", 0.5)), "sdxl", None)
     assert km.at("model.diffusion_model.input_blocks.0.0.weight") == 0.5

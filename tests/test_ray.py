@@ -15,7 +15,7 @@ import pytest
 from karmixlang.api import compile as compile_recipe
 from karmixlang.cli import main
 from karmixlang.diagnostics import KmxError, error
-from karmixlang.groups import group_keys
+from karmixlang.plan.groups import group_keys
 from karmixlang.runtime.executor import RunOptions, RunSpec, execute, make_executor
 
 from conftest import recipe, tiny_models
@@ -72,7 +72,7 @@ def test_plan_shows_the_groups_only_for_the_ray_executor(workdir, capsys):
 
 
 def test_the_plan_elides_the_middle_of_many_groups():
-    from karmixlang.plan import _groups_text
+    from karmixlang.plan.report import _groups_text
 
     groups = [{"keys": 2, "first": f"k{i}a", "last": f"k{i}b", "bytes_read": 10}
               for i in range(20)]
@@ -98,7 +98,7 @@ def test_without_ray_the_executor_is_a_diagnostic(monkeypatch):
 
 
 def test_an_unreachable_address_is_a_diagnostic_in_seconds():
-    from karmixlang.runtime.ray_exec import _probe
+    from karmixlang.runtime.ray.executor import _probe
 
     with pytest.raises(KmxError) as exc:
         _probe("127.0.0.1:1")
@@ -108,7 +108,7 @@ def test_an_unreachable_address_is_a_diagnostic_in_seconds():
 
 
 def test_a_worker_that_plans_differently_or_not_at_all_refuses(workdir):
-    from karmixlang.runtime.ray_exec import compute_group
+    from karmixlang.runtime.ray.executor import compute_group
 
     tiny_models(workdir)
     compiled = compile_recipe(recipe(workdir, TWO_SAVES))

@@ -20,7 +20,7 @@ import reference_np as ref
 from karmixlang.api import compile as compile_recipe
 from karmixlang.diagnostics import KmxError
 from karmixlang.runtime.executor import RunOptions, execute
-from karmixlang.synth import make_model, write_demo_pool, write_model, write_sharded_llm
+from karmixlang.demo.synth import make_model, write_demo_pool, write_model, write_sharded_llm
 
 from conftest import recipe, tiny_models
 

@@ -9,9 +9,9 @@ from safetensors.numpy import load_file
 
 import reference_np as ref
 from karmixlang.api import compile as compile_recipe
-from karmixlang.checker import check_program
+from karmixlang.check.checker import check_program
 from karmixlang.cli import main
-from karmixlang.fmt import format_source
+from karmixlang.syntax.fmt import format_source
 from karmixlang.resources import data_dir
 from karmixlang.runtime.executor import RunOptions, execute
 

@@ -14,7 +14,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from karmixlang import synth
+from karmixlang.demo import synth
 
 # Key counts of the real checkpoints (the layouts' README); a packaging slip would change them.
 KEY_COUNTS = {"sd1": 1831, "sdxl": 2531, "flux": 1439}
@@ -213,5 +213,5 @@ def test_sharded_llm_rejects_more_shards_than_keys(tmp_path):
 
 
 def test_synth_does_not_import_torch():
-    code = "import sys, karmixlang.synth; assert 'torch' not in sys.modules"
+    code = "import sys, karmixlang.demo.synth; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(synth.__file__).parents[1])

@@ -20,14 +20,15 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from ..diagnostics import KmxError, error
-from ..io.header import TensorInfo
-from ..ir import Node
-from ..outofcore import GRAM_OPS, SPLIT_OPS, WHOLE_OPS, threshold_trim
-from ..schedule import KeyJob
-from . import ops, ops_sparse
-from .ops_base import GramSum
-from .tensors import Reader, part, to_bytes
+from karmixlang.diagnostics import KmxError, error
+from karmixlang.io.header import TensorInfo
+from karmixlang.ir.graph import Node
+from karmixlang.plan.outofcore import GRAM_OPS, SPLIT_OPS, WHOLE_OPS, threshold_trim
+from karmixlang.plan.schedule import KeyJob
+from karmixlang.runtime import kernels as ops
+from karmixlang.runtime.kernels import sparse as ops_sparse
+from karmixlang.runtime.kernels.base import GramSum
+from karmixlang.runtime.tensors import Reader, part, to_bytes
 
 Span = tuple[int, int]
 # A piece of an output: (index into job.outputs, byte offset within the key, bytes).

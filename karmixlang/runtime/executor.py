@@ -21,17 +21,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..api import Compiled
-from ..builtins import BUILTINS
-from ..diagnostics import KmxError, error
-from ..ir import KeyMap, Node
-from ..machine import default_threads
-from ..schedule import (ALIAS_OPS, COMPUTE_ITEMSIZE, LINEAR_OPS, KeyJob, Output, make_job,
+from karmixlang.api import Compiled
+from karmixlang.builtins import BUILTINS
+from karmixlang.diagnostics import KmxError, error
+from karmixlang.ir.graph import KeyMap, Node
+from karmixlang.machine import default_threads
+from karmixlang.plan.schedule import (ALIAS_OPS, COMPUTE_ITEMSIZE, LINEAR_OPS, KeyJob, Output, make_job,
                         node_keys, plan_out_of_core)
-from . import ops
-from .outputs import OutputSet
-from .chunked import Streamed, run_chunked
-from .tensors import COMPUTE, Reader, Scratch, part, to_bytes
+from karmixlang.runtime import kernels as ops
+from karmixlang.runtime.outputs import OutputSet
+from karmixlang.runtime.chunked import Streamed, run_chunked
+from karmixlang.runtime.tensors import COMPUTE, Reader, Scratch, part, to_bytes
 
 _KERNELS = {b.kernel: b for b in BUILTINS.values() if b.kernel}
 CHECKPOINT_SECONDS = 2.0
@@ -463,7 +463,7 @@ class LocalExecutor:
 
 def make_executor(opts: RunOptions, threads: int, limit: int):
     if opts.executor == "ray":
-        from .ray_exec import RayExecutor
+        from karmixlang.runtime.ray.executor import RayExecutor
 
         return RayExecutor(opts.address, limit)
     return LocalExecutor(threads, limit)

@@ -14,10 +14,10 @@ import json
 import os
 import threading
 
-from .. import __version__
-from ..diagnostics import KmxError, error
-from ..io.header import HASH_PLACEHOLDER, HASH_PREFIX, hash_data_region
-from ..io.writer import (JOURNAL_SUFFIX, CheckpointWriter, OutputLayout, _hidden, parse_size,
+from karmixlang import __version__
+from karmixlang.diagnostics import KmxError, error
+from karmixlang.io.header import HASH_PLACEHOLDER, HASH_PREFIX, hash_data_region
+from karmixlang.io.writer import (JOURNAL_SUFFIX, CheckpointWriter, OutputLayout, _hidden, parse_size,
                          plan_output)
 
 STAMP_SUFFIX = ".kmx-inputs"

@@ -13,9 +13,9 @@ import threading
 
 import torch
 
-from ..diagnostics import KmxError, error
-from ..io.dtypes import DTYPES
-from ..io.header import TensorInfo
+from karmixlang.diagnostics import KmxError, error
+from karmixlang.io.dtypes import DTYPES
+from karmixlang.io.header import TensorInfo
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,

@@ -14,8 +14,8 @@ from typing import Callable
 
 import networkx as nx
 
-from .diagnostics import Diagnostic, warning
-from .ir import Builder, Graph, KeyMap, Node
+from karmixlang.diagnostics import Diagnostic, warning
+from karmixlang.ir.graph import Builder, Graph, KeyMap, Node
 
 Rewrite = Callable[[Node, tuple, Builder], Node]
 

@@ -10,12 +10,12 @@ import glob as globlib
 import os
 from dataclasses import dataclass
 
-from . import ast
-from .builtins import BUILTINS
-from .program import Program, Unit
-from .diagnostics import KmxError, error
-from .io.dtypes import parse_user_dtype
-from .ir import Builder, Graph, KeyMap, Node, SaveSpec, reachable
+from karmixlang.syntax import ast
+from karmixlang.builtins import BUILTINS
+from karmixlang.check.program import Program, Unit
+from karmixlang.diagnostics import KmxError, error
+from karmixlang.io.dtypes import parse_user_dtype
+from karmixlang.ir.graph import Builder, Graph, KeyMap, Node, SaveSpec, reachable
 
 
 class PathText(str):
@@ -235,7 +235,7 @@ class Lowerer:
         return KeyMap("by_key", tuple((k, float(v)) for k, v in args["weights"].items()))
 
     def _blocks(self, args, extra, kw, e, env):
-        from .blocks import all_slots
+        from karmixlang.blocks import all_slots
         arch = args["arch"]
         lst = args.get("weights")
         if lst is not None:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import re
 
-from .blocks import OPTIONAL_SLOTS, SLOTS
-from .diagnostics import did_you_mean, warning
-from .values import TOL, Ty, _affine
+from karmixlang.blocks import OPTIONAL_SLOTS, SLOTS
+from karmixlang.diagnostics import did_you_mean, warning
+from karmixlang.check.values import TOL, Ty, _affine
 
 
 class BuiltinRules:

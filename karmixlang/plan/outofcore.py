@@ -31,8 +31,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .io.dtypes import DTYPES
-from .ir import Node
+from karmixlang.io.dtypes import DTYPES
+from karmixlang.ir.graph import Node
 
 # The kernels work on power-of-two slices of a key's flattened elements, about this many
 # elements in all over the stacked rows (runtime/ops_base.flat_slices).

@@ -8,11 +8,11 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from . import ast
-from .builtins import BUILTINS
-from .diagnostics import Diagnostic, Label, Span, did_you_mean, error
-from .parser import parse_file
-from .resources import data_dir
+from karmixlang.syntax import ast
+from karmixlang.builtins import BUILTINS
+from karmixlang.diagnostics import Diagnostic, Label, Span, did_you_mean, error
+from karmixlang.syntax.parser import parse_file
+from karmixlang.resources import data_dir
 
 @dataclass
 class Unit:

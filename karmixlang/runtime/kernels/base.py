@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .. import outofcore
+from karmixlang.plan import outofcore
 
 # Cluster-wide element-wise work (a stack of N members, its sort indices, fp64 copies) runs
 # over slices of the flattened key so that its temporaries stay bounded whatever the key's

@@ -8,12 +8,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from . import ast
-from .builtins import BUILTINS, Builtin, P
-from .diagnostics import Diagnostic, Span, did_you_mean, error
-from .program import Program, Unit
-from .typerules import BuiltinRules
-from .values import _BUSY, ANY, DELTA, ERR, MODEL, Ty, _affine
+from karmixlang.syntax import ast
+from karmixlang.builtins import BUILTINS, Builtin, P
+from karmixlang.diagnostics import Diagnostic, Span, did_you_mean, error
+from karmixlang.check.program import Program, Unit
+from karmixlang.check.rules import BuiltinRules
+from karmixlang.check.values import _BUSY, ANY, DELTA, ERR, MODEL, Ty, _affine
 
 _RECURSION_LIMIT = 4_000  # as the CLI and the formatter: parser.MAX_DEPTH levels fit in it
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 import os
 import sys
 
-from . import ast
-from .diagnostics import Diagnostic, Label, did_you_mean, error, warning
-from .io.dtypes import parse_user_dtype
-from .io.writer import parse_size
-from .program import Program, Unit, _Loader, _resolve_params
-from .typecheck import _RECURSION_LIMIT, Checker, Scope
-from .values import Ty, _affine
+from karmixlang.syntax import ast
+from karmixlang.diagnostics import Diagnostic, Label, did_you_mean, error, warning
+from karmixlang.io.dtypes import parse_user_dtype
+from karmixlang.io.writer import parse_size
+from karmixlang.check.program import Program, Unit, _Loader, _resolve_params
+from karmixlang.check.typecheck import _RECURSION_LIMIT, Checker, Scope
+from karmixlang.check.values import Ty, _affine
 
 SAVE_OPTIONS = ("dtype", "fallback", "metadata", "shard", "delta")
 # The float dtypes a checkpoint can be written in (torch can cast to them).

@@ -14,12 +14,12 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from .diagnostics import Diagnostic, KmxError, error
-from .io.dtypes import DTYPES, nbytes
-from .io.header import CheckpointHeader, TensorInfo, read_checkpoint
-from .ir import Graph, KeyMap, Node, match_key, reachable
-from .machine import available_memory
-from .outofcore import SPLIT_OPS, OutOfCore, plan_key
+from karmixlang.diagnostics import Diagnostic, KmxError, error
+from karmixlang.io.dtypes import DTYPES, nbytes
+from karmixlang.io.header import CheckpointHeader, TensorInfo, read_checkpoint
+from karmixlang.ir.graph import Graph, KeyMap, Node, match_key, reachable
+from karmixlang.machine import available_memory
+from karmixlang.plan.outofcore import SPLIT_OPS, OutOfCore, plan_key
 
 COMPUTE_ITEMSIZE = {"fp32": 4, "fp64": 8}
 # Blocks below this come from glibc's heap, which keeps them for reuse (the runtime raises the

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .ops_base import check_cluster, flat_slices
-from .rng import uniform
+from karmixlang.runtime.kernels.base import check_cluster, flat_slices
+from karmixlang.runtime.kernels.rng import uniform
 
 __all__ = [
     "trim",

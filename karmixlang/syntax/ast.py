@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Union
 
-from .diagnostics import Span
+from karmixlang.diagnostics import Span
 
 _NO_SPAN = Span("<none>", 0, 0, 0, 0)
 

@@ -29,11 +29,11 @@ def _distance(a: dict, b: dict) -> float:
 def run_demo(directory: str | None, out: Console, err: Console, threads: int = 0) -> int:
     from safetensors.numpy import load_file
 
-    from .api import compile as compile_recipe
-    from .plan import render_text
-    from .progress import make_progress
-    from .runtime.executor import RunOptions, execute
-    from .synth import write_demo_pool
+    from karmixlang.api import compile as compile_recipe
+    from karmixlang.plan.report import render_text
+    from karmixlang.console import make_progress
+    from karmixlang.runtime.executor import RunOptions, execute
+    from karmixlang.demo.synth import write_demo_pool
 
     folder = directory or tempfile.mkdtemp(prefix="kmx-demo-")
     os.makedirs(folder, exist_ok=True)

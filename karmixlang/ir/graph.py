@@ -22,8 +22,8 @@ from functools import cached_property
 
 import networkx as nx
 
-from .blocks import slot_of
-from .diagnostics import Span
+from karmixlang.blocks import slot_of
+from karmixlang.diagnostics import Span
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ import threading
 from contextlib import contextmanager
 from urllib.parse import urlsplit
 
-from ..diagnostics import KmxError, error
-from ..groups import KeyGroup, group_keys
-from .chunked import Streamed
+from karmixlang.diagnostics import KmxError, error
+from karmixlang.plan.groups import KeyGroup, group_keys
+from karmixlang.runtime.chunked import Streamed
 
 INSTALL_HELP = "pip install 'karmixlang[ray]'"
 SHARED_HELP = ("every Ray worker must see the recipe and the inputs at the same paths as the "
@@ -220,8 +220,8 @@ _CACHE: dict = {}  # this worker process's compiled recipe: (spec, fingerprint) 
 def compute_group(payload, keys: tuple[str, ...]):
     """A Ray task: each key's outputs as pieces (see _pieces), and the keys copied from a
     fallback for non-finite inputs (--nonfinite=fallback)."""
-    from .executor import _Evaluator, compute_key
-    from .tensors import Reader
+    from karmixlang.runtime.executor import _Evaluator, compute_key
+    from karmixlang.runtime.tensors import Reader
 
     spec, expected = payload
     compiled, jobs = _compiled(spec, expected)
@@ -248,8 +248,8 @@ def _pieces(results) -> list[tuple[int, int, bytes]]:
 def _compiled(spec, expected: str):
     import torch
 
-    from .. import api
-    from .executor import _tune_allocator
+    from karmixlang import api
+    from karmixlang.runtime.executor import _tune_allocator
 
     key = (repr(spec), expected)
     if key not in _CACHE:

@@ -23,11 +23,11 @@ import math
 import torch
 from torch import Tensor
 
-from .ops_base import combine, gram
-from .ops_centers import (geometric_median, geometric_median_coeffs, geometric_median_start,
+from karmixlang.runtime.kernels.base import combine, gram
+from karmixlang.runtime.kernels.centers import (geometric_median, geometric_median_coeffs, geometric_median_start,
                           karcher, karcher_apply, karcher_coeffs, mean, median, model_stock,
                           model_stock_apply, model_stock_ratio, sum_)
-from .ops_sparse import breadcrumbs, clamp, dare, della, elect, iso, ties, ties_merge, trim
+from karmixlang.runtime.kernels.sparse import breadcrumbs, clamp, dare, della, elect, iso, ties, ties_merge, trim
 
 __all__ = [
     "combine",

@@ -10,10 +10,10 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 
-from .groups import group_keys
-from .ir import Graph, KeyMap
-from .resources import data_dir
-from .schedule import COMPUTE_ITEMSIZE, HEAP_BLOCK_LIMIT, Schedule, _name
+from karmixlang.plan.groups import group_keys
+from karmixlang.ir.graph import Graph, KeyMap
+from karmixlang.resources import data_dir
+from karmixlang.plan.schedule import COMPUTE_ITEMSIZE, HEAP_BLOCK_LIMIT, Schedule, _name
 
 SCHEMA_VERSION = 1
 

@@ -15,8 +15,8 @@ from lark import Lark, Token, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 from lark.visitors import Transformer_NonRecursive
 
-from . import ast
-from .diagnostics import Diagnostic, Span, error
+from karmixlang.syntax import ast
+from karmixlang.diagnostics import Diagnostic, Span, error
 
 MAX_SOURCE_BYTES = 4 * 1024 * 1024
 MAX_DEPTH = 200  # expression nesting; deeper recipes get K0004 instead of a RecursionError
@@ -80,7 +80,7 @@ class _Newlines:
 
 
 def _grammar_text() -> str:
-    return resources.files("karmixlang").joinpath("grammar.lark").read_text(encoding="utf-8")
+    return resources.files("karmixlang.syntax").joinpath("grammar.lark").read_text(encoding="utf-8")
 
 
 def _cache_path(text: str) -> str | None:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .ops_base import check_cluster, combine, flat_slices, gram
+from karmixlang.runtime.kernels.base import check_cluster, combine, flat_slices, gram
 
 __all__ = ["mean", "sum_", "median", "geometric_median", "model_stock", "karcher",
            "geometric_median_start", "geometric_median_coeffs", "model_stock_ratio",

@@ -21,9 +21,9 @@ import sys
 from bisect import bisect_right
 from collections import Counter
 
-from . import ast
-from .diagnostics import Diagnostic
-from .parser import parse
+from karmixlang.syntax import ast
+from karmixlang.diagnostics import Diagnostic
+from karmixlang.syntax.parser import parse
 
 WIDTH = 100  # columns of code; a trailing comment may run past it (it cannot be wrapped)
 INDENT = 4
