@@ -15,6 +15,7 @@ Ops (all key-wise):
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -146,6 +147,14 @@ class Graph:
             if s.fallback is not None:
                 out.append(s.fallback)
         return out
+
+    def display_name(self, n: Node) -> str:
+        """How the plan and diagnostics name a node: its recipe name, a file, or its op."""
+        if n in self.names:
+            return self.names[n]
+        if n.op == "load":
+            return os.path.basename(n.attr("path"))
+        return n.op
 
     def nx(self, include_extra: bool = False) -> nx.DiGraph:
         g = nx.DiGraph()

@@ -11,7 +11,6 @@ it, planning fails naming the key and the models involved.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 from karmixlang.diagnostics import Diagnostic, KmxError, error
@@ -178,25 +177,17 @@ def _combine(ins: list[NodeKeys], nodes: tuple[Node, ...]) -> NodeKeys:
 def describe_reason(reason: tuple, graph: Graph, headers, key: str) -> str:
     kind = reason[0]
     if kind == "dtype":
-        return f"not a float ({reason[2]}) in {_name(graph, reason[1])}"
+        return f"not a float ({reason[2]}) in {graph.display_name(reason[1])}"
     if kind == "missing":
-        lacking = [_name(graph, n) for n in _loads(reason[1]) if key not in headers[n].tensors]
-        return "missing in " + (", ".join(lacking) or _name(graph, reason[1]))
+        lacking = [graph.display_name(n) for n in _loads(reason[1]) if key not in headers[n].tensors]
+        return "missing in " + (", ".join(lacking) or graph.display_name(reason[1]))
     shapes = {}
     for node in reason[1]:
         for leaf in _loads(node):
             t = headers[leaf].tensors.get(key)
             if t is not None:
-                shapes.setdefault(tuple(t.shape), _name(graph, leaf))
+                shapes.setdefault(tuple(t.shape), graph.display_name(leaf))
     return "shapes differ: " + ", ".join(f"{name} {list(s)}" for s, name in shapes.items())
-
-
-def _name(graph: Graph, n: Node) -> str:
-    if n in graph.names:
-        return graph.names[n]
-    if n.op == "load":
-        return os.path.basename(n.attr("path"))
-    return n.op
 
 
 def _loads(n: Node) -> list[Node]:

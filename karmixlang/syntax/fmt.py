@@ -37,7 +37,7 @@ _STRING_OR_COMMENT = re.compile(r'"(?:[^"\\\n]|\\[^\n])*"|#[^\n]*')
 _BLOCK_TOKENS = re.compile(_STRING_OR_COMMENT.pattern + r"|\breturn\b|\{")
 # Laying out a split bracket recurses about six frames deep per nesting level: recipes nested
 # as deeply as the parser allows need more than Python's default limit of 1000.
-_RECURSION_LIMIT = 4_000
+RECURSION_LIMIT = 4_000
 
 
 class FormatterError(Exception):
@@ -53,7 +53,7 @@ def format_source(text: str, file: str = "<recipe>") -> tuple[str | None, list[D
         return None, diags
     text = text.removeprefix("\ufeff")  # as the parser does: positions exclude it
     limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(max(limit, _RECURSION_LIMIT))
+    sys.setrecursionlimit(max(limit, RECURSION_LIMIT))
     try:
         out = _print(module, text)
         _verify(text, module, out, file)
