@@ -99,7 +99,7 @@ def cmd_check(args) -> int:
 
 
 def _memory_limit(args) -> int | None:
-    from karmixlang.io.writer import parse_size
+    from karmixlang.units import parse_size
 
     try:
         return parse_size(args.memory_limit) if args.memory_limit else None
@@ -163,7 +163,7 @@ def cmd_run(args) -> int:
         err.print(Text("Nothing to do: every output is complete and matches the plan.",
                        style="green"))
         return EXIT_OK
-    from karmixlang.plan.report import human_bytes
+    from karmixlang.units import human_bytes
 
     for path in result.outputs:
         out.print(Text(f"wrote {path}"))
@@ -244,7 +244,7 @@ def cmd_methods(args) -> int:
 
 def cmd_inspect(args) -> int:
     from karmixlang.io.header import read_checkpoint
-    from karmixlang.plan.report import human_bytes
+    from karmixlang.units import human_bytes
 
     h = read_checkpoint(args.file)
     if args.json:

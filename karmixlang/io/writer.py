@@ -15,10 +15,8 @@ import errno
 import hashlib
 import json
 import os
-import re
 import threading
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import NoReturn
 
 from karmixlang.diagnostics import KmxError, error
@@ -148,23 +146,6 @@ def _lay_out_file(path: str, names: list[str], specs: dict, sizes: dict[str, int
         offsets[n] = start
         start += sizes[n]
     return OutputFile(path, header, start, tuple(order)), offsets
-
-
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_size(s: str) -> int:
-    """Bytes in "5GB", "1.5 GiB", "500MB" or "1000000" (KB..TB decimal, KiB..TiB binary)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", s)
-    unit = m and _SIZE_UNITS.get(m.group(2).lower())
-    if not unit:
-        raise ValueError(f"invalid size {s!r}: write a number with an optional unit, like "
-                         "5GB or 500MiB (units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
-    n = int(Fraction(m.group(1)) * unit)
-    if n <= 0:
-        raise ValueError(f"invalid size {s!r}: must be at least one byte")
-    return n
 
 
 # ---------------------------------------------------------------- writer

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from karmixlang.plan.groups import group_keys
 from karmixlang.ir.graph import Graph, KeyMap
 from karmixlang.resources import data_dir
+from karmixlang.units import human_bytes
 from karmixlang.plan.schedule import COMPUTE_ITEMSIZE, HEAP_BLOCK_LIMIT, Schedule
 
 SCHEMA_VERSION = 1
@@ -157,14 +158,6 @@ def _reason_kind(reason: str) -> str:
 
 
 # ------------------------------------------------------------------ text
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
 
 def render_text(plan: Plan) -> str:
     """Plain text (the CLI prints it through rich with markup off)."""

@@ -16,8 +16,9 @@ import threading
 
 from karmixlang import __version__
 from karmixlang.diagnostics import KmxError, error
+from karmixlang.units import parse_size
 from karmixlang.io.header import HASH_PLACEHOLDER, HASH_PREFIX, hash_data_region
-from karmixlang.io.writer import (JOURNAL_SUFFIX, CheckpointWriter, OutputLayout, _hidden, parse_size,
+from karmixlang.io.writer import (JOURNAL_SUFFIX, CheckpointWriter, OutputLayout, _hidden,
                          plan_output)
 
 STAMP_SUFFIX = ".kmx-inputs"

@@ -15,7 +15,8 @@ from safetensors.numpy import save_file
 
 from karmixlang.diagnostics import KmxError
 from karmixlang.io.header import read_checkpoint
-from karmixlang.io.writer import CheckpointWriter, parse_size, plan_output
+from karmixlang.io.writer import CheckpointWriter, plan_output
+from karmixlang.units import parse_size
 
 NP_TO_ST = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32",
             "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "uint16": "U16"}

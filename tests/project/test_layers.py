@@ -19,6 +19,7 @@ LAYER_OF = {
     "karmixlang.diagnostics": "base",
     "karmixlang.resources": "base",
     "karmixlang.machine": "base",
+    "karmixlang.units": "base",
     "karmixlang.builtins": "base",
     "karmixlang.ops": "base",
     "karmixlang.blocks": "base",
