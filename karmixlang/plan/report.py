@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from karmixlang.plan.groups import group_keys
 from karmixlang.ir.graph import Graph, KeyMap
 from karmixlang.resources import data_dir
-from karmixlang.plan.schedule import COMPUTE_ITEMSIZE, HEAP_BLOCK_LIMIT, Schedule, _name
+from karmixlang.plan.schedule import COMPUTE_ITEMSIZE, HEAP_BLOCK_LIMIT, Schedule, display_name
 
 SCHEMA_VERSION = 1
 
@@ -56,7 +56,7 @@ def build_plan(recipe: str, graph: Graph, sched: Schedule, threads: int = 1,
             continue
         h = sched.headers[n]
         inputs.append({
-            "node": ids[n], "name": _name(graph, n), "role": n.attr("role"),
+            "node": ids[n], "name": display_name(graph, n), "role": n.attr("role"),
             "path": _rel(n.attr("path"), base), "files": len(h.files), "keys": len(h.tensors),
             "dtypes": dict(sorted(Counter(t.dtype for t in h.tensors.values()).items())),
             "bytes": h.total_bytes,
