@@ -28,6 +28,10 @@ class Step:
     inputs: tuple[int, ...]
     attrs: tuple[tuple[str, object], ...] = ()
 
+    def __post_init__(self):
+        # Plain values only (the compiler's strings remember their folder, for one).
+        object.__setattr__(self, "attrs", tuple((k, _plain(v)) for k, v in self.attrs))
+
     def attr(self, name: str, default=None):
         for k, v in self.attrs:
             if k == name:
@@ -150,6 +154,16 @@ def _digest(body) -> str:
 
 
 # Attribute values: numbers, strings, bools, None, tuples of them, and per-key numbers.
+def _plain(v):
+    if isinstance(v, KeyMap):
+        return KeyMap(_plain(v.kind), _plain(v.rules), _plain(v.arch), v.default)
+    if isinstance(v, tuple):
+        return tuple(_plain(x) for x in v)
+    if isinstance(v, str) and type(v) is not str:
+        return str(v)
+    return v
+
+
 def _encode(v):
     if isinstance(v, KeyMap):
         return {"keymap": [v.kind, _encode(v.rules), v.arch, v.default]}

@@ -513,9 +513,9 @@ def executable(graph: Graph, order: list[Node], headers, jobs: list[KeyJob], com
     messages give the inputs, the outputs, every data file's size, the jobs."""
     index = {n: i for i, n in enumerate(order)}
     nodes = tuple(Step(n.op, tuple(index[x] for x in n.inputs), n.attrs) for n in order)
-    labels = {i: graph.names.get(n, n.attr("path")) for i, n in enumerate(order)
+    labels = {i: str(graph.names.get(n, n.attr("path"))) for i, n in enumerate(order)
               if n.op == "load"}
-    saves = tuple(SaveTarget(s.path, s.written) for s in graph.saves)
+    saves = tuple(SaveTarget(str(s.path), str(s.written)) for s in graph.saves)
     return Executable(nodes, labels, saves, compute, limit, _file_sizes(headers), jobs)
 
 
