@@ -11,9 +11,9 @@ from karmixlang.syntax import ast
 from karmixlang.diagnostics import Diagnostic, Label, did_you_mean, error, warning
 from karmixlang.io.dtypes import parse_user_dtype
 from karmixlang.io.writer import parse_size
-from karmixlang.check.program import Program, Unit, _Loader, _resolve_params
-from karmixlang.check.typecheck import _RECURSION_LIMIT, Checker, Scope
-from karmixlang.check.values import Ty, _affine
+from karmixlang.check.program import Loader, Program, Unit, resolve_params
+from karmixlang.check.typecheck import RECURSION_LIMIT, Checker, Scope
+from karmixlang.check.values import Ty, affine
 
 SAVE_OPTIONS = ("dtype", "fallback", "metadata", "shard", "delta")
 # The float dtypes a checkpoint can be written in (torch can cast to them).
@@ -62,7 +62,7 @@ def _check_save(ch: Checker, unit: Unit, s: ast.Save, paths: dict[str, ast.Save]
             if ch.value(pair.value, scope).kind not in ("string", "error"):
                 ch.err("K0208", "metadata values are strings", pair.value.span)
     fb = values.get("fallback")
-    if fb is not None and fb.kind != "error" and not (fb.kind == "space" and _affine(fb.weight) == 1):
+    if fb is not None and fb.kind != "error" and not (fb.kind == "space" and affine(fb.weight) == 1):
         ch.err("K0208", f"`fallback` must be a Model, got {fb.describe()}",
                opts["fallback"].value.span)
     ty = ch.value(s.expr, scope)
@@ -71,7 +71,7 @@ def _check_save(ch: Checker, unit: Unit, s: ast.Save, paths: dict[str, ast.Save]
         ch.err("K0202", "a save writes one checkpoint, not a cluster", s.expr.span,
                help="reduce it first: `mean(...)`, `geometric_median(...)`, ...")
     elif ty.kind == "space":
-        w = _affine(ty.weight)
+        w = affine(ty.weight)
         if w == 0 and not is_delta:
             ch.err("K0203", "this save writes a Delta (a task vector)", s.expr.span,
                    label="a Delta", help="add a base (`base + ...`) to save a model, or "
@@ -92,7 +92,7 @@ def check_program(path: str, overrides: dict[str, str] | None = None
                   ) -> tuple[Program | None, list[Diagnostic]]:
     """Load, resolve and type-check a recipe. Returns (program or None, all diagnostics)."""
     limit = sys.getrecursionlimit()  # the checker recurses over expressions and def calls
-    sys.setrecursionlimit(max(limit, _RECURSION_LIMIT))
+    sys.setrecursionlimit(max(limit, RECURSION_LIMIT))
     try:
         return _check_program(path, overrides)
     finally:
@@ -101,12 +101,12 @@ def check_program(path: str, overrides: dict[str, str] | None = None
 
 def _check_program(path: str, overrides: dict[str, str] | None):
     diags: list[Diagnostic] = []
-    loader = _Loader(diags)
+    loader = Loader(diags)
     root = loader.load(path)
     if root is None:
         return None, _dedupe(diags)
     program = Program(root, loader.units, loader.sources, dict(overrides or {}))
-    _resolve_params(root, program.overrides, diags)
+    resolve_params(root, program.overrides, diags)
     ch = Checker(program, diags)
     where = None
     try:

@@ -50,7 +50,7 @@ def resolve_import(unit: Unit, path: str) -> str:
     return os.path.normpath(os.path.join(unit.folder, path))
 
 
-class _Loader:
+class Loader:
     def __init__(self, diags: list[Diagnostic]):
         self.diags = diags
         self.units: dict[str, Unit] = {}
@@ -150,7 +150,7 @@ def _coerce(default: object, text: str) -> object:
     return text
 
 
-def _resolve_params(root: Unit, overrides: dict[str, str], diags: list[Diagnostic]) -> None:
+def resolve_params(root: Unit, overrides: dict[str, str], diags: list[Diagnostic]) -> None:
     seen = set()
     for unit in [root] + _all_imported(root):
         if id(unit) in seen:

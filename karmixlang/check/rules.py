@@ -8,7 +8,7 @@ import re
 
 from karmixlang.blocks import OPTIONAL_SLOTS, SLOTS
 from karmixlang.diagnostics import did_you_mean, warning
-from karmixlang.check.values import TOL, Ty, _affine
+from karmixlang.check.values import TOL, Ty, affine
 
 
 class BuiltinRules:
@@ -28,7 +28,7 @@ class BuiltinRules:
     _check_train_difference = _check_add_difference
 
     def _same_kind(self, b, tys, names, e):
-        kinds = {_affine(tys[n].weight) for n in names if n in tys and tys[n].kind == "space"}
+        kinds = {affine(tys[n].weight) for n in names if n in tys and tys[n].kind == "space"}
         if len(kinds) > 1:
             self.err("K0202", f"`{b.name}` needs {' and '.join(names)} of one kind (both models "
                      "or both deltas)", e.span)

@@ -13,9 +13,9 @@ from karmixlang.builtins import BUILTINS, Builtin, P
 from karmixlang.diagnostics import Diagnostic, Span, did_you_mean, error
 from karmixlang.check.program import Program, Unit
 from karmixlang.check.rules import BuiltinRules
-from karmixlang.check.values import _BUSY, ANY, DELTA, ERR, MODEL, Ty, _affine
+from karmixlang.check.values import ANY, BUSY, DELTA, ERR, MODEL, Ty, affine
 
-_RECURSION_LIMIT = 4_000  # as the CLI and the formatter: parser.MAX_DEPTH levels fit in it
+RECURSION_LIMIT = 4_000  # as the CLI and the formatter: parser.MAX_DEPTH levels fit in it
 
 
 @dataclass
@@ -96,7 +96,7 @@ class Checker(BuiltinRules):
                             help="use a member `lib.name`" if ty.kind == "lib" else
                             f"call it: `{ty.value}(...)`")
         if isinstance(e, (ast.BinOp, ast.Neg)) and ty.kind in ("space", "cluster"):
-            if ty.weight is not None and _affine(ty.weight) is None:
+            if ty.weight is not None and affine(ty.weight) is None:
                 return self.err(
                     "K0201", f"the coefficients of models sum to {ty.weight:g}, not 1 or 0",
                     e.span, label="neither a Model nor a Delta",
@@ -170,7 +170,7 @@ class Checker(BuiltinRules):
             return scope.locals[e.name]
         if e.name in scope.lets:
             key = f"{scope.def_stack[-1]}.{e.name}"
-            if scope.locals.get(key) == _BUSY:
+            if scope.locals.get(key) == BUSY:
                 scope.locals[key] = ERR
                 return self.err("K0108", f"cycle: `{e.name}` depends on itself in "
                                 f"`{scope.def_stack[-1]}`", e.span,
@@ -178,7 +178,7 @@ class Checker(BuiltinRules):
                                 help="a definition cannot depend on itself")
             if key in scope.locals:
                 return scope.locals[key]
-            scope.locals[key] = _BUSY
+            scope.locals[key] = BUSY
             scope.locals[key] = self.value(scope.lets[e.name].expr, scope)
             return scope.locals[key]
         if e.name in scope.unit.decls:
@@ -257,10 +257,10 @@ class Checker(BuiltinRules):
         if op == "/" and num.value == 0:
             return self.err("K0204", "division by zero", e.span)
         if num.kind == "keymap" or num.value is None:
-            if _affine(space.weight) != 0 and num.kind == "keymap":
+            if affine(space.weight) != 0 and num.kind == "keymap":
                 return self.err("K0202", "a per-key number can only scale a Delta", e.span,
                                 help="interpolate models with `lerp(a, b, t=blocks(...))`")
-            w = 0.0 if _affine(space.weight) == 0 else None
+            w = 0.0 if affine(space.weight) == 0 else None
         else:
             w = None if space.weight is None else (
                 space.weight * num.value if op == "*" else space.weight / num.value)
@@ -273,7 +273,7 @@ class Checker(BuiltinRules):
         a, b = self.value(e.left, scope), self.value(e.right, scope)
         if ERR in (a, b) or ANY in (a, b):
             return ERR if ERR in (a, b) else ANY
-        if a.kind != "space" or b.kind != "space" or _affine(a.weight) != _affine(b.weight):
+        if a.kind != "space" or b.kind != "space" or affine(a.weight) != affine(b.weight):
             return self.err("K0202", f"`|` needs two Models or two Deltas, got {a.describe()} | "
                             f"{b.describe()}", e.span,
                             help="`x | y` takes each key from y when y has it, else from x")
@@ -305,7 +305,7 @@ class Checker(BuiltinRules):
             if size is not None:
                 size = None if ty.kind == "cluster" and ty.size is None else \
                     size + (ty.size if ty.kind == "cluster" else 1)
-            weights.add(_affine(ty.weight))
+            weights.add(affine(ty.weight))
         if len(weights) > 1:
             return self.err("K0202", "a cluster mixes models and deltas", e.span,
                             help="subtract a base from the models: `[a - base, d]`")
@@ -448,7 +448,7 @@ class Checker(BuiltinRules):
         if ty.kind in ("error", "any"):
             return ty
         want = p.type
-        w = _affine(ty.weight)
+        w = affine(ty.weight)
         ok = {
             "space": ty.kind == "space" or (b.broadcast and ty.kind == "cluster"),
             "model": ty.kind == "space" and w == 1,

@@ -18,7 +18,7 @@ class Ty:
 
     def describe(self) -> str:
         if self.kind in ("space", "cluster"):
-            inner = {1: "Model", 0: "Delta"}.get(_affine(self.weight), "combination")
+            inner = {1: "Model", 0: "Delta"}.get(affine(self.weight), "combination")
             return inner if self.kind == "space" else f"Cluster[{inner}]"
         return {"number": "Number", "keymap": "KeyMap", "string": "String", "bool": "Bool",
                 "map": "Map", "lib": "imported file", "func": "function"}.get(self.kind, self.kind)
@@ -26,12 +26,12 @@ class Ty:
 
 ANY = Ty("any")
 ERR = Ty("error")
-_BUSY = Ty("error", value="busy")  # a def body's let being typed: meeting it again is a cycle
+BUSY = Ty("error", value="busy")  # a def body's let being typed: meeting it again is a cycle
 MODEL = Ty("space", 1.0)
 DELTA = Ty("space", 0.0)
 
 
-def _affine(w: float | None) -> int | None:
+def affine(w: float | None) -> int | None:
     """1 for a Model, 0 for a Delta, None for any other (or unknown) weight."""
     if w is None:
         return None
