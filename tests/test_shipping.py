@@ -30,7 +30,8 @@ RECIPE = """
     base o = "base.safetensors"
     model a = "a.safetensors"
     cluster pool = ["a.safetensors", "b.safetensors", "c.safetensors"]
-    save "out/x.safetensors" = exclude(lerp(o, a, t=by_key({"model.w": 0.25, "*": 0.5})), "model.bias") with fallback=o
+    save "out/x.safetensors" = exclude(lerp(o, a, t=by_key({"model.w": 0.25, "*": 0.5})), "model.bias")
+        with fallback=o
     save "out/y.safetensors" = o + median(dare(pool - o, p=0.5, seed=3)) with dtype="fp16"
 """
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from karmixlang.diagnostics import Diagnostic, KmxError, error
 from karmixlang.io.dtypes import DTYPES, nbytes
-from karmixlang.io.header import CheckpointHeader, TensorInfo, read_checkpoint
+from karmixlang.io.header import CheckpointHeader, read_checkpoint
 from karmixlang.ir.graph import Graph, KeyMap, Node, match_key, reachable
 from karmixlang.machine import available_memory
 from karmixlang.plan.executable import Executable, KeyJob, Output, SaveTarget, Step
@@ -163,7 +163,8 @@ def describe_reason(reason: tuple, graph: Graph, headers, key: str) -> str:
     if kind == "dtype":
         return f"not a float ({reason[2]}) in {display_name(graph, reason[1])}"
     if kind == "missing":
-        lacking = [display_name(graph, n) for n in _loads(reason[1]) if key not in headers[n].tensors]
+        lacking = [display_name(graph, n) for n in _loads(reason[1])
+                   if key not in headers[n].tensors]
         return "missing in " + (", ".join(lacking) or display_name(graph, reason[1]))
     shapes = {}
     for node in reason[1]:

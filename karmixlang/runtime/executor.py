@@ -2,9 +2,10 @@
 
 Each key is one job of the compiled executable schedule (plan/executable.py), evaluated by
 runtime/evaluate.py, and its results are written at their planned offsets. Nothing is planned
-here: the out-of-core keys and the fallback copies were decided when compiling. Jobs run on a thread pool; admission keeps the estimated memory of the keys in
-flight under the limit. Results never depend on scheduling: every key is computed alone, and
-intra-op threads are fixed at one so reductions always add in the same order.
+here: the out-of-core keys and the fallback copies were decided when compiling. Jobs run on a
+thread pool; admission keeps the estimated memory of the keys in flight under the limit.
+Results never depend on scheduling: every key is computed alone, and intra-op threads are
+fixed at one so reductions always add in the same order.
 """
 
 from __future__ import annotations
