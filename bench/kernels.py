@@ -1,4 +1,4 @@
-"""Micro-benchmark of the sparse kernels (karmixlang/runtime/ops_sparse.py).
+"""Micro-benchmark of the sparse kernels (karmixlang/runtime/kernels/sparse.py).
 
 Times trim, breadcrumbs, dare, della (each over every member, one after another), ties,
 ties_merge and elect on seeded deltas of realistic sizes, with one intra-op thread and glibc
@@ -10,12 +10,12 @@ checkpoints.
 
     python bench/kernels.py                                  # all cases and kernels
     python bench/kernels.py --json /tmp/after.json
-    python bench/kernels.py --module /tmp/ops_sparse_old.py --json /tmp/before.json
+    python bench/kernels.py --module /tmp/sparse_old.py --json /tmp/before.json
     python bench/kernels.py --check /tmp/before.json         # same bits as those results?
 
 Each kernel's results are hashed (SHA-256 of their bytes): --check compares the hashes with
 an earlier --json, so that an optimisation can be shown not to change a single bit, and
---module runs another copy of ops_sparse.py (an older version, say) in place of the
+--module runs another copy of kernels/sparse.py (an older version, say) in place of the
 package's, for a before/after in one session. Peak memory is VmHWM, reset through
 /proc/self/clear_refs (Linux) after malloc_trim, so that memory the heap kept from earlier
 runs does not hide this run's allocations (tracemalloc does not see torch's). The timed runs
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from karmixlang.runtime import ops_sparse  # noqa: E402
+from karmixlang.runtime.kernels import sparse as ops_sparse  # noqa: E402
 
 # name: (shape of the key, members)
 CASES = {
@@ -56,9 +56,8 @@ _LIBC.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
 
 
 def load_module(path: str):
-    """Another copy of ops_sparse.py, imported inside karmixlang.runtime so that its relative
-    imports resolve."""
-    spec = importlib.util.spec_from_file_location("karmixlang.runtime._ops_sparse_bench", path)
+    """Another copy of kernels/sparse.py, imported as a module of karmixlang.runtime.kernels."""
+    spec = importlib.util.spec_from_file_location("karmixlang.runtime.kernels.sparse_bench", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -157,7 +156,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5, help="timed runs per kernel (default 5)")
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS)
-    ap.add_argument("--module", help="benchmark this copy of ops_sparse.py instead")
+    ap.add_argument("--module", help="benchmark this copy of kernels/sparse.py instead")
     ap.add_argument("--json", help="write the results (times, memory, hashes) here")
     ap.add_argument("--check", help="compare the hashes with those of an earlier --json")
     args = ap.parse_args()

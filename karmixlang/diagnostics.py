@@ -141,7 +141,7 @@ class KmxError(Exception):
 
     def __reduce__(self):
         # Rebuilt from the diagnostics, not from the joined message in `args`: a Ray worker's
-        # error must reach the driver with its codes (runtime/ray_exec.py).
+        # error must reach the driver with its codes (runtime/ray/executor.py).
         return KmxError, (self.diagnostics,)
 
 

@@ -11,7 +11,7 @@ from karmixlang.syntax import ast
 from karmixlang.diagnostics import Diagnostic, Label, did_you_mean, error, warning
 from karmixlang.io.dtypes import parse_user_dtype
 from karmixlang.units import parse_size
-from karmixlang.check.program import Program, Unit, Loader, resolve_params
+from karmixlang.check.program import Loader, Program, Unit, resolve_params
 from karmixlang.check.typecheck import RECURSION_LIMIT, Checker, Scope
 from karmixlang.check.values import Ty, affine
 

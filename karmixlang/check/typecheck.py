@@ -13,7 +13,7 @@ from karmixlang.builtins import BUILTINS, Builtin, P
 from karmixlang.diagnostics import Diagnostic, Span, did_you_mean, error
 from karmixlang.check.program import Program, Unit
 from karmixlang.check.rules import BuiltinRules
-from karmixlang.check.values import BUSY, ANY, DELTA, ERR, MODEL, Ty, affine
+from karmixlang.check.values import ANY, BUSY, DELTA, ERR, MODEL, Ty, affine
 
 RECURSION_LIMIT = 4_000  # as the CLI and the formatter: parser.MAX_DEPTH levels fit in it
 

@@ -150,7 +150,7 @@ def _lay_out_file(path: str, names: list[str], specs: dict, sizes: dict[str, int
 
 # ---------------------------------------------------------------- writer
 
-def _hidden(path: str, suffix: str) -> str:
+def hidden_path(path: str, suffix: str) -> str:
     folder, name = os.path.split(path)
     return os.path.join(folder, f".{name}{suffix}")
 
@@ -182,8 +182,8 @@ class CheckpointWriter:
         # Durable keys: journaled by an earlier run (found on resume) or by checkpoint().
         self.done_keys: set[str] = set()
         self._folder = os.path.dirname(layout.final_path) or "."
-        self._temps = [_hidden(f.path, PARTIAL_SUFFIX) for f in layout.files]
-        self._journal = _hidden(layout.final_path, JOURNAL_SUFFIX)
+        self._temps = [hidden_path(f.path, PARTIAL_SUFFIX) for f in layout.files]
+        self._journal = hidden_path(layout.final_path, JOURNAL_SUFFIX)
         self._fds: list[int] = []
         self._journal_fd: int | None = None
         self._pending: set[str] = set()  # written since the last checkpoint, not yet durable
@@ -345,7 +345,7 @@ class CheckpointWriter:
         renames = list(zip(self._temps, (f.path for f in self.layout.files)))
         try:
             if self.layout.index is not None:
-                temp = _hidden(self.layout.index_path, PARTIAL_SUFFIX)
+                temp = hidden_path(self.layout.index_path, PARTIAL_SUFFIX)
                 fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
                 try:
                     _write_all(fd, self.layout.index)
@@ -413,7 +413,7 @@ class CheckpointWriter:
                 pass  # nothing more to do with it; the data was fsync-ed or is being discarded
 
     def _remove_partial(self) -> None:
-        extra = [_hidden(self.layout.index_path, PARTIAL_SUFFIX)] if self.layout.index_path else []
+        extra = [hidden_path(self.layout.index_path, PARTIAL_SUFFIX)] if self.layout.index_path else []
         for path in [*self._temps, self._journal, *extra]:
             try:
                 os.unlink(path)

@@ -1,4 +1,4 @@
-"""Key groups: the unit of work of the Ray executor (runtime/ray_exec.py), and what
+"""Key groups: the unit of work of the Ray executor (runtime/ray/executor.py), and what
 `kmx plan --executor ray` shows.
 
 Consecutive keys of the schedule are packed into a group until it would read more than

@@ -32,7 +32,6 @@ import math
 from dataclasses import dataclass
 
 from karmixlang.io.dtypes import DTYPES
-from karmixlang.ir.graph import Node
 
 # The kernels work on power-of-two slices of a key's flattened elements, about this many
 # elements in all over the stacked rows (runtime/ops_base.flat_slices).
@@ -69,34 +68,34 @@ class OutOfCore:
     over_limit: bool  # chunked because it does not fit the limit (else: to bound memory)
 
 
-def threshold_trim(n: Node, itemsize: int) -> bool:
+def threshold_trim(n, itemsize: int) -> bool:
     """trim, and the trim inside ties, find each member's threshold in two passes over the
     chunks (an exact radix selection on fp32 magnitude bits) instead of spilling; other
     whole-key filters, and fp64, are spilled."""
     return itemsize == 4 and (n.op == "trim" or n.op in SPLIT_OPS)
 
 
-def barriers(steps: list[Node]) -> list[Node]:
-    """The nodes that need a whole key (in evaluation order)."""
-    return [n for n in steps if n.op in GRAM_OPS | WHOLE_OPS | SPLIT_OPS]
+def barriers(nodes, steps) -> list[int]:
+    """The steps that need a whole key (in evaluation order); `nodes`: the node table."""
+    return [i for i in steps if nodes[i].op in GRAM_OPS | WHOLE_OPS | SPLIT_OPS]
 
 
 def _pow2_floor(n: int) -> int:
     return 1 << max(0, n.bit_length() - 1)
 
 
-def plan_key(job, per_element: float, limit: int, item: int, headers,
+def plan_key(job, nodes, per_element: float, limit: int, item: int,
              whole_per_element) -> OutOfCore | None:
-    """The chunked evaluation of `job` under `limit`, or None when it fits and chunking it
-    would not pay. `per_element`: the in-memory peak bytes per element (an upper bound for
-    one chunk's); `whole_per_element(node)`: the same for computing one whole-key filter alone
-    (the caller refuses a key whose `whole_bytes` exceed the limit). The chunk length depends
-    on the limit, never on the thread count: the bytes of a result must not."""
+    """The chunked evaluation of `job` (over the node table `nodes`) under `limit`, or None
+    when it fits and chunking it would not pay. `per_element`: the in-memory peak bytes per
+    element (an upper bound for one chunk's); `whole_per_element(node)`: the same for
+    computing one whole-key filter alone (the caller refuses a key whose `whole_bytes` exceed
+    the limit). The chunk length depends on the limit, never on the thread count: the bytes
+    of a result must not."""
     numel = math.prod(job.outputs[0].shape)
-    walls = barriers(job.steps)
+    walls = [nodes[i] for i in barriers(nodes, job.steps)]
     over = per_element * numel > limit
-    stored = (headers[n].tensors.get(job.key) for n in job.loads)
-    if any(DTYPES[t.dtype].bits % 8 for t in stored if t is not None):
+    if any(DTYPES[t.dtype].bits % 8 for t in job.tensors.values()):
         return None  # packed sub-byte elements (F4, F6) cannot be cut at any element
     if not over and (per_element * numel <= CHUNK_ABOVE_BYTES or
                      any(n.op not in GRAM_OPS for n in walls)):
@@ -117,13 +116,14 @@ def plan_key(job, per_element: float, limit: int, item: int, headers,
     spills = [n for n in walls if n.op not in GRAM_OPS and not threshold_trim(n, item)]
     spilled = sum(len(n.inputs) if n.op in SPLIT_OPS else 1 for n in spills)
     whole = max((int(whole_per_element(n) * numel) for n in spills), default=0)
-    passes = sum(1 if n.op in GRAM_OPS else 2 for n in walls if n not in spills)
-    reads = _pass_reads(job, walls, headers, item * numel, item)
+    passes = sum(1 if n.op in GRAM_OPS else 2 for n in walls
+                 if n.op in GRAM_OPS or threshold_trim(n, item))  # the walls not spilled
+    reads = _pass_reads(job, nodes, barriers(nodes, job.steps), item * numel, item)
     return OutOfCore(chunk, -(-numel // chunk), passes, spilled, spilled * numel * item,
                      max(0, reads - job.read_bytes), whole, int(chunk * per_element), over)
 
 
-def _pass_reads(job, walls: list[Node], headers, spill_size: int, item: int) -> int:
+def _pass_reads(job, nodes, walls: list[int], spill_size: int, item: int) -> int:
     """Bytes read by all passes: each barrier's pass (two for a trim by threshold), then the
     final one. A pass reads the loads under its targets, stopping at filters already spilled
     (read back instead)."""
@@ -133,23 +133,25 @@ def _pass_reads(job, walls: list[Node], headers, spill_size: int, item: int) -> 
     def reads(targets) -> int:
         seen, stack, got = set(), list(targets), 0
         while stack:
-            n = stack.pop()
-            if id(n) in seen:
+            i = stack.pop()
+            if i in seen:
                 continue
-            seen.add(id(n))
-            if id(n) in spilled:
+            seen.add(i)
+            n = nodes[i]
+            if i in spilled:
                 got += spill_size * (len(n.inputs) if n.op in SPLIT_OPS else 1)
             elif n.op == "load":
-                info = headers[n].tensors.get(job.key)
+                info = job.tensors.get(i)
                 got += info.nbytes if info is not None else 0
             elif n.op == "union":
-                stack.append(job.union_choice[id(n)])
+                stack.append(job.union_choice[i])
             else:
                 stack.extend(n.inputs)
         return got
 
-    for n in walls:
+    for i in walls:
+        n = nodes[i]
         total += reads(n.inputs) * (2 if threshold_trim(n, item) else 1)
         if n.op not in GRAM_OPS and not threshold_trim(n, item):
-            spilled.add(id(n))
+            spilled.add(i)
     return total + reads([o.node for o in job.outputs])

@@ -11,14 +11,16 @@ it, planning fails naming the key and the models involved.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 from karmixlang.diagnostics import Diagnostic, KmxError, error
 from karmixlang.io.dtypes import DTYPES, nbytes
-from karmixlang.io.header import CheckpointHeader, TensorInfo, read_checkpoint
+from karmixlang.io.header import CheckpointHeader, read_checkpoint
 from karmixlang.ir.graph import Graph, KeyMap, Node, match_key, reachable
 from karmixlang.machine import available_memory
-from karmixlang.plan.outofcore import SPLIT_OPS, OutOfCore, plan_key
+from karmixlang.plan.executable import Executable, KeyJob, Output, SaveTarget, Step
+from karmixlang.plan.outofcore import SPLIT_OPS, plan_key
 
 COMPUTE_ITEMSIZE = {"fp32": 4, "fp64": 8}
 # Blocks below this come from glibc's heap, which keeps them for reuse (the runtime raises the
@@ -47,42 +49,24 @@ class NodeKeys:
 
 
 @dataclass
-class Output:
-    save: int  # index into graph.saves
-    node: Node  # what to write: the save's expression, or its fallback
-    dtype: str  # output safetensors dtype
-    shape: tuple[int, ...]
-    copied: str | None  # None: computed; else why it is copied from the fallback
-
-
-@dataclass
-class KeyJob:
-    """Everything one key needs: evaluation order, when to free, what to write."""
-    key: str
-    steps: list[Node]
-    union_choice: dict[int, Node]  # id(union node) -> the input this key comes from
-    deferred: frozenset[int]  # loads and combinations evaluated inside their linear consumer
-    loads: list[Node]  # every input this key reads
-    free_after: list[list[Node]]  # free_after[i]: values to drop once step i is done
-    outputs: list[Output]
-    est_bytes: int
-    read_bytes: int
-    ooc: OutOfCore | None = None  # set when the key runs in chunks (outofcore.py)
-    mem_bytes: int = 0  # est_bytes of evaluating the key in memory (est_bytes if not ooc)
-
-
-@dataclass
 class Schedule:
     headers: dict[Node, CheckpointHeader]
-    jobs: list[KeyJob]
+    executable: Executable  # what the runtime runs: nodes by index, one KeyJob per key
     copied: list[dict[str, str]]  # per save: key -> reason
     save_keys: list[int]
     bytes_read: int
     bytes_written: list[int]
     peak_key: str | None
     peak_bytes: int
-    memory_limit: int  # the limit the out-of-core keys were planned for
     warnings: list[Diagnostic] = field(default_factory=list)
+
+    @property
+    def jobs(self) -> list[KeyJob]:
+        return self.executable.jobs
+
+    @property
+    def memory_limit(self) -> int:
+        return self.executable.memory_limit
 
 
 # ------------------------------------------------------------------ headers
@@ -197,7 +181,7 @@ def _loads(n: Node) -> list[Node]:
 # ------------------------------------------------------------------ per-key jobs
 
 def _active(root: Node, key: str, keys: dict[Node, NodeKeys], acc: dict[int, Node],
-            choices: dict[int, Node]) -> None:
+            choices: dict[Node, Node]) -> None:
     """The nodes evaluated for `key`: a union follows only the side the key comes from
     (recorded in `choices`)."""
     stack = [root]
@@ -208,8 +192,8 @@ def _active(root: Node, key: str, keys: dict[Node, NodeKeys], acc: dict[int, Nod
         acc[id(n)] = n
         if n.op == "union":
             x, y = n.inputs
-            choices[id(n)] = y if keys[y].has(key) else x
-            stack.append(choices[id(n)])
+            choices[n] = y if keys[y].has(key) else x
+            stack.append(choices[n])
         else:
             stack.extend(n.inputs)
 
@@ -234,9 +218,48 @@ def _workspace(op: str, inputs: int, numel: int, item: int) -> int:
     return numel * item
 
 
-def build_jobs(graph: Graph, headers, keys, compute: str = "fp32", strict: bool = False):
-    item = COMPUTE_ITEMSIZE[compute]
-    order = {n: i for i, n in enumerate(graph.topo())}
+class Jobs:
+    """Makes the KeyJobs of one graph: nodes are referred to by their index in `order` (the
+    graph's topological order, the executable's node table)."""
+
+    def __init__(self, order: list[Node], keys: dict[Node, NodeKeys], headers, item: int):
+        self.order, self.keys, self.headers, self.item = order, keys, headers, item
+        self.index = {n: i for i, n in enumerate(order)}
+        self.unions = tuple(n for n in order if n.op == "union")
+        self.cache: dict[tuple, _Template] = {}
+
+    def make(self, key: str, outputs: list[Output]) -> KeyJob:
+        sig = (tuple(o.node for o in outputs),
+               tuple(self.keys[u.inputs[1]].has(key) for u in self.unions))
+        t = self.cache.get(sig)
+        if t is None:
+            t = self.cache[sig] = _template(outputs, key, self)
+        numel = math.prod(outputs[0].shape)
+        read, tensors = 0, {}
+        for i in t.loads:
+            info = self.headers[self.order[i]].tensors.get(key)
+            if info is not None:
+                tensors[i] = info
+                read += info.nbytes
+        out_bytes = sum(nbytes(o.dtype, o.shape) or 0 for o in outputs)
+        peak = max(t.peak_per_element * numel, t.end_per_element * numel + out_bytes)
+        return KeyJob(key, t.steps, t.choices, t.deferred, t.loads, t.free_after, outputs,
+                      int(peak), read, tensors=tensors)
+
+    def add_fallback(self, job: KeyJob, graph: Graph) -> None:
+        """The job that copies the same key from each save's fallback (for
+        --nonfinite=fallback), or the save that has no fallback holding it."""
+        outputs = []
+        for o in job.outputs:
+            fb = graph.saves[o.save].fallback
+            if fb is None or not self.keys[fb].has(job.key):
+                job.no_fallback = o.save
+                return
+            outputs.append(Output(o.save, self.index[fb], o.dtype, o.shape, "non-finite input"))
+        job.fallback = self.make(job.key, outputs)
+
+
+def build_jobs(graph: Graph, headers, keys, jobs: Jobs, strict: bool = False):
     per_key: dict[str, list[Output]] = {}
     copied: list[dict[str, str]] = []
     diags: list[Diagnostic] = []
@@ -252,7 +275,8 @@ def build_jobs(graph: Graph, headers, keys, compute: str = "fp32", strict: bool 
                 info = ek.ok[k]
                 stored = _fallback_dtype(fb, headers, k) or info.dtype
                 dtype = save.dtype or stored
-                per_key.setdefault(k, []).append(Output(si, save.expr, dtype, info.shape, None))
+                per_key.setdefault(k, []).append(Output(si, jobs.index[save.expr], dtype,
+                                                        info.shape, None))
                 continue
             reason = describe_reason(ek.bad[k], graph, headers, k) if k in ek.bad else \
                 "not produced by the expression"
@@ -262,17 +286,16 @@ def build_jobs(graph: Graph, headers, keys, compute: str = "fp32", strict: bool 
                 continue
             shape, stored = src
             dtype = save.dtype if save.dtype and DTYPES[stored].is_float else stored
-            per_key.setdefault(k, []).append(Output(si, fb, dtype, shape, reason))
+            per_key.setdefault(k, []).append(Output(si, jobs.index[fb], dtype, shape, reason))
             copied[si][k] = reason
         if failures:
             diags.append(_fallback_error(save, failures, strict))
     if diags:
         raise KmxError(diags)
-    cache: dict = {}
-    unions = tuple(n for n in order if n.op == "union")
-    jobs = [make_job(k, per_key[k], keys, order, headers, item, cache, unions)
-            for k in sorted(per_key)]
-    return jobs, copied
+    out = [jobs.make(k, per_key[k]) for k in sorted(per_key)]
+    for job in out:
+        jobs.add_fallback(job, graph)
+    return out, copied
 
 
 def _fallback_dtype(fb, headers, key):
@@ -325,101 +348,85 @@ def _code_for(reason: str) -> str:
 class _Template:
     """The per-key plan shared by every key with the same outputs and union choices; sizes
     are per element (everything a key holds scales with its element count)."""
-    steps: list[Node]
-    choices: dict[int, Node]
+    steps: tuple[int, ...]
+    choices: dict[int, int]
     deferred: frozenset[int]
-    free_after: list[list[Node]]
-    loads: list[Node]
+    free_after: tuple[tuple[int, ...], ...]
+    loads: tuple[int, ...]
     peak_per_element: float
     end_per_element: float
 
 
-def _template(outputs: list[Output], key: str, keys, order: dict[Node, int], item: int):
+def _template(outputs: list[Output], key: str, jobs: Jobs) -> _Template:
+    order, index, item = jobs.order, jobs.index, jobs.item
     acc: dict[int, Node] = {}
-    choices: dict[int, Node] = {}
+    choices: dict[Node, Node] = {}
     for out in outputs:
-        _active(out.node, key, keys, acc, choices)
-    steps = sorted(acc.values(), key=order.__getitem__)
+        _active(order[out.node], key, jobs.keys, acc, choices)
+    steps = sorted(index[n] for n in acc.values())
+    choice = {index[u]: index[x] for u, x in choices.items()}
+    inputs = {i: tuple(index[x] for x in order[i].inputs) for i in steps}
 
-    def used(n: Node):
-        return (choices[id(n)],) if n.op == "union" else n.inputs
+    def used(i: int):
+        return (choice[i],) if order[i].op == "union" else inputs[i]
 
     # A load or linear combination whose only use is one linear combination is evaluated
     # inside it, accumulated, and dropped: a weighted sum of N models, or Σ wᵢ(mᵢ − base),
     # then holds one input at a time, not N (same arithmetic, in reused buffers).
     uses: dict[int, int] = {}
-    for n in steps:
-        for inp in used(n):
-            uses[id(inp)] = uses.get(id(inp), 0) + 1
-    outs = {id(o.node) for o in outputs}
-    deferred = frozenset(id(i) for n in steps if n.op in LINEAR_OPS for i in n.inputs
-                         if i.op in LINEAR_OPS | {"load"} and uses[id(i)] == 1
-                         and id(i) not in outs)
-    steps = [n for n in steps if id(n) not in deferred]
+    for i in steps:
+        for x in used(i):
+            uses[x] = uses.get(x, 0) + 1
+    outs = {o.node for o in outputs}
+    deferred = frozenset(x for i in steps if order[i].op in LINEAR_OPS for x in inputs[i]
+                         if order[x].op in LINEAR_OPS | {"load"} and uses[x] == 1
+                         and x not in outs)
+    steps = [i for i in steps if i not in deferred]
 
-    def feeds(x: Node):
+    def feeds(x: int):
         """The values a deferred subtree reads (depth-first through deferred nodes)."""
-        for y in x.inputs:
-            if id(y) in deferred:
+        for y in inputs[x]:
+            if y in deferred:
                 yield from feeds(y)
             else:
                 yield y
 
-    def depth(x: Node) -> int:  # nesting of deferred combinations: one buffer per level
-        return max((1 + depth(y) for y in x.inputs if id(y) in deferred and y.op != "load"),
+    def depth(x: int) -> int:  # nesting of deferred combinations: one buffer per level
+        return max((1 + depth(y) for y in inputs[x] if y in deferred and order[y].op != "load"),
                    default=0)
 
-    last = {id(n): i for i, n in enumerate(steps)}
-    for i, n in enumerate(steps):
-        for inp in used(n):
-            for y in (feeds(inp) if id(inp) in deferred else (inp,)):
-                last[id(y)] = max(last[id(y)], i)
+    last = {i: k for k, i in enumerate(steps)}
+    for k, i in enumerate(steps):
+        for x in used(i):
+            for y in (feeds(x) if x in deferred else (x,)):
+                last[y] = max(last[y], k)
     end = len(steps)
     for out in outputs:
-        last[id(out.node)] = end
+        last[out.node] = end
     # An alias (select, union, pick...) shares its input's tensor: keep the input alive as long.
-    for n in reversed(steps):
-        if n.op in ALIAS_OPS:
-            for inp in used(n):
-                last[id(inp)] = max(last[id(inp)], last[id(n)])
-    free_after: list[list[Node]] = [[] for _ in range(end + 1)]
-    for n in steps:
-        free_after[last[id(n)]].append(n)
-    size = {id(n): 0 if n.op in ALIAS_OPS else
-            (len(n.inputs) * item if n.op in ("elect", "ties") else item) for n in steps}
+    for i in reversed(steps):
+        if order[i].op in ALIAS_OPS:
+            for x in used(i):
+                last[x] = max(last[x], last[i])
+    free_after: list[list[int]] = [[] for _ in range(end + 1)]
+    for i in steps:
+        free_after[last[i]].append(i)
+    size = {i: 0 if order[i].op in ALIAS_OPS else
+            (len(inputs[i]) * item if order[i].op in ("elect", "ties") else item) for i in steps}
     live, peak = 0, 0
-    for i, n in enumerate(steps):
-        live += size[id(n)]
-        if n.op == "load" or any(id(x) in deferred for x in n.inputs):
+    for k, i in enumerate(steps):
+        n = order[i]
+        live += size[i]
+        if n.op == "load" or any(x in deferred for x in inputs[i]):
             # read buffer (+ one widened input, + one buffer per nested combination)
-            work = RAW_READ + (item * (1 + depth(n)) if n.op != "load" else 0)
+            work = RAW_READ + (item * (1 + depth(i)) if n.op != "load" else 0)
         else:
             work = 0 if n.op in ALIAS_OPS else _workspace(n.op, len(n.inputs), 1, item)
         peak = max(peak, live + work)
-        live -= sum(size[id(m)] for m in free_after[i])
-    loads = [n for n in acc.values() if n.op == "load"]
-    return _Template(steps, choices, deferred, free_after, loads, peak, live)
-
-
-def make_job(key: str, outputs: list[Output], keys, order: dict[Node, int], headers, item: int,
-             cache: dict | None = None, unions: tuple[Node, ...] = ()) -> KeyJob:
-    if cache is None:
-        t = _template(outputs, key, keys, order, item)
-    else:
-        sig = (tuple(id(o.node) for o in outputs),
-               tuple(keys[u.inputs[1]].has(key) for u in unions))
-        t = cache.get(sig)
-        if t is None:
-            t = cache[sig] = _template(outputs, key, keys, order, item)
-    numel = math.prod(outputs[0].shape)
-    read = 0
-    for n in t.loads:
-        info = headers[n].tensors.get(key)
-        read += info.nbytes if info is not None else 0
-    out_bytes = sum(nbytes(o.dtype, o.shape) or 0 for o in outputs)
-    peak = max(t.peak_per_element * numel, t.end_per_element * numel + out_bytes)
-    return KeyJob(key, t.steps, t.choices, t.deferred, t.loads, t.free_after, outputs, int(peak),
-                  read)
+        live -= sum(size[m] for m in free_after[k])
+    loads = tuple(index[n] for n in acc.values() if n.op == "load")
+    return _Template(tuple(steps), choice, deferred, tuple(tuple(f) for f in free_after), loads,
+                     peak, live)
 
 
 def _keymaps(n: Node) -> list[KeyMap]:
@@ -431,20 +438,20 @@ def _keymaps(n: Node) -> list[KeyMap]:
     return out
 
 
-def check_keymaps(graph: Graph, jobs: list[KeyJob]) -> None:
+def check_keymaps(graph: Graph, order: list[Node], jobs: list[KeyJob]) -> None:
     """Every per-key number must have a value for every key it is used at: found now, from
     the headers, rather than as a crash in the middle of a run."""
     failures: dict[int, tuple[Node, KeyMap, list[str]]] = {}
-    mapped = {id(n): kms for n in graph.topo() if (kms := _keymaps(n))}
+    mapped = {i: kms for i, n in enumerate(order) if (kms := _keymaps(n))}
     if not mapped:
         return
     for job in jobs:
-        for n in job.steps:
-            for km in mapped.get(id(n), ()):
+        for i in job.steps:
+            for km in mapped.get(i, ()):
                 try:
                     km.at(job.key)
                 except KeyError:
-                    failures.setdefault(id(km), (n, km, []))[2].append(job.key)
+                    failures.setdefault(id(km), (order[i], km, []))[2].append(job.key)
     diags = []
     for n, km, keys in failures.values():
         spans = graph.origins.get(n) or [None]
@@ -457,12 +464,12 @@ def check_keymaps(graph: Graph, jobs: list[KeyJob]) -> None:
         raise KmxError(diags)
 
 
-def plan_out_of_core(graph: Graph, jobs: list[KeyJob], limit: int, item: int,
-                     headers) -> None:
+def plan_out_of_core(graph: Graph, nodes: tuple[Step, ...], jobs: list[KeyJob], limit: int,
+                     item: int) -> None:
     """Keys whose in-memory estimate exceeds the limit run in chunks (outofcore.py), and so do
     large keys that can at no cost; their estimate becomes the chunked one. A key that cannot
     fit even so is an error."""
-    def whole_per_element(n: Node) -> float:
+    def whole_per_element(n: Step) -> float:
         # the filtered member's inputs read and widened, the result, and the filter's
         # workspace (ties: the trim of one member)
         op = "trim" if n.op in SPLIT_OPS else n.op
@@ -473,7 +480,7 @@ def plan_out_of_core(graph: Graph, jobs: list[KeyJob], limit: int, item: int,
         job.mem_bytes = job.mem_bytes or job.est_bytes
         job.ooc, job.est_bytes = None, job.mem_bytes
         per_element = job.mem_bytes / max(1, math.prod(job.outputs[0].shape))
-        ooc = plan_key(job, per_element, limit, item, headers, whole_per_element)
+        ooc = plan_key(job, nodes, per_element, limit, item, whole_per_element)
         if ooc is None:
             continue
         if ooc.whole_bytes > limit:
@@ -492,6 +499,30 @@ def plan_out_of_core(graph: Graph, jobs: list[KeyJob], limit: int, item: int,
                  "member of the key in memory: raise --memory-limit")])
 
 
+def executable(graph: Graph, order: list[Node], headers, jobs: list[KeyJob], compute: str,
+               limit: int) -> Executable:
+    """What the runtime runs, with nothing of the compiler in it: the node table, the names
+    messages give the inputs, the outputs, every data file's size, the jobs."""
+    index = {n: i for i, n in enumerate(order)}
+    nodes = tuple(Step(n.op, tuple(index[x] for x in n.inputs), n.attrs) for n in order)
+    labels = {i: str(graph.names.get(n, n.attr("path"))) for i, n in enumerate(order)
+              if n.op == "load"}
+    saves = tuple(SaveTarget(str(s.path), str(s.written)) for s in graph.saves)
+    return Executable(nodes, labels, saves, compute, limit, _file_sizes(headers), jobs)
+
+
+def _file_sizes(headers) -> dict[str, int]:
+    """So that a Ray worker can tell that it sees the files the driver planned with."""
+    sizes = {}
+    for h in headers.values():
+        for f in h.files:
+            try:
+                sizes[f] = os.stat(f).st_size
+            except OSError as exc:  # gone since its header was read
+                raise KmxError([error("K0301", f"cannot open `{f}`: {exc.strerror}")]) from None
+    return sizes
+
+
 def schedule(graph: Graph, compute: str = "fp32", strict: bool = False,
              headers: dict[Node, CheckpointHeader] | None = None,
              memory_limit: int | None = None) -> Schedule:
@@ -499,16 +530,17 @@ def schedule(graph: Graph, compute: str = "fp32", strict: bool = False,
     that run out of core."""
     headers = headers if headers is not None else read_inputs(graph)
     keys = node_keys(graph, headers)
-    jobs, copied = build_jobs(graph, headers, keys, compute, strict)
-    check_keymaps(graph, jobs)
+    order = graph.topo()
+    jobs, copied = build_jobs(graph, headers, keys,
+                              Jobs(order, keys, headers, COMPUTE_ITEMSIZE[compute]), strict)
+    check_keymaps(graph, order, jobs)
     limit = memory_limit or available_memory() // 2
-    plan_out_of_core(graph, jobs, limit, COMPUTE_ITEMSIZE[compute], headers)
+    exe = executable(graph, order, headers, jobs, compute, limit)
+    plan_out_of_core(graph, exe.nodes, jobs, limit, COMPUTE_ITEMSIZE[compute])
     read_once: dict[tuple[str, str], int] = {}
     for job in jobs:
-        for n in job.loads:
-            t: TensorInfo | None = headers[n].tensors.get(job.key)
-            if t is not None:
-                read_once[(t.file, t.name)] = t.nbytes
+        for t in job.tensors.values():
+            read_once[(t.file, t.name)] = t.nbytes
     written = [0] * len(graph.saves)
     counts = [0] * len(graph.saves)
     for job in jobs:
@@ -516,6 +548,5 @@ def schedule(graph: Graph, compute: str = "fp32", strict: bool = False,
             written[o.save] += nbytes(o.dtype, o.shape) or 0
             counts[o.save] += 1
     peak_job = max(jobs, key=lambda j: j.est_bytes, default=None)
-    return Schedule(headers, jobs, copied, counts, sum(read_once.values()), written,
-                    peak_job.key if peak_job else None, peak_job.est_bytes if peak_job else 0,
-                    limit)
+    return Schedule(headers, exe, copied, counts, sum(read_once.values()), written,
+                    peak_job.key if peak_job else None, peak_job.est_bytes if peak_job else 0)

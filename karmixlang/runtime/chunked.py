@@ -22,9 +22,8 @@ import torch
 
 from karmixlang.diagnostics import KmxError, error
 from karmixlang.io.header import TensorInfo
-from karmixlang.ir.graph import Node
+from karmixlang.plan.executable import KeyJob
 from karmixlang.plan.outofcore import GRAM_OPS, SPLIT_OPS, WHOLE_OPS, threshold_trim
-from karmixlang.plan.schedule import KeyJob
 from karmixlang.runtime import kernels as ops
 from karmixlang.runtime.kernels import sparse as ops_sparse
 from karmixlang.runtime.kernels.base import GramSum
@@ -57,14 +56,15 @@ class _ChunkedKey:
     def __init__(self, ev, job: KeyJob, raw_ok: set[int], into: dict[int, str],
                  spill_root: str):
         self.ev, self.job, self.raw_ok, self.into = ev, job, raw_ok, into
+        self.nodes = ev.nodes
         self.numel = math.prod(job.outputs[0].shape)
         self.chunk = job.ooc.chunk_elems
         self.spill_root = spill_root
         self.spill_reader = Reader()
-        # id(node) -> its value for a span, read back from spills (inputs not evaluated)
+        # node -> its value for a span, read back from spills (inputs not evaluated)
         self.given: dict[int, Callable[[Span | None], object]] = {}
-        # id(node) -> its value from its inputs' values (Gram methods once solved, trims
-        # once their thresholds are known)
+        # node -> its value from its inputs' values (Gram methods once solved, trims once
+        # their thresholds are known)
         self.replaced: dict[int, Callable[[list], object]] = {}
         self.tops: list[_Top] = []
 
@@ -75,19 +75,20 @@ class _ChunkedKey:
     def pieces(self) -> Iterator[Piece]:
         folder = tempfile.mkdtemp(prefix=".kmx-spill-", dir=self.spill_root)
         try:
-            for n in self.job.steps:
+            for i in self.job.steps:
+                n = self.nodes[i]
                 if n.op in GRAM_OPS:
-                    self.solve(n)
+                    self.solve(i)
                 elif threshold_trim(n, self.ev.compute.itemsize):
-                    self.select_top(n)
+                    self.select_top(i)
                 elif n.op in WHOLE_OPS or n.op in SPLIT_OPS:
-                    self.spill(n, folder)
+                    self.spill(i, folder)
             targets = [o.node for o in self.job.outputs]
             scratch = self.ev.scratch
             for a, b in self.spans():
                 values = self.evaluate(targets, (a, b), self.into)
                 for k, o in enumerate(self.job.outputs):
-                    data = to_bytes(values[id(o.node)], o.dtype, scratch,
+                    data = to_bytes(values[o.node], o.dtype, scratch,
                                     "read" if k == 0 else f"cast{k}")
                     yield k, a * (data.nbytes // (b - a)), data
         finally:
@@ -96,7 +97,7 @@ class _ChunkedKey:
 
     # ------------------------------------------------------------ evaluation
 
-    def evaluate(self, targets: list[Node], span: Span | None, into: dict | None = None):
+    def evaluate(self, targets: list[int], span: Span | None, into: dict | None = None):
         """The targets' values over `span` (None: the whole key, shaped): the job's steps
         that lead to them, stopping at spilled values."""
         job, ev = self.job, self.ev
@@ -104,46 +105,48 @@ class _ChunkedKey:
             for top in self.tops:
                 top.seen = 0
         needed = self.needed(targets)
-        keep = {id(t) for t in targets}
+        keep = set(targets)
         values: dict[int, object] = {}
-        for i, n in enumerate(job.steps):
-            if id(n) in needed:
-                if id(n) in self.given:
-                    values[id(n)] = self.given[id(n)](span)
-                elif id(n) in self.replaced:
-                    values[id(n)] = self.replaced[id(n)]([values[id(x)] for x in n.inputs])
+        for k, i in enumerate(job.steps):
+            if i in needed:
+                if i in self.given:
+                    values[i] = self.given[i](span)
+                elif i in self.replaced:
+                    values[i] = self.replaced[i]([values[x] for x in self.nodes[i].inputs])
                 else:
-                    values[id(n)] = ev.step(n, job.key, values, id(n) in self.raw_ok, job,
-                                            into or {}, span)
-            for m in job.free_after[i]:
-                if id(m) not in keep:
-                    values.pop(id(m), None)
+                    values[i] = ev.step(i, job.key, values, i in self.raw_ok, job, into or {},
+                                        span)
+            for m in job.free_after[k]:
+                if m not in keep:
+                    values.pop(m, None)
         return values
 
-    def needed(self, targets: list[Node]) -> set[int]:
+    def needed(self, targets: list[int]) -> set[int]:
         out, stack = set(), list(targets)
         while stack:
-            n = stack.pop()
-            if id(n) in out:
+            i = stack.pop()
+            if i in out:
                 continue
-            if id(n) in self.job.deferred:  # evaluated inside its consumer, from its inputs
+            n = self.nodes[i]
+            if i in self.job.deferred:  # evaluated inside its consumer, from its inputs
                 stack.extend(n.inputs)
                 continue
-            out.add(id(n))
-            if id(n) in self.given:
+            out.add(i)
+            if i in self.given:
                 continue
-            stack.extend((self.job.union_choice[id(n)],) if n.op == "union" else n.inputs)
+            stack.extend((self.job.union_choice[i],) if n.op == "union" else n.inputs)
         return out
 
     # ------------------------------------------------------------ Gram methods
 
-    def solve(self, n: Node) -> None:
+    def solve(self, i: int) -> None:
         """One pass over the chunks accumulating the Gram matrix; then the node is formed from
         its inputs' chunks with the coefficients found."""
+        n = self.nodes[i]
         acc, args, kwargs = None, None, None
         for span in self.spans():
             values = self.evaluate(list(n.inputs), span)
-            args, kwargs = self.ev.call_args(n, self.job.key, [values[id(x)] for x in n.inputs])
+            args, kwargs = self.ev.call_args(n, self.job.key, [values[x] for x in n.inputs])
             rows = ops.GramMethod.rows(args)
             acc = acc or GramSum(len(rows))
             acc.add(rows, ops.GramMethod.center(n.op, args, kwargs))
@@ -154,45 +157,46 @@ class _ChunkedKey:
             a, kw = self.ev.call_args(n, key, ins)
             return form(*a, **kw)
 
-        self.replaced[id(n)] = formed
+        self.replaced[i] = formed
 
     # ------------------------------------------------------------ trims by threshold
 
-    def select_top(self, n: Node) -> None:
+    def select_top(self, i: int) -> None:
         """trim (alone, or per member inside ties) without holding a member: two passes find
         each member's exact k-th largest magnitude, then every chunk keeps what is above it,
         and the ties at it by position, as the whole-key trim does (ops_sparse)."""
+        n = self.nodes[i]
         _, kwargs = self.ev.call_args(n, self.job.key, [None] * len(n.inputs))
-        k = ops_sparse._count(kwargs["density"], self.numel)
+        k = ops_sparse.kept_count(kwargs["density"], self.numel)
         tops = [_Top(k) for _ in n.inputs]
         self.tops += tops
         for level in (0, 1):
             for span in self.spans():
                 values = self.evaluate(list(n.inputs), span)
                 for top, x in zip(tops, n.inputs):
-                    top.count(_magnitude_bits(values[id(x)]), level)
+                    top.count(_magnitude_bits(values[x]), level)
             for top in tops:
                 top.settle(level)
         if n.op in SPLIT_OPS:
             weights, rule = list(n.attr("weights")), kwargs.get("rule", "mass")
-            self.replaced[id(n)] = lambda ins: ops.elect(
+            self.replaced[i] = lambda ins: ops.elect(
                 [top.keep(x) for top, x in zip(tops, ins)], weights, rule=rule)
         else:
-            self.replaced[id(n)] = lambda ins: tops[0].keep(ins[0])
+            self.replaced[i] = lambda ins: tops[0].keep(ins[0])
 
     # ------------------------------------------------------------ whole-key filters
 
-    def spill(self, n: Node, folder: str) -> None:
+    def spill(self, i: int, folder: str) -> None:
         """Compute the filter one member at a time over the whole key and write each result
         to a temporary file; later passes read it back chunk by chunk."""
-        key = self.job.key
+        n, key = self.nodes[i], self.job.key
         if n.op in SPLIT_OPS:  # ties: trim each member alone, elect over chunks
             (_, weights), kwargs = self.ev.call_args(n, key, [None] * len(n.inputs))
             infos = []
-            for i, x in enumerate(n.inputs):
-                member = self.evaluate([x], None)[id(x)]
+            for m, x in enumerate(n.inputs):
+                member = self.evaluate([x], None)[x]
                 infos.append(self.write_spill(ops.trim(member, density=kwargs["density"]),
-                                              folder, f"{id(n)}-{i}"))
+                                              folder, f"{i}-{m}"))
                 del member
             rule = kwargs.get("rule", "mass")
 
@@ -200,13 +204,13 @@ class _ChunkedKey:
                 return ops.elect([self.read_spill(info, span) for info in infos], weights,
                                  rule=rule)
 
-            self.given[id(n)] = elected
+            self.given[i] = elected
             return
         values = self.evaluate(list(n.inputs), None)
-        result = self.ev.kernel(n, key, [values[id(x)] for x in n.inputs])
+        result = self.ev.kernel(n, key, [values[x] for x in n.inputs])
         del values
-        info = self.write_spill(result, folder, str(id(n)))
-        self.given[id(n)] = lambda span: self.read_spill(info, span)
+        info = self.write_spill(result, folder, str(i))
+        self.given[i] = lambda span: self.read_spill(info, span)
 
     def write_spill(self, t: torch.Tensor, folder: str, name: str) -> TensorInfo:
         path = os.path.join(folder, name)

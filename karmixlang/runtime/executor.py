@@ -1,19 +1,18 @@
 """`kmx run`: execute a compiled plan key by key.
 
-Each key is one job (see schedule.KeyJob): its inputs are read, the graph is evaluated in the
-planned order, values are dropped after their last use, and the results are written at their
-planned offsets. Jobs run on a thread pool; admission keeps the estimated memory of the keys in
-flight under the limit. Results never depend on scheduling: every key is computed alone, and
-intra-op threads are fixed at one so reductions always add in the same order.
+Each key is one job of the compiled executable schedule (plan/executable.py), evaluated by
+runtime/evaluate.py, and its results are written at their planned offsets. Nothing is planned
+here: the out-of-core keys and the fallback copies were decided when compiling. Jobs run on a
+thread pool; admission keeps the estimated memory of the keys in flight under the limit.
+Results never depend on scheduling: every key is computed alone, and intra-op threads are
+fixed at one so reductions always add in the same order.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import resource
 import signal
-import tempfile
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -21,33 +20,26 @@ from dataclasses import dataclass, field
 
 import torch
 
-from karmixlang.api import Compiled
-from karmixlang.builtins import BUILTINS
 from karmixlang.diagnostics import KmxError, error
-from karmixlang.ir.graph import KeyMap, Node
 from karmixlang.machine import default_threads
-from karmixlang.plan.schedule import (ALIAS_OPS, COMPUTE_ITEMSIZE, LINEAR_OPS, KeyJob, Output, make_job,
-                        node_keys, plan_out_of_core)
-from karmixlang.runtime import kernels as ops
+from karmixlang.plan.compile import Compiled
+from karmixlang.plan.executable import Executable, KeyJob
+from karmixlang.runtime.chunked import Streamed
+from karmixlang.runtime.evaluate import Evaluator, compute_key, prepare_process
 from karmixlang.runtime.outputs import OutputSet
-from karmixlang.runtime.chunked import Streamed, run_chunked
-from karmixlang.runtime.tensors import COMPUTE, Reader, Scratch, part, to_bytes
+from karmixlang.runtime.tensors import Reader
 
-_KERNELS = {b.kernel: b for b in BUILTINS.values() if b.kernel}
 CHECKPOINT_SECONDS = 2.0
-
-
-class NonFinite(Exception):
-    def __init__(self, node: Node, key: str):
-        self.node, self.key = node, key
 
 
 @dataclass
 class RunOptions:
     threads: int = 0  # 0: one per core, at most 8
     device: str = "cpu"
-    compute_dtype: str = "fp32"
-    memory_limit: int | None = None  # bytes; None: half of the available memory
+    # Options that shape the plan: compile with them. None: as compiled; another value than
+    # the compiled one is refused (execute() never plans).
+    compute_dtype: str | None = None
+    memory_limit: int | None = None  # bytes
     resume: bool = False
     force: bool = False
     strict: bool = False
@@ -67,24 +59,6 @@ class RunResult:
     peak_rss_delta: int  # measured growth of resident memory during the run
     nothing_to_do: bool = False
     fallbacks: list[str] = field(default_factory=list)  # keys copied for non-finite inputs
-
-
-def _tune_allocator() -> None:
-    """Let glibc reuse freed tensor memory for the next key instead of returning it at once.
-    By default any block above a dynamic threshold is a fresh mmap, whose pages the kernel
-    zero-fills on first touch and whose unmapping interrupts every thread: on a 2-core TIES
-    merge that was two thirds of the run time (20 s of system time). The mmap threshold is
-    raised to its maximum (32 MB) and the heap is trimmed only past 64 MB free, so resident
-    memory stays bounded by the keys in flight plus what the allocator keeps for reuse.
-    Harmless where mallopt is missing."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 class _RssSampler:
@@ -123,221 +97,24 @@ def _current_rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-class _Evaluator:
-    """Evaluates one key's job. Stateless between keys, so any thread may run any key."""
-
-    def __init__(self, compiled: Compiled, reader: Reader, opts: RunOptions):
-        self.c = compiled
-        self.reader = reader
-        self.compute = COMPUTE[opts.compute_dtype]
-        self.device = torch.device(opts.device)
-        self.headers = compiled.schedule.headers
-        self.scratch = Scratch()
-
-    def run(self, job: KeyJob) -> list[tuple[Output, torch.Tensor]]:
-        """The job's outputs. They may live in this thread's scratch buffers: write them out
-        before this thread runs its next job."""
-        values: dict[int, object] = {}
-        raw_ok = _raw_loads(job)
-        into = output_buffers(job)
-        for i, n in enumerate(job.steps):
-            values[id(n)] = self.step(n, job.key, values, id(n) in raw_ok, job, into)
-            for m in job.free_after[i]:
-                values.pop(id(m), None)
-        return [(o, values[id(o.node)]) for o in job.outputs]
-
-    def step(self, n: Node, key: str, values: dict, raw: bool, job: KeyJob, into: dict,
-             span: tuple[int, int] | None = None):
-        """One node's value: of the whole key, or of flat elements [a, b) when `span` is given
-        (element-wise steps only: runtime/chunked.py decides which)."""
-        if n.op == "union":  # the schedule activated exactly one side for this key
-            return values[id(job.union_choice[id(n)])]
-        if n.op == "load":
-            return self.load(n, key, raw, span)
-        if n.op in LINEAR_OPS:
-            return self.linear(n, key, values, job, into.get(id(n)), span)
-        ins = [values[id(i)] for i in n.inputs]
-        if n.op in ("select", "exclude"):
-            return ins[0]
-        if n.op == "pick":
-            return ins[0][n.attr("index")]
-        return self.kernel(n, key, ins, span)
-
-    def read(self, n: Node, key: str, span) -> torch.Tensor:
-        info = self.headers[n].tensors[key]
-        return self.reader.read(part(info, span) if span else info)
-
-    def load(self, n: Node, key: str, raw: bool = False, span=None):
-        """An input tensor: as stored (`raw`, for copies), or on the device in the compute
-        dtype, checked finite."""
-        t = self.read(n, key, span)
-        if raw or not t.is_floating_point():
-            return t
-        t = t.to(device=self.device, dtype=self.compute)
-        self.check_finite(t, n, key)
-        return t
-
-    @staticmethod
-    def finite(t: torch.Tensor) -> bool:
-        # A NaN or Inf anywhere makes the sum non-finite, and a plain sum is ~20x cheaper than
-        # isfinite(); only a non-finite sum (or an overflow) needs the exact test.
-        return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
-
-    def check_finite(self, t: torch.Tensor, n: Node, key: str) -> None:
-        if not self.finite(t):
-            raise NonFinite(n, key)
-
-    def load_widened(self, n: Node, key: str, span=None, check: bool = True) -> torch.Tensor:
-        """A deferred input, read and widened through this thread's reused buffers (valid
-        until its next call): streaming a weighted sum then allocates nothing per input."""
-        info = self.headers[n].tensors[key]
-        if span:
-            info = part(info, span)
-        raw = self.reader.read(info, self.scratch.get("read", info.nbytes))
-        if raw.dtype == self.compute or not raw.is_floating_point() or \
-                self.device.type != "cpu":
-            t = raw.to(device=self.device, dtype=self.compute)
-        else:
-            wide = self.scratch.get("wide", raw.numel() * self.compute.itemsize)
-            t = wide.view(self.compute).view(raw.shape).copy_(raw)
-        if check:
-            self.check_finite(t, n, key)
-        return t
-
-    def linear(self, n: Node, key: str, values: dict, job: KeyJob, scratch: str | None,
-               span=None, depth: int = 0):
-        """Σ cᵢxᵢ accumulated in input order (as ops.combine does); deferred inputs (loads,
-        and combinations used only here) are evaluated here one at a time, and `scratch`
-        names the reused buffer of a result that is only written out or summed at once."""
-        if n.op == "lincomb":
-            coeffs = [c.at(key) if isinstance(c, KeyMap) else c for c in n.attr("coeffs")]
-        else:
-            ws = list(n.attr("weights"))
-            total = math.fsum(ws) if n.op == "mean" else 1.0
-            coeffs = [w / total for w in ws]
-        acc, streamed = None, []
-        for x, c in zip(n.inputs, coeffs):
-            if id(x) not in job.deferred:
-                t = values[id(x)]
-            elif x.op == "load":
-                # Checked through the result: a NaN or Inf in any term (whatever its
-                # coefficient, as 0·Inf is NaN) makes the sum non-finite.
-                t = self.load_widened(x, key, span, check=False)
-                streamed.append(x)
-            else:
-                t = self.linear(x, key, values, job, f"nested{depth + 1}", span, depth + 1)
-            if acc is None:  # never an input itself: the first input may be shared
-                if scratch is not None and t.device.type == "cpu":
-                    nbytes = t.numel() * self.compute.itemsize
-                    acc = self.scratch.get(scratch, nbytes).view(self.compute)
-                    acc = acc.view(t.shape).copy_(t).mul_(c)
-                else:
-                    acc = t * c
-            else:
-                acc.add_(t, alpha=c)
-            del t
-        if streamed and not self.finite(acc):  # name the input (or it was an overflow)
-            for x in streamed:
-                self.load_widened(x, key, span)
-        return acc
-
-    def call_args(self, n: Node, key: str, ins: list, span=None) -> tuple[list, dict]:
-        """The positional and keyword arguments of n's kernel, from its input values (a
-        random filter on a chunk also gets the chunk's place, for its random stream)."""
-        b = _KERNELS[n.op]
-        attrs = {k: (v.at(key) if isinstance(v, KeyMap) else v) for k, v in n.attrs}
-        args, kwargs, pos = [], {}, 0
-        for p in b.params:
-            if p.type.endswith("cluster"):
-                w = list(attrs.pop("weights"))
-                args += [ins[pos:pos + len(w)], w]
-                pos += len(w)
-            elif p.type in ("space", "model", "delta"):
-                args.append(ins[pos])
-                pos += 1
-            elif p.name in attrs:
-                kwargs[p.name] = attrs.pop(p.name)
-        if "member" in attrs:
-            kwargs.update(key=key, member=attrs.pop("member"))
-            if span:
-                kwargs["offset"] = span[0]
-        return args, kwargs
-
-    def kernel(self, n: Node, key: str, ins: list, span=None):
-        args, kwargs = self.call_args(n, key, ins, span)
-        return getattr(ops, n.op)(*args, **kwargs)
-
-
-def output_buffers(job: KeyJob) -> dict[int, str]:
-    """A linear combination that is only written out accumulates in a reused buffer."""
-    used = {id(i) for n in job.steps for i in n.inputs}
-    return {id(o.node): f"out{k}" for k, o in enumerate(job.outputs)
-            if o.node.op in LINEAR_OPS and id(o.node) not in used}
-
-
-def _raw_loads(job: KeyJob) -> set[int]:
-    """Loads whose value is only written out (through aliases), never computed with: these
-    keep their stored dtype, so a copied key is bit-exact whatever the compute dtype."""
-    def used(n: Node):
-        return (job.union_choice[id(n)],) if n.op == "union" else n.inputs
-
-    computed = set()
-    stack = [n for n in job.steps if n.op not in ALIAS_OPS]
-    while stack:  # through deferred combinations too: what they read is computed with
-        n = stack.pop()
-        for i in used(n):
-            computed.add(id(i))
-            if id(i) in job.deferred:
-                stack.append(i)
-    # Follow aliases down to their loads.
-    for n in reversed(job.steps):
-        if n.op in ALIAS_OPS and id(n) in computed:
-            computed.update(id(i) for i in used(n))
-    return {id(n) for n in job.steps if n.op == "load" and id(n) not in computed}
-
-
-def _fallback_job(compiled: Compiled, job: KeyJob) -> KeyJob:
-    """The same key copied from each save's fallback (for --nonfinite=fallback)."""
-    graph = compiled.graph
-    keys = node_keys(graph, compiled.schedule.headers)
-    outputs = []
-    for o in job.outputs:
-        fb = graph.saves[o.save].fallback
-        if fb is None or not keys[fb].has(job.key):
-            raise KmxError([error("K0401", f"key `{job.key}` has non-finite values and save "
-                                  f"`{graph.saves[o.save].written}` has no fallback with it")])
-        outputs.append(Output(o.save, fb, o.dtype, o.shape, "non-finite input"))
-    order = {n: i for i, n in enumerate(graph.topo())}
-    item = COMPUTE_ITEMSIZE[compiled.plan.data["compute_dtype"]]
-    return make_job(job.key, outputs, keys, order, compiled.schedule.headers, item)
-
-
 class _Interrupted(Exception):
     pass
 
 
 class RunSession:
-    """What an executor needs from a run: compute a key's results, deliver them to the
-    writers, and a periodic tick (journal checkpoints). `spec` lets another process rebuild
-    the same computation from the recipe (see runtime/ray_exec.py)."""
+    """What an executor needs from a run: the executable schedule, compute a key's results,
+    deliver them to the writers, and a periodic tick (journal checkpoints)."""
 
-    def __init__(self, compiled: Compiled, opts: RunOptions, writers, progress, stop,
-                 threads: int = 1):
-        self.compiled, self.opts, self.writers = compiled, opts, writers
-        self.threads = threads
+    def __init__(self, executable: Executable, opts: RunOptions, writers, progress, stop):
+        self.executable, self.opts, self.writers = executable, opts, writers
         self.progress, self.stop = progress, stop
-        self.evaluator = _Evaluator(compiled, Reader(), opts)
+        self.evaluator = Evaluator(executable, Reader(), opts.device)
         self.fallbacks: list[str] = []
         self._last_checkpoint = time.monotonic()
 
-    @property
-    def spec(self) -> "RunSpec":
-        return RunSpec(self.compiled.path, self.compiled.overrides, self.opts,
-                       self.compiled.schedule.memory_limit, self.threads)
-
     def compute(self, job: KeyJob):
         """compute_key for this run: what deliver() takes."""
-        return compute_key(self.compiled, self.evaluator, self.opts, job, self.fallbacks)
+        return compute_key(self.evaluator, job, self.opts.nonfinite, self.fallbacks)
 
     def deliver(self, job: KeyJob, results) -> None:
         if isinstance(results, Streamed):
@@ -362,59 +139,6 @@ class RunSession:
 
     def close(self) -> None:
         self.evaluator.reader.close()
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """Enough to rebuild a run's computation in another process: the recipe is compiled
-    again there (compilation is deterministic), so no graph object crosses processes."""
-    path: str
-    overrides: dict[str, str] | None
-    opts: RunOptions
-    memory_limit: int  # as the driver planned: the same keys out of core, in the same chunks
-    threads: int
-
-
-def compute_key(compiled: Compiled, ev: "_Evaluator", opts: RunOptions, job: KeyJob,
-                fallbacks: list[str]):
-    """The job's outputs as [(Output, bytes)] (valid until this thread's next job), or, for
-    an out-of-core key, as Streamed pieces computed while they are written. A key with
-    non-finite inputs is copied from the fallback, or fails, per --nonfinite."""
-    if job.ooc is not None:
-        return Streamed(_pieces(compiled, ev, opts, job, fallbacks))
-    try:
-        results = ev.run(job)
-    except NonFinite as nf:
-        results = ev.run(_on_nonfinite(compiled, opts, job, nf, fallbacks))
-    # Each output is cast into its own reused buffer: all of them are delivered afterwards.
-    return [(out, to_bytes(value, out.dtype, ev.scratch, "read" if i == 0 else f"cast{i}"))
-            for i, (out, value) in enumerate(results)]
-
-
-def _pieces(compiled, ev, opts, job, fallbacks):
-    # Filtered members spill next to the output (the disk meant for big files); on a machine
-    # that lacks that folder (a Ray worker), into the system's temporary folder.
-    spill_root = os.path.dirname(os.path.abspath(compiled.graph.saves[0].path))
-    if not os.path.isdir(spill_root):
-        spill_root = tempfile.gettempdir()
-    try:
-        yield from run_chunked(ev, job, _raw_loads(job), output_buffers(job), spill_root)
-    except NonFinite as nf:
-        # Pieces already written are overwritten by the fallback's whole key.
-        for k, (out, value) in enumerate(ev.run(_on_nonfinite(compiled, opts, job, nf,
-                                                              fallbacks))):
-            yield k, 0, to_bytes(value, out.dtype, ev.scratch)
-
-
-def _on_nonfinite(compiled, opts, job, nf: NonFinite, fallbacks: list[str]) -> KeyJob:
-    if opts.nonfinite != "fallback":
-        name = compiled.graph.names.get(nf.node, nf.node.attr("path"))
-        raise KmxError([error(
-            "K0401", f"`{name}` has NaN or Inf values in key `{nf.key}`",
-            help="fix the input, or run with --nonfinite=fallback to copy such keys from the "
-                 "save's fallback")]) from None
-    fallbacks.append(job.key)
-    return _fallback_job(compiled, job)
 
 
 class LocalExecutor:
@@ -470,30 +194,36 @@ def make_executor(opts: RunOptions, threads: int, limit: int):
 
 
 def execute(compiled: Compiled, opts: RunOptions, progress=None) -> RunResult:
-    """Run a compiled recipe. Raises KmxError; never leaves a partial file under a final name."""
+    """Run a compiled recipe as it was planned; changes nothing in `compiled`. Raises
+    KmxError; never leaves a partial file under a final name."""
+    exe = compiled.schedule.executable
+    check_options(exe, opts)
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise KmxError([error("K0406", "--device cuda: no CUDA device is available",
                               help="run with --device cpu")])
     threads = opts.threads or default_threads()
-    limit = opts.memory_limit or compiled.schedule.memory_limit
-    if limit != compiled.schedule.memory_limit:  # compiled for another limit: plan again
-        plan_out_of_core(compiled.graph, compiled.schedule.jobs, limit,
-                         COMPUTE_ITEMSIZE[opts.compute_dtype], compiled.schedule.headers)
-        compiled.schedule.memory_limit = limit
-    torch.set_num_threads(1)
-    _tune_allocator()
+    prepare_process()
     start = time.monotonic()
     outputs = OutputSet(compiled, opts)
     if outputs.complete():
         return RunResult(outputs.final_paths(), 0, 0, 0.0, 0, 0, 0, nothing_to_do=True)
-    executor = make_executor(opts, threads, limit)
+    executor = make_executor(opts, threads, exe.memory_limit)
     try:
-        return _run(compiled, opts, executor, outputs, threads, progress, start)
+        return _run(compiled, opts, executor, outputs, progress, start)
     finally:
         executor.close()
 
 
-def _run(compiled, opts, executor, outputs, threads, progress, start) -> RunResult:
+def check_options(exe: Executable, opts: RunOptions) -> None:
+    """A run option that would change the plan must be the one it was compiled with."""
+    for name, planned, given in (("memory_limit", exe.memory_limit, opts.memory_limit),
+                                  ("compute_dtype", exe.compute, opts.compute_dtype)):
+        if given is not None and given != planned:
+            raise ValueError(f"RunOptions.{name}={given!r} but the recipe was compiled with "
+                             f"{name}={planned!r}: pass it to compile() (or leave it None)")
+
+
+def _run(compiled, opts, executor, outputs, progress, start) -> RunResult:
     writers = outputs.open()
     done = outputs.done_keys(writers)
     jobs = [j for j in compiled.schedule.jobs if j.key not in done]
@@ -501,7 +231,8 @@ def _run(compiled, opts, executor, outputs, threads, progress, start) -> RunResu
         progress.start(len(compiled.schedule.jobs), len(done),
                        sum(j.read_bytes for j in compiled.schedule.jobs),
                        sum(j.read_bytes for j in compiled.schedule.jobs if j.key in done))
-    session = RunSession(compiled, opts, writers, progress, threading.Event(), threads)
+    session = RunSession(compiled.schedule.executable, opts, writers, progress,
+                         threading.Event())
     old_term = _on_sigterm()
     try:
         with _RssSampler() as rss:

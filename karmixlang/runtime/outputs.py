@@ -18,8 +18,8 @@ from karmixlang import __version__
 from karmixlang.diagnostics import KmxError, error
 from karmixlang.units import parse_size
 from karmixlang.io.header import HASH_PLACEHOLDER, HASH_PREFIX, hash_data_region
-from karmixlang.io.writer import (JOURNAL_SUFFIX, CheckpointWriter, OutputLayout, _hidden,
-                         plan_output)
+from karmixlang.io.writer import (JOURNAL_SUFFIX, CheckpointWriter, OutputLayout, hidden_path,
+                                  plan_output)
 
 STAMP_SUFFIX = ".kmx-inputs"
 
@@ -161,7 +161,7 @@ class OutputSet:
                 raise KmxError([error("K0306", f"`{existing[0]}` already exists",
                                       help="pass --force to replace it, or --resume to finish "
                                            "an interrupted run")])
-            journal = _hidden(layout.final_path, JOURNAL_SUFFIX)
+            journal = hidden_path(layout.final_path, JOURNAL_SUFFIX)
             if os.path.exists(journal) and not (self.opts.force or self.opts.resume):
                 # Hours of finished keys must not be thrown away by a plain rerun.
                 raise KmxError([error(
@@ -182,7 +182,7 @@ class OutputSet:
     def _stamp(self, layout: OutputLayout, resumed: bool) -> None:
         """Record the inputs' size and mtime beside a fresh partial output; on resume, refuse
         if they changed (a rewritten input would otherwise mix old and new keys)."""
-        path = _hidden(layout.final_path, STAMP_SUFFIX)
+        path = hidden_path(layout.final_path, STAMP_SUFFIX)
         stamp = [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p, _ in self.inputs]
         if resumed:
             try:
@@ -212,7 +212,7 @@ class OutputSet:
         for i, w in enumerate(writers):
             w.commit(self._final_headers(i))
             try:
-                os.unlink(_hidden(self.layouts[i].final_path, STAMP_SUFFIX))
+                os.unlink(hidden_path(self.layouts[i].final_path, STAMP_SUFFIX))
             except OSError:
                 pass
 

@@ -16,7 +16,7 @@ from karmixlang.api import compile as compile_recipe
 from karmixlang.cli import main
 from karmixlang.diagnostics import KmxError, error
 from karmixlang.plan.groups import group_keys
-from karmixlang.runtime.executor import RunOptions, RunSpec, execute, make_executor
+from karmixlang.runtime.executor import RunOptions, execute, make_executor
 
 from conftest import recipe, tiny_models
 
@@ -107,21 +107,23 @@ def test_an_unreachable_address_is_a_diagnostic_in_seconds():
     _probe("auto")  # no host:port: left to Ray
 
 
-def test_a_worker_that_plans_differently_or_not_at_all_refuses(workdir):
+def test_a_worker_that_sees_other_inputs_or_none_refuses(workdir):
     from karmixlang.runtime.ray.executor import compute_group
 
     tiny_models(workdir)
-    compiled = compile_recipe(recipe(workdir, TWO_SAVES))
-    spec = RunSpec(compiled.path, None, RunOptions(), 1 << 30, 1)
+    exe = compile_recipe(recipe(workdir, TWO_SAVES)).schedule.executable
+    payload = exe.part([j for j in exe.jobs if j.key == "model.w"]).dumps()
+    with open(workdir / "a.safetensors", "ab") as f:  # another file at that path
+        f.write(b"\0" * 8)
     with pytest.raises(KmxError) as exc:
-        compute_group((spec, "another fingerprint"), ("model.w",))
+        compute_group(payload, "cpu", "error")
     d = exc.value.diagnostics[0]
-    assert d.code == "K0407" and "differently" in d.message and "shared" in d.help
-    # A worker that does not see the recipe at all: K0407, then what it could not read.
-    missing = RunSpec(str(workdir / "elsewhere.kmx"), None, RunOptions(), 1 << 30, 1)
+    assert d.code == "K0407" and "a.safetensors" in d.message and "shared" in d.help
+    (workdir / "a.safetensors").unlink()  # a worker that does not see it at all
     with pytest.raises(KmxError) as exc:
-        compute_group((missing, "any"), ("model.w",))
-    assert [d.code for d in exc.value.diagnostics] == ["K0407", "K0110"]
+        compute_group(payload, "cpu", "error")
+    assert exc.value.diagnostics[0].code == "K0407"
+    assert "cannot see" in exc.value.diagnostics[0].message
 
 
 # ------------------------------------------------------------------ runs on a local Ray

@@ -30,7 +30,8 @@ def run(path, **kw):
     threads = kw.get("threads", 1)
     return execute(compile_recipe(path, overrides, threads=threads or 1,
                                   compute_dtype=kw.get("compute_dtype", "fp32"),
-                                  strict=kw.get("strict", False)), RunOptions(**kw))
+                                  strict=kw.get("strict", False),
+                                  memory_limit=kw.get("memory_limit")), RunOptions(**kw))
 
 
 def digest(path) -> str:

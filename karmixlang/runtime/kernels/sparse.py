@@ -67,7 +67,7 @@ def _slices(n: int) -> Iterator[slice]:
         yield slice(start, min(n, start + _SLICE))
 
 
-def _count(fraction: float, n: int, rounding: Callable[[float], int] = math.ceil) -> int:
+def kept_count(fraction: float, n: int, rounding: Callable[[float], int] = math.ceil) -> int:
     """rounding(fraction·n) in [0, n], a float product off an integer by rounding snapped to it."""
     x = fraction * n
     nearest = round(x)
@@ -179,7 +179,7 @@ def _window(d: Tensor, start: int, stop: int) -> Tensor:
 
 def trim(d: Tensor, *, density: float) -> Tensor:
     """Keep the ⌈density·n⌉ entries of largest |d|, zero the rest."""
-    return _window(d, 0, _count(density, d.numel()))
+    return _window(d, 0, kept_count(density, d.numel()))
 
 
 def breadcrumbs(d: Tensor, *, density: float, gamma: float = 0.01) -> Tensor:
@@ -189,8 +189,8 @@ def breadcrumbs(d: Tensor, *, density: float, gamma: float = 0.01) -> Tensor:
     density is met (as mergekit does); density 1 therefore returns the delta unchanged.
     """
     n = d.numel()
-    k = _count(density, n)
-    n_top = min(_count(gamma, n, math.floor), n - k)
+    k = kept_count(density, n)
+    n_top = min(kept_count(gamma, n, math.floor), n - k)
     return _window(d, n_top, n_top + k)
 
 

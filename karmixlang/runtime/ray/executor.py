@@ -1,19 +1,20 @@
 """`kmx run --executor ray`: groups of keys (groups.py) computed by Ray workers; the driver
 writes every byte (docs/ray.md).
 
-A worker reads the inputs by path, so every worker must see them at the same paths (a shared
-filesystem), and returns each key's output bytes. The driver delivers them to the same writers
-as the local executor (at planned offsets, in any order), so the file is the same, atomic and
-resumable. No graph object crosses processes (nodes are interned and jobs are keyed by id()):
-a worker compiles the recipe again from the run's RunSpec, which is deterministic, checks that
-it planned the same thing (a fingerprint of the recipe text, the --set values and every input
-tensor's place) and looks its jobs up by key.
+Each task receives its group's part of the executable schedule, serialized
+(plan/executable.py: the node table, the group's jobs with where each input tensor lies, a
+format version and a fingerprint), and the run's device and --nonfinite policy. The worker
+checks the format and fingerprint, and that it sees every data file at the planned size,
+then evaluates the jobs as the local executor does: it never sees the recipe. It reads the
+inputs by path, so every worker must see them at the same paths (a shared filesystem), and
+returns each key's output bytes. The driver delivers them to the same writers as the local
+executor (at planned offsets, in any order), so the file is the same, atomic and resumable.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import os
 import signal
 import socket
 import threading
@@ -21,12 +22,13 @@ from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 from karmixlang.diagnostics import KmxError, error
+from karmixlang.plan.executable import Executable, FormatError
 from karmixlang.plan.groups import KeyGroup, group_keys
 from karmixlang.runtime.chunked import Streamed
 
 INSTALL_HELP = "pip install 'karmixlang[ray]'"
-SHARED_HELP = ("every Ray worker must see the recipe and the inputs at the same paths as the "
-               "driver: a shared filesystem (docs/ray.md)")
+SHARED_HELP = ("every Ray worker must see the inputs at the same paths as the driver (a "
+               "shared filesystem) and run the same kmx version (docs/ray.md)")
 RESUME_HELP = "the keys already written are kept: run the same command with --resume"
 CONNECT_SECONDS = 10.0  # ray.init retries an unreachable address for minutes: probe it first
 WAIT_SECONDS = 0.5  # how often the driver loop checkpoints and notices a stop
@@ -123,21 +125,6 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def fingerprint(compiled) -> str:
-    """What a worker must have planned exactly as the driver did: the recipe's files (by text:
-    the stdlib's path differs between installations), the --set values, and every input
-    tensor's dtype, shape and place."""
-    h = hashlib.sha256()
-    for text in sorted(compiled.program.sources.values()):
-        h.update(text.encode())
-    h.update(repr(sorted((compiled.overrides or {}).items())).encode())
-    for header in sorted(compiled.schedule.headers.values(), key=lambda x: x.path):
-        h.update(header.path.encode())
-        for t in header.tensors.values():
-            h.update(repr((t.name, t.dtype, t.shape, t.file, t.begin, t.end)).encode())
-    return h.hexdigest()
-
-
 class _Dispatch:
     """The driver loop of one run: submit groups while they fit, deliver results as they come."""
 
@@ -151,7 +138,6 @@ class _Dispatch:
         self.slots = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
         self.task = ray.remote(compute_group).options(
             num_cpus=1, max_retries=TASK_RETRIES, scheduling_strategy="SPREAD")
-        self.payload = ray.put((session.spec, fingerprint(session.compiled)))
 
     def run(self) -> None:
         stop = self.session.stop
@@ -176,7 +162,9 @@ class _Dispatch:
         while self.pending and len(self.in_flight) < self.slots and (
                 not self.in_flight or self.budget + _cost(self.pending[-1]) <= self.limit):
             group = self.pending.pop()
-            self.in_flight[self.task.remote(self.payload, group.keys)] = group
+            part = self.session.executable.part([self.jobs[k] for k in group.keys])
+            opts = self.session.opts
+            self.in_flight[self.task.remote(part.dumps(), opts.device, opts.nonfinite)] = group
             self.budget += _cost(group)
 
     def collect(self, ref) -> None:
@@ -214,26 +202,41 @@ def _cost(group: KeyGroup) -> int:
 
 # ------------------------------------------------------------------ in the worker
 
-_CACHE: dict = {}  # this worker process's compiled recipe: (spec, fingerprint) -> (compiled, jobs)
-
-
-def compute_group(payload, keys: tuple[str, ...]):
-    """A Ray task: each key's outputs as pieces (see _pieces), and the keys copied from a
-    fallback for non-finite inputs (--nonfinite=fallback)."""
-    from karmixlang.runtime.executor import _Evaluator, compute_key
+def compute_group(schedule: str, device: str, nonfinite: str):
+    """A Ray task: the jobs of a serialized executable schedule (one group's part), each
+    key's outputs as pieces (see _pieces), and the keys copied from a fallback for
+    non-finite inputs (`nonfinite` "fallback")."""
+    from karmixlang.runtime.evaluate import Evaluator, compute_key, prepare_process
     from karmixlang.runtime.tensors import Reader
 
-    spec, expected = payload
-    compiled, jobs = _compiled(spec, expected)
+    try:
+        exe = Executable.loads(schedule)
+    except FormatError as exc:
+        raise KmxError([_elsewhere(f"cannot run the schedule it received: {exc}")]) from None
+    _check_files(exe.files)
+    prepare_process()
     # A fresh reader per group: an input replaced between two runs is read anew.
-    ev = _Evaluator(compiled, Reader(), spec.opts)
+    ev = Evaluator(exe, Reader(), device)
     fallbacks: list[str] = []
     try:
-        out = [(key, _pieces(compute_key(compiled, ev, spec.opts, jobs[key], fallbacks)))
-               for key in keys]
+        out = [(job.key, _pieces(compute_key(ev, job, nonfinite, fallbacks)))
+               for job in exe.jobs]
     finally:
         ev.reader.close()
     return out, fallbacks
+
+
+def _check_files(files: dict[str, int]) -> None:
+    """Every data file the jobs read, where the driver saw it and at its size: a worker that
+    sees another file there (or none) must not read tensors at the planned offsets."""
+    for path, size in files.items():
+        try:
+            found = os.stat(path).st_size
+        except OSError as exc:
+            raise KmxError([_elsewhere(f"cannot see `{path}`: {exc.strerror}")]) from None
+        if found != size:
+            raise KmxError([_elsewhere(f"sees `{path}` with {found:,} bytes, where the driver "
+                                       f"planned with {size:,}")])
 
 
 def _pieces(results) -> list[tuple[int, int, bytes]]:
@@ -243,31 +246,6 @@ def _pieces(results) -> list[tuple[int, int, bytes]]:
     if isinstance(results, Streamed):
         return [(k, start, bytes(data)) for k, start, data in results]
     return [(k, 0, bytes(data)) for k, (_, data) in enumerate(results)]
-
-
-def _compiled(spec, expected: str):
-    import torch
-
-    from karmixlang import api
-    from karmixlang.runtime.executor import _tune_allocator
-
-    key = (repr(spec), expected)
-    if key not in _CACHE:
-        torch.set_num_threads(1)  # as execute() does: reductions add in one order, bit-exact
-        _tune_allocator()
-        try:
-            # The driver's limit and threads: the same keys run out of core, in the same chunks.
-            compiled = api.compile(spec.path, spec.overrides, threads=spec.threads,
-                                   compute_dtype=spec.opts.compute_dtype,
-                                   strict=spec.opts.strict, memory_limit=spec.memory_limit)
-        except KmxError as exc:
-            raise KmxError([_elsewhere(f"cannot plan `{spec.path}`")] + exc.diagnostics) from None
-        if fingerprint(compiled) != expected:
-            raise KmxError([_elsewhere(f"plans `{spec.path}` differently from the driver (it "
-                                       "sees other recipe files or inputs)")])
-        _CACHE.clear()  # one recipe at a time: a worker serves one run after another
-        _CACHE[key] = compiled, {j.key: j for j in compiled.schedule.jobs}
-    return _CACHE[key]
 
 
 def _elsewhere(what: str):

@@ -1,0 +1,208 @@
+"""The executable schedule: everything the runtime needs to compute the keys, and nothing of
+the compiler. Nodes are rows of a table, referred to by their index (topological order, inputs
+first); every per-key job names nodes by those indices and carries where its inputs' tensors
+are stored. It serializes to plain JSON with a format version and a fingerprint (sha256 of the
+serialized content), so it can be shipped to another process — a Ray worker — which runs it
+without the recipe (docs/ray.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from karmixlang import __version__
+from karmixlang.io.header import TensorInfo
+from karmixlang.ir.graph import KeyMap
+from karmixlang.plan.outofcore import OutOfCore
+
+FORMAT = "kmx-executable"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Step:
+    """One node of the table: its op, its inputs by index, and its attributes."""
+    op: str
+    inputs: tuple[int, ...]
+    attrs: tuple[tuple[str, object], ...] = ()
+
+    def __post_init__(self):
+        # Plain values only (the compiler's strings remember their folder, for one).
+        object.__setattr__(self, "attrs", tuple((k, _plain(v)) for k, v in self.attrs))
+
+    def attr(self, name: str, default=None):
+        for k, v in self.attrs:
+            if k == name:
+                return v
+        return default
+
+
+@dataclass
+class Output:
+    save: int  # index into the saves
+    node: int  # what to write: the save's expression, or its fallback
+    dtype: str  # output safetensors dtype
+    shape: tuple[int, ...]
+    copied: str | None  # None: computed; else why it is copied from the fallback
+
+
+@dataclass
+class KeyJob:
+    """Everything one key needs: evaluation order, when to free, what to write."""
+    key: str
+    steps: tuple[int, ...]
+    union_choice: dict[int, int]  # union node -> the input this key comes from
+    deferred: frozenset[int]  # loads and combinations evaluated inside their linear consumer
+    loads: tuple[int, ...]  # every input this key reads
+    free_after: tuple[tuple[int, ...], ...]  # free_after[i]: values to drop once step i is done
+    outputs: list[Output]
+    est_bytes: int
+    read_bytes: int
+    ooc: OutOfCore | None = None  # set when the key runs in chunks (outofcore.py)
+    mem_bytes: int = 0  # est_bytes of evaluating the key in memory (est_bytes if not ooc)
+    tensors: dict[int, TensorInfo] = field(default_factory=dict)  # load -> this key's tensor
+    # --nonfinite=fallback: the same key copied from each save's fallback, decided when
+    # planning; None with `no_fallback`, the save that has no fallback holding the key.
+    fallback: KeyJob | None = None
+    no_fallback: int | None = None
+
+
+@dataclass(frozen=True)
+class SaveTarget:
+    path: str  # absolute: out-of-core keys spill next to the first output
+    written: str  # as the recipe wrote it, for messages
+
+
+@dataclass
+class Executable:
+    nodes: tuple[Step, ...]
+    labels: dict[int, str]  # load -> the name a message gives that input
+    saves: tuple[SaveTarget, ...]
+    compute: str  # "fp32" | "fp64"
+    memory_limit: int  # the limit the out-of-core keys were planned for
+    files: dict[str, int]  # every data file read -> its size when planned
+    jobs: list[KeyJob]
+
+    def part(self, jobs: list[KeyJob]) -> Executable:
+        """The same schedule for some of its jobs only (one Ray task's group of keys)."""
+        used = {t.file for j in jobs for job in (j, j.fallback) if job
+                for t in job.tensors.values()}
+        return Executable(self.nodes, self.labels, self.saves, self.compute, self.memory_limit,
+                          {f: s for f, s in self.files.items() if f in used}, list(jobs))
+
+    def to_dict(self) -> dict:
+        body = {
+            "nodes": [[s.op, list(s.inputs), [[k, _encode(v)] for k, v in s.attrs]]
+                      for s in self.nodes],
+            "labels": [[i, name] for i, name in sorted(self.labels.items())],
+            "saves": [[s.path, s.written] for s in self.saves],
+            "compute": self.compute,
+            "memory_limit": self.memory_limit,
+            "files": [[f, s] for f, s in sorted(self.files.items())],
+            "jobs": [_job_dict(j) for j in self.jobs],
+        }
+        return {"format": FORMAT, "version": FORMAT_VERSION, "kmx_version": __version__,
+                "fingerprint": _digest(body), "body": body}
+
+    def fingerprint(self) -> str:
+        return self.to_dict()["fingerprint"]
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @staticmethod
+    def from_dict(doc: dict) -> Executable:
+        """Raises FormatError when `doc` is not an executable schedule of this kmx version,
+        or its content does not match its fingerprint."""
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise FormatError("not an executable schedule")
+        if doc.get("version") != FORMAT_VERSION or doc.get("kmx_version") != __version__:
+            raise FormatError(f"format {doc.get('version')} of kmx {doc.get('kmx_version')}, "
+                              f"expected format {FORMAT_VERSION} of kmx {__version__}")
+        body = doc.get("body")
+        if _digest(body) != doc.get("fingerprint"):
+            raise FormatError("its content does not match its fingerprint")
+        try:
+            return Executable(
+                tuple(Step(op, tuple(ins), tuple((k, _decode(v)) for k, v in attrs))
+                      for op, ins, attrs in body["nodes"]),
+                {i: name for i, name in body["labels"]},
+                tuple(SaveTarget(p, w) for p, w in body["saves"]),
+                body["compute"], body["memory_limit"], {f: s for f, s in body["files"]},
+                [_job_from(j) for j in body["jobs"]])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FormatError(f"malformed content ({type(exc).__name__}: {exc})") from None
+
+    @staticmethod
+    def loads(text: str) -> Executable:
+        try:
+            doc = json.loads(text)
+        except ValueError as exc:
+            raise FormatError(f"not JSON ({exc})") from None
+        return Executable.from_dict(doc)
+
+
+class FormatError(ValueError):
+    """A serialized schedule that this process cannot run as it is."""
+
+
+def _digest(body) -> str:
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# Attribute values: numbers, strings, bools, None, tuples of them, and per-key numbers.
+def _plain(v):
+    if isinstance(v, KeyMap):
+        return KeyMap(_plain(v.kind), _plain(v.rules), _plain(v.arch), v.default)
+    if isinstance(v, tuple):
+        return tuple(_plain(x) for x in v)
+    if isinstance(v, str) and type(v) is not str:
+        return str(v)
+    return v
+
+
+def _encode(v):
+    if isinstance(v, KeyMap):
+        return {"keymap": [v.kind, _encode(v.rules), v.arch, v.default]}
+    if isinstance(v, tuple):
+        return [_encode(x) for x in v]
+    return v
+
+
+def _decode(v):
+    if isinstance(v, dict):
+        kind, rules, arch, default = v["keymap"]
+        return KeyMap(kind, _decode(rules), arch, default)
+    if isinstance(v, list):
+        return tuple(_decode(x) for x in v)
+    return v
+
+
+def _job_dict(j: KeyJob) -> dict:
+    return {
+        "key": j.key, "steps": list(j.steps),
+        "union_choice": sorted([u, c] for u, c in j.union_choice.items()),
+        "deferred": sorted(j.deferred), "loads": list(j.loads),
+        "free_after": [list(f) for f in j.free_after],
+        "outputs": [[o.save, o.node, o.dtype, list(o.shape), o.copied] for o in j.outputs],
+        "est_bytes": j.est_bytes, "read_bytes": j.read_bytes,
+        "ooc": asdict(j.ooc) if j.ooc is not None else None, "mem_bytes": j.mem_bytes,
+        "tensors": [[i, t.name, t.dtype, list(t.shape), t.file, t.begin, t.end]
+                    for i, t in j.tensors.items()],
+        "fallback": _job_dict(j.fallback) if j.fallback is not None else None,
+        "no_fallback": j.no_fallback,
+    }
+
+
+def _job_from(d: dict) -> KeyJob:
+    return KeyJob(
+        d["key"], tuple(d["steps"]), {u: c for u, c in d["union_choice"]},
+        frozenset(d["deferred"]), tuple(d["loads"]), tuple(tuple(f) for f in d["free_after"]),
+        [Output(s, n, dt, tuple(sh), c) for s, n, dt, sh, c in d["outputs"]],
+        d["est_bytes"], d["read_bytes"],
+        OutOfCore(**d["ooc"]) if d["ooc"] is not None else None, d["mem_bytes"],
+        {i: TensorInfo(name, dt, tuple(sh), f, b, e) for i, name, dt, sh, f, b, e in d["tensors"]},
+        _job_from(d["fallback"]) if d["fallback"] is not None else None, d["no_fallback"])
