@@ -18,17 +18,14 @@ from karmixlang.diagnostics import Diagnostic, KmxError, error
 from karmixlang.io.dtypes import DTYPES, nbytes
 from karmixlang.io.header import CheckpointHeader, TensorInfo, read_checkpoint
 from karmixlang.ir.graph import Graph, KeyMap, Node, match_key, reachable
+from karmixlang.ir.ops import OPS, RAW_READ
 from karmixlang.machine import available_memory
-from karmixlang.plan.outofcore import SPLIT_OPS, OutOfCore, plan_key
+from karmixlang.plan.outofcore import OutOfCore, plan_key
 
 COMPUTE_ITEMSIZE = {"fp32": 4, "fp64": 8}
 # Blocks below this come from glibc's heap, which keeps them for reuse (the runtime raises the
 # mmap threshold to this maximum); larger ones are mapped and unmapped (runtime/executor.py).
 HEAP_BLOCK_LIMIT = 32 << 20
-ALIAS_OPS = {"select", "exclude", "union", "pick"}
-LINEAR_OPS = {"lincomb", "mean", "sum_"}  # Σ cᵢxᵢ: inputs can be read one at a time
-_STACKED = {"mean", "sum_", "median", "geometric_median", "model_stock", "karcher",
-            "ties_merge", "elect", "ties"}
 
 
 @dataclass(frozen=True)
@@ -135,9 +132,7 @@ def node_keys(graph: Graph, headers: dict[Node, CheckpointHeader]) -> dict[Node,
             ok.update(y.ok)
             bad.update(y.bad)
             out[n] = NodeKeys(ok, bad)
-        elif n.op in ("pick", "zeros_like"):
-            out[n] = out[n.inputs[0]]
-        else:
+        else:  # one input (pick, zeros_like...): its own table
             out[n] = _combine([out[i] for i in n.inputs], n.inputs)
     return out
 
@@ -221,26 +216,6 @@ def _active(root: Node, key: str, keys: dict[Node, NodeKeys], acc: dict[int, Nod
             stack.append(choices[id(n)])
         else:
             stack.extend(n.inputs)
-
-
-RAW_READ = 4  # bytes per element of a read buffer before conversion (fp32 inputs; fp16: 2)
-
-
-def _workspace(op: str, inputs: int, numel: int, item: int) -> int:
-    """Temporary memory of one op beyond its output (an estimate, documented in plan-format;
-    the factors were measured with bench/plan_speed.py)."""
-    if op in _STACKED:
-        factor = {"median": 3.5, "ties_merge": 1.5, "model_stock": 1.5}
-        return int(factor.get(op, 1) * inputs * numel * item)
-    if op in ("trim", "breadcrumbs"):
-        return numel * 4  # magnitudes, partitioned in place (ops_sparse, bench/kernels.py)
-    if op == "dare":
-        return numel * 2  # random draws, slice by slice
-    if op == "della":
-        return numel * 12  # packed sort keys and int32 ranks
-    if op == "iso":
-        return 3 * numel * item
-    return numel * item
 
 
 def build_jobs(graph: Graph, headers, keys, compute: str = "fp32", strict: bool = False):
@@ -361,8 +336,8 @@ def _template(outputs: list[Output], key: str, keys, order: dict[Node, int], ite
         for inp in used(n):
             uses[id(inp)] = uses.get(id(inp), 0) + 1
     outs = {id(o.node) for o in outputs}
-    deferred = frozenset(id(i) for n in steps if n.op in LINEAR_OPS for i in n.inputs
-                         if i.op in LINEAR_OPS | {"load"} and uses[id(i)] == 1
+    deferred = frozenset(id(i) for n in steps if OPS[n.op].linear for i in n.inputs
+                         if (OPS[i.op].linear or i.op == "load") and uses[id(i)] == 1
                          and id(i) not in outs)
     steps = [n for n in steps if id(n) not in deferred]
 
@@ -388,22 +363,21 @@ def _template(outputs: list[Output], key: str, keys, order: dict[Node, int], ite
         last[id(out.node)] = end
     # An alias (select, union, pick...) shares its input's tensor: keep the input alive as long.
     for n in reversed(steps):
-        if n.op in ALIAS_OPS:
+        if OPS[n.op].alias:
             for inp in used(n):
                 last[id(inp)] = max(last[id(inp)], last[id(n)])
     free_after: list[list[Node]] = [[] for _ in range(end + 1)]
     for n in steps:
         free_after[last[id(n)]].append(n)
-    size = {id(n): 0 if n.op in ALIAS_OPS else
-            (len(n.inputs) * item if n.op in ("elect", "ties") else item) for n in steps}
+    size = {id(n): OPS[n.op].tensors(len(n.inputs)) * item for n in steps}
     live, peak = 0, 0
     for i, n in enumerate(steps):
         live += size[id(n)]
-        if n.op == "load" or any(id(x) in deferred for x in n.inputs):
-            # read buffer (+ one widened input, + one buffer per nested combination)
-            work = RAW_READ + (item * (1 + depth(n)) if n.op != "load" else 0)
-        else:
-            work = 0 if n.op in ALIAS_OPS else _workspace(n.op, len(n.inputs), 1, item)
+        if any(id(x) in deferred for x in n.inputs):
+            # read buffer + one widened input + one buffer per nested combination
+            work = RAW_READ + item * (1 + depth(n))
+        else:  # (a load's is its read buffer)
+            work = OPS[n.op].workspace(len(n.inputs), item)
         peak = max(peak, live + work)
         live -= sum(size[id(m)] for m in free_after[i])
     loads = [n for n in acc.values() if n.op == "load"]
@@ -474,8 +448,8 @@ def plan_out_of_core(graph: Graph, jobs: list[KeyJob], limit: int, item: int,
     def whole_per_element(n: Node) -> float:
         # the filtered member's inputs read and widened, the result, and the filter's
         # workspace (ties: the trim of one member)
-        op = "trim" if n.op in SPLIT_OPS else n.op
-        return 2 * RAW_READ + 4 * item + _workspace(op, 1, 1, item)
+        spec = OPS[n.op]
+        return 2 * RAW_READ + 4 * item + OPS[spec.split or n.op].workspace(1, item)
 
     failures = []
     for job in jobs:

@@ -22,18 +22,18 @@ from dataclasses import dataclass, field
 import torch
 
 from karmixlang.api import Compiled
-from karmixlang.builtins import BUILTINS
+from karmixlang.builtins import BY_OP
 from karmixlang.diagnostics import KmxError, error
 from karmixlang.ir.graph import KeyMap, Node
+from karmixlang.ir.ops import OPS
 from karmixlang.machine import default_threads
-from karmixlang.plan.schedule import (ALIAS_OPS, COMPUTE_ITEMSIZE, LINEAR_OPS, KeyJob, Output, make_job,
+from karmixlang.plan.schedule import (COMPUTE_ITEMSIZE, KeyJob, Output, make_job,
                         node_keys, plan_out_of_core)
-from karmixlang.runtime import kernels as ops
+from karmixlang.runtime.kernels.table import KERNELS
 from karmixlang.runtime.outputs import OutputSet
 from karmixlang.runtime.chunked import Streamed, run_chunked
 from karmixlang.runtime.tensors import COMPUTE, Reader, Scratch, part, to_bytes
 
-_KERNELS = {b.kernel: b for b in BUILTINS.values() if b.kernel}
 CHECKPOINT_SECONDS = 2.0
 
 
@@ -154,13 +154,14 @@ class _Evaluator:
             return values[id(job.union_choice[id(n)])]
         if n.op == "load":
             return self.load(n, key, raw, span)
-        if n.op in LINEAR_OPS:
+        spec = OPS[n.op]
+        if spec.linear:
             return self.linear(n, key, values, job, into.get(id(n)), span)
         ins = [values[id(i)] for i in n.inputs]
-        if n.op in ("select", "exclude"):
-            return ins[0]
         if n.op == "pick":
             return ins[0][n.attr("index")]
+        if spec.alias:  # select, exclude: the input's tensor
+            return ins[0]
         return self.kernel(n, key, ins, span)
 
     def read(self, n: Node, key: str, span) -> torch.Tensor:
@@ -206,15 +207,11 @@ class _Evaluator:
 
     def linear(self, n: Node, key: str, values: dict, job: KeyJob, scratch: str | None,
                span=None, depth: int = 0):
-        """Σ cᵢxᵢ accumulated in input order (as ops.combine does); deferred inputs (loads,
-        and combinations used only here) are evaluated here one at a time, and `scratch`
-        names the reused buffer of a result that is only written out or summed at once."""
-        if n.op == "lincomb":
-            coeffs = [c.at(key) if isinstance(c, KeyMap) else c for c in n.attr("coeffs")]
-        else:
-            ws = list(n.attr("weights"))
-            total = math.fsum(ws) if n.op == "mean" else 1.0
-            coeffs = [w / total for w in ws]
+        """Σ cᵢxᵢ accumulated in input order (as kernels.combine does); deferred inputs
+        (loads, and combinations used only here) are evaluated here one at a time, and
+        `scratch` names the reused buffer of a result that is only written out or summed at
+        once."""
+        coeffs = OPS[n.op].coefficients(n, key)
         acc, streamed = None, []
         for x, c in zip(n.inputs, coeffs):
             if id(x) not in job.deferred:
@@ -244,7 +241,7 @@ class _Evaluator:
     def call_args(self, n: Node, key: str, ins: list, span=None) -> tuple[list, dict]:
         """The positional and keyword arguments of n's kernel, from its input values (a
         random filter on a chunk also gets the chunk's place, for its random stream)."""
-        b = _KERNELS[n.op]
+        b = BY_OP[n.op]
         attrs = {k: (v.at(key) if isinstance(v, KeyMap) else v) for k, v in n.attrs}
         args, kwargs, pos = [], {}, 0
         for p in b.params:
@@ -257,7 +254,7 @@ class _Evaluator:
                 pos += 1
             elif p.name in attrs:
                 kwargs[p.name] = attrs.pop(p.name)
-        if "member" in attrs:
+        if OPS[n.op].seeded:
             kwargs.update(key=key, member=attrs.pop("member"))
             if span:
                 kwargs["offset"] = span[0]
@@ -265,14 +262,14 @@ class _Evaluator:
 
     def kernel(self, n: Node, key: str, ins: list, span=None):
         args, kwargs = self.call_args(n, key, ins, span)
-        return getattr(ops, n.op)(*args, **kwargs)
+        return KERNELS[OPS[n.op].kernel](*args, **kwargs)
 
 
 def output_buffers(job: KeyJob) -> dict[int, str]:
     """A linear combination that is only written out accumulates in a reused buffer."""
     used = {id(i) for n in job.steps for i in n.inputs}
     return {id(o.node): f"out{k}" for k, o in enumerate(job.outputs)
-            if o.node.op in LINEAR_OPS and id(o.node) not in used}
+            if OPS[o.node.op].linear and id(o.node) not in used}
 
 
 def _raw_loads(job: KeyJob) -> set[int]:
@@ -282,7 +279,7 @@ def _raw_loads(job: KeyJob) -> set[int]:
         return (job.union_choice[id(n)],) if n.op == "union" else n.inputs
 
     computed = set()
-    stack = [n for n in job.steps if n.op not in ALIAS_OPS]
+    stack = [n for n in job.steps if not OPS[n.op].alias]
     while stack:  # through deferred combinations too: what they read is computed with
         n = stack.pop()
         for i in used(n):
@@ -291,7 +288,7 @@ def _raw_loads(job: KeyJob) -> set[int]:
                 stack.append(i)
     # Follow aliases down to their loads.
     for n in reversed(job.steps):
-        if n.op in ALIAS_OPS and id(n) in computed:
+        if OPS[n.op].alias and id(n) in computed:
             computed.update(id(i) for i in used(n))
     return {id(n) for n in job.steps if n.op == "load" and id(n) not in computed}
 
