@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from karmixlang.ir.ops import OPS, OpSpec
+from karmixlang.ir.ops import OPS, Chunk, OpSpec
 
 REQUIRED = object()
 
@@ -269,7 +269,11 @@ def methods_markdown() -> str:
            "Applied to a cluster, a *filter* works on each member; the member's index is part of "
            "its random seed. Integer and bool keys are never merged: they are copied from the "
            "save's fallback. NaN or Inf in an input is an error naming the model and the key "
-           "(`kmx run --nonfinite=fallback` copies such keys from the fallback instead).", ""]
+           "(`kmx run --nonfinite=fallback` copies such keys from the fallback instead).", "",
+           "**Memory** is what the plan counts for a method beyond its result, on a key of *n* "
+           "elements of *b* bytes each (the compute dtype's; [plan-format.md](plan-format.md)), "
+           "and how it runs on a key that does not fit `--memory-limit` "
+           "([out-of-core.md](out-of-core.md)).", ""]
     group = None
     for b in BUILTINS.values():
         if b.group != group:
@@ -294,8 +298,27 @@ def methods_markdown() -> str:
             out += [f"- `{p.name}`: {kind}{' (' + '; '.join(extra) + ')' if extra else ''}{desc}"]
         out += [f"- **Reference:** {b.reference}"] if b.reference != "—" else []
         out += [f"- **Edge cases:** {b.edge_cases}"] if b.edge_cases else []
+        out += [f"- **Memory:** {_memory(b.spec)}"] if b.spec else []
         out += [""]
     return "\n".join(out + _RANDOMNESS) + "\n"
+
+
+_OUT_OF_CORE = {
+    Chunk.ELEMENTWISE: "chunk by chunk at no extra cost",
+    Chunk.GRAM: "one extra pass accumulates the inputs' Gram matrix",
+    Chunk.THRESHOLD: "two extra passes find each member's threshold (in fp64 each member is "
+                     "computed whole and spilled to a temporary file)",
+    Chunk.WHOLE: "each member is computed whole and spilled to a temporary file",
+    Chunk.SPLIT: "each member is trimmed as by `trim`, the rest runs chunk by chunk",
+}
+
+
+def _memory(spec: OpSpec) -> str:
+    """What the plan counts for the op (docs/plan-format.md) and how it runs out of core."""
+    work = spec.workspace.describe()
+    work = "no workspace" if work == "0" else f"workspace {work}"
+    held = " (its result holds one tensor per member)" if spec.per_member else ""
+    return f"{work}{held}; out of core, {_OUT_OF_CORE[spec.chunk]}."
 
 
 _RANDOMNESS = """## Randomness (`dare`, `della`)
