@@ -132,7 +132,7 @@ def node_keys(graph: Graph, headers: dict[Node, CheckpointHeader]) -> dict[Node,
             ok.update(y.ok)
             bad.update(y.bad)
             out[n] = NodeKeys(ok, bad)
-        else:  # one input (pick, zeros_like...): its own table
+        else:  # the keys every input has with one shape (one input: its table as is)
             out[n] = _combine([out[i] for i in n.inputs], n.inputs)
     return out
 
@@ -448,8 +448,8 @@ def plan_out_of_core(graph: Graph, jobs: list[KeyJob], limit: int, item: int,
     def whole_per_element(n: Node) -> float:
         # the filtered member's inputs read and widened, the result, and the filter's
         # workspace (ties: the trim of one member)
-        spec = OPS[n.op]
-        return 2 * RAW_READ + 4 * item + OPS[spec.split or n.op].workspace(1, item)
+        member = OPS[n.op].split or n.op
+        return 2 * RAW_READ + 4 * item + OPS[member].workspace(1, item)
 
     failures = []
     for job in jobs:
