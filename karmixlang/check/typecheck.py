@@ -427,7 +427,7 @@ class Checker(BuiltinRules):
                 tys[p.name] = self.arg(b, p, bound[p.name], scope)
         for arg in extra:
             self.arg(b, b.varargs, arg, scope)
-        if b.name in ("select", "exclude") and not extra and ok:
+        if b.varargs is not None and not extra and ok:  # select/exclude need a pattern
             self.err("K0105", f"`{b.name}` needs at least one key pattern", e.span,
                      help=f'`{b.name}(x, "first_stage_model.*")`')
         if not ok or any(t.kind == "error" for t in tys.values()):

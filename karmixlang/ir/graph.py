@@ -10,6 +10,7 @@ Ops (all key-wise):
   union(x, y)                     key-wise union, y wins
   pick(s; index)                  one member of a cluster filter's result (elect, ties)
   <kernel>(inputs; params)        a method of builtins.py (mean, della, geometric_median, ...)
+What each op is (linear, alias, seeded, how it chunks, its workspace, its kernel): ops.OPS.
 """
 
 from __future__ import annotations

@@ -209,13 +209,12 @@ class Lowerer:
                 inputs.append(v)
             else:
                 attrs[p.name] = int(v) if p.type == "int" else v
-        if b.name in ("dare", "della"):
+        if b.spec.seeded:  # the member's index is part of its random stream
             attrs["member"] = member
-        node = self.b.node(b.kernel, inputs, attrs, e.span)
-        if b.name in ("elect", "ties"):
-            c = args["c"]
+        node = self.b.node(b.op, inputs, attrs, e.span)
+        if b.spec.per_member:  # one result per member of its cluster argument
             return ClusterVal(tuple((self.b.node("pick", (node,), {"index": i}), w)
-                                    for i, (_, w) in enumerate(c.members)))
+                                    for i, w in enumerate(attrs["weights"])))
         return node
 
     def _select(self, args, extra, kw, e, env, op="select"):
@@ -227,9 +226,6 @@ class Lowerer:
 
     def _exclude(self, args, extra, kw, e, env):
         return self._select(args, extra, kw, e, env, op="exclude")
-
-    def _zeros_like(self, args, extra, kw, e, env):
-        return self.b.node("zeros_like", (args["x"],), span=e.span)
 
     def _by_key(self, args, extra, kw, e, env):
         return KeyMap("by_key", tuple((k, float(v)) for k, v in args["weights"].items()))

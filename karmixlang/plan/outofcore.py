@@ -1,7 +1,8 @@
 """Out-of-core planning: how a key whose in-memory evaluation does not fit `--memory-limit`
 runs in chunks instead (runtime/chunked.py executes it). No torch here.
 
-A key's graph is evaluated over chunks of its flattened elements, in passes:
+A key's graph is evaluated over chunks of its flattened elements, in passes (each op's kind is
+its `chunk` in ops.OPS):
 
 - element-wise ops (arithmetic, means, medians, sign election, clamp, dare — whose random
   stream is indexed by flat position...) work on a chunk as on the whole key, so they cost
@@ -32,14 +33,12 @@ import math
 from dataclasses import dataclass
 
 from karmixlang.io.dtypes import DTYPES
+from karmixlang.ops import OPS, Chunk
 
 # The kernels work on power-of-two slices of a key's flattened elements, about this many
 # elements in all over the stacked rows (runtime/ops_base.flat_slices).
 KERNEL_SLICE_ELEMS = 1 << 21
 MIN_SLICE = 1 << 12
-GRAM_OPS = frozenset({"geometric_median", "model_stock", "karcher", "slerp"})
-WHOLE_OPS = frozenset({"trim", "della", "breadcrumbs", "iso"})
-SPLIT_OPS = frozenset({"ties"})  # trim each member whole, elect chunk by chunk
 MIN_CHUNK = MIN_SLICE
 # A key over the limit gets chunks of at most this share of it, leaving the rest for other
 # keys, read buffers and what the allocator keeps (admission keeps the sum under the limit).
@@ -72,12 +71,21 @@ def threshold_trim(n, itemsize: int) -> bool:
     """trim, and the trim inside ties, find each member's threshold in two passes over the
     chunks (an exact radix selection on fp32 magnitude bits) instead of spilling; other
     whole-key filters, and fp64, are spilled."""
-    return itemsize == 4 and (n.op == "trim" or n.op in SPLIT_OPS)
+    return itemsize == 4 and OPS[n.op].chunk in (Chunk.THRESHOLD, Chunk.SPLIT)
 
 
 def barriers(nodes, steps) -> list[int]:
     """The steps that need a whole key (in evaluation order); `nodes`: the node table."""
-    return [i for i in steps if nodes[i].op in GRAM_OPS | WHOLE_OPS | SPLIT_OPS]
+    return [i for i in steps if OPS[nodes[i].op].barrier]
+
+
+def _gram(n) -> bool:
+    return OPS[n.op].chunk is Chunk.GRAM
+
+
+def _spilled_members(n) -> int:
+    """Temporary files a spilled filter writes: one per member when it is split (ties)."""
+    return len(n.inputs) if OPS[n.op].chunk is Chunk.SPLIT else 1
 
 
 def _pow2_floor(n: int) -> int:
@@ -98,11 +106,11 @@ def plan_key(job, nodes, per_element: float, limit: int, item: int,
     if any(DTYPES[t.dtype].bits % 8 for t in job.tensors.values()):
         return None  # packed sub-byte elements (F4, F6) cannot be cut at any element
     if not over and (per_element * numel <= CHUNK_ABOVE_BYTES or
-                     any(n.op not in GRAM_OPS for n in walls)):
+                     not all(_gram(n) for n in walls)):
         return None
     # A Gram pass stacks a slice of its rows in the compute dtype and again in fp64 (the
     # in-memory estimate leaves this out: there the slice is capped by the kernel).
-    rows = max((len(n.inputs) for n in walls if n.op in GRAM_OPS), default=0)
+    rows = max((len(n.inputs) for n in walls if _gram(n)), default=0)
     per_element += rows * (item + 8)
     budget = limit // OOC_SHARE if over else CHUNK_ABOVE_BYTES
     chunk = max(MIN_CHUNK, _pow2_floor(int(budget / max(per_element, 1.0))))
@@ -113,11 +121,10 @@ def plan_key(job, nodes, per_element: float, limit: int, item: int,
     chunk = min(chunk, max(MIN_CHUNK, 1 << max(0, (numel - 1).bit_length())))
     if not over and chunk >= numel:
         return None
-    spills = [n for n in walls if n.op not in GRAM_OPS and not threshold_trim(n, item)]
-    spilled = sum(len(n.inputs) if n.op in SPLIT_OPS else 1 for n in spills)
+    spills = [n for n in walls if not _gram(n) and not threshold_trim(n, item)]
+    spilled = sum(_spilled_members(n) for n in spills)
     whole = max((int(whole_per_element(n) * numel) for n in spills), default=0)
-    passes = sum(1 if n.op in GRAM_OPS else 2 for n in walls
-                 if n.op in GRAM_OPS or threshold_trim(n, item))  # the walls not spilled
+    passes = sum(1 if _gram(n) else 2 for n in walls if n not in spills)
     reads = _pass_reads(job, nodes, barriers(nodes, job.steps), item * numel, item)
     return OutOfCore(chunk, -(-numel // chunk), passes, spilled, spilled * numel * item,
                      max(0, reads - job.read_bytes), whole, int(chunk * per_element), over)
@@ -139,7 +146,7 @@ def _pass_reads(job, nodes, walls: list[int], spill_size: int, item: int) -> int
             seen.add(i)
             n = nodes[i]
             if i in spilled:
-                got += spill_size * (len(n.inputs) if n.op in SPLIT_OPS else 1)
+                got += spill_size * _spilled_members(n)
             elif n.op == "load":
                 info = job.tensors.get(i)
                 got += info.nbytes if info is not None else 0
@@ -152,6 +159,6 @@ def _pass_reads(job, nodes, walls: list[int], spill_size: int, item: int) -> int
     for i in walls:
         n = nodes[i]
         total += reads(n.inputs) * (2 if threshold_trim(n, item) else 1)
-        if n.op not in GRAM_OPS and not threshold_trim(n, item):
+        if not _gram(n) and not threshold_trim(n, item):
             spilled.add(i)
     return total + reads([o.node for o in job.outputs])

@@ -18,18 +18,15 @@ from karmixlang.diagnostics import Diagnostic, KmxError, error
 from karmixlang.io.dtypes import DTYPES, nbytes
 from karmixlang.io.header import CheckpointHeader, read_checkpoint
 from karmixlang.ir.graph import Graph, KeyMap, Node, match_key, reachable
+from karmixlang.ops import OPS, RAW_READ
 from karmixlang.machine import available_memory
 from karmixlang.plan.executable import Executable, KeyJob, Output, SaveTarget, Step
-from karmixlang.plan.outofcore import SPLIT_OPS, plan_key
+from karmixlang.plan.outofcore import plan_key
 
 COMPUTE_ITEMSIZE = {"fp32": 4, "fp64": 8}
 # Blocks below this come from glibc's heap, which keeps them for reuse (the runtime raises the
 # mmap threshold to this maximum); larger ones are mapped and unmapped (runtime/executor.py).
 HEAP_BLOCK_LIMIT = 32 << 20
-ALIAS_OPS = {"select", "exclude", "union", "pick"}
-LINEAR_OPS = {"lincomb", "mean", "sum_"}  # Σ cᵢxᵢ: inputs can be read one at a time
-_STACKED = {"mean", "sum_", "median", "geometric_median", "model_stock", "karcher",
-            "ties_merge", "elect", "ties"}
 
 
 @dataclass(frozen=True)
@@ -118,9 +115,7 @@ def node_keys(graph: Graph, headers: dict[Node, CheckpointHeader]) -> dict[Node,
             ok.update(y.ok)
             bad.update(y.bad)
             out[n] = NodeKeys(ok, bad)
-        elif n.op in ("pick", "zeros_like"):
-            out[n] = out[n.inputs[0]]
-        else:
+        else:  # the keys every input has with one shape (one input: its table as is)
             out[n] = _combine([out[i] for i in n.inputs], n.inputs)
     return out
 
@@ -196,26 +191,6 @@ def _active(root: Node, key: str, keys: dict[Node, NodeKeys], acc: dict[int, Nod
             stack.append(choices[n])
         else:
             stack.extend(n.inputs)
-
-
-RAW_READ = 4  # bytes per element of a read buffer before conversion (fp32 inputs; fp16: 2)
-
-
-def _workspace(op: str, inputs: int, numel: int, item: int) -> int:
-    """Temporary memory of one op beyond its output (an estimate, documented in plan-format;
-    the factors were measured with bench/plan_speed.py)."""
-    if op in _STACKED:
-        factor = {"median": 3.5, "ties_merge": 1.5, "model_stock": 1.5}
-        return int(factor.get(op, 1) * inputs * numel * item)
-    if op in ("trim", "breadcrumbs"):
-        return numel * 4  # magnitudes, partitioned in place (ops_sparse, bench/kernels.py)
-    if op == "dare":
-        return numel * 2  # random draws, slice by slice
-    if op == "della":
-        return numel * 12  # packed sort keys and int32 ranks
-    if op == "iso":
-        return 3 * numel * item
-    return numel * item
 
 
 class Jobs:
@@ -378,8 +353,8 @@ def _template(outputs: list[Output], key: str, jobs: Jobs) -> _Template:
         for x in used(i):
             uses[x] = uses.get(x, 0) + 1
     outs = {o.node for o in outputs}
-    deferred = frozenset(x for i in steps if order[i].op in LINEAR_OPS for x in inputs[i]
-                         if order[x].op in LINEAR_OPS | {"load"} and uses[x] == 1
+    deferred = frozenset(x for i in steps if OPS[order[i].op].linear for x in inputs[i]
+                         if (OPS[order[x].op].linear or order[x].op == "load") and uses[x] == 1
                          and x not in outs)
     steps = [i for i in steps if i not in deferred]
 
@@ -405,23 +380,22 @@ def _template(outputs: list[Output], key: str, jobs: Jobs) -> _Template:
         last[out.node] = end
     # An alias (select, union, pick...) shares its input's tensor: keep the input alive as long.
     for i in reversed(steps):
-        if order[i].op in ALIAS_OPS:
+        if OPS[order[i].op].alias:
             for x in used(i):
                 last[x] = max(last[x], last[i])
     free_after: list[list[int]] = [[] for _ in range(end + 1)]
     for i in steps:
         free_after[last[i]].append(i)
-    size = {i: 0 if order[i].op in ALIAS_OPS else
-            (len(inputs[i]) * item if order[i].op in ("elect", "ties") else item) for i in steps}
+    size = {i: OPS[order[i].op].tensors(len(inputs[i])) * item for i in steps}
     live, peak = 0, 0
     for k, i in enumerate(steps):
         n = order[i]
         live += size[i]
-        if n.op == "load" or any(x in deferred for x in inputs[i]):
-            # read buffer (+ one widened input, + one buffer per nested combination)
-            work = RAW_READ + (item * (1 + depth(i)) if n.op != "load" else 0)
-        else:
-            work = 0 if n.op in ALIAS_OPS else _workspace(n.op, len(n.inputs), 1, item)
+        if any(x in deferred for x in inputs[i]):
+            # read buffer + one widened input + one buffer per nested combination
+            work = RAW_READ + item * (1 + depth(i))
+        else:  # (a load's is its read buffer)
+            work = OPS[n.op].workspace(len(n.inputs), item)
         peak = max(peak, live + work)
         live -= sum(size[m] for m in free_after[k])
     loads = tuple(index[n] for n in acc.values() if n.op == "load")
@@ -472,8 +446,8 @@ def plan_out_of_core(graph: Graph, nodes: tuple[Step, ...], jobs: list[KeyJob], 
     def whole_per_element(n: Step) -> float:
         # the filtered member's inputs read and widened, the result, and the filter's
         # workspace (ties: the trim of one member)
-        op = "trim" if n.op in SPLIT_OPS else n.op
-        return 2 * RAW_READ + 4 * item + _workspace(op, 1, 1, item)
+        member = OPS[n.op].split or n.op
+        return 2 * RAW_READ + 4 * item + OPS[member].workspace(1, item)
 
     failures = []
     for job in jobs:

@@ -22,11 +22,13 @@ import torch
 
 from karmixlang.diagnostics import KmxError, error
 from karmixlang.io.header import TensorInfo
+from karmixlang.ops import OPS, Chunk
 from karmixlang.plan.executable import KeyJob
-from karmixlang.plan.outofcore import GRAM_OPS, SPLIT_OPS, WHOLE_OPS, threshold_trim
+from karmixlang.plan.outofcore import threshold_trim
 from karmixlang.runtime import kernels as ops
 from karmixlang.runtime.kernels import sparse as ops_sparse
 from karmixlang.runtime.kernels.base import GramSum
+from karmixlang.runtime.kernels.table import GRAM_SPLITS
 from karmixlang.runtime.tensors import Reader, part, to_bytes
 
 Span = tuple[int, int]
@@ -77,11 +79,11 @@ class _ChunkedKey:
         try:
             for i in self.job.steps:
                 n = self.nodes[i]
-                if n.op in GRAM_OPS:
+                if OPS[n.op].chunk is Chunk.GRAM:
                     self.solve(i)
                 elif threshold_trim(n, self.ev.compute.itemsize):
                     self.select_top(i)
-                elif n.op in WHOLE_OPS or n.op in SPLIT_OPS:
+                elif OPS[n.op].barrier:
                     self.spill(i, folder)
             targets = [o.node for o in self.job.outputs]
             scratch = self.ev.scratch
@@ -143,14 +145,15 @@ class _ChunkedKey:
         """One pass over the chunks accumulating the Gram matrix; then the node is formed from
         its inputs' chunks with the coefficients found."""
         n = self.nodes[i]
+        split = GRAM_SPLITS[n.op]
         acc, args, kwargs = None, None, None
         for span in self.spans():
             values = self.evaluate(list(n.inputs), span)
             args, kwargs = self.ev.call_args(n, self.job.key, [values[x] for x in n.inputs])
-            rows = ops.GramMethod.rows(args)
+            rows = split.rows(args)
             acc = acc or GramSum(len(rows))
-            acc.add(rows, ops.GramMethod.center(n.op, args, kwargs))
-        form = ops.GramMethod.solve(n.op, acc.result(), args, kwargs)
+            acc.add(rows, split.center(args, kwargs))
+        form = split.solve(acc.result(), args, kwargs)
         key = self.job.key
 
         def formed(ins: list):
@@ -177,7 +180,7 @@ class _ChunkedKey:
                     top.count(_magnitude_bits(values[x]), level)
             for top in tops:
                 top.settle(level)
-        if n.op in SPLIT_OPS:
+        if OPS[n.op].chunk is Chunk.SPLIT:
             weights, rule = list(n.attr("weights")), kwargs.get("rule", "mass")
             self.replaced[i] = lambda ins: ops.elect(
                 [top.keep(x) for top, x in zip(tops, ins)], weights, rule=rule)
@@ -190,7 +193,7 @@ class _ChunkedKey:
         """Compute the filter one member at a time over the whole key and write each result
         to a temporary file; later passes read it back chunk by chunk."""
         n, key = self.nodes[i], self.job.key
-        if n.op in SPLIT_OPS:  # ties: trim each member alone, elect over chunks
+        if OPS[n.op].chunk is Chunk.SPLIT:  # ties: trim each member alone, elect over chunks
             (_, weights), kwargs = self.ev.call_args(n, key, [None] * len(n.inputs))
             infos = []
             for m, x in enumerate(n.inputs):

@@ -12,17 +12,14 @@ import tempfile
 
 import torch
 
-from karmixlang.builtins import BUILTINS
+from karmixlang.builtins import BY_OP
 from karmixlang.diagnostics import KmxError, error
 from karmixlang.ir.graph import KeyMap
+from karmixlang.ops import OPS
 from karmixlang.plan.executable import Executable, KeyJob, Output, Step
-from karmixlang.plan.schedule import ALIAS_OPS, LINEAR_OPS
-from karmixlang.runtime import kernels as ops
 from karmixlang.runtime.chunked import Streamed, run_chunked
+from karmixlang.runtime.kernels.table import KERNELS
 from karmixlang.runtime.tensors import COMPUTE, Reader, Scratch, part, to_bytes
-
-_KERNELS = {b.kernel: b for b in BUILTINS.values() if b.kernel}
-
 
 class NonFinite(Exception):
     def __init__(self, node: int, key: str):
@@ -86,13 +83,14 @@ class Evaluator:
             return values[job.union_choice[i]]
         if n.op == "load":
             return self.load(i, job, raw, span)
-        if n.op in LINEAR_OPS:
+        spec = OPS[n.op]
+        if spec.linear:
             return self.linear(i, key, values, job, into.get(i), span)
         ins = [values[x] for x in n.inputs]
-        if n.op in ("select", "exclude"):
-            return ins[0]
         if n.op == "pick":
             return ins[0][n.attr("index")]
+        if spec.alias:  # select, exclude: the input's tensor
+            return ins[0]
         return self.kernel(n, key, ins, span)
 
     def read(self, i: int, job: KeyJob, span) -> torch.Tensor:
@@ -138,16 +136,12 @@ class Evaluator:
 
     def linear(self, i: int, key: str, values: dict, job: KeyJob, scratch: str | None,
                span=None, depth: int = 0):
-        """Σ cᵢxᵢ accumulated in input order (as ops.combine does); deferred inputs (loads,
-        and combinations used only here) are evaluated here one at a time, and `scratch`
-        names the reused buffer of a result that is only written out or summed at once."""
+        """Σ cᵢxᵢ accumulated in input order (as kernels.combine does); deferred inputs
+        (loads, and combinations used only here) are evaluated here one at a time, and
+        `scratch` names the reused buffer of a result that is only written out or summed at
+        once."""
         n = self.nodes[i]
-        if n.op == "lincomb":
-            coeffs = [c.at(key) if isinstance(c, KeyMap) else c for c in n.attr("coeffs")]
-        else:
-            ws = list(n.attr("weights"))
-            total = math.fsum(ws) if n.op == "mean" else 1.0
-            coeffs = [w / total for w in ws]
+        coeffs = OPS[n.op].coefficients(n, key)
         acc, streamed = None, []
         for x, c in zip(n.inputs, coeffs):
             if x not in job.deferred:
@@ -177,7 +171,7 @@ class Evaluator:
     def call_args(self, n: Step, key: str, ins: list, span=None) -> tuple[list, dict]:
         """The positional and keyword arguments of n's kernel, from its input values (a
         random filter on a chunk also gets the chunk's place, for its random stream)."""
-        b = _KERNELS[n.op]
+        b = BY_OP[n.op]
         attrs = {k: (v.at(key) if isinstance(v, KeyMap) else v) for k, v in n.attrs}
         args, kwargs, pos = [], {}, 0
         for p in b.params:
@@ -190,7 +184,7 @@ class Evaluator:
                 pos += 1
             elif p.name in attrs:
                 kwargs[p.name] = attrs.pop(p.name)
-        if "member" in attrs:
+        if OPS[n.op].seeded:
             kwargs.update(key=key, member=attrs.pop("member"))
             if span:
                 kwargs["offset"] = span[0]
@@ -198,14 +192,14 @@ class Evaluator:
 
     def kernel(self, n: Step, key: str, ins: list, span=None):
         args, kwargs = self.call_args(n, key, ins, span)
-        return getattr(ops, n.op)(*args, **kwargs)
+        return KERNELS[OPS[n.op].kernel](*args, **kwargs)
 
 
 def output_buffers(nodes: tuple[Step, ...], job: KeyJob) -> dict[int, str]:
     """A linear combination that is only written out accumulates in a reused buffer."""
     used = {x for i in job.steps for x in nodes[i].inputs}
     return {o.node: f"out{k}" for k, o in enumerate(job.outputs)
-            if nodes[o.node].op in LINEAR_OPS and o.node not in used}
+            if OPS[nodes[o.node].op].linear and o.node not in used}
 
 
 def raw_loads(nodes: tuple[Step, ...], job: KeyJob) -> set[int]:
@@ -215,7 +209,7 @@ def raw_loads(nodes: tuple[Step, ...], job: KeyJob) -> set[int]:
         return (job.union_choice[i],) if nodes[i].op == "union" else nodes[i].inputs
 
     computed = set()
-    stack = [i for i in job.steps if nodes[i].op not in ALIAS_OPS]
+    stack = [i for i in job.steps if not OPS[nodes[i].op].alias]
     while stack:  # through deferred combinations too: what they read is computed with
         i = stack.pop()
         for x in used(i):
@@ -224,7 +218,7 @@ def raw_loads(nodes: tuple[Step, ...], job: KeyJob) -> set[int]:
                 stack.append(x)
     # Follow aliases down to their loads.
     for i in reversed(job.steps):
-        if nodes[i].op in ALIAS_OPS and i in computed:
+        if OPS[nodes[i].op].alias and i in computed:
             computed.update(used(i))
     return {i for i in job.steps if nodes[i].op == "load" and i not in computed}
 

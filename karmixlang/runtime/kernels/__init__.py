@@ -7,11 +7,13 @@ cluster is `members: list[Tensor]` with `weights: list[float]` (positive). Small
 (norms, Gram matrices, cosines) accumulate in fp64; everything else stays in the input dtype.
 Non-finite inputs are the executor's business, not checked here.
 
-This module holds the interpolations and re-exports the rest:
-- ops_base.combine(xs, coeffs): Σ coeffs[i]·xs[i], the executor's linear combinations;
-- ops_centers: mean, sum_, median, geometric_median, model_stock, karcher;
-- ops_sparse: trim, dare, della, breadcrumbs, clamp, iso, elect, ties, ties_merge;
+This module holds the interpolations and the Gram splits, and re-exports the rest:
+- base.combine(xs, coeffs): Σ coeffs[i]·xs[i], the executor's linear combinations;
+- centers: mean, sum_, median, geometric_median, model_stock, karcher;
+- sparse: trim, dare, della, breadcrumbs, clamp, iso, elect, ties, ties_merge;
 - rng: the counter-based uniforms behind dare and della.
+The runtime finds a kernel by its op's name in table.KERNELS (and a Gram method's split in
+table.GRAM_SPLITS), never by attribute lookup.
 Each module's docstring states the conventions (rounding of counts, tie rules, the weighted
 median, the random scheme) that methods.md leaves to the implementation.
 """
@@ -19,6 +21,8 @@ median, the random scheme) that methods.md leaves to the implementation.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -86,40 +90,62 @@ def slerp_apply(a: Tensor, b: Tensor, t: float, coeffs: list[float] | None) -> T
     return lerp(a, b, t=t) if coeffs is None else combine([a, b], coeffs)
 
 
-class GramMethod:
+@dataclass(frozen=True)
+class GramSplit:
     """A method whose result is a combination of its inputs with coefficients found from
-    their Gram matrix, split for out-of-core keys (runtime/chunked.py): `rows` and `center`
-    say which Gram matrix to accumulate over chunks, `solve` turns it into the function that
-    forms the result from a chunk of each input. Arguments are the op's own."""
+    their Gram matrix, split for out-of-core keys (runtime/chunked.py): `rows(args)` are the
+    tensors whose Gram matrix is accumulated over chunks, centred on `center(args, kwargs)`
+    (None: uncentred); `solve(g, args, kwargs)` turns it into the function that forms the
+    result from a chunk of each input. Arguments are the kernel's own (table.GRAM_SPLITS)."""
 
-    @staticmethod
-    def rows(args) -> list[Tensor]:
-        return list(args[0]) if isinstance(args[0], list) else list(args[:2])
+    rows: Callable[[list], list[Tensor]]
+    center: Callable[[list, dict], Tensor | None]
+    solve: Callable[[Tensor, list, dict], Callable]
 
-    @staticmethod
-    def center(op: str, args, kwargs) -> Tensor | None:
-        if op == "geometric_median":
-            return combine(args[0], geometric_median_start([float(w) for w in args[1]]))
-        if op == "model_stock":
-            return args[2]
-        return None
 
-    @staticmethod
-    def solve(op: str, g: Tensor, args, kwargs):
-        if op == "slerp":
-            coeffs = slerp_coeffs(g, kwargs["t"])
-            return lambda a, b, **_: slerp_apply(a, b, kwargs["t"], coeffs)
-        ws = [float(w) for w in args[1]]
-        if op == "geometric_median":
-            coeffs = geometric_median_coeffs(g, ws, **_defaults(geometric_median, kwargs))
-            return lambda members, weights, **_: combine(members, coeffs)
-        if op == "model_stock":
-            t = model_stock_ratio(g, len(ws))
-            return lambda members, weights, base: model_stock_apply(members, ws, base, t)
-        if len(ws) == 1:
-            return lambda members, weights, **_: members[0].clone()
-        plan = karcher_coeffs(g, ws, **_defaults(karcher, kwargs))
-        return lambda members, weights, **_: karcher_apply(members, plan)
+def members_rows(args) -> list[Tensor]:
+    return list(args[0])
+
+
+def pair_rows(args) -> list[Tensor]:
+    return list(args[:2])
+
+
+def uncentred(args, kwargs) -> None:
+    return None
+
+
+def slerp_solve(g: Tensor, args, kwargs):
+    coeffs = slerp_coeffs(g, kwargs["t"])
+    return lambda a, b, **_: slerp_apply(a, b, kwargs["t"], coeffs)
+
+
+def geometric_median_center(args, kwargs) -> Tensor:
+    return combine(args[0], geometric_median_start([float(w) for w in args[1]]))
+
+
+def geometric_median_solve(g: Tensor, args, kwargs):
+    ws = [float(w) for w in args[1]]
+    coeffs = geometric_median_coeffs(g, ws, **_defaults(geometric_median, kwargs))
+    return lambda members, weights, **_: combine(members, coeffs)
+
+
+def model_stock_center(args, kwargs) -> Tensor:
+    return args[2]
+
+
+def model_stock_solve(g: Tensor, args, kwargs):
+    ws = [float(w) for w in args[1]]
+    t = model_stock_ratio(g, len(ws))
+    return lambda members, weights, base: model_stock_apply(members, ws, base, t)
+
+
+def karcher_solve(g: Tensor, args, kwargs):
+    ws = [float(w) for w in args[1]]
+    if len(ws) == 1:
+        return lambda members, weights, **_: members[0].clone()
+    plan = karcher_coeffs(g, ws, **_defaults(karcher, kwargs))
+    return lambda members, weights, **_: karcher_apply(members, plan)
 
 
 def _defaults(fn, kwargs: dict) -> dict:

@@ -1,0 +1,157 @@
+"""The one table of graph ops: what each op is, for every stage that needs to know it.
+
+Lowering, the schedule, out-of-core planning and the runtime read an op's properties here
+instead of testing its name. The user-facing side of a builtin (its name, parameters, types,
+docs) stays in builtins.BUILTINS, whose entries name their op (`Builtin.op`); the torch
+function that runs an op with `kernel` set is found in runtime/kernels/table.py under that
+name. tests/test_opspec.py checks the three against each other. No torch here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable
+
+# Bytes per element of a read buffer before conversion (fp32 inputs; fp16: 2).
+RAW_READ = 4
+
+
+class Chunk(Enum):
+    """How an op runs when its key is evaluated in chunks (plan/outofcore.py,
+    runtime/chunked.py)."""
+
+    ELEMENTWISE = "element-wise"  # a chunk is computed as the whole key is: no extra pass
+    GRAM = "Gram"  # one pass accumulates the inputs' fp64 Gram matrix (runtime GRAM_SPLITS);
+    # the result is then formed chunk by chunk from coefficients
+    THRESHOLD = "threshold"  # trim: two passes find the k-th largest magnitude (fp32 only;
+    # in fp64 it is a WHOLE filter)
+    WHOLE = "whole"  # a whole-key filter: computed alone in memory, spilled, read in chunks
+    SPLIT = "split"  # ties: each member goes through `split` (by threshold, or spilled),
+    # the rest (the election) runs chunk by chunk
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Temporary bytes per element an op needs beyond its output, while it runs (an estimate,
+    documented in plan-format.md; the factors were measured with bench/plan_speed.py)."""
+
+    per_input: float = 0.0  # × inputs × itemsize: the stacked inputs (and sorting buffers)
+    tensors: int = 0  # × itemsize: tensors of the compute dtype
+    bytes: int = 0  # fixed bytes: magnitudes, random draws, ranks
+
+    def __call__(self, inputs: int, itemsize: int) -> int:
+        return int(self.per_input * inputs * itemsize + self.tensors * itemsize + self.bytes)
+
+    def describe(self) -> str:
+        parts = ([f"{self.per_input:g} × inputs × n·b"] if self.per_input else []) + \
+            ([f"{self.tensors} × n·b"] if self.tensors else []) + \
+            ([f"{self.bytes}·n bytes"] if self.bytes else [])
+        return " + ".join(parts) or "0"
+
+
+ONE_TENSOR = Workspace(tensors=1)
+
+
+def _lincomb_coeffs(node, key: str) -> list[float]:
+    # A per-key coefficient (ir.graph.KeyMap) is evaluated at the key.
+    return [c.at(key) if hasattr(c, "at") else c for c in node.attr("coeffs")]
+
+
+def _sum_coeffs(node, key: str) -> list[float]:
+    return list(node.attr("weights"))
+
+
+def _mean_coeffs(node, key: str) -> list[float]:
+    ws = list(node.attr("weights"))
+    total = math.fsum(ws)
+    return [w / total for w in ws]
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    kernel: str | None = None  # the runtime kernel that runs it; None: the runtime itself
+    # Σ cᵢxᵢ of its inputs: `coefficients(node, key)` gives the cᵢ. Its inputs may be read
+    # and accumulated one at a time (schedule: deferred inputs).
+    coefficients: Callable[[object, str], list[float]] | None = None
+    alias: bool = False  # its value is (a part of) its input's tensor: no copy, no memory
+    broadcast: bool = False  # applied to a cluster, works on each member (lowering)
+    seeded: bool = False  # random: gets a `member` attribute, and key=/member= at run time
+    per_member: bool = False  # returns one tensor per member: a node plus a `pick` each
+    chunk: Chunk = Chunk.ELEMENTWISE
+    split: str | None = None  # Chunk.SPLIT: the filter each member goes through alone
+    workspace: Workspace = field(default=ONE_TENSOR)
+
+    @property
+    def linear(self) -> bool:
+        return self.coefficients is not None
+
+    @property
+    def stacks(self) -> bool:
+        """It stacks its inputs (its workspace grows with their number)."""
+        return self.workspace.per_input > 0
+
+    @property
+    def barrier(self) -> bool:
+        """Out of core, it needs the whole key (an extra pass or a spill)."""
+        return self.chunk is not Chunk.ELEMENTWISE
+
+    def tensors(self, inputs: int) -> int:
+        """The tensors its value holds."""
+        return 0 if self.alias else inputs if self.per_member else 1
+
+
+def _structural(name: str, **props) -> OpSpec:
+    return OpSpec(name, None, **props)
+
+
+def _kernel(name: str, **props) -> OpSpec:
+    return OpSpec(name, name, **props)
+
+
+def _stacked(factor: float = 1.0) -> Workspace:
+    return Workspace(per_input=factor)
+
+
+_NONE = Workspace()
+
+OPS: dict[str, OpSpec] = {s.name: s for s in [
+    # ------------------------------------------------------------ structural
+    _structural("load", workspace=Workspace(bytes=RAW_READ)),  # the read buffer
+    _structural("lincomb", coefficients=_lincomb_coeffs),
+    _structural("select", alias=True, broadcast=True, workspace=_NONE),
+    _structural("exclude", alias=True, broadcast=True, workspace=_NONE),
+    _structural("union", alias=True, workspace=_NONE),
+    _structural("pick", alias=True, workspace=_NONE),
+    # ------------------------------------------------------------ interpolation
+    _kernel("lerp"),
+    _kernel("slerp", chunk=Chunk.GRAM),
+    _kernel("add_difference"),
+    _kernel("train_difference"),
+    # ------------------------------------------------------------ means and medians
+    _kernel("mean", coefficients=_mean_coeffs, workspace=_stacked()),
+    _kernel("sum_", coefficients=_sum_coeffs, workspace=_stacked()),
+    _kernel("median", workspace=_stacked(3.5)),
+    _kernel("geometric_median", chunk=Chunk.GRAM, workspace=_stacked()),
+    _kernel("model_stock", chunk=Chunk.GRAM, workspace=_stacked(1.5)),
+    _kernel("karcher", chunk=Chunk.GRAM, workspace=_stacked()),
+    _kernel("ties_merge", workspace=_stacked(1.5)),
+    # ------------------------------------------------------------ filters on deltas
+    # magnitudes, partitioned in place (kernels/sparse.py, bench/kernels.py)
+    _kernel("trim", broadcast=True, chunk=Chunk.THRESHOLD, workspace=Workspace(bytes=4)),
+    # random draws, slice by slice
+    _kernel("dare", broadcast=True, seeded=True, workspace=Workspace(bytes=2)),
+    # packed sort keys and int32 ranks
+    _kernel("della", broadcast=True, seeded=True, chunk=Chunk.WHOLE,
+            workspace=Workspace(bytes=12)),
+    _kernel("breadcrumbs", broadcast=True, chunk=Chunk.WHOLE, workspace=Workspace(bytes=4)),
+    _kernel("clamp", broadcast=True),
+    _kernel("iso", broadcast=True, chunk=Chunk.WHOLE, workspace=Workspace(tensors=3)),  # SVD
+    # ------------------------------------------------------------ cluster filters
+    _kernel("elect", per_member=True, workspace=_stacked()),
+    _kernel("ties", per_member=True, chunk=Chunk.SPLIT, split="trim", workspace=_stacked()),
+    # ------------------------------------------------------------ inputs
+    _kernel("zeros_like"),
+]}
