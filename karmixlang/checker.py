@@ -5,14 +5,14 @@ graph IR when there is no error."""
 from __future__ import annotations
 
 import os
-import sys
 
 from . import ast
 from .diagnostics import Diagnostic, Label, did_you_mean, error, warning
 from .io.dtypes import parse_user_dtype
 from .io.writer import parse_size
-from .program import Program, Unit, _Loader, _resolve_params
-from .typecheck import _RECURSION_LIMIT, Checker, Scope
+from .limits import recursion_room
+from .program import Program, Unit, _Loader, _resolve_params, dependency_order
+from .typecheck import Checker, Scope, TooDeep
 from .values import Ty, _affine
 
 SAVE_OPTIONS = ("dtype", "fallback", "metadata", "shard", "delta")
@@ -91,12 +91,8 @@ def _check_save(ch: Checker, unit: Unit, s: ast.Save, paths: dict[str, ast.Save]
 def check_program(path: str, overrides: dict[str, str] | None = None
                   ) -> tuple[Program | None, list[Diagnostic]]:
     """Load, resolve and type-check a recipe. Returns (program or None, all diagnostics)."""
-    limit = sys.getrecursionlimit()  # the checker recurses over expressions and def calls
-    sys.setrecursionlimit(max(limit, _RECURSION_LIMIT))
-    try:
+    with recursion_room():  # the checker recurses over expressions and def calls
         return _check_program(path, overrides)
-    finally:
-        sys.setrecursionlimit(limit)
 
 
 def _check_program(path: str, overrides: dict[str, str] | None):
@@ -108,63 +104,28 @@ def _check_program(path: str, overrides: dict[str, str] | None):
     program = Program(root, loader.units, loader.sources, dict(overrides or {}))
     _resolve_params(root, program.overrides, diags)
     ch = Checker(program, diags)
-    where = None
+    where = None  # the declaration or save being checked
     try:
+        for unit, name in dependency_order((u, n) for u in loader.units.values()
+                                           for n in u.decls):
+            d = unit.decls[name]
+            where = Label(d.name_span, f"while checking `{name}`")
+            if isinstance(d, ast.Def):
+                ch.check_def(unit, d)
+            elif not isinstance(d, ast.Import):
+                ch.decl_type(unit, name, d.name_span)
         for unit in loader.units.values():
-            for name in _dependency_order(unit):
-                d = unit.decls[name]
-                where = d.name_span
-                if isinstance(d, ast.Def):
-                    ch.check_def(unit, d)
-                elif not isinstance(d, ast.Import):
-                    ch.decl_type(unit, name, d.name_span)
             paths: dict[str, ast.Save] = {}
             for stmt in unit.module.stmts:
                 if isinstance(stmt, ast.Save):
-                    where = stmt.span
+                    where = Label(stmt.span, "while checking this save")
                     _check_save(ch, unit, stmt, paths)
-    except RecursionError:  # e.g. a chain of hundreds of defs calling each other
-        diags.append(error("K0004", "definitions nested too deeply to check", where,
-                           label="checking this",
-                           help="shorten the chain of defs calling defs, or split the "
-                                "expression with `let` names"))
+    except TooDeep as exc:
+        diags.append(error("K0004", exc.message, exc.span, label="here",
+                           help="shorten the chain of defs calling defs: each call evaluates "
+                                "its def's body again", notes=(where,)))
     _unused(root, diags)
     return (None if any(d.is_error for d in diags) else program), _dedupe(diags)
-
-
-def _dependency_order(unit: Unit) -> list[str]:
-    """The file's names, each after the names its definition uses (a cycle is cut anywhere),
-    found without recursion: typing them in this order keeps the checker's own recursion
-    shallow however long a chain of lets is."""
-    def uses(name: str) -> list[str]:
-        d = unit.decls[name]
-        roots = [getattr(d, "expr", None), getattr(d, "body", None)]
-        roots += [let.expr for let in getattr(d, "lets", ())]
-        found = []
-        for r in roots:
-            for node in ast.walk(r) if r is not None else ():
-                ref = node.func if isinstance(node, ast.Call) else node
-                if isinstance(ref, ast.Name) and ref.name in unit.decls and ref.name != name:
-                    found.append(ref.name)
-        return found
-
-    order: list[str] = []
-    seen: set[str] = set()
-    for start in unit.decls:
-        if start in seen:
-            continue
-        seen.add(start)
-        stack = [(start, iter(uses(start)))]
-        while stack:
-            name, deps = stack[-1]
-            nxt = next((n for n in deps if n not in seen), None)
-            if nxt is None:
-                stack.pop()
-                order.append(name)
-            else:
-                seen.add(nxt)
-                stack.append((nxt, iter(uses(nxt))))
-    return order
 
 
 def _unused(root: Unit, diags: list[Diagnostic]) -> None:

@@ -369,7 +369,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    sys.setrecursionlimit(max(sys.getrecursionlimit(), 4000))
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

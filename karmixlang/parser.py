@@ -17,9 +17,10 @@ from lark.visitors import Transformer_NonRecursive
 
 from . import ast
 from .diagnostics import Diagnostic, Span, error
+from .limits import MAX_EXPR_DEPTH
 
 MAX_SOURCE_BYTES = 4 * 1024 * 1024
-MAX_DEPTH = 200  # expression nesting; deeper recipes get K0004 instead of a RecursionError
+MAX_DEPTH = MAX_EXPR_DEPTH  # deeper expressions get K0004 instead of a RecursionError later
 
 _OPEN = {"LPAR": "RPAR", "LSQB": "RSQB", "LBRACE": "RBRACE"}
 _CONTINUE_AFTER = {"EQUAL", "COMMA", "PLUS", "MINUS", "STAR", "SLASH", "VBAR", "COLON", "WITH"}

@@ -11,11 +11,19 @@ from dataclasses import dataclass, field
 from . import ast
 from .builtins import BUILTINS, Builtin, P
 from .diagnostics import Diagnostic, Span, did_you_mean, error
+from .limits import MAX_EVAL_DEPTH, MAX_EVAL_STEPS
 from .program import Program, Unit
 from .typerules import BuiltinRules
 from .values import _BUSY, ANY, DELTA, ERR, MODEL, Ty, _affine
 
-_RECURSION_LIMIT = 4_000  # as the CLI and the formatter: parser.MAX_DEPTH levels fit in it
+
+class TooDeep(Exception):
+    """Evaluation went past limits.MAX_EVAL_DEPTH or MAX_EVAL_STEPS at `span` (K0004)."""
+
+    def __init__(self, span: Span, message: str):
+        super().__init__(message)
+        self.span = span
+        self.message = message
 
 
 @dataclass
@@ -32,6 +40,12 @@ class Checker(BuiltinRules):
         self.diags = diags
         self.memo: dict[tuple[str, str], Ty] = {}
         self.active: list[tuple[str, str]] = []
+        # A def's result per argument types, with the levels and steps its body took: each
+        # def is checked once per distinct call, so defs calling defs twice stay linear.
+        self.def_memo: dict[tuple, tuple[Ty, int, int]] = {}
+        self.depth = 0  # evaluation levels now open (limits.MAX_EVAL_DEPTH)
+        self.peak = 0  # the deepest level reached since the current def call began
+        self.steps = 0  # expression nodes evaluated, def calls expanded (MAX_EVAL_STEPS)
 
     def err(self, code, msg, span, **kw):
         self.diags.append(error(code, msg, span, **kw))
@@ -105,6 +119,24 @@ class Checker(BuiltinRules):
         return ty
 
     def expr(self, e, scope: Scope) -> Ty:
+        self.depth += 1
+        try:
+            self._reach(self.depth, 1, e.span)
+            return self._expr(e, scope)
+        finally:
+            self.depth -= 1
+
+    def _reach(self, depth: int, steps: int, span: Span) -> None:
+        """Account for evaluation `depth` levels deep and `steps` more expression nodes."""
+        self.steps += steps
+        if depth > MAX_EVAL_DEPTH:
+            raise TooDeep(span, f"evaluation nested more than {MAX_EVAL_DEPTH} levels deep")
+        if self.steps > MAX_EVAL_STEPS:
+            raise TooDeep(span, f"the recipe expands to more than {MAX_EVAL_STEPS:,} "
+                          "evaluation steps")
+        self.peak = max(self.peak, depth)
+
+    def _expr(self, e, scope: Scope) -> Ty:
         if isinstance(e, ast.Number):
             if not math.isfinite(e.value):
                 return self.err("K0204", f"`{e.text}` is too large for a number", e.span)
@@ -392,11 +424,21 @@ class Checker(BuiltinRules):
                 local[p.name] = self.expr(p.default, Scope(unit))
         if not ok:
             return ERR
+        key = (unit.path, d.name, tuple(local[p.name] for p in d.params))
+        if key in self.def_memo:  # the same body with the same types: the same result
+            ty, levels, steps = self.def_memo[key]
+            self._reach(self.depth + levels, steps, e.span)  # lowering will do this work here
+            return ty
+        outer_peak, self.peak = self.peak, self.depth
+        steps = self.steps
         inner = Scope(unit, local, {let.name: let for let in d.lets},
                       scope.def_stack + (d.name,))
         for let in d.lets:  # in order, as check_def does: a cycle is found (and told) once
             self.name(ast.Name(let.name, let.name_span), inner)
-        return self.value(d.body, inner)
+        ty = self.value(d.body, inner)
+        self.def_memo[key] = ty, self.peak - self.depth, self.steps - steps
+        self.peak = max(outer_peak, self.peak)
+        return ty
 
     def check_def(self, unit: Unit, d: ast.Def) -> None:
         """Check a def's body once with unknown argument types (finds unknown names even in a
