@@ -72,7 +72,7 @@ class _Loader:
                                     "deep", span, label="one import too many",
                                     help="import the files you need from fewer levels"))
             return None
-        if span is not None and not os.path.isfile(path):
+        if span is not None and not os.path.exists(path):
             self.diags.append(error("K0110", f"cannot find `{path}`", span,
                                     label="imported here",
                                     help="`std/...` names the shipped stdlib; other paths are "
@@ -195,6 +195,8 @@ def _coerce(default: object, text: str) -> object:
         if not math.isfinite(float(text)):
             raise ValueError("the number is too large")
         return float(text)
+    if "\0" in text:
+        raise ValueError("a string cannot contain a NUL character")
     return text
 
 
