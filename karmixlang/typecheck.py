@@ -6,7 +6,7 @@ combination is used (the top of an arithmetic expression). It reports every prob
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import ast
 from .builtins import BUILTINS, Builtin, P
@@ -14,7 +14,7 @@ from .diagnostics import Diagnostic, Span, did_you_mean, error
 from .limits import MAX_EVAL_DEPTH, MAX_EVAL_STEPS
 from .program import Program, Unit
 from .typerules import BuiltinRules
-from .values import _BUSY, ANY, DELTA, ERR, MODEL, Ty, _affine
+from .values import _BUSY, ANY, DELTA, ERR, MAX_GAIN, MODEL, Ty, _affine
 
 
 class TooDeep(Exception):
@@ -254,7 +254,8 @@ class Checker(BuiltinRules):
             if b.kind == "number":
                 return Ty("number", value=None if b.value is None else -b.value)
             if b.kind in ("space", "cluster"):
-                return Ty(b.kind, None if b.weight is None else -b.weight, size=b.size)
+                return Ty(b.kind, None if b.weight is None else -b.weight, size=b.size,
+                          gain=b.gain)
             return self._bad_operand("-", b, e)
         nums = a.kind == "number" and b.kind == "number"
         if nums:
@@ -277,7 +278,7 @@ class Checker(BuiltinRules):
                 w = None if wa is None or wb is None else (wa + wb if op == "+" else wa - wb)
                 kind = "cluster" if "cluster" in (a.kind, b.kind) else "space"
                 size = a.size if a.kind == "cluster" else b.size
-                return Ty(kind, w, size=size)
+                return self.bounded(Ty(kind, w, size=size, gain=_sum(a.gain, b.gain)), e)
             return self._bad_operand(op, b if a.kind in ("space", "cluster") else a, e)
         # * and /
         space, num = (a, b) if a.kind in ("space", "cluster") else (b, a)
@@ -296,7 +297,20 @@ class Checker(BuiltinRules):
         else:
             w = None if space.weight is None else (
                 space.weight * num.value if op == "*" else space.weight / num.value)
-        return Ty(space.kind, w, size=space.size)
+        factor = num.gain if num.kind == "keymap" else None if num.value is None else \
+            abs(num.value) if op == "*" else 1 / abs(num.value)
+        return self.bounded(Ty(space.kind, w, size=space.size, gain=_product(space.gain, factor)),
+                            e)
+
+    def bounded(self, ty: Ty, e) -> Ty:
+        """The value, or K0204 when scaling can make it more than MAX_GAIN times its inputs."""
+        if ty.gain is not None and not ty.gain <= MAX_GAIN:
+            return self.err("K0204", f"this can be {ty.gain:.3g} times larger than the models it "
+                            f"is computed from (at most {MAX_GAIN:g})", e.span,
+                            label="scaled too much",
+                            help="the factors multiply through nested expressions; keep their "
+                                 "product (docs/language.md, \"Numbers\")")
+        return ty
 
     def _bad_operand(self, op: str, ty: Ty, e) -> Ty:
         return self.err("K0202", f"`{op}` cannot be applied to a {ty.describe()}", e.span)
@@ -316,12 +330,16 @@ class Checker(BuiltinRules):
             return self.err("K0207", "empty cluster", e.span, help="list at least one model")
         weights = set()
         size = 0
+        gains: list[float | None] = []
         for item in e.items:
             ty = self.value(item.expr, scope) if not isinstance(item.expr, ast.String) else MODEL
             if isinstance(item.expr, ast.String):
                 self.string(item.expr, scope)
+            scale = 1.0
             if item.weight is not None:
                 wty = self.value(item.weight, scope)
+                scale = abs(wty.value) if wty.kind == "number" and wty.value is not None \
+                    else None
                 if wty.kind != "number":
                     if wty.kind not in ("error", "any"):
                         self.err("K0202", "a cluster weight is a number", item.weight.span)
@@ -338,11 +356,14 @@ class Checker(BuiltinRules):
                 size = None if ty.kind == "cluster" and ty.size is None else \
                     size + (ty.size if ty.kind == "cluster" else 1)
             weights.add(_affine(ty.weight))
+            gains.append(_product(ty.gain, scale))
         if len(weights) > 1:
             return self.err("K0202", "a cluster mixes models and deltas", e.span,
                             help="subtract a base from the models: `[a - base, d]`")
         w = weights.pop() if weights else None
-        return Ty("cluster", None if w is None else float(w), size=size)
+        gain = None if None in gains or not gains else max(gains)
+        return self.bounded(Ty("cluster", None if w is None else float(w), size=size, gain=gain),
+                            e)
 
     # -- calls
     def call(self, e: ast.Call, scope: Scope) -> Ty:
@@ -476,8 +497,13 @@ class Checker(BuiltinRules):
             return ERR
         special = getattr(self, f"_check_{b.name}", None)
         if special is not None:
-            special(b, bound, tys, kw_extra, e, scope)
-        return self.result(b, tys, e)
+            keymap = special(b, bound, tys, kw_extra, e, scope)
+            if keymap is not None:  # by_key and blocks know their values' largest magnitude
+                return keymap
+        ty = self.result(b, tys, e)
+        if ty.kind in ("space", "cluster"):
+            ty = self.bounded(replace(ty, gain=self.gain(b, tys)), e)
+        return ty
 
     def arg(self, b: Builtin, p: P, expr, scope: Scope) -> Ty:
         if p.type == "list":
@@ -537,7 +563,7 @@ class Checker(BuiltinRules):
         if b.returns == "first":
             return first
         if b.returns == "elem":
-            return Ty("space", first.weight)
+            return Ty("space", first.weight, gain=first.gain)
         if b.returns == "model":
             return MODEL
         if b.returns == "delta":
@@ -549,3 +575,11 @@ class Checker(BuiltinRules):
             return Ty("cluster", 1.0)
         return tys["clusters"]  # balanced(): the sub-clusters' common type
 
+
+
+def _sum(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a + b
+
+
+def _product(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a * b
