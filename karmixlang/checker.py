@@ -16,8 +16,6 @@ from .typecheck import Checker, Scope, TooDeep
 from .values import Ty, _affine
 
 SAVE_OPTIONS = ("dtype", "fallback", "metadata", "shard", "delta")
-# The float dtypes a checkpoint can be written in (torch can cast to them).
-SAVE_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 
 
 def _valid_size(text: str) -> bool:
@@ -50,7 +48,7 @@ def _check_save(ch: Checker, unit: Unit, s: ast.Save, paths: dict[str, ast.Save]
         if ty is not None and ty.kind not in (want, "error"):
             ch.err("K0208", f"`{name}` must be a {want}", opts[name].value.span)
         elif name == "dtype" and ty is not None and ty.value is not None \
-                and parse_user_dtype(ty.value) not in SAVE_DTYPES:
+                and parse_user_dtype(ty.value) is None:
             ch.err("K0208", f"cannot save as dtype \"{ty.value}\"", opts[name].value.span,
                    help='dtypes: "fp16", "bf16", "fp32", "fp64", "fp8_e4m3fn", "fp8_e5m2"')
         elif name == "shard" and ty is not None and isinstance(ty.value, str) \
