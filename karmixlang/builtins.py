@@ -36,8 +36,8 @@ class P:
     def range_text(self) -> str:
         if self.lo is None and self.hi is None:
             return ""
-        lo = "-inf" if self.lo is None else f"{self.lo:g}"
-        hi = "inf" if self.hi is None else f"{self.hi:g}"
+        lo = "-inf" if self.lo is None else _num(self.lo)
+        hi = "inf" if self.hi is None else _num(self.hi)
         return f"{'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
 
     def in_range(self, v: float) -> bool:
@@ -75,6 +75,11 @@ class Builtin:
         if self.extra_kwargs:
             parts.append("SLOT=number...")
         return f"{self.name}({', '.join(parts)})"
+
+
+def _num(v: float) -> str:
+    """A bound as written: large integers in full (2**53, not 9.0072e+15)."""
+    return str(int(v)) if float(v).is_integer() and abs(v) >= 1e6 else f"{v:g}"
 
 
 def _lit(v) -> str:
@@ -136,7 +141,8 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in [
             "values.", kernel="median"),
     Builtin("geometric_median", "means and medians",
             (P("c", "cluster"), P("eps", "number", 1e-6, lo=0, lo_open=True),
-             P("maxiter", "int", 100, lo=1, hi=_MAXITER), P("ftol", "number", 1e-20, lo=0, lo_open=True)),
+             P("maxiter", "int", 100, lo=1, hi=_MAXITER),
+             P("ftol", "number", 1e-20, lo=0, lo_open=True)),
             "elem", "weighted geometric median of the flattened key (Weiszfeld)",
             "argmin_z Σ wᵢ‖xᵢ − z‖; z₀ = weighted mean; βᵢ = wᵢ / max(eps, ‖xᵢ − z‖), "
             "z ← Σ βᵢxᵢ / Σ βᵢ until |g(zₖ) − g(zₖ₊₁)| ≤ ftol·g(zₖ) or maxiter",
