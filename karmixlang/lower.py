@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from . import ast
 from .builtins import BUILTINS
-from .program import Program, Unit, dependency_order
+from .program import Program, Unit, dependency_order, references
 from .diagnostics import KmxError, error
 from .limits import recursion_room
 from .io.dtypes import parse_user_dtype
@@ -63,10 +63,13 @@ class Lowerer:
         """A declaration's value. The ones it uses are lowered first, in the checker's order:
         the recursion stays as deep as the checker measured (limits.MAX_EVAL_DEPTH)."""
         if (unit.path, name) not in self.decl_memo:
-            for u, n in dependency_order([(unit, name)]):
-                if not isinstance(u.decls[n], (ast.Def, ast.Import)):
-                    self._decl(u, n)
+            self._decls([(unit, name)])
         return self.decl_memo[(unit.path, name)]
+
+    def _decls(self, starts) -> None:
+        for u, n in dependency_order(starts):
+            if not isinstance(u.decls[n], (ast.Def, ast.Import)):
+                self._decl(u, n)
 
     def _decl(self, unit: Unit, name: str) -> None:
         key = (unit.path, name)
@@ -290,6 +293,8 @@ class Lowerer:
     # -- saves
     def save(self, unit: Unit, s: ast.Save) -> SaveSpec:
         env = _Env(unit, {}, {}, {})
+        # What the save names first, as the checker did: the save's own depth stays its own.
+        self._decls(references(unit, [s.expr] + [o.value for o in s.options]))
         written = self.string(s.path, env)
         opts = {o.name: self.value(o.value, env) for o in s.options}
         expr = self.value(s.expr, env)

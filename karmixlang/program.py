@@ -156,6 +156,12 @@ def _uses(unit: Unit, name: str):
         if isinstance(d, ast.Def) else set()
     roots = [getattr(d, "expr", None), getattr(d, "body", None)]
     roots += [let.expr for let in getattr(d, "lets", ())]
+    return references(unit, roots, local)
+
+
+def references(unit: Unit, roots, local=frozenset()):
+    """The declarations that expressions of `unit` name (but for `local` names), in source
+    order: (unit, name) pairs, lazily."""
     for r in roots:
         for node in ast.walk(r) if r is not None else ():
             ref = node.func if isinstance(node, ast.Call) else node

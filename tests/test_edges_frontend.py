@@ -78,8 +78,8 @@ def test_a_chain_of_800_lets_runs(models):
 
 
 def _deepest_accepted(folder, make) -> int:
-    """The largest n whose recipe make(n) `kmx check` accepts (at most 2·MAX_EVAL_DEPTH)."""
-    lo, hi = 1, 2 * MAX_EVAL_DEPTH
+    """The largest n whose recipe make(n) `kmx check` accepts (below MAX_EVAL_DEPTH)."""
+    lo, hi = 1, MAX_EVAL_DEPTH
     assert codes(recipe(folder, make(lo))) == []
     assert [c for c, _ in codes(recipe(folder, make(hi)))] == ["K0004"]
     while hi - lo > 1:
@@ -102,7 +102,19 @@ def _reversed_def_lets(n: int) -> str:
             'save "o.safetensors" = m + g(a - b)\n')
 
 
-@pytest.mark.parametrize("make", [_def_chain, _reversed_def_lets])
+def _nested(inner: str, levels: int = 150) -> str:
+    return "trim(" * levels + inner + ", density=0.5)" * levels
+
+
+def _def_chain_in_deep_places(n: int) -> str:
+    """A deep save expression calling a def chain whose innermost body uses a deep let."""
+    defs = ["def f0(x) = x + z"]
+    defs += [f"def f{i}(x) = trim(f{i - 1}(x), density=0.5)" for i in range(1, n)]
+    return (HEAD + f"let z = {_nested('a - b')}\n" + "\n".join(defs)
+            + f'\nsave "o.safetensors" = m + {_nested(f"f{n - 1}(a - b)")}\n')
+
+
+@pytest.mark.parametrize("make", [_reversed_def_lets, _def_chain_in_deep_places])
 def test_the_deepest_program_check_accepts_also_plans(models, make):
     """One depth policy: what the checker accepts, lowering and the later passes handle."""
     n = _deepest_accepted(models, make)
