@@ -39,8 +39,8 @@ class P:
     def range_text(self) -> str:
         if self.lo is None and self.hi is None:
             return ""
-        lo = "-inf" if self.lo is None else f"{self.lo:g}"
-        hi = "inf" if self.hi is None else f"{self.hi:g}"
+        lo = "-inf" if self.lo is None else _num(self.lo)
+        hi = "inf" if self.hi is None else _num(self.hi)
         return f"{'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
 
     def in_range(self, v: float) -> bool:
@@ -88,6 +88,11 @@ class Builtin:
         return f"{self.name}({', '.join(parts)})"
 
 
+def _num(v: float) -> str:
+    """A bound as written: large integers in full (2**53, not 9.0072e+15)."""
+    return str(int(v)) if float(v).is_integer() and abs(v) >= 1e6 else f"{v:g}"
+
+
 def _lit(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -98,7 +103,11 @@ def _lit(v) -> str:
 
 _RULE = P("rule", "string", "mass", choices=("mass", "count"),
           doc='"mass": sign of the weighted sum; "count": sign of the weighted sign count')
-_SEED = P("seed", "int", REQUIRED, lo=0, doc="integer seed (with the key and member index)")
+# Numbers are floats: 2**53 is the largest seed every integer below which is exact.
+_SEED = P("seed", "int", REQUIRED, lo=0, hi=2**53,
+          doc="integer seed (with the key and member index), at most 2^53")
+# A bound on the work one key may ask for: far above the defaults, far below a hang.
+_MAXITER = 10_000
 _DENSITY = P("density", "number", REQUIRED, lo=0, hi=1, lo_open=True,
              doc="fraction of entries kept")
 
@@ -143,7 +152,8 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in [
             "values.", op="median"),
     Builtin("geometric_median", "means and medians",
             (P("c", "cluster"), P("eps", "number", 1e-6, lo=0, lo_open=True),
-             P("maxiter", "int", 100, lo=1), P("ftol", "number", 1e-20, lo=0, lo_open=True)),
+             P("maxiter", "int", 100, lo=1, hi=_MAXITER),
+             P("ftol", "number", 1e-20, lo=0, lo_open=True)),
             "elem", "weighted geometric median of the flattened key (Weiszfeld)",
             "argmin_z Σ wᵢ‖xᵢ − z‖; z₀ = weighted mean; βᵢ = wᵢ / max(eps, ‖xᵢ − z‖), "
             "z ← Σ βᵢxᵢ / Σ βᵢ until |g(zₖ) − g(zₖ₊₁)| ≤ ftol·g(zₖ) or maxiter",
@@ -160,7 +170,7 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in [
             "needs N ≥ 2 (check error); norm products clamped at 1e-6; cosθ clamped to [0, 1] "
             "so t stays in [0, 1].", op="model_stock"),
     Builtin("karcher", "means and medians",
-            (P("c", "cluster"), P("maxiter", "int", 10, lo=1),
+            (P("c", "cluster"), P("maxiter", "int", 10, lo=1, hi=_MAXITER),
              P("tol", "number", 1e-5, lo=0, lo_open=True)), "elem",
             "weighted Karcher (Fréchet) mean on the unit sphere, rescaled by the mean norm",
             "iterate the weighted log/exp maps of the normalised members; scale by Σ wᵢ‖xᵢ‖/Σ wᵢ",

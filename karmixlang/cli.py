@@ -52,12 +52,23 @@ def _sources_for(diags: list[Diagnostic], known: dict[str, str]) -> dict[str, st
     for d in diags:
         for span in [d.span] + [n.span for n in d.notes]:
             if span is not None and span.file not in sources:
-                try:
-                    with open(span.file, encoding="utf-8") as f:
-                        sources[span.file] = f.read()
-                except (OSError, UnicodeDecodeError):
-                    pass
+                text = _read_text(span.file)
+                if text is not None:
+                    sources[span.file] = text
     return sources
+
+
+def _read_text(path: str) -> str | None:
+    """A recipe's text for showing, or None: not a regular file, too large, not UTF-8."""
+    from karmixlang.syntax.parser import MAX_SOURCE_BYTES, read_source
+
+    data, problem = read_source(path)
+    if problem is not None or len(data) > MAX_SOURCE_BYTES:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def parse_sets(values: list[str] | None) -> dict[str, str]:
@@ -182,14 +193,13 @@ def cmd_fmt(args) -> int:
     import difflib
 
     from karmixlang.syntax.fmt import FormatterError, format_source
+    from karmixlang.syntax.parser import parse_file
 
     status = EXIT_OK
     for path in args.files:
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"cannot read {path}: {exc}")
+        text = _read_text(path)
+        if text is None:  # parse_file says why: not a regular file, too large, not UTF-8
+            raise UsageError(f"cannot read {path}: {parse_file(path)[2][0].message}")
         try:
             formatted, diags = format_source(text, path)
         except FormatterError as exc:
@@ -369,7 +379,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    sys.setrecursionlimit(max(sys.getrecursionlimit(), 4000))
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

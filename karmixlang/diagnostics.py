@@ -18,6 +18,7 @@ CODES: dict[str, str] = {
     "K0003": "invalid interpolation",
     "K0004": "recipe too large or too deeply nested",
     "K0005": "file cannot be read as UTF-8 text",
+    "K0006": "recipe is not a regular file",
     # K01xx: names, imports, calls
     "K0101": "duplicate definition",
     "K0102": "unknown name",

@@ -5,19 +5,17 @@ graph IR when there is no error."""
 from __future__ import annotations
 
 import os
-import sys
 
 from karmixlang.syntax import ast
 from karmixlang.diagnostics import Diagnostic, Label, did_you_mean, error, warning
 from karmixlang.io.dtypes import parse_user_dtype
 from karmixlang.units import parse_size
-from karmixlang.check.program import Loader, Program, Unit, resolve_params
-from karmixlang.check.typecheck import RECURSION_LIMIT, Checker, Scope
+from karmixlang.limits import recursion_room
+from karmixlang.check.program import Program, Unit, Loader, resolve_params, dependency_order
+from karmixlang.check.typecheck import Checker, Scope, TooDeep
 from karmixlang.check.values import Ty, affine
 
 SAVE_OPTIONS = ("dtype", "fallback", "metadata", "shard", "delta")
-# The float dtypes a checkpoint can be written in (torch can cast to them).
-SAVE_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 
 
 def _valid_size(text: str) -> bool:
@@ -50,7 +48,7 @@ def _check_save(ch: Checker, unit: Unit, s: ast.Save, paths: dict[str, ast.Save]
         if ty is not None and ty.kind not in (want, "error"):
             ch.err("K0208", f"`{name}` must be a {want}", opts[name].value.span)
         elif name == "dtype" and ty is not None and ty.value is not None \
-                and parse_user_dtype(ty.value) not in SAVE_DTYPES:
+                and parse_user_dtype(ty.value) is None:
             ch.err("K0208", f"cannot save as dtype \"{ty.value}\"", opts[name].value.span,
                    help='dtypes: "fp16", "bf16", "fp32", "fp64", "fp8_e4m3fn", "fp8_e5m2"')
         elif name == "shard" and ty is not None and isinstance(ty.value, str) \
@@ -91,12 +89,8 @@ def _check_save(ch: Checker, unit: Unit, s: ast.Save, paths: dict[str, ast.Save]
 def check_program(path: str, overrides: dict[str, str] | None = None
                   ) -> tuple[Program | None, list[Diagnostic]]:
     """Load, resolve and type-check a recipe. Returns (program or None, all diagnostics)."""
-    limit = sys.getrecursionlimit()  # the checker recurses over expressions and def calls
-    sys.setrecursionlimit(max(limit, RECURSION_LIMIT))
-    try:
+    with recursion_room():  # the checker recurses over expressions and def calls
         return _check_program(path, overrides)
-    finally:
-        sys.setrecursionlimit(limit)
 
 
 def _check_program(path: str, overrides: dict[str, str] | None):
@@ -108,63 +102,28 @@ def _check_program(path: str, overrides: dict[str, str] | None):
     program = Program(root, loader.units, loader.sources, dict(overrides or {}))
     resolve_params(root, program.overrides, diags)
     ch = Checker(program, diags)
-    where = None
+    where = None  # the declaration or save being checked
     try:
+        for unit, name in dependency_order((u, n) for u in loader.units.values()
+                                           for n in u.decls):
+            d = unit.decls[name]
+            where = Label(d.name_span, f"while checking `{name}`")
+            if isinstance(d, ast.Def):
+                ch.check_def(unit, d)
+            elif not isinstance(d, ast.Import):
+                ch.decl_type(unit, name, d.name_span)
         for unit in loader.units.values():
-            for name in _dependency_order(unit):
-                d = unit.decls[name]
-                where = d.name_span
-                if isinstance(d, ast.Def):
-                    ch.check_def(unit, d)
-                elif not isinstance(d, ast.Import):
-                    ch.decl_type(unit, name, d.name_span)
             paths: dict[str, ast.Save] = {}
             for stmt in unit.module.stmts:
                 if isinstance(stmt, ast.Save):
-                    where = stmt.span
+                    where = Label(stmt.span, "while checking this save")
                     _check_save(ch, unit, stmt, paths)
-    except RecursionError:  # e.g. a chain of hundreds of defs calling each other
-        diags.append(error("K0004", "definitions nested too deeply to check", where,
-                           label="checking this",
-                           help="shorten the chain of defs calling defs, or split the "
-                                "expression with `let` names"))
+    except TooDeep as exc:
+        diags.append(error("K0004", exc.message, exc.span, label="here",
+                           help="shorten the chain of defs calling defs: each call evaluates "
+                                "its def's body again", notes=(where,)))
     _unused(root, diags)
     return (None if any(d.is_error for d in diags) else program), _dedupe(diags)
-
-
-def _dependency_order(unit: Unit) -> list[str]:
-    """The file's names, each after the names its definition uses (a cycle is cut anywhere),
-    found without recursion: typing them in this order keeps the checker's own recursion
-    shallow however long a chain of lets is."""
-    def uses(name: str) -> list[str]:
-        d = unit.decls[name]
-        roots = [getattr(d, "expr", None), getattr(d, "body", None)]
-        roots += [let.expr for let in getattr(d, "lets", ())]
-        found = []
-        for r in roots:
-            for node in ast.walk(r) if r is not None else ():
-                ref = node.func if isinstance(node, ast.Call) else node
-                if isinstance(ref, ast.Name) and ref.name in unit.decls and ref.name != name:
-                    found.append(ref.name)
-        return found
-
-    order: list[str] = []
-    seen: set[str] = set()
-    for start in unit.decls:
-        if start in seen:
-            continue
-        seen.add(start)
-        stack = [(start, iter(uses(start)))]
-        while stack:
-            name, deps = stack[-1]
-            nxt = next((n for n in deps if n not in seen), None)
-            if nxt is None:
-                stack.pop()
-                order.append(name)
-            else:
-                seen.add(nxt)
-                stack.append((nxt, iter(uses(nxt))))
-    return order
 
 
 def _unused(root: Unit, diags: list[Diagnostic]) -> None:

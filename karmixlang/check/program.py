@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from karmixlang.syntax import ast
 from karmixlang.builtins import BUILTINS
 from karmixlang.diagnostics import Diagnostic, Label, Span, did_you_mean, error
+from karmixlang.limits import MAX_IMPORT_DEPTH
 from karmixlang.syntax.parser import parse_file
 from karmixlang.resources import data_dir
 
@@ -66,7 +67,12 @@ class Loader:
             return None
         if key in self.units:
             return self.units[key]
-        if span is not None and not os.path.isfile(path):
+        if len(chain) >= MAX_IMPORT_DEPTH:
+            self.diags.append(error("K0004", f"imports nested more than {MAX_IMPORT_DEPTH} files "
+                                    "deep", span, label="one import too many",
+                                    help="import the files you need from fewer levels"))
+            return None
+        if span is not None and not os.path.exists(path):
             self.diags.append(error("K0110", f"cannot find `{path}`", span,
                                     label="imported here",
                                     help="`std/...` names the shipped stdlib; other paths are "
@@ -119,6 +125,54 @@ class Loader:
                 unit.decls[name] = stmt
 
 
+def dependency_order(starts) -> list[tuple[Unit, str]]:
+    """The declarations `starts` (pairs of unit and name) and those they use, each after the
+    ones its definition uses, in its file or through imports (a cycle is cut anywhere), found
+    without recursion. Evaluating in this order, the checker and lowering recurse only as deep
+    as one definition, however long a chain of lets is."""
+    order: list[tuple[Unit, str]] = []
+    seen: set[tuple[int, str]] = set()
+    for unit, name in starts:
+        if (id(unit), name) in seen:
+            continue
+        seen.add((id(unit), name))
+        stack = [(unit, name, _uses(unit, name))]
+        while stack:
+            u, n, deps = stack[-1]
+            nxt = next((dep for dep in deps if (id(dep[0]), dep[1]) not in seen), None)
+            if nxt is None:
+                stack.pop()
+                order.append((u, n))
+            else:
+                seen.add((id(nxt[0]), nxt[1]))
+                stack.append((nxt[0], nxt[1], _uses(*nxt)))
+    return order
+
+
+def _uses(unit: Unit, name: str):
+    """The declarations a declaration's definition names, in source order (lazily)."""
+    d = unit.decls[name]
+    local = {p.name for p in d.params} | {let.name for let in d.lets} \
+        if isinstance(d, ast.Def) else set()
+    roots = [getattr(d, "expr", None), getattr(d, "body", None)]
+    roots += [let.expr for let in getattr(d, "lets", ())]
+    return references(unit, roots, local)
+
+
+def references(unit: Unit, roots, local=frozenset()):
+    """The declarations that expressions of `unit` name (but for `local` names), in source
+    order: (unit, name) pairs, lazily."""
+    for r in roots:
+        for node in ast.walk(r) if r is not None else ():
+            ref = node.func if isinstance(node, ast.Call) else node
+            if isinstance(ref, ast.Name) and ref.name in unit.decls and ref.name not in local:
+                yield unit, ref.name
+            elif isinstance(ref, ast.Member):
+                sub = unit.imports.get(ref.lib)
+                if sub is not None and ref.name in sub.decls:
+                    yield sub, ref.name
+
+
 def _with_span(d: Diagnostic, span: Span) -> Diagnostic:
     return Diagnostic(d.code, d.message, span, d.label, d.severity, d.help, d.notes)
 
@@ -147,6 +201,8 @@ def _coerce(default: object, text: str) -> object:
         if not math.isfinite(float(text)):
             raise ValueError("the number is too large")
         return float(text)
+    if "\0" in text:
+        raise ValueError("a string cannot contain a NUL character")
     return text
 
 

@@ -12,6 +12,38 @@ from karmixlang.check.values import TOL, Ty, affine
 
 
 class BuiltinRules:
+    def gain(self, b, tys) -> float | None:
+        """At most how many times larger than its inputs' entries a call's result can get
+        (Ty.gain), from its inputs' gains and the call's numbers. Medians, means, filters and
+        clamps stay within their inputs; not counted: DELLA's rescaling (by each entry's keep
+        probability), iso beyond its singular values, a cluster of unknown size in `sum`."""
+        gains = {n: t.gain for n, t in tys.items() if t.kind in ("space", "cluster")}
+        if None in gains.values():
+            return None
+        g = max(gains.values(), default=1.0)
+
+        def num(name, default):
+            t = tys.get(name)
+            return default if t is None else t.value if t.kind == "number" else \
+                None if t.gain is None else -t.gain  # a keymap: the worst of ±its largest
+        if b.name in ("lerp", "slerp"):
+            t = num("t", None)
+            return None if t is None else (abs(1 - t) + abs(t)) * g
+        if b.name in ("add_difference", "train_difference"):
+            alpha = num("alpha", 1.0)
+            k = 1.8 if b.name == "train_difference" else 1.0
+            return None if alpha is None else \
+                gains["a"] + k * abs(alpha) * (gains["b"] + gains["c"])
+        if b.name == "iso":
+            z = num("z", 0.0)
+            return None if z is None else (abs(1 - z) + abs(z)) * g
+        if b.name == "dare":
+            p, rescale = num("p", None), tys.get("rescale", Ty("bool", value=True)).value
+            return None if p is None else 0.0 if p >= 1 else g / (1 - p) if rescale else g
+        if b.name == "sum":
+            return g * (tys["c"].size or 1)
+        return g
+
     def _check_lerp(self, b, bound, tys, kw, e, scope):
         t = tys.get("t")
         if t and t.kind == "number" and t.value is not None and not 0 <= t.value <= 1:
@@ -60,21 +92,29 @@ class BuiltinRules:
 
     def _check_select(self, b, bound, tys, kw, e, scope):
         for arg in e.args[1:]:
-            ty = self.expr(arg, scope)
-            if isinstance(ty.value, str) and ty.value.startswith("re:"):
-                try:
-                    re.compile(ty.value[3:])
-                except re.error as exc:
-                    self.err("K0204", f"invalid regular expression: {exc}", arg.span)
+            self._pattern(self.expr(arg, scope), arg.span)
 
     _check_exclude = _check_select
 
     def _check_by_key(self, b, bound, tys, kw, e, scope):
         m = bound.get("weights")
+        values = []
         for pair in getattr(m, "pairs", ()):
+            self._pattern(self.string(pair.key, scope), pair.key.span)
             ty = self.value(pair.value, scope)
+            values.append(ty.value if ty.kind == "number" else None)
             if ty.kind not in ("number", "error", "any"):
                 self.err("K0202", "by_key values are numbers", pair.value.span)
+        return _keymap(values)
+
+    def _pattern(self, ty, span) -> None:
+        """K0204 for a `re:` key pattern that is not a regular expression."""
+        if isinstance(ty.value, str) and ty.value.startswith("re:"):
+            try:
+                re.compile(ty.value[3:])
+            except re.error as exc:
+                self.err("K0204", f"invalid regular expression: {exc}", span,
+                         help="a pattern starting with `re:` is a Python regular expression")
 
     def _check_blocks(self, b, bound, tys, kw, e, scope):
         arch = tys["arch"].value
@@ -84,6 +124,8 @@ class BuiltinRules:
         allowed = slots + optional
         listing = f"slots of \"{arch}\": {', '.join(allowed)}"
         lst = bound.get("weights")
+        default = tys.get("default")
+        values = [] if default is None else [default.value]
         if lst is not None and kw:
             self.err("K0209", "give block weights as a list or as slot keywords, not both",
                      e.span)
@@ -95,6 +137,7 @@ class BuiltinRules:
                          help=listing)
             for item in lst.items:
                 ty = self.value(item.expr, scope)
+                values.append(ty.value if ty.kind == "number" else None)
                 if ty.kind not in ("number", "error", "any") or item.weight is not None:
                     self.err("K0209", "block weights are numbers", item.span)
         for name, kwarg in kw.items():
@@ -102,12 +145,16 @@ class BuiltinRules:
                 hint = did_you_mean(name, allowed)
                 self.err("K0209", f"unknown block `{name}` for \"{arch}\"", kwarg.span,
                          help=(f"did you mean `{hint}`? " if hint else "") + listing)
-            elif self.value(kwarg.value, scope).kind not in ("number", "error", "any"):
-                self.err("K0209", "block weights are numbers", kwarg.value.span)
+            else:
+                ty = self.value(kwarg.value, scope)
+                values.append(ty.value if ty.kind == "number" else None)
+                if ty.kind not in ("number", "error", "any"):
+                    self.err("K0209", "block weights are numbers", kwarg.value.span)
         if lst is None and "default" not in bound and set(slots) - set(kw):
             missing = [s for s in slots if s not in kw]
             self.err("K0209", f"no weight for {len(missing)} block(s) and no `default=`", e.span,
                      help=f"missing: {', '.join(missing[:8])}{'...' if len(missing) > 8 else ''}")
+        return _keymap(values)
 
     def _check_balanced(self, b, bound, tys, kw, e, scope):
         for item in bound["clusters"].items:
@@ -116,3 +163,8 @@ class BuiltinRules:
                          "`: weight`", item.weight.span)
 
 
+def _keymap(values: list) -> Ty:
+    """A per-key number whose values are `values` (None: not known here)."""
+    if None in values:
+        return Ty("keymap")
+    return Ty("keymap", gain=max((abs(v) for v in values), default=0.0))

@@ -6,16 +6,24 @@ combination is used (the top of an arithmetic expression). It reports every prob
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from karmixlang.syntax import ast
 from karmixlang.builtins import BUILTINS, Builtin, P
 from karmixlang.diagnostics import Diagnostic, Span, did_you_mean, error
+from karmixlang.limits import MAX_EVAL_DEPTH, MAX_EVAL_STEPS
 from karmixlang.check.program import Program, Unit
 from karmixlang.check.rules import BuiltinRules
-from karmixlang.check.values import ANY, BUSY, DELTA, ERR, MODEL, Ty, affine
+from karmixlang.check.values import BUSY, ANY, DELTA, ERR, MAX_GAIN, MODEL, Ty, affine
 
-RECURSION_LIMIT = 4_000  # as the CLI and the formatter: parser.MAX_DEPTH levels fit in it
+
+class TooDeep(Exception):
+    """Evaluation went past limits.MAX_EVAL_DEPTH or MAX_EVAL_STEPS at `span` (K0004)."""
+
+    def __init__(self, span: Span, message: str):
+        super().__init__(message)
+        self.span = span
+        self.message = message
 
 
 @dataclass
@@ -32,6 +40,12 @@ class Checker(BuiltinRules):
         self.diags = diags
         self.memo: dict[tuple[str, str], Ty] = {}
         self.active: list[tuple[str, str]] = []
+        # A def's result per argument types, with the levels and steps its body took: each
+        # def is checked once per distinct call, so defs calling defs twice stay linear.
+        self.def_memo: dict[tuple, tuple[Ty, int, int]] = {}
+        self.depth = 0  # evaluation levels now open (limits.MAX_EVAL_DEPTH)
+        self.peak = 0  # the deepest level reached since the current def call began
+        self.steps = 0  # expression nodes evaluated, def calls expanded (MAX_EVAL_STEPS)
 
     def err(self, code, msg, span, **kw):
         self.diags.append(error(code, msg, span, **kw))
@@ -105,6 +119,24 @@ class Checker(BuiltinRules):
         return ty
 
     def expr(self, e, scope: Scope) -> Ty:
+        self.depth += 1
+        try:
+            self._reach(self.depth, 1, e.span)
+            return self._expr(e, scope)
+        finally:
+            self.depth -= 1
+
+    def _reach(self, depth: int, steps: int, span: Span) -> None:
+        """Account for evaluation `depth` levels deep and `steps` more expression nodes."""
+        self.steps += steps
+        if depth > MAX_EVAL_DEPTH:
+            raise TooDeep(span, f"evaluation nested more than {MAX_EVAL_DEPTH} levels deep")
+        if self.steps > MAX_EVAL_STEPS:
+            raise TooDeep(span, f"the recipe expands to more than {MAX_EVAL_STEPS:,} "
+                          "evaluation steps")
+        self.peak = max(self.peak, depth)
+
+    def _expr(self, e, scope: Scope) -> Ty:
         if isinstance(e, ast.Number):
             if not math.isfinite(e.value):
                 return self.err("K0204", f"`{e.text}` is too large for a number", e.span)
@@ -222,7 +254,8 @@ class Checker(BuiltinRules):
             if b.kind == "number":
                 return Ty("number", value=None if b.value is None else -b.value)
             if b.kind in ("space", "cluster"):
-                return Ty(b.kind, None if b.weight is None else -b.weight, size=b.size)
+                return Ty(b.kind, None if b.weight is None else -b.weight, size=b.size,
+                          gain=b.gain)
             return self._bad_operand("-", b, e)
         nums = a.kind == "number" and b.kind == "number"
         if nums:
@@ -245,7 +278,7 @@ class Checker(BuiltinRules):
                 w = None if wa is None or wb is None else (wa + wb if op == "+" else wa - wb)
                 kind = "cluster" if "cluster" in (a.kind, b.kind) else "space"
                 size = a.size if a.kind == "cluster" else b.size
-                return Ty(kind, w, size=size)
+                return self.bounded(Ty(kind, w, size=size, gain=_sum(a.gain, b.gain)), e)
             return self._bad_operand(op, b if a.kind in ("space", "cluster") else a, e)
         # * and /
         space, num = (a, b) if a.kind in ("space", "cluster") else (b, a)
@@ -264,7 +297,20 @@ class Checker(BuiltinRules):
         else:
             w = None if space.weight is None else (
                 space.weight * num.value if op == "*" else space.weight / num.value)
-        return Ty(space.kind, w, size=space.size)
+        factor = num.gain if num.kind == "keymap" else None if num.value is None else \
+            abs(num.value) if op == "*" else 1 / abs(num.value)
+        return self.bounded(Ty(space.kind, w, size=space.size, gain=_product(space.gain, factor)),
+                            e)
+
+    def bounded(self, ty: Ty, e) -> Ty:
+        """The value, or K0204 when scaling can make it more than MAX_GAIN times its inputs."""
+        if ty.gain is not None and not ty.gain <= MAX_GAIN:
+            return self.err("K0204", f"this can be {ty.gain:.3g} times larger than the models it "
+                            f"is computed from (at most {MAX_GAIN:g})", e.span,
+                            label="scaled too much",
+                            help="the factors multiply through nested expressions; keep their "
+                                 "product (docs/language.md, \"Numbers\")")
+        return ty
 
     def _bad_operand(self, op: str, ty: Ty, e) -> Ty:
         return self.err("K0202", f"`{op}` cannot be applied to a {ty.describe()}", e.span)
@@ -284,12 +330,16 @@ class Checker(BuiltinRules):
             return self.err("K0207", "empty cluster", e.span, help="list at least one model")
         weights = set()
         size = 0
+        gains: list[float | None] = []
         for item in e.items:
             ty = self.value(item.expr, scope) if not isinstance(item.expr, ast.String) else MODEL
             if isinstance(item.expr, ast.String):
                 self.string(item.expr, scope)
+            scale = 1.0
             if item.weight is not None:
                 wty = self.value(item.weight, scope)
+                scale = abs(wty.value) if wty.kind == "number" and wty.value is not None \
+                    else None
                 if wty.kind != "number":
                     if wty.kind not in ("error", "any"):
                         self.err("K0202", "a cluster weight is a number", item.weight.span)
@@ -306,11 +356,14 @@ class Checker(BuiltinRules):
                 size = None if ty.kind == "cluster" and ty.size is None else \
                     size + (ty.size if ty.kind == "cluster" else 1)
             weights.add(affine(ty.weight))
+            gains.append(_product(ty.gain, scale))
         if len(weights) > 1:
             return self.err("K0202", "a cluster mixes models and deltas", e.span,
                             help="subtract a base from the models: `[a - base, d]`")
         w = weights.pop() if weights else None
-        return Ty("cluster", None if w is None else float(w), size=size)
+        gain = None if None in gains or not gains else max(gains)
+        return self.bounded(Ty("cluster", None if w is None else float(w), size=size, gain=gain),
+                            e)
 
     # -- calls
     def call(self, e: ast.Call, scope: Scope) -> Ty:
@@ -392,11 +445,21 @@ class Checker(BuiltinRules):
                 local[p.name] = self.expr(p.default, Scope(unit))
         if not ok:
             return ERR
+        key = (unit.path, d.name, tuple(local[p.name] for p in d.params))
+        if key in self.def_memo:  # the same body with the same types: the same result
+            ty, levels, steps = self.def_memo[key]
+            self._reach(self.depth + levels, steps, e.span)  # lowering will do this work here
+            return ty
+        outer_peak, self.peak = self.peak, self.depth
+        steps = self.steps
         inner = Scope(unit, local, {let.name: let for let in d.lets},
                       scope.def_stack + (d.name,))
         for let in d.lets:  # in order, as check_def does: a cycle is found (and told) once
             self.name(ast.Name(let.name, let.name_span), inner)
-        return self.value(d.body, inner)
+        ty = self.value(d.body, inner)
+        self.def_memo[key] = ty, self.peak - self.depth, self.steps - steps
+        self.peak = max(outer_peak, self.peak)
+        return ty
 
     def check_def(self, unit: Unit, d: ast.Def) -> None:
         """Check a def's body once with unknown argument types (finds unknown names even in a
@@ -434,8 +497,13 @@ class Checker(BuiltinRules):
             return ERR
         special = getattr(self, f"_check_{b.name}", None)
         if special is not None:
-            special(b, bound, tys, kw_extra, e, scope)
-        return self.result(b, tys, e)
+            keymap = special(b, bound, tys, kw_extra, e, scope)
+            if keymap is not None:  # by_key and blocks know their values' largest magnitude
+                return keymap
+        ty = self.result(b, tys, e)
+        if ty.kind in ("space", "cluster"):
+            ty = self.bounded(replace(ty, gain=self.gain(b, tys)), e)
+        return ty
 
     def arg(self, b: Builtin, p: P, expr, scope: Scope) -> Ty:
         if p.type == "list":
@@ -495,7 +563,7 @@ class Checker(BuiltinRules):
         if b.returns == "first":
             return first
         if b.returns == "elem":
-            return Ty("space", first.weight)
+            return Ty("space", first.weight, gain=first.gain)
         if b.returns == "model":
             return MODEL
         if b.returns == "delta":
@@ -507,3 +575,11 @@ class Checker(BuiltinRules):
             return Ty("cluster", 1.0)
         return tys["clusters"]  # balanced(): the sub-clusters' common type
 
+
+
+def _sum(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a + b
+
+
+def _product(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a * b

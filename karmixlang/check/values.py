@@ -7,6 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 TOL = 1e-9
+# How many times larger than its inputs scaling may make a value (docs/language.md, "Numbers"):
+# an fp32 computation from inputs below 3.4e32 cannot overflow from coefficients alone.
+MAX_GAIN = 1e6
 
 
 @dataclass(frozen=True)
@@ -15,6 +18,9 @@ class Ty:
     weight: float | None = None  # affine weight of a space value or of a cluster's members
     value: object = None  # the constant, when known (numbers, strings, bools)
     size: int | None = None  # members of a cluster, when known without reading files
+    # A space value or cluster: at most how many times larger than the largest input entry
+    # its entries can get from scaling. A keymap: its largest |value|. None: not known here.
+    gain: float | None = None
 
     def describe(self) -> str:
         if self.kind in ("space", "cluster"):
@@ -27,8 +33,8 @@ class Ty:
 ANY = Ty("any")
 ERR = Ty("error")
 BUSY = Ty("error", value="busy")  # a def body's let being typed: meeting it again is a cycle
-MODEL = Ty("space", 1.0)
-DELTA = Ty("space", 0.0)
+MODEL = Ty("space", 1.0, gain=1.0)
+DELTA = Ty("space", 0.0, gain=1.0)
 
 
 def affine(w: float | None) -> int | None:

@@ -81,10 +81,11 @@ _USER_SPELLINGS: dict[str, str] = {
     "fp64": "F64", "float64": "F64", "double": "F64",
     "fp8_e4m3fn": "F8_E4M3", "float8_e4m3fn": "F8_E4M3",
     "fp8_e5m2": "F8_E5M2", "float8_e5m2": "F8_E5M2",
-    "fp8_e4m3fnuz": "F8_E4M3FNUZ", "float8_e4m3fnuz": "F8_E4M3FNUZ",
-    "fp8_e5m2fnuz": "F8_E5M2FNUZ", "float8_e5m2fnuz": "F8_E5M2FNUZ",
 }
-_USER_SPELLINGS.update({d.name.lower(): d.name for d in DTYPES.values() if d.is_float})
+# The float dtypes a checkpoint can be written in: torch >= 2.1 casts to each of them (the
+# FNUZ fp8 variants and the packed F4/F6 are not among them).
+SAVE_DTYPES = frozenset(_USER_SPELLINGS.values())
+_USER_SPELLINGS.update({name.lower(): name for name in SAVE_DTYPES})
 
 USER_DTYPE_NAMES: tuple[str, ...] = ("fp16", "bf16", "fp32", "fp64", "fp8_e4m3fn", "fp8_e5m2")
 """The spellings to suggest in help text and docs (the rest are accepted too)."""
@@ -92,7 +93,7 @@ USER_DTYPE_NAMES: tuple[str, ...] = ("fp16", "bf16", "fp32", "fp64", "fp8_e4m3fn
 
 def parse_user_dtype(s: str) -> str | None:
     """The safetensors dtype for a user's spelling ("fp16", "torch.bfloat16", "F32", ...),
-    or None when it names no floating-point dtype. Case-insensitive."""
+    or None when it names no dtype a checkpoint can be written in. Case-insensitive."""
     key = s.strip().lower()
     if key.startswith("torch."):
         key = key[len("torch."):]

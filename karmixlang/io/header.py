@@ -23,6 +23,7 @@ MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit; a bigger length means 
 INDEX_SUFFIX = ".safetensors.index.json"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 HASH_CHUNK = 8 << 20
+_MAX_NUMEL = 2**63  # torch counts elements in int64
 
 _HELP_CORRUPT = "the file is truncated or corrupt; download or convert it again"
 _HELP_PICKLE = ("convert it to safetensors (load it once, in a trusted environment, and save it "
@@ -230,12 +231,15 @@ def _parse_file(path: str, fd: int, size: int, span: Span | None) -> CheckpointH
                 help=f"known dtypes: {', '.join(DTYPES)}")
         if type(shape) is not list:
             bad(f"tensor `{name}` has an invalid shape {json.dumps(shape)}")
-        numel = 1
+        numel = extent = 1  # extent: the element count were no dimension 0
         for d in shape:
             # type() rather than isinstance: JSON true is not a dimension.
             if type(d) is not int or d < 0:
                 bad(f"tensor `{name}` has an invalid shape {json.dumps(shape)}")
             numel *= d
+            extent *= d or 1
+        if extent >= _MAX_NUMEL:  # torch sizes and strides are int64, even for an empty tensor
+            bad(f"tensor `{name}` has a shape {json.dumps(shape)} too large for any tensor")
         if type(offsets) is not list or len(offsets) != 2:
             bad(f"tensor `{name}` has invalid data_offsets {json.dumps(offsets)}")
         b, e = offsets
@@ -245,7 +249,7 @@ def _parse_file(path: str, fd: int, size: int, span: Span | None) -> CheckpointH
             bad(f"tensor `{name}` ends at byte {e}, outside the data region ({data_size} bytes)")
         if numel * bits != (e - b) * 8:
             bad(f"tensor `{name}` holds {e - b} bytes but {dtype}{shape} needs "
-                f"{numel * bits / 8:g}")
+                f"{numel * bits / 8:g}")  # a float: numel < 2**63 here
         infos.append(TensorInfo(name, dtype, tuple(shape), path, data_start + b, data_start + e))
 
     _check_overlaps(infos, bad)

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 from karmixlang.syntax import ast
 from karmixlang.builtins import BUILTINS
-from karmixlang.check.program import Program, Unit
+from karmixlang.check.program import Program, Unit, dependency_order, references
 from karmixlang.diagnostics import KmxError, error
+from karmixlang.limits import recursion_room
 from karmixlang.io.dtypes import parse_user_dtype
 from karmixlang.ir.graph import Builder, Graph, KeyMap, Node, SaveSpec, reachable
 
@@ -52,10 +53,25 @@ class Lowerer:
         self.p = program
         self.b = Builder()
         self.decl_memo: dict[tuple[str, str], object] = {}
+        # A def's value per argument values, with the nodes its body spelled out (for the
+        # plan's count): each def is inlined once per distinct call, as the checker checks it.
+        self.def_memo: dict[tuple, tuple[object, int]] = {}
         self.names: dict[Node, str] = {}
 
     # -- values
     def decl(self, unit: Unit, name: str):
+        """A declaration's value. The ones it uses are lowered first, in the checker's order:
+        the recursion stays as deep as the checker measured (limits.MAX_EVAL_DEPTH)."""
+        if (unit.path, name) not in self.decl_memo:
+            self._decls([(unit, name)])
+        return self.decl_memo[(unit.path, name)]
+
+    def _decls(self, starts) -> None:
+        for u, n in dependency_order(starts):
+            if not isinstance(u.decls[n], (ast.Def, ast.Import)):
+                self._decl(u, n)
+
+    def _decl(self, unit: Unit, name: str) -> None:
         key = (unit.path, name)
         if key not in self.decl_memo:
             d = unit.decls[name]
@@ -70,7 +86,6 @@ class Lowerer:
             if isinstance(v, Node):
                 self.names.setdefault(v, name if unit is self.p.root else f"{_alias(self.p, unit)}.{name}")
             self.decl_memo[key] = v
-        return self.decl_memo[key]
 
     def load(self, unit: Unit, path: str, at, role: str) -> Node:
         full = os.path.abspath(os.path.join(_folder(path, unit), path))
@@ -166,8 +181,18 @@ class Lowerer:
         for p in d.params:
             if p.name not in args:
                 args[p.name] = self.value(p.default, _Env(unit, {}, {}, {}))
+        key = (unit.path, d.name) + tuple(_memo_key(args[p.name]) for p in d.params)
+        if key in self.def_memo:
+            v, built = self.def_memo[key]
+            self.b.built += built
+            return v
+        built = self.b.built
         inner = _Env(unit, args, {let.name: let for let in d.lets}, {})
-        return self.value(d.body, inner)
+        for let in d.lets:  # in order, as the checker does
+            self.value(ast.Name(let.name, let.name_span), inner)
+        v = self.value(d.body, inner)
+        self.def_memo[key] = v, self.b.built - built
+        return v
 
     def call_builtin(self, e: ast.Call, env: _Env):
         b = BUILTINS[e.func.name]
@@ -264,6 +289,8 @@ class Lowerer:
     # -- saves
     def save(self, unit: Unit, s: ast.Save) -> SaveSpec:
         env = _Env(unit, {}, {}, {})
+        # What the save names first, as the checker did: the save's own depth stays its own.
+        self._decls(references(unit, [s.expr] + [o.value for o in s.options]))
         written = self.string(s.path, env)
         opts = {o.name: self.value(o.value, env) for o in s.options}
         expr = self.value(s.expr, env)
@@ -287,6 +314,18 @@ def _alias(p: Program, unit: Unit) -> str:
     return os.path.splitext(os.path.basename(unit.path))[0]
 
 
+def _memo_key(v):
+    """A hashable stand-in for a lowered value: a string keeps the folder it resolves from,
+    and `true` is not `1`."""
+    if isinstance(v, (bool, float, int)):
+        return type(v), v
+    if isinstance(v, PathText):
+        return "path", str(v), v.folder
+    if isinstance(v, dict):
+        return "map", tuple((_memo_key(k), _memo_key(x)) for k, x in v.items())
+    return v
+
+
 def _is_num(v) -> bool:
     return isinstance(v, (int, float, KeyMap)) and not isinstance(v, bool)
 
@@ -296,6 +335,11 @@ def _is_num(v) -> bool:
 def lower(program: Program) -> Graph:
     """Lower every save of the root recipe, plus its unused named values (so the optimizer's
     dead-code pass can show what it dropped)."""
+    with recursion_room():
+        return _lower(program)
+
+
+def _lower(program: Program) -> Graph:
     lw = Lowerer(program)
     saves = [lw.save(program.root, s) for s in program.root.module.stmts if isinstance(s, ast.Save)]
     extra = []

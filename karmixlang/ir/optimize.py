@@ -91,19 +91,39 @@ def fold(graph: Graph) -> Graph:
 _KEYWISE_BARRIERS = {"load", "select", "exclude"}
 
 
-def _pushdown_rule(n: Node, inputs: tuple, b: Builder) -> Node:
-    if n.op not in ("select", "exclude"):
-        return _same(n, inputs, b)
-    (x,) = inputs
-    if x.op in _KEYWISE_BARRIERS:
-        return b.node(n.op, inputs, dict(n.attrs))
-    # Every other op's key set is the union of its inputs': filtering commutes with it.
-    pushed = tuple(_pushdown_rule(n, (i,), b) for i in x.inputs)
-    return b.node(x.op, pushed, dict(x.attrs))
+def _pushdown_rule(memo: dict) -> Rewrite:
+    def rule(n: Node, inputs: tuple, b: Builder) -> Node:
+        if n.op not in ("select", "exclude"):
+            return _same(n, inputs, b)
+        return _push(n.op, n.attrs, inputs[0], b, memo)
+    return rule
+
+
+def _push(op: str, attrs: tuple, x: Node, b: Builder, memo: dict) -> Node:
+    """`op(x)` with the filter moved below every op down to the barriers. Every other op's key
+    set is the union of its inputs', so filtering commutes with it. Iterative, and once per
+    (filter, node) in a pass (`memo`): graphs may be deep, and share inputs."""
+    stack = [x]
+    while stack:
+        n = stack[-1]
+        key = (op, attrs, id(n))
+        if key in memo:
+            stack.pop()
+        elif n.op in _KEYWISE_BARRIERS:
+            stack.pop()
+            same = n.op == op and n.attrs == attrs  # the same filter twice is the filter once
+            memo[key] = n if same else b.node(op, (n,), dict(attrs))
+        elif any((op, attrs, id(i)) not in memo for i in n.inputs):
+            stack.extend(i for i in n.inputs if (op, attrs, id(i)) not in memo)
+        else:
+            stack.pop()
+            memo[key] = b.node(n.op, tuple(memo[(op, attrs, id(i))] for i in n.inputs),
+                               dict(n.attrs))
+    return memo[(op, attrs, id(x))]
 
 
 def pushdown(graph: Graph) -> Graph:
-    out, _ = _rebuild(graph, _pushdown_rule)
+    out, _ = _rebuild(graph, _pushdown_rule({}))
     moved = sum(1 for n in graph.nx() if n.op in ("select", "exclude")
                 and n.inputs[0].op not in _KEYWISE_BARRIERS)
     if moved:

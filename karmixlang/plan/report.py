@@ -9,6 +9,7 @@ import math
 import os
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 
 from karmixlang.plan.groups import group_keys
 from karmixlang.ir.graph import Graph, KeyMap
@@ -35,10 +36,15 @@ def _attr_json(v):
     return v
 
 
+@lru_cache(maxsize=1)
+def _stdlib() -> str:
+    return os.path.abspath(str(data_dir("stdlib")))  # once: a plan may have many nodes
+
+
 def _rel(path: str, base: str) -> str:
     """A path as the user would write it: `std/...` for the stdlib, relative to the recipe
     when inside its folder, else absolute."""
-    stdlib = os.path.abspath(str(data_dir("stdlib")))
+    stdlib = _stdlib()
     if path.startswith(stdlib + os.sep):
         return "std/" + os.path.relpath(path, stdlib)
     rel = os.path.relpath(path, base)

@@ -17,12 +17,12 @@ line, four columns deeper, each argument a unit of its own.
 from __future__ import annotations
 
 import re
-import sys
 from bisect import bisect_right
 from collections import Counter
 
 from karmixlang.syntax import ast
 from karmixlang.diagnostics import Diagnostic
+from karmixlang.limits import recursion_room
 from karmixlang.syntax.parser import parse
 
 WIDTH = 100  # columns of code; a trailing comment may run past it (it cannot be wrapped)
@@ -35,9 +35,6 @@ _CLOSE = {ast.Call: ")", ast.ClusterLit: "]", ast.MapLit: "}"}
 # relying on the code (Module.comments) that told the printer where they are.
 _STRING_OR_COMMENT = re.compile(r'"(?:[^"\\\n]|\\[^\n])*"|#[^\n]*')
 _BLOCK_TOKENS = re.compile(_STRING_OR_COMMENT.pattern + r"|\breturn\b|\{")
-# Laying out a split bracket recurses about six frames deep per nesting level: recipes nested
-# as deeply as the parser allows need more than Python's default limit of 1000.
-RECURSION_LIMIT = 4_000
 
 
 class FormatterError(Exception):
@@ -52,13 +49,11 @@ def format_source(text: str, file: str = "<recipe>") -> tuple[str | None, list[D
     if module is None:
         return None, diags
     text = text.removeprefix("\ufeff")  # as the parser does: positions exclude it
-    limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(max(limit, RECURSION_LIMIT))
-    try:
+    # Laying out a split bracket recurses about six frames deep per nesting level: recipes
+    # nested as deeply as the parser allows need more than Python's default limit of 1000.
+    with recursion_room():
         out = _print(module, text)
         _verify(text, module, out, file)
-    finally:
-        sys.setrecursionlimit(limit)
     return out, diags
 
 

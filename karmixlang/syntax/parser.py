@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -17,9 +18,10 @@ from lark.visitors import Transformer_NonRecursive
 
 from karmixlang.syntax import ast
 from karmixlang.diagnostics import Diagnostic, Span, error
+from karmixlang.limits import MAX_EXPR_DEPTH
 
 MAX_SOURCE_BYTES = 4 * 1024 * 1024
-MAX_DEPTH = 200  # expression nesting; deeper recipes get K0004 instead of a RecursionError
+MAX_DEPTH = MAX_EXPR_DEPTH  # deeper expressions get K0004 instead of a RecursionError later
 
 _OPEN = {"LPAR": "RPAR", "LSQB": "RSQB", "LBRACE": "RBRACE"}
 _CONTINUE_AFTER = {"EQUAL", "COMMA", "PLUS", "MINUS", "STAR", "SLASH", "VBAR", "COLON", "WITH"}
@@ -247,6 +249,11 @@ class _Build(Transformer_NonRecursive):
                     parts.append(ast.Interp(name, lib or None, span))
                 i = end
                 continue
+            if ch == "\0":  # no path, key pattern or metadata value can hold one
+                self.errors.append(error(
+                    "K0002", "a string cannot contain a NUL character",
+                    Span(self.file, line, col0 + i, line, col0 + i + 1), label="NUL here",
+                    help="remove it; paths and key patterns cannot hold NUL"))
             buf.append(ch)
             i += 1
         if buf or not parts:
@@ -488,13 +495,42 @@ def _code_lines(lark: Lark, text: str) -> set[int]:
     return lines
 
 
+def read_source(path: str) -> tuple[bytes | None, Diagnostic | None]:
+    """A recipe's bytes, at most MAX_SOURCE_BYTES + 1 of them, or the reason it cannot be read.
+    Only regular files are read: the file is opened without blocking (a FIFO would wait for a
+    writer) and checked before reading (a device or a FIFO never ends)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as exc:
+        return None, error("K0110", f"cannot read `{path}`: {exc.strerror or exc}")
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            return None, error("K0006", f"`{path}` is {_file_kind(mode)}, not a regular file",
+                               help="give the path of a `.kmx` file")
+        chunks, left = [], MAX_SOURCE_BYTES + 1
+        while left and (chunk := os.read(fd, min(left, 1 << 20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks), None
+    except OSError as exc:
+        return None, error("K0110", f"cannot read `{path}`: {exc.strerror or exc}")
+    finally:
+        os.close(fd)
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "a special file")
+
+
 def parse_file(path: str) -> tuple[ast.Module | None, str | None, list[Diagnostic]]:
     """Read and parse a file; returns (module, text, diagnostics)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_SOURCE_BYTES + 1)
-    except OSError as exc:
-        return None, None, [error("K0110", f"cannot read `{path}`: {exc.strerror or exc}")]
+    data, problem = read_source(path)
+    if problem is not None:
+        return None, None, [problem]
     if len(data) > MAX_SOURCE_BYTES:  # before decoding: the cut may split a character
         return None, None, [error("K0004", f"recipe larger than {MAX_SOURCE_BYTES // 2**20} MiB",
                                   Span(path, 1, 1, 1, 2))]

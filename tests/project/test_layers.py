@@ -20,6 +20,7 @@ LAYER_OF = {
     "karmixlang.resources": "base",
     "karmixlang.machine": "base",
     "karmixlang.units": "base",
+    "karmixlang.limits": "base",
     "karmixlang.builtins": "base",
     "karmixlang.ops": "base",
     "karmixlang.blocks": "base",

@@ -68,10 +68,11 @@ def _slices(n: int) -> Iterator[slice]:
 
 
 def kept_count(fraction: float, n: int, rounding: Callable[[float], int] = math.ceil) -> int:
-    """rounding(fraction·n) in [0, n], a float product off an integer by rounding snapped to it."""
+    """rounding(fraction·n) in [0, n], a float product off an integer by rounding snapped to it
+    (never to 0: a positive fraction rounded up counts at least one)."""
     x = fraction * n
     nearest = round(x)
-    k = nearest if abs(x - nearest) <= 1e-9 * max(1.0, abs(x)) else rounding(x)
+    k = nearest if nearest and abs(x - nearest) <= 1e-9 * max(1.0, abs(x)) else rounding(x)
     return min(n, max(0, k))
 
 
@@ -309,6 +310,9 @@ def clamp(d: Tensor, *, lo: float, hi: float) -> Tensor:
     """Element-wise clamp to [lo, hi]."""
     if lo > hi:
         raise ValueError(f"clamp: lo ({lo}) is above hi ({hi})")
+    # A bound beyond the dtype's range bounds nothing (and torch refuses to convert it).
+    top = torch.finfo(d.dtype).max
+    lo, hi = (min(max(v, -top), top) for v in (lo, hi))
     return torch.clamp(d, min=lo, max=hi)
 
 
