@@ -9,11 +9,12 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .checker import check_program
 from .program import Program
-from .diagnostics import Diagnostic, KmxError, error
+from .diagnostics import Diagnostic, KmxError
+from .io.guard import check_outputs, input_files, plan_save
 from .ir import Graph
 from .lower import lower
 from .optimize import base_choice_warnings, optimize
@@ -30,6 +31,8 @@ class Compiled:
     warnings: list[Diagnostic]
     path: str = ""  # the recipe and --set values, to compile it again elsewhere (Ray workers)
     overrides: dict[str, str] | None = None
+    # Every input file as planned (size, mtime, inode): a run fails if one changes (K0410).
+    inputs: dict[str, os.stat_result] = field(default_factory=dict)
 
 
 def check(path: str, overrides: dict[str, str] | None = None) -> list[Diagnostic]:
@@ -47,34 +50,11 @@ def compile(path: str, overrides: dict[str, str] | None = None, *, threads: int 
         raise KmxError(diags)
     graph = optimize(lower(program))
     sched = schedule(graph, compute_dtype, strict, memory_limit=memory_limit)
-    _guard_outputs(graph, sched)
+    layouts = [plan_save(s, sched, i, {}) for i, s in enumerate(graph.saves)]
+    check_outputs(graph.saves, layouts, sched.headers, program.sources)
     plan = build_plan(path, graph, sched, threads, compute_dtype, executor=executor)
     return Compiled(program, graph, sched, plan, diags + base_choice_warnings(graph),
-                    os.path.abspath(path), overrides)
-
-
-def _guard_outputs(graph: Graph, sched: Schedule) -> None:
-    """Refuse an output that is one of the inputs: by path, through a symlink, or a hard link."""
-    inputs = {}
-    for h in sched.headers.values():
-        for f in h.files + (h.path,):
-            inputs[os.path.realpath(f)] = f
-            try:
-                st = os.stat(f)
-                inputs[(st.st_dev, st.st_ino)] = f
-            except OSError:
-                pass
-    diags = []
-    for s in graph.saves:
-        hit = inputs.get(os.path.realpath(s.path))
-        if hit is None and os.path.exists(s.path):
-            st = os.stat(s.path)
-            hit = inputs.get((st.st_dev, st.st_ino))
-        if hit is not None:
-            diags.append(error("K0305", f"`{s.written}` would overwrite the input `{hit}`",
-                               s.span, label="this save", help="save to a new file"))
-    if diags:
-        raise KmxError(diags)
+                    os.path.abspath(path), overrides, input_files(sched.headers))
 
 
 def run(path: str, overrides: dict[str, str] | None = None, **options):

@@ -411,8 +411,9 @@ def _on_nonfinite(compiled, opts, job, nf: NonFinite, fallbacks: list[str]) -> K
         name = compiled.graph.names.get(nf.node, nf.node.attr("path"))
         raise KmxError([error(
             "K0401", f"`{name}` has NaN or Inf values in key `{nf.key}`",
-            help="fix the input, or run with --nonfinite=fallback to copy such keys from the "
-                 "save's fallback")]) from None
+            help="continue with --resume --nonfinite=fallback to copy such keys from the "
+                 "save's fallback; or fix the input and run again with --force (the finished "
+                 "keys are discarded)")]) from None
     fallbacks.append(job.key)
     return _fallback_job(compiled, job)
 
