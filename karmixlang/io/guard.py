@@ -27,18 +27,18 @@ def plan_save(save, schedule, index: int, metadata: dict[str, str]) -> OutputLay
 
 
 class _Protected:
-    """Inputs and recipe files, by real path and by (device, inode)."""
+    """Inputs and recipe files, by real path and by (device, inode): (what it is, its path)."""
 
     def __init__(self, headers, recipe_files):
-        self.by_real: dict[str, str] = {}
-        self.by_inode: dict[tuple[int, int], str] = {}
+        self.by_real: dict[str, tuple[str, str]] = {}
+        self.by_inode: dict[tuple[int, int], tuple[str, str]] = {}
         for node, h in headers.items():
             for f in (node.attr("path"), h.path, *h.files):
-                self._add(f, f"the input `{f}`")
+                self._add(f, ("the input", f))
         for f in recipe_files:
-            self._add(f, f"the recipe file `{f}`")
+            self._add(f, ("the recipe file", f))
 
-    def _add(self, path: str, what: str) -> None:
+    def _add(self, path: str, what: tuple[str, str]) -> None:
         self.by_real.setdefault(os.path.realpath(path), what)
         try:
             st = os.stat(path)
@@ -46,7 +46,7 @@ class _Protected:
             return
         self.by_inode.setdefault((st.st_dev, st.st_ino), what)
 
-    def hit(self, path: str) -> str | None:
+    def hit(self, path: str) -> tuple[str, str] | None:
         what = self.by_real.get(os.path.realpath(path))
         if what is None:
             try:
@@ -73,11 +73,14 @@ def check_outputs(saves, layouts: list[OutputLayout], headers, recipe_files) -> 
 
 
 def _check_path(save, path: str, protected: _Protected, writers: dict) -> Diagnostic | None:
-    via = "" if path == save.path else f" (it writes `{path}`)"
-    what = protected.hit(path)
-    if what is not None:
-        return error("K0305", f"`{save.written}` would overwrite {what}{via}", save.span,
-                     label="this save", help="save to a new file, beside no input file")
+    hit = protected.hit(path)
+    if hit is not None:
+        what, other = hit
+        via = "" if path in (save.path, other) else f" (it writes `{path}`)"
+        return error("K0305", f"`{save.written}` would overwrite {what} `{other}`{via}", save.span,
+                     label="this save", help="save to a new name: no file a save writes (its "
+                     "shards, its index, the hidden `.NAME.kmx-*` files beside it) may be an "
+                     "input or a recipe")
     kind = not_regular(path)
     if kind is not None:
         return error("K0311", f"`{path}` is {kind}, not a regular file", save.span,

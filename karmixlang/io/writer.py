@@ -255,7 +255,7 @@ class OutputLock:
             os.makedirs(os.path.dirname(final_path) or ".", exist_ok=True)
             while self.fd is None:
                 self.fd = self._try_lock()
-            owner = f"pid {os.getpid()} started {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+            owner = f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
             os.ftruncate(self.fd, 0)
             _write_all(self.fd, owner.encode())
         except OSError as e:
@@ -536,10 +536,10 @@ class CheckpointWriter:
         publish, a file another process renamed away or put in its place."""
         for temp, ident in zip(self._temps, self._idents):
             try:
-                same = _same_file(os.stat(temp, follow_symlinks=False), ident)
-            except FileNotFoundError:
-                same = False
-            if not same:
+                now = os.stat(temp, follow_symlinks=False)
+            except OSError as e:  # gone: removed, or renamed away (the folder, maybe)
+                self._fail_os(e, temp)
+            if not _same_file(now, ident):
                 raise KmxError([error(
                     "K0409", f"the partial file `{temp}` of `{self.layout.final_path}` was "
                     "moved or replaced by another process while this run wrote it; nothing "
@@ -625,7 +625,8 @@ class CheckpointWriter:
             errno.EACCES: f"check that `{self._folder}` is writable",
             errno.EPERM: f"check that `{self._folder}` is writable",
             errno.EROFS: "save to a writable disk",
-            errno.ENOENT: f"`{self._folder}` was removed or renamed while writing",
+            errno.ENOENT: f"`{self._folder}` or a file in it was removed or renamed while "
+                          "writing",
         }
         where = f" (at `{path}`)" if path != self.layout.final_path else ""
         raise KmxError([error("K0402", f"cannot write `{self.layout.final_path}`: {reason}{where}",
