@@ -5,7 +5,6 @@ changes during a run fails it before anything is published."""
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -20,7 +19,7 @@ from karmixlang.api import compile as compile_recipe
 from karmixlang.cli import main
 from karmixlang.diagnostics import KmxError
 from karmixlang.io import writer as writer_mod
-from karmixlang.io.writer import CheckpointWriter, OutputLock, plan_output
+from karmixlang.io.writer import CheckpointWriter, plan_output
 from karmixlang.runtime.executor import RunOptions, execute
 
 from conftest import recipe, tiny_models
@@ -41,7 +40,8 @@ def kmx(capsys, *args) -> tuple[int, str]:
     return rc, err
 
 
-def code_of(path, **options) -> str:
+def refusal(path, **options):
+    """The first diagnostic of a run of `path` that must fail."""
     with pytest.raises(KmxError) as exc:
         execute(compile_recipe(path), RunOptions(threads=1, **options))
     return exc.value.diagnostics[0]
@@ -262,7 +262,7 @@ def test_resume_refuses_when_one_shard_of_an_input_changed(workdir, shin, monkey
     path = merge_of_shin(workdir)
     interrupted(workdir, monkeypatch, path, stamped=True)
     name = rewrite_shard(shin, same_size_and_mtime)
-    d = code_of(path, resume=True)
+    d = refusal(path, resume=True)
     assert d.code == "K0404" and name in d.message and "--force" in d.help
     assert not (workdir / "out.safetensors").exists()
     execute(compile_recipe(path), RunOptions(threads=1, force=True))  # the help works
@@ -281,7 +281,7 @@ def test_resume_refuses_another_recipe_or_set_values(workdir, monkeypatch, chang
     else:
         with open(path, "a") as f:
             f.write("# an edit\n")
-        d = code_of(path, resume=True)
+        d = refusal(path, resume=True)
         assert d.code == "K0404" and "r.kmx" in d.message and "recipe" in d.message
     assert not (workdir / "A.safetensors").exists()
 
@@ -299,7 +299,7 @@ def test_an_input_changed_during_the_run_fails_it_and_nothing_is_published(workd
         return real(fd, data, offset)
 
     monkeypatch.setattr(writer_mod, "_pwrite_all", touch_a_shard_midway)
-    d = code_of(path)
+    d = refusal(path)
     assert d.code == "K0410" and "model-00002-of-00002.safetensors" in d.message
     assert [f for f in os.listdir(workdir) if f.startswith(("out", ".out"))] == []
 

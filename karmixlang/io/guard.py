@@ -81,11 +81,9 @@ def _check_path(save, path: str, protected: _Protected, writers: dict) -> Diagno
                      label="this save", help="save to a new name: no file a save writes (its "
                      "shards, its index, the hidden `.NAME.kmx-*` files beside it) may be an "
                      "input or a recipe")
-    kind = not_regular(path)
-    if kind is not None:
-        return error("K0311", f"`{path}` is {kind}, not a regular file", save.span,
-                     label="this save", help="kmx writes only regular files and never "
-                     "replaces anything else: save to another name")
+    special = not_regular(path, save.span)
+    if special is not None:
+        return special
     # The folder resolved, the name not: a symlink at the name is replaced, never followed.
     entry = os.path.join(os.path.realpath(os.path.dirname(path) or "."), os.path.basename(path))
     first = writers.setdefault(entry, save)

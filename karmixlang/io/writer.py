@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import NoReturn
 
-from karmixlang.diagnostics import KmxError, error
+from karmixlang.diagnostics import Diagnostic, KmxError, error
 from karmixlang.io.dtypes import DTYPES, nbytes
 
 PARTIAL_SUFFIX = ".kmx-partial"
@@ -198,23 +198,20 @@ _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
 
 
-def not_regular(path: str) -> str | None:
-    """What is at `path` if it is something kmx must never replace ("a FIFO", ...); None for a
-    regular file, a symlink to one, or nothing (a dangling symlink is replaced, not followed)."""
+def not_regular(path: str, span=None) -> Diagnostic | None:
+    """K0311 if `path` is something kmx must never replace (a directory, a device, a FIFO...);
+    None for a regular file, a symlink to one, or nothing (a dangling symlink is replaced by
+    the rename, not followed)."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
         return None
-    return next((what for test, what in _KINDS if test(mode)), None)
-
-
-def refuse_not_regular(path: str, span=None) -> None:
-    what = not_regular(path)
-    if what is not None:
-        raise KmxError([error(
-            "K0311", f"`{path}` is {what}, not a regular file", span, label="this save",
-            help="kmx writes only regular files and never replaces anything else: save to "
-                 "another name")])
+    what = next((what for test, what in _KINDS if test(mode)), None)
+    if what is None:
+        return None
+    return error("K0311", f"`{path}` is {what}, not a regular file", span,
+                 label="this save" if span else "", help="kmx writes only regular files and "
+                 "never replaces anything else: save to another name")
 
 
 def atomic_write(path: str, data: bytes, mode: int | None = None) -> None:
@@ -519,8 +516,10 @@ class CheckpointWriter:
                 finally:
                     os.close(fd)
                 renames.append((temp, self.layout.index_path))
-            for _, final in renames:  # planning refused these; they may have appeared since
-                refuse_not_regular(final)
+            # Planning refused these; one may have appeared since.
+            special = [d for _, final in renames if (d := not_regular(final))]
+            if special:
+                raise KmxError(special[:1])
             self._check_own_files()
             for temp, final in renames:
                 os.replace(temp, final)

@@ -123,7 +123,7 @@ class OutputSet:
                  "inputs": plan["inputs"], "nodes": plan["nodes"],
                  "save": plan["saves"][index]}
         inputs = [{"path": p, "size": sum(self.seen[f].st_size for f in files),
-                   "hash": combine_hashes([hashes[f] for f in files]) if hashes
+                   "hash": combine_hashes([hashes[f] for f in files]) if hashes is not None
                    else HASH_PLACEHOLDER} for p, files in self.inputs]
         meta = dict(save.metadata)
         meta.update({
