@@ -286,6 +286,16 @@ def test_resume_refuses_another_recipe_or_set_values(workdir, monkeypatch, chang
     assert not (workdir / "A.safetensors").exists()
 
 
+def test_resume_continues_the_same_run_under_another_spelling_of_the_recipe(workdir,
+                                                                           monkeypatch):
+    path = two_saves(workdir)
+    interrupted(workdir, monkeypatch, path, stamped=True)
+    assert (workdir / ".A.safetensors.kmx-journal").exists()
+    monkeypatch.chdir(workdir)
+    execute(compile_recipe("./r.kmx"), RunOptions(threads=1, resume=True))
+    assert (workdir / "A.safetensors").exists() and (workdir / "B.safetensors").exists()
+
+
 def test_an_input_changed_during_the_run_fails_it_and_nothing_is_published(workdir, shin,
                                                                            monkeypatch):
     path = merge_of_shin(workdir)

@@ -249,7 +249,8 @@ class OutputSet:
         program = self.c.program
         return {
             "kmx_stamp": STAMP_VERSION,
-            "recipe": {p: hashlib.sha256(t.encode()).hexdigest()
+            # By real path: `kmx run r.kmx` resumes `kmx run ./r.kmx`.
+            "recipe": {os.path.realpath(p): hashlib.sha256(t.encode()).hexdigest()
                        for p, t in sorted(program.sources.items())},
             "set": dict(sorted(program.overrides.items())),
             "inputs": {f: {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
