@@ -113,6 +113,8 @@ class OutputSet:
         self._locks: list[OutputLock] = []
         self.layouts = [plan_save(s, compiled.schedule, i, self._metadata(i, None))
                         for i, s in enumerate(compiled.graph.saves)]
+        # Checked when compiling too; again here, as the files may have changed since.
+        check_outputs(compiled.graph.saves, self.layouts, headers, compiled.program.sources)
 
     # -- layout and metadata
     def _metadata(self, index: int, hashes: dict[str, str] | None) -> dict[str, str]:
@@ -197,8 +199,6 @@ class OutputSet:
     def open(self) -> list:
         """Lock every output, decide what to do with each (write it fresh, resume it, or keep
         it), then open the writers. Nothing is written before every output is decided."""
-        check_outputs(self.c.graph.saves, self.layouts, self.c.schedule.headers,
-                      self.c.program.sources)
         writers: list = []
         try:
             for layout in self.layouts:
