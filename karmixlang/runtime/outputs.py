@@ -255,7 +255,12 @@ class OutputSet:
         }
 
     def _write_stamp(self, path: str) -> None:
-        atomic_write(path, json.dumps(self._stamp_data(), indent=1).encode())
+        try:
+            atomic_write(path, json.dumps(self._stamp_data(), indent=1).encode())
+        except OSError as e:  # the output's folder, removed or full: not a hashing failure
+            raise KmxError([error("K0402", f"cannot write `{path}`: {e.strerror or e}",
+                                  help="check that the output's folder exists and is "
+                                       "writable")]) from e
 
     def _check_stamp(self, layout: OutputLayout) -> None:
         """Resume only the run this one is: same recipe files, --set values and input files

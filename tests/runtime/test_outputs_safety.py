@@ -403,3 +403,23 @@ def test_following_the_help_of_k0401_and_k0404_works(workdir, capsys, monkeypatc
     rc, err = kmx(capsys, path, "--resume", "--nonfinite=fallback")
     assert rc == 1 and "K0404" in err and "--force" in err
     assert kmx(capsys, path, "--force", "--nonfinite=fallback")[0] == 0
+
+
+def test_a_resume_stamp_that_cannot_be_written_is_k0402(workdir, monkeypatch):
+    """The stamp with the input hashes is written by the hashing thread (or when the outputs
+    open, if hashing was quicker): its folder gone is a write error, not a hashing one."""
+    from karmixlang.runtime import outputs as outputs_mod
+
+    real = outputs_mod.atomic_write
+
+    def fail_once_hashed(path, data, mode=None):
+        if b'"sha256:' in data:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+        return real(path, data, mode)
+
+    monkeypatch.setattr(outputs_mod, "atomic_write", fail_once_hashed)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(workdir / ".cache"))
+    tiny_models(workdir)
+    d = refusal(one_save(workdir, "out.safetensors"))
+    assert d.code == "K0402" and ".out.safetensors.kmx-inputs" in d.message
+    assert not (workdir / "out.safetensors").exists()
