@@ -292,7 +292,11 @@ def test_resume_continues_the_same_run_under_another_spelling_of_the_recipe(work
     interrupted(workdir, monkeypatch, path, stamped=True)
     assert (workdir / ".A.safetensors.kmx-journal").exists()
     monkeypatch.chdir(workdir)
-    execute(compile_recipe("./r.kmx"), RunOptions(threads=1, resume=True))
+    compiled = compile_recipe("./r.kmx")
+    # Recipe files are resolved when compiling: running from another folder changes nothing.
+    (workdir / "elsewhere").mkdir()
+    monkeypatch.chdir(workdir / "elsewhere")
+    execute(compiled, RunOptions(threads=1, resume=True))
     assert (workdir / "A.safetensors").exists() and (workdir / "B.safetensors").exists()
 
 
