@@ -260,8 +260,9 @@ def _on_nonfinite(exe: Executable, job: KeyJob, nf: NonFinite, nonfinite: str,
     if nonfinite != "fallback":
         raise KmxError([error(
             "K0401", f"`{exe.labels[nf.node]}` has NaN or Inf values in key `{nf.key}`",
-            help="fix the input, or run with --nonfinite=fallback to copy such keys from the "
-                 "save's fallback")]) from None
+            help="continue with --resume --nonfinite=fallback to copy such keys from the "
+                 "save's fallback; or fix the input and run again with --force (the finished "
+                 "keys are discarded)")]) from None
     if job.fallback is None:
         raise KmxError([error("K0401", f"key `{job.key}` has non-finite values and save "
                               f"`{exe.saves[job.no_fallback].written}` has no fallback with it")])
