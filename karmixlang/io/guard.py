@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from karmixlang.diagnostics import Diagnostic, KmxError, Label, error
-from karmixlang.io.writer import OutputLayout, not_regular, plan_output, written_paths
+from karmixlang.io.writer import OutputLayout, layout_output, not_regular, written_paths
 from karmixlang.units import parse_size
 
 
@@ -24,7 +24,7 @@ def save_tensors(schedule, index: int) -> list[tuple[str, str, tuple[int, ...]]]
 
 def plan_save(save, schedule, index: int, metadata: dict[str, str]) -> OutputLayout:
     shard = parse_size(save.shard) if save.shard else None
-    return plan_output(save.path, save_tensors(schedule, index), metadata, shard)
+    return layout_output(save.path, save_tensors(schedule, index), metadata, shard)
 
 
 class _Protected:

@@ -67,7 +67,7 @@ class OutputLayout:
     fingerprint: str  # identifies the layout; a journal must carry the same one to be resumed
 
 
-def plan_output(final_path: str, tensors: list[tuple[str, str, tuple[int, ...]]],
+def layout_output(final_path: str, tensors: list[tuple[str, str, tuple[int, ...]]],
                 metadata: dict[str, str], shard_bytes: int | None) -> OutputLayout:
     """Lay out `tensors` (name, safetensors dtype, shape) at `final_path`.
 

@@ -92,7 +92,7 @@ def _pow2_floor(n: int) -> int:
     return 1 << max(0, n.bit_length() - 1)
 
 
-def plan_key(job, nodes, per_element: float, limit: int, item: int,
+def chunking_for(job, nodes, per_element: float, limit: int, item: int,
              whole_per_element) -> OutOfCore | None:
     """The chunked evaluation of `job` (over the node table `nodes`) under `limit`, or None
     when it fits and chunking it would not pay. `per_element`: the in-memory peak bytes per

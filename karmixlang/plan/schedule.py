@@ -21,7 +21,7 @@ from karmixlang.ir.graph import Graph, KeyMap, Node, match_key, reachable
 from karmixlang.ops import OPS, RAW_READ
 from karmixlang.machine import available_memory
 from karmixlang.plan.executable import Executable, KeyJob, Output, SaveTarget, Step
-from karmixlang.plan.outofcore import plan_key
+from karmixlang.plan.outofcore import chunking_for
 
 COMPUTE_ITEMSIZE = {"fp32": 4, "fp64": 8}
 # Blocks below this come from glibc's heap, which keeps them for reuse (the runtime raises the
@@ -437,7 +437,7 @@ def check_keymaps(graph: Graph, order: list[Node], jobs: list[KeyJob]) -> None:
         raise KmxError(diags)
 
 
-def plan_out_of_core(graph: Graph, nodes: tuple[Step, ...], jobs: list[KeyJob], limit: int,
+def chunk_large_keys(graph: Graph, nodes: tuple[Step, ...], jobs: list[KeyJob], limit: int,
                      item: int) -> None:
     """Keys whose in-memory estimate exceeds the limit run in chunks (outofcore.py), and so do
     large keys that can at no cost; their estimate becomes the chunked one. A key that cannot
@@ -453,7 +453,7 @@ def plan_out_of_core(graph: Graph, nodes: tuple[Step, ...], jobs: list[KeyJob], 
         job.mem_bytes = job.mem_bytes or job.est_bytes
         job.ooc, job.est_bytes = None, job.mem_bytes
         per_element = job.mem_bytes / max(1, math.prod(job.outputs[0].shape))
-        ooc = plan_key(job, nodes, per_element, limit, item, whole_per_element)
+        ooc = chunking_for(job, nodes, per_element, limit, item, whole_per_element)
         if ooc is None:
             continue
         if ooc.whole_bytes > limit:
@@ -509,7 +509,7 @@ def schedule(graph: Graph, compute: str = "fp32", strict: bool = False,
     check_keymaps(graph, order, jobs)
     limit = memory_limit or available_memory() // 2
     exe = executable(graph, order, headers, jobs, compute, limit)
-    plan_out_of_core(graph, exe.nodes, jobs, limit, COMPUTE_ITEMSIZE[compute])
+    chunk_large_keys(graph, exe.nodes, jobs, limit, COMPUTE_ITEMSIZE[compute])
     read_once: dict[tuple[str, str], int] = {}
     for job in jobs:
         for t in job.tensors.values():

@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 
 from karmixlang.diagnostics import KmxError
 from karmixlang.io.header import read_checkpoint
-from karmixlang.io.writer import CheckpointWriter, plan_output
+from karmixlang.io.writer import CheckpointWriter, layout_output
 from karmixlang.units import parse_size
 
 NP_TO_ST = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32",
@@ -75,7 +75,7 @@ def test_output_is_byte_identical_to_safetensors(tmp_path):
     for metadata in ({}, {"format": "pt"}):
         ref = str(tmp_path / "ref.safetensors")
         save_file(arrays, ref, metadata=metadata or None)
-        layout = plan_output(str(tmp_path / "out.safetensors"), specs(arrays), metadata, None)
+        layout = layout_output(str(tmp_path / "out.safetensors"), specs(arrays), metadata, None)
         write_all(layout, arrays)
         assert open(layout.final_path, "rb").read() == open(ref, "rb").read()
 
@@ -86,8 +86,8 @@ def test_output_loads_with_its_metadata(tmp_path):
     # The plan gets the tensors in a scrambled order: the layout must not depend on it.
     order = list(specs(arrays))
     random.Random(1).shuffle(order)
-    layout = plan_output(str(tmp_path / "o.safetensors"), order, metadata, None)
-    assert layout == plan_output(str(tmp_path / "o.safetensors"), specs(arrays), metadata, None)
+    layout = layout_output(str(tmp_path / "o.safetensors"), order, metadata, None)
+    assert layout == layout_output(str(tmp_path / "o.safetensors"), specs(arrays), metadata, None)
     assert list(layout.slots) == sorted(arrays)
     write_all(layout, arrays)
     got, meta = load(layout.final_path)
@@ -99,7 +99,7 @@ def test_output_loads_with_its_metadata(tmp_path):
 def test_sharded_output(tmp_path):
     arrays = {f"k{i}": np.full(25, i, np.float32) for i in range(7)}  # 100 bytes each
     arrays["k3"] = np.zeros(100, np.float32)  # 400 bytes: bigger than a shard, so alone
-    layout = plan_output(str(tmp_path / "out" / "model.safetensors"), specs(arrays),
+    layout = layout_output(str(tmp_path / "out" / "model.safetensors"), specs(arrays),
                          {"format": "pt"}, shard_bytes=250)
     names = [os.path.basename(f.path) for f in layout.files]
     assert names == [f"model-0000{i}-of-00005.safetensors" for i in range(1, 6)]
@@ -122,7 +122,7 @@ def test_sharded_output(tmp_path):
 
 def test_one_shard_is_a_plain_file(tmp_path):
     arrays = sample(4)
-    layout = plan_output(str(tmp_path / "m.safetensors"), specs(arrays), {}, shard_bytes=10**9)
+    layout = layout_output(str(tmp_path / "m.safetensors"), specs(arrays), {}, shard_bytes=10**9)
     assert layout.index_path is None and [f.path for f in layout.files] == [layout.final_path]
 
 
@@ -137,7 +137,7 @@ def test_one_shard_is_a_plain_file(tmp_path):
 ])
 def test_plan_rejects_impossible_layouts(tmp_path, tensors, metadata, shard, match):
     with pytest.raises(ValueError, match=match):
-        plan_output(str(tmp_path / "x.safetensors"), tensors, metadata, shard)
+        layout_output(str(tmp_path / "x.safetensors"), tensors, metadata, shard)
 
 
 # ---------------------------------------------------------------- writing
@@ -149,7 +149,7 @@ def hidden(path, suffix):
 
 def test_partial_files_until_commit(tmp_path):
     arrays = sample(3)
-    layout = plan_output(str(tmp_path / "m.safetensors"), specs(arrays), {}, None)
+    layout = layout_output(str(tmp_path / "m.safetensors"), specs(arrays), {}, None)
     w = CheckpointWriter(layout)
     for k, a in arrays.items():
         w.write(k, memoryview(a.tobytes()))
@@ -163,7 +163,7 @@ def test_partial_files_until_commit(tmp_path):
 
 
 def test_write_checks_its_arguments(tmp_path):
-    layout = plan_output(str(tmp_path / "m.safetensors"), [("a", "F32", (2,))], {}, None)
+    layout = layout_output(str(tmp_path / "m.safetensors"), [("a", "F32", (2,))], {}, None)
     with CheckpointWriter(layout) as w:
         with pytest.raises(KeyError):
             w.write("b", b"\0" * 8)
@@ -176,7 +176,7 @@ def test_write_checks_its_arguments(tmp_path):
 
 
 def test_abort_keeps_or_removes_partial_files(tmp_path):
-    layout = plan_output(str(tmp_path / "m.safetensors"), [("a", "F32", (2,))], {}, None)
+    layout = layout_output(str(tmp_path / "m.safetensors"), [("a", "F32", (2,))], {}, None)
     CheckpointWriter(layout).abort(keep_partial=True)
     assert sorted(os.listdir(tmp_path)) == [
         ".m.safetensors.kmx-journal", ".m.safetensors.kmx-partial"]
@@ -187,7 +187,7 @@ def test_abort_keeps_or_removes_partial_files(tmp_path):
 def test_concurrent_writes(tmp_path):
     arrays = {f"t{i:03d}": np.random.default_rng(i).random(i % 50 + 1).astype(np.float32)
               for i in range(300)}
-    layout = plan_output(str(tmp_path / "c.safetensors"), specs(arrays), {}, shard_bytes=20_000)
+    layout = layout_output(str(tmp_path / "c.safetensors"), specs(arrays), {}, shard_bytes=20_000)
     keys = list(arrays)
     random.Random(0).shuffle(keys)
     with CheckpointWriter(layout) as w:
@@ -216,7 +216,7 @@ def test_resume_after_crash_is_byte_identical(tmp_path, shard_bytes):
     arrays = sample(14, seed=5)
     keys = sorted(arrays)
     def plan(folder):
-        return plan_output(str(tmp_path / folder / "m.safetensors"), specs(arrays), {"a": "b"},
+        return layout_output(str(tmp_path / folder / "m.safetensors"), specs(arrays), {"a": "b"},
                            shard_bytes)
 
     clean = plan("clean")
@@ -255,14 +255,14 @@ def test_resume_after_crash_is_byte_identical(tmp_path, shard_bytes):
 
 def test_resume_without_journal_starts_fresh(tmp_path):
     arrays = sample(3)
-    layout = plan_output(str(tmp_path / "m.safetensors"), specs(arrays), {}, None)
+    layout = layout_output(str(tmp_path / "m.safetensors"), specs(arrays), {}, None)
     with CheckpointWriter(layout, resume=True) as w:
         assert w.done_keys == set()
 
 
 def test_fresh_run_overwrites_old_partial_files(tmp_path):
     arrays = sample(3)
-    layout = plan_output(str(tmp_path / "m.safetensors"), specs(arrays), {}, None)
+    layout = layout_output(str(tmp_path / "m.safetensors"), specs(arrays), {}, None)
     w = CheckpointWriter(layout)
     w.write(sorted(arrays)[0], arrays[sorted(arrays)[0]].tobytes())
     w.checkpoint()
@@ -274,7 +274,7 @@ def test_fresh_run_overwrites_old_partial_files(tmp_path):
 
 
 def crashed(tmp_path, arrays, metadata=None):
-    layout = plan_output(str(tmp_path / "m.safetensors"), specs(arrays), metadata or {}, None)
+    layout = layout_output(str(tmp_path / "m.safetensors"), specs(arrays), metadata or {}, None)
     w = CheckpointWriter(layout)
     k = sorted(arrays)[0]
     w.write(k, arrays[k].tobytes())
@@ -294,7 +294,7 @@ def expect_k0404(layout, contains):
 def test_resume_refuses_another_plan(tmp_path):
     arrays = sample(4)
     crashed(tmp_path, arrays)
-    other = plan_output(str(tmp_path / "m.safetensors"), specs(arrays), {"changed": "1"}, None)
+    other = layout_output(str(tmp_path / "m.safetensors"), specs(arrays), {"changed": "1"}, None)
     expect_k0404(other, "planned differently")
 
 
@@ -332,7 +332,7 @@ def expect_k0402(fn, final_path):
 
 def test_disk_full_while_writing(tmp_path, monkeypatch):
     arrays = sample(3)
-    layout = plan_output(str(tmp_path / "m.safetensors"), specs(arrays), {}, None)
+    layout = layout_output(str(tmp_path / "m.safetensors"), specs(arrays), {}, None)
     with CheckpointWriter(layout) as w:
         def full(*a):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -345,7 +345,7 @@ def test_disk_full_while_writing(tmp_path, monkeypatch):
 
 
 def test_not_enough_space_is_reported_up_front(tmp_path, monkeypatch):
-    layout = plan_output(str(tmp_path / "m.safetensors"), [("a", "F32", (1000,))], {}, None)
+    layout = layout_output(str(tmp_path / "m.safetensors"), [("a", "F32", (1000,))], {}, None)
     real = os.statvfs(tmp_path)
     fake = os.statvfs_result((real.f_bsize, 1, real.f_blocks, 0, 0, 0, 0, 0, 0, real.f_namemax))
     monkeypatch.setattr(os, "statvfs", lambda p: fake)
@@ -357,7 +357,7 @@ def test_not_enough_space_is_reported_up_front(tmp_path, monkeypatch):
 def test_folder_removed_before_commit(tmp_path):
     folder = tmp_path / "out"
     arrays = sample(2)
-    layout = plan_output(str(folder / "m.safetensors"), specs(arrays), {}, None)
+    layout = layout_output(str(folder / "m.safetensors"), specs(arrays), {}, None)
     w = CheckpointWriter(layout)
     for k, a in arrays.items():
         w.write(k, a.tobytes())
@@ -370,13 +370,13 @@ def test_folder_removed_before_commit(tmp_path):
 
 def test_output_folder_cannot_be_created(tmp_path):
     (tmp_path / "file").write_text("not a folder")
-    layout = plan_output(str(tmp_path / "file" / "m.safetensors"), [("a", "F32", (1,))], {}, None)
+    layout = layout_output(str(tmp_path / "file" / "m.safetensors"), [("a", "F32", (1,))], {}, None)
     expect_k0402(lambda: CheckpointWriter(layout), layout.final_path)
 
 
 def test_no_descriptors_leak_on_failure(tmp_path, monkeypatch):
     arrays = sample(3)
-    layout = plan_output(str(tmp_path / "m.safetensors"), specs(arrays), {}, 50)
+    layout = layout_output(str(tmp_path / "m.safetensors"), specs(arrays), {}, 50)
     before = len(os.listdir("/proc/self/fd"))
 
     def broken(fd, n):

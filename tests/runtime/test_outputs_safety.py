@@ -19,7 +19,7 @@ from karmixlang.api import compile as compile_recipe
 from karmixlang.cli import main
 from karmixlang.diagnostics import KmxError
 from karmixlang.io import writer as writer_mod
-from karmixlang.io.writer import CheckpointWriter, plan_output
+from karmixlang.io.writer import CheckpointWriter, layout_output
 from karmixlang.runtime.executor import RunOptions, execute
 
 from conftest import recipe, tiny_models
@@ -342,7 +342,7 @@ def test_a_second_run_on_the_same_output_refuses_at_once_naming_the_first(workdi
 
 
 def small_layout(tmp_path):
-    return plan_output(str(tmp_path / "o.safetensors"), [("a", "F32", (4,)), ("b", "F32", (2,))],
+    return layout_output(str(tmp_path / "o.safetensors"), [("a", "F32", (4,)), ("b", "F32", (2,))],
                        {}, None)
 
 
