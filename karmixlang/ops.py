@@ -4,7 +4,7 @@ Lowering, the schedule, out-of-core planning and the runtime read an op's proper
 instead of testing its name. The user-facing side of a builtin (its name, parameters, types,
 docs) stays in builtins.BUILTINS, whose entries name their op (`Builtin.op`); the torch
 function that runs an op with `kernel` set is found in runtime/kernels/table.py under that
-name. tests/test_opspec.py checks the three against each other. No torch here.
+name. tests/project/test_opspec.py checks the three against each other. No torch here.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The kernel of every op that has one (ops.OPS: `OpSpec.kernel`), and the split of every
 Gram method for out-of-core keys (`Chunk.GRAM`). The executor finds kernels here, never by
-name lookup on a module; tests/test_opspec.py checks both tables against the op specs and
+name lookup on a module; tests/project/test_opspec.py checks both tables against the op specs and
 the kernels' signatures against the builtins' parameters."""
 
 from __future__ import annotations
