@@ -345,7 +345,7 @@ stream, so a result never depends on threads, key order, the other keys or chunk
 3. Uniform: word x gives `(x >> 11)·2⁻⁵³` in [0, 1); an element is kept when `u < q`, with q
    the keep probability (1 − p for DARE, DELLA's rank-based q).
 
-`karmixlang/runtime/rng.py` implements it; `tests/reference_np.py` re-implements it in pure
+`karmixlang/runtime/kernels/rng.py` implements it; `tests/reference_np.py` re-implements it in pure
 Python and the tests check they agree.
 """.splitlines()
 

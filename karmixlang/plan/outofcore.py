@@ -19,7 +19,7 @@ its `chunk` in ops.OPS):
   chunks. A single member of the key must therefore fit the limit.
 
 Chunks are a power of two in length, so they split into the same slices that the in-memory
-kernels use (ops_base.flat_slices): out-of-core results are bit-identical to in-memory ones
+kernels use (runtime/kernels/base.flat_slices): out-of-core results are bit-identical to in-memory ones
 whenever the chunk is at least one such slice, which the chunk length is raised to when the
 limit allows.
 
@@ -36,7 +36,7 @@ from karmixlang.io.dtypes import DTYPES
 from karmixlang.ops import OPS, Chunk
 
 # The kernels work on power-of-two slices of a key's flattened elements, about this many
-# elements in all over the stacked rows (runtime/ops_base.flat_slices).
+# elements in all over the stacked rows (runtime/kernels/base.flat_slices).
 KERNEL_SLICE_ELEMS = 1 << 21
 MIN_SLICE = 1 << 12
 MIN_CHUNK = MIN_SLICE
