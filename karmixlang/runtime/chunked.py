@@ -6,7 +6,8 @@ The passes, in the key's evaluation order:
    spilled to a temporary file in the compute dtype;
 2. each Gram method accumulates its members' Gram matrix over the chunks, then solves for
    its coefficients;
-3. a last pass forms the outputs chunk by chunk and hands each piece to the writer.
+3. a last pass forms the outputs chunk by chunk and yields each piece (the executor tests it,
+   casts it and hands it to the writer).
 Inputs are read chunk by chunk in their stored dtype and widened per chunk.
 """
 
@@ -27,11 +28,13 @@ from ..outofcore import GRAM_OPS, SPLIT_OPS, WHOLE_OPS, threshold_trim
 from ..schedule import KeyJob
 from . import ops, ops_sparse
 from .ops_base import GramSum
-from .tensors import Reader, part, to_bytes
+from .tensors import Reader, part
 
 Span = tuple[int, int]
 # A piece of an output: (index into job.outputs, byte offset within the key, bytes).
 Piece = tuple[int, int, memoryview]
+# A piece of an output's value: (index into job.outputs, element offset, values there).
+ValuePiece = tuple[int, int, torch.Tensor]
 
 
 class Streamed:
@@ -46,10 +49,12 @@ class Streamed:
 
 
 def run_chunked(ev, job: KeyJob, raw_ok: set[int], into: dict[int, str],
-                spill_root: str) -> Streamed:
-    """`raw_ok`: loads only copied (kept in their stored dtype); `into`: outputs accumulated
-    in reused buffers (both as the executor decides for a whole key)."""
-    return Streamed(_ChunkedKey(ev, job, raw_ok, into, spill_root).pieces())
+                spill_root: str) -> Iterator[ValuePiece]:
+    """The outputs' values chunk by chunk, in writing order; each lives in reused buffers
+    until the next is asked for. `raw_ok`: loads only copied (kept in their stored dtype);
+    `into`: outputs accumulated in reused buffers (both as the executor decides for a whole
+    key)."""
+    return _ChunkedKey(ev, job, raw_ok, into, spill_root).pieces()
 
 
 class _ChunkedKey:
@@ -71,7 +76,7 @@ class _ChunkedKey:
         for a in range(0, self.numel, self.chunk):
             yield a, min(self.numel, a + self.chunk)
 
-    def pieces(self) -> Iterator[Piece]:
+    def pieces(self) -> Iterator[ValuePiece]:
         folder = tempfile.mkdtemp(prefix=".kmx-spill-", dir=self.spill_root)
         try:
             for n in self.job.steps:
@@ -82,13 +87,10 @@ class _ChunkedKey:
                 elif n.op in WHOLE_OPS or n.op in SPLIT_OPS:
                     self.spill(n, folder)
             targets = [o.node for o in self.job.outputs]
-            scratch = self.ev.scratch
             for a, b in self.spans():
                 values = self.evaluate(targets, (a, b), self.into)
                 for k, o in enumerate(self.job.outputs):
-                    data = to_bytes(values[id(o.node)], o.dtype, scratch,
-                                    "read" if k == 0 else f"cast{k}")
-                    yield k, a * (data.nbytes // (b - a)), data
+                    yield k, a, values[id(o.node)]
         finally:
             self.spill_reader.close()
             shutil.rmtree(folder, ignore_errors=True)

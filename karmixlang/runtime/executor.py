@@ -23,23 +23,19 @@ import torch
 
 from ..api import Compiled
 from ..builtins import BUILTINS
-from ..diagnostics import KmxError, error
+from ..diagnostics import KmxError, error, located
 from ..ir import KeyMap, Node
 from ..machine import default_threads
-from ..schedule import (ALIAS_OPS, COMPUTE_ITEMSIZE, LINEAR_OPS, KeyJob, Output, make_job,
-                        node_keys, plan_out_of_core)
+from ..schedule import ALIAS_OPS, COMPUTE_ITEMSIZE, LINEAR_OPS, KeyJob, Output, plan_out_of_core
 from . import ops
-from .outputs import OutputSet
 from .chunked import Streamed, run_chunked
-from .tensors import COMPUTE, Reader, Scratch, part, to_bytes
+from .nonfinite import (BadResult, NonFinite, checked_bytes, copied_as_stored,
+                        fallback_inputs, on_input, on_result)
+from .outputs import OutputSet
+from .tensors import COMPUTE, Reader, Scratch, finite, part
 
 _KERNELS = {b.kernel: b for b in BUILTINS.values() if b.kernel}
 CHECKPOINT_SECONDS = 2.0
-
-
-class NonFinite(Exception):
-    def __init__(self, node: Node, key: str):
-        self.node, self.key = node, key
 
 
 @dataclass
@@ -129,6 +125,7 @@ class _Evaluator:
     def __init__(self, compiled: Compiled, reader: Reader, opts: RunOptions):
         self.c = compiled
         self.reader = reader
+        self.opts = opts
         self.compute = COMPUTE[opts.compute_dtype]
         self.device = torch.device(opts.device)
         self.headers = compiled.schedule.headers
@@ -163,9 +160,21 @@ class _Evaluator:
             return ins[0][n.attr("index")]
         return self.kernel(n, key, ins, span)
 
-    def read(self, n: Node, key: str, span) -> torch.Tensor:
+    def fresh(self) -> "_Evaluator":
+        """An evaluator on the same inputs with buffers of its own: what it computes leaves
+        this one's results (and their cast bytes) alone."""
+        return _Evaluator(self.c, self.reader, self.opts)
+
+    def copies(self, job: KeyJob) -> set[int]:
+        return copied_as_stored(job, _raw_loads(job))
+
+    def read(self, n: Node, key: str, span, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Input n's tensor for `key` (flat elements `span` of it); a failure to read points
+        at the recipe line that names the input."""
         info = self.headers[n].tensors[key]
-        return self.reader.read(part(info, span) if span else info)
+        spans = self.c.graph.origins.get(n) or [None]
+        with located(spans[0], "this input"):
+            return self.reader.read(part(info, span) if span else info, into)
 
     def load(self, n: Node, key: str, raw: bool = False, span=None):
         """An input tensor: as stored (`raw`, for copies), or on the device in the compute
@@ -177,23 +186,22 @@ class _Evaluator:
         self.check_finite(t, n, key)
         return t
 
-    @staticmethod
-    def finite(t: torch.Tensor) -> bool:
-        # A NaN or Inf anywhere makes the sum non-finite, and a plain sum is ~20x cheaper than
-        # isfinite(); only a non-finite sum (or an overflow) needs the exact test.
-        return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
-
     def check_finite(self, t: torch.Tensor, n: Node, key: str) -> None:
-        if not self.finite(t):
+        if not finite(t):
             raise NonFinite(n, key)
+
+    def check_streamed(self, job: KeyJob, span=None) -> None:
+        """Raise NonFinite for the first deferred input that holds NaN or Inf."""
+        for n in job.loads:
+            if id(n) in job.deferred:
+                self.load_widened(n, job.key, span)
 
     def load_widened(self, n: Node, key: str, span=None, check: bool = True) -> torch.Tensor:
         """A deferred input, read and widened through this thread's reused buffers (valid
         until its next call): streaming a weighted sum then allocates nothing per input."""
         info = self.headers[n].tensors[key]
-        if span:
-            info = part(info, span)
-        raw = self.reader.read(info, self.scratch.get("read", info.nbytes))
+        raw = self.read(n, key, span, self.scratch.get("read", (part(info, span) if span else
+                                                                info).nbytes))
         if raw.dtype == self.compute or not raw.is_floating_point() or \
                 self.device.type != "cpu":
             t = raw.to(device=self.device, dtype=self.compute)
@@ -236,7 +244,10 @@ class _Evaluator:
             else:
                 acc.add_(t, alpha=c)
             del t
-        if streamed and not self.finite(acc):  # name the input (or it was an overflow)
+        # A result only written out is tested as it is written (nonfinite.py); any other is
+        # tested here, before it is computed with: name the input (or it was an overflow).
+        written_only = depth == 0 and scratch is not None
+        if streamed and not written_only and not finite(acc):
             for x in streamed:
                 self.load_widened(x, key, span)
         return acc
@@ -294,22 +305,6 @@ def _raw_loads(job: KeyJob) -> set[int]:
         if n.op in ALIAS_OPS and id(n) in computed:
             computed.update(id(i) for i in used(n))
     return {id(n) for n in job.steps if n.op == "load" and id(n) not in computed}
-
-
-def _fallback_job(compiled: Compiled, job: KeyJob) -> KeyJob:
-    """The same key copied from each save's fallback (for --nonfinite=fallback)."""
-    graph = compiled.graph
-    keys = node_keys(graph, compiled.schedule.headers)
-    outputs = []
-    for o in job.outputs:
-        fb = graph.saves[o.save].fallback
-        if fb is None or not keys[fb].has(job.key):
-            raise KmxError([error("K0401", f"key `{job.key}` has non-finite values and save "
-                                  f"`{graph.saves[o.save].written}` has no fallback with it")])
-        outputs.append(Output(o.save, fb, o.dtype, o.shape, "non-finite input"))
-    order = {n: i for i, n in enumerate(graph.topo())}
-    item = COMPUTE_ITEMSIZE[compiled.plan.data["compute_dtype"]]
-    return make_job(job.key, outputs, keys, order, compiled.schedule.headers, item)
 
 
 class _Interrupted(Exception):
@@ -379,16 +374,31 @@ def compute_key(compiled: Compiled, ev: "_Evaluator", opts: RunOptions, job: Key
                 fallbacks: list[str]):
     """The job's outputs as [(Output, bytes)] (valid until this thread's next job), or, for
     an out-of-core key, as Streamed pieces computed while they are written. A key with
-    non-finite inputs is copied from the fallback, or fails, per --nonfinite."""
+    non-finite inputs or results is copied from the fallback, or fails, per --nonfinite
+    (nonfinite.py)."""
     if job.ooc is not None:
         return Streamed(_pieces(compiled, ev, opts, job, fallbacks))
     try:
-        results = ev.run(job)
+        return _whole(compiled, ev, job, fallbacks)
     except NonFinite as nf:
-        results = ev.run(_on_nonfinite(compiled, opts, job, nf, fallbacks))
+        copy = on_input(compiled, opts, job, nf, fallbacks)
+    with fallback_inputs(compiled):
+        return _whole(compiled, ev, copy, fallbacks)
+
+
+def _whole(compiled, ev, job, fallbacks):
+    results = ev.run(job)
+    copies = ev.copies(job)
+    out = []
     # Each output is cast into its own reused buffer: all of them are delivered afterwards.
-    return [(out, to_bytes(value, out.dtype, ev.scratch, "read" if i == 0 else f"cast{i}"))
-            for i, (out, value) in enumerate(results)]
+    for k, (o, value) in enumerate(results):
+        try:
+            data = checked_bytes(ev, job, k, value, k in copies,
+                                 buffer="read" if k == 0 else f"cast{k}")
+        except BadResult as bad:
+            data = on_result(compiled, ev, job, bad, fallbacks)
+        out.append((o, data))
+    return out
 
 
 def _pieces(compiled, ev, opts, job, fallbacks):
@@ -397,24 +407,29 @@ def _pieces(compiled, ev, opts, job, fallbacks):
     spill_root = os.path.dirname(os.path.abspath(compiled.graph.saves[0].path))
     if not os.path.isdir(spill_root):
         spill_root = tempfile.gettempdir()
+    copies, replaced = ev.copies(job), set()
     try:
-        yield from run_chunked(ev, job, _raw_loads(job), output_buffers(job), spill_root)
+        for k, a, value in run_chunked(ev, job, _raw_loads(job), output_buffers(job),
+                                       spill_root):
+            if k in replaced:
+                continue
+            try:
+                data = checked_bytes(ev, job, k, value, k in copies, (a, a + value.numel()),
+                                     "read" if k == 0 else f"cast{k}")
+            except BadResult as bad:  # the fallback's whole key replaces what was written
+                replaced.add(k)
+                yield k, 0, on_result(compiled, ev, job, bad, fallbacks)
+                continue
+            yield k, a * (data.nbytes // value.numel()), data
     except NonFinite as nf:
-        # Pieces already written are overwritten by the fallback's whole key.
-        for k, (out, value) in enumerate(ev.run(_on_nonfinite(compiled, opts, job, nf,
-                                                              fallbacks))):
-            yield k, 0, to_bytes(value, out.dtype, ev.scratch)
-
-
-def _on_nonfinite(compiled, opts, job, nf: NonFinite, fallbacks: list[str]) -> KeyJob:
-    if opts.nonfinite != "fallback":
-        name = compiled.graph.names.get(nf.node, nf.node.attr("path"))
-        raise KmxError([error(
-            "K0401", f"`{name}` has NaN or Inf values in key `{nf.key}`",
-            help="fix the input, or run with --nonfinite=fallback to copy such keys from the "
-                 "save's fallback")]) from None
-    fallbacks.append(job.key)
-    return _fallback_job(compiled, job)
+        copy = on_input(compiled, opts, job, nf, fallbacks)
+    else:
+        return
+    # Pieces already written are overwritten by the fallback's whole key.
+    with fallback_inputs(compiled):
+        results = _whole(compiled, ev, copy, fallbacks)
+    for k, (_, data) in enumerate(results):
+        yield k, 0, data
 
 
 class LocalExecutor:
