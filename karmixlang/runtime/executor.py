@@ -335,12 +335,17 @@ class RunSession:
         return compute_key(self.compiled, self.evaluator, self.opts, job, self.fallbacks)
 
     def deliver(self, job: KeyJob, results) -> None:
+        saves = self.compiled.graph.saves
         if isinstance(results, Streamed):
-            for k, start, data in results:
-                self.writers[job.outputs[k].save].write(job.key, data, start)
+            # A spill that fails names no save: it points at the key's first.
+            with located(saves[job.outputs[0].save].span, "this save"):
+                for k, start, data in results:
+                    with located(saves[job.outputs[k].save].span, "this save"):
+                        self.writers[job.outputs[k].save].write(job.key, data, start)
             return
         for out, data in results:
-            self.writers[out.save].write(job.key, data)
+            with located(saves[out.save].span, "this save"):
+                self.writers[out.save].write(job.key, data)
 
     def finished(self, job: KeyJob) -> None:
         if self.progress:
@@ -351,8 +356,9 @@ class RunSession:
             self.checkpoint()
 
     def checkpoint(self) -> None:
-        for w in self.writers:
-            w.checkpoint()
+        for w, save in zip(self.writers, self.compiled.graph.saves):
+            with located(save.span, "this save"):
+                w.checkpoint()
         self._last_checkpoint = time.monotonic()
 
     def close(self) -> None:
@@ -486,6 +492,12 @@ def make_executor(opts: RunOptions, threads: int, limit: int):
 
 def execute(compiled: Compiled, opts: RunOptions, progress=None) -> RunResult:
     """Run a compiled recipe. Raises KmxError; never leaves a partial file under a final name."""
+    if opts.threads < 0:
+        raise ValueError(f"threads must be 0 (one per core) or more, not {opts.threads}")
+    if opts.executor == "ray":
+        from .ray_exec import check_address
+
+        check_address(opts.address)
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise KmxError([error("K0406", "--device cuda: no CUDA device is available",
                               help="run with --device cpu")])

@@ -56,6 +56,25 @@ class RayExecutor:
             self.started = False
 
 
+ADDRESS_HELP = ("give host:port of the head node, ray://host:port for Ray Client, or auto; "
+                "leave --address out to start a local Ray")
+
+
+def check_address(address: str | None) -> None:
+    """Refuse an --address Ray could never join, before anything starts (K0407)."""
+    if address is None or address in ("auto", "local"):
+        return
+    parts = urlsplit(address if "://" in address else f"ray://{address}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if (parts.scheme != "ray" or not parts.hostname or not port or parts.username
+            or parts.password or parts.path not in ("", "/") or parts.query or parts.fragment):
+        raise KmxError([error("K0407", f"--address `{address}` is not a Ray address",
+                              help=ADDRESS_HELP)])
+
+
 def _import_ray():
     try:
         import ray

@@ -16,7 +16,7 @@ import torch
 
 from ..diagnostics import KmxError, error
 from ..io.dtypes import DTYPES
-from ..io.header import TensorInfo
+from ..io.header import TensorInfo, os_fail
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
@@ -47,7 +47,7 @@ class Reader:
                 try:
                     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 except OSError as exc:
-                    raise KmxError([error("K0301", f"cannot open `{path}`: {exc.strerror}")])
+                    os_fail(exc, path, None)
                 self._fds[path] = fd
             return fd
 
