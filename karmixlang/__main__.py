@@ -8,8 +8,9 @@ line, is the interpreter's to handle.
 """
 
 import os
-import signal
 import sys
+
+import _signal  # not `signal`: importing that Python module takes milliseconds of enum set-up
 
 
 def _exit_at_once(signum, frame) -> None:
@@ -18,20 +19,20 @@ def _exit_at_once(signum, frame) -> None:
 
 
 def main() -> int:
-    ours = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # ignored: leave it so
+    ours = _signal.getsignal(_signal.SIGINT) != _signal.SIG_IGN  # ignored: leave it so
     if ours:
-        signal.signal(signal.SIGINT, _exit_at_once)
+        _signal.signal(_signal.SIGINT, _exit_at_once)
     from .cli import interrupted, main as command
 
     try:
         if ours:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            _signal.signal(_signal.SIGINT, _signal.default_int_handler)
         code = command()
     except KeyboardInterrupt:
         code = interrupted()
     finally:
         if ours:
-            signal.signal(signal.SIGINT, _exit_at_once)
+            _signal.signal(_signal.SIGINT, _exit_at_once)
     if code == 130:
         # Python 3.11 exits by SIGINT, not 130, once a KeyboardInterrupt crossed an exec()
         # of source text (dataclasses do that while a module is imported).

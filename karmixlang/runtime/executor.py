@@ -13,6 +13,7 @@ import math
 import os
 import resource
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -223,6 +224,7 @@ class _Evaluator:
             ws = list(n.attr("weights"))
             total = math.fsum(ws) if n.op == "mean" else 1.0
             coeffs = [w / total for w in ws]
+        coeffs = [self.scalar(c) for c in coeffs]
         acc, streamed = None, []
         for x, c in zip(n.inputs, coeffs):
             if id(x) not in job.deferred:
@@ -252,6 +254,23 @@ class _Evaluator:
                 self.load_widened(x, key, span)
         return acc
 
+    def scalar(self, c):
+        """torch refuses a float scalar past the compute dtype's range: there it is ±Inf (a
+        bound that bounds nothing, or a result that is not finite: K0411), not a crash."""
+        if isinstance(c, float) and abs(c) > torch.finfo(self.compute).max:
+            return math.copysign(math.inf, c)
+        return c
+
+    def weights(self, ws) -> list[float]:
+        """A cluster's weights, scaled into the compute dtype's range if they are past it:
+        every cluster kernel (means, medians, elections) depends only on their ratios. A
+        weight too small to express beside the largest stays the smallest positive one."""
+        ws = list(ws)
+        big = max((abs(w) for w in ws), default=0.0)
+        if big > torch.finfo(self.compute).max:
+            ws = [max(w / big, sys.float_info.min) for w in ws]
+        return ws
+
     def call_args(self, n: Node, key: str, ins: list, span=None) -> tuple[list, dict]:
         """The positional and keyword arguments of n's kernel, from its input values (a
         random filter on a chunk also gets the chunk's place, for its random stream)."""
@@ -260,14 +279,14 @@ class _Evaluator:
         args, kwargs, pos = [], {}, 0
         for p in b.params:
             if p.type.endswith("cluster"):
-                w = list(attrs.pop("weights"))
+                w = self.weights(attrs.pop("weights"))
                 args += [ins[pos:pos + len(w)], w]
                 pos += len(w)
             elif p.type in ("space", "model", "delta"):
                 args.append(ins[pos])
                 pos += 1
             elif p.name in attrs:
-                kwargs[p.name] = attrs.pop(p.name)
+                kwargs[p.name] = self.scalar(attrs.pop(p.name))
         if "member" in attrs:
             kwargs.update(key=key, member=attrs.pop("member"))
             if span:
