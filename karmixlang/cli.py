@@ -368,8 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue an interrupted run")
     s.add_argument("--force", action="store_true", help="replace existing outputs")
     s.add_argument("--nonfinite", choices=("error", "fallback"), default="error",
-                   help="NaN/Inf in an input key: stop (default) or copy the key from the "
-                        "fallback")
+                   help="NaN/Inf in an input key or a result, or a result past its output "
+                        "dtype: stop (default) or copy the key from the fallback")
     s.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     s.set_defaults(fn=cmd_run)
 
