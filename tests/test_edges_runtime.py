@@ -10,7 +10,6 @@ import random
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import numpy as np
@@ -358,7 +357,7 @@ def edge_recipe(draw):
     dtype = draw(st.sampled_from(["", ' with dtype="fp16"', ' with dtype="bf16"']))
     use_param = draw(st.booleans())
     body = form.replace("W", w).replace("T", "t" if use_param else t)
-    param = f"param t = 0.5\n" if use_param else ""
+    param = "param t = 0.5\n" if use_param else ""
     sets = [f"t={t}"] if use_param else draw(st.sampled_from([[], ["t=1e308"], ["x=1"]]))
     text = (f'{param}base o = "base.safetensors"\nmodel a = "a.safetensors"\n'
             f'model b = "b.safetensors"\nsave "out/x.safetensors" = {body}{dtype}\n')
