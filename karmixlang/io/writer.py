@@ -21,6 +21,7 @@ from typing import NoReturn
 
 from karmixlang.diagnostics import KmxError, error
 from karmixlang.io.dtypes import DTYPES, nbytes
+from karmixlang.io.header import TOO_MANY_FILES_HELP
 
 PARTIAL_SUFFIX = ".kmx-partial"
 JOURNAL_SUFFIX = ".kmx-journal"
@@ -436,6 +437,8 @@ class CheckpointWriter:
             errno.EPERM: f"check that `{self._folder}` is writable",
             errno.EROFS: "save to a writable disk",
             errno.ENOENT: f"`{self._folder}` was removed or renamed while writing",
+            errno.EMFILE: TOO_MANY_FILES_HELP,
+            errno.ENFILE: TOO_MANY_FILES_HELP,
         }
         where = f" (at `{path}`)" if path != self.layout.final_path else ""
         raise KmxError([error("K0402", f"cannot write `{self.layout.final_path}`: {reason}{where}",

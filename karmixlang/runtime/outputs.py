@@ -10,14 +10,16 @@ hashes are written into it just before the files are published, so no offset mov
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
 
 from karmixlang import __version__
-from karmixlang.diagnostics import KmxError, error
+from karmixlang.diagnostics import KmxError, error, located
 from karmixlang.units import parse_size
-from karmixlang.io.header import HASH_PLACEHOLDER, HASH_PREFIX, hash_data_region
+from karmixlang.io.header import (HASH_PLACEHOLDER, HASH_PREFIX, TOO_MANY_FILES_HELP,
+                                  hash_data_region)
 from karmixlang.io.writer import (JOURNAL_SUFFIX, CheckpointWriter, OutputLayout, hidden_path,
                                   plan_output)
 
@@ -128,6 +130,10 @@ class OutputSet:
                 "K0302", f"cannot hash the inputs: {err}")])
         return [f.header for f in self._layout(index, self.hashes).files]
 
+    def at(self, index: int):
+        """Errors about output `index` point at its save."""
+        return located(self.c.graph.saves[index].span, "this save")
+
     # -- the overwrite and resume rules
     def final_paths(self) -> list[str]:
         return [s.path for s in self.c.graph.saves]
@@ -155,29 +161,35 @@ class OutputSet:
         return True
 
     def open(self) -> list[CheckpointWriter]:
-        for layout in self.layouts:
-            existing = self._existing(layout)
-            if existing and not (self.opts.force or self.opts.resume):
-                raise KmxError([error("K0306", f"`{existing[0]}` already exists",
-                                      help="pass --force to replace it, or --resume to finish "
-                                           "an interrupted run")])
-            journal = hidden_path(layout.final_path, JOURNAL_SUFFIX)
-            if os.path.exists(journal) and not (self.opts.force or self.opts.resume):
-                # Hours of finished keys must not be thrown away by a plain rerun.
-                raise KmxError([error(
-                    "K0306", f"an interrupted run of `{layout.final_path}` left its finished "
-                    "keys behind", help="pass --resume to continue it, or --force to start "
-                    "over")])
+        for i, layout in enumerate(self.layouts):
+            with self.at(i):
+                self._may_write(layout)
         self._hasher.start()
         writers: list[CheckpointWriter] = []
         try:
-            for layout in self.layouts:
-                writers.append(CheckpointWriter(layout, resume=self.opts.resume))
-                self._stamp(layout, resumed=bool(writers[-1].done_keys))
+            for i, layout in enumerate(self.layouts):
+                with self.at(i):
+                    writers.append(CheckpointWriter(layout, resume=self.opts.resume))
+                    self._stamp(layout, resumed=bool(writers[-1].done_keys))
         except BaseException:
             self.keep_partial(writers)
             raise
         return writers
+
+    def _may_write(self, layout: OutputLayout) -> None:
+        """The overwrite rules: refuse to replace a file or an interrupted run's keys."""
+        existing = self._existing(layout)
+        if existing and not (self.opts.force or self.opts.resume):
+            raise KmxError([error("K0306", f"`{existing[0]}` already exists",
+                                  help="pass --force to replace it, or --resume to finish "
+                                       "an interrupted run")])
+        journal = hidden_path(layout.final_path, JOURNAL_SUFFIX)
+        if os.path.exists(journal) and not (self.opts.force or self.opts.resume):
+            # Hours of finished keys must not be thrown away by a plain rerun.
+            raise KmxError([error(
+                "K0306", f"an interrupted run of `{layout.final_path}` left its finished "
+                "keys behind", help="pass --resume to continue it, or --force to start "
+                "over")])
 
     def _stamp(self, layout: OutputLayout, resumed: bool) -> None:
         """Record the inputs' size and mtime beside a fresh partial output; on resume, refuse
@@ -195,10 +207,15 @@ class OutputSet:
                     "K0404", f"cannot resume `{layout.final_path}`: the inputs changed since "
                     "the interrupted run", help="run again without --resume to start over")])
             return
-        with open(path, "w") as f:
-            json.dump(stamp, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(path, "w") as f:
+                json.dump(stamp, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            too_many = exc.errno in (errno.EMFILE, errno.ENFILE)
+            raise KmxError([error("K0402", f"cannot write `{path}`: {exc.strerror or exc}",
+                                  help=TOO_MANY_FILES_HELP if too_many else None)]) from None
 
     def done_keys(self, writers: list[CheckpointWriter]) -> set[str]:
         """Keys every output that holds them has already journaled (an earlier run's work)."""
@@ -210,7 +227,8 @@ class OutputSet:
 
     def commit(self, writers: list[CheckpointWriter]) -> None:
         for i, w in enumerate(writers):
-            w.commit(self._final_headers(i))
+            with self.at(i):
+                w.commit(self._final_headers(i))
             try:
                 os.unlink(hidden_path(self.layouts[i].final_path, STAMP_SUFFIX))
             except OSError:
