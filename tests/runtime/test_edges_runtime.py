@@ -398,3 +398,95 @@ def check_plan_run(workdir, capsys, text, sets, do_run):
         if code != 0:
             assert "error[K" in captured.err or "usage:" in captured.err, captured.err
             break
+
+
+# ------------------------------------------------------------------ 5. the planned schedule
+
+def three_models(folder) -> dict:
+    """`base`, `a` and `b`; at flat index 7 of `w`: 0, 3e38 and -3e38."""
+    m = two_models(folder, big=(0.0, 3e38))
+    m["b"] = {k: -v for k, v in m["a"].items()}
+    write_model(os.path.join(folder, "b.safetensors"), m["b"])
+    return m
+
+
+TWO_SAVES = """
+    base o = "base.safetensors"
+    model a = "a.safetensors"
+    model b = "b.safetensors"
+    save "out/x.safetensors" = {x}
+    save "out/y.safetensors" = {y}
+"""
+
+
+def test_a_bad_result_falls_back_in_its_own_save_even_where_another_has_none(workdir):
+    """y has no fallback (no base): x's overflowing key is still copied from x's, y is
+    computed; the run plans nothing and changes nothing in the compiled schedule."""
+    m = three_models(workdir)
+    path = recipe(workdir, TWO_SAVES.format(x="o + 2 * (a - o)", y="0.5 * a + 0.5 * b"))
+    compiled = compile_recipe(path, threads=1)
+    job = next(j for j in compiled.schedule.jobs if j.key == "w")
+    assert job.no_fallback == 1 and [o.save for o in job.fallback.outputs] == [0]
+    text = compiled.schedule.executable.dumps()
+    result = execute(compiled, RunOptions(threads=1, nonfinite="fallback"))
+    assert compiled.schedule.executable.dumps() == text
+    assert result.fallbacks == ["w (`out/x.safetensors`: non-finite result)"]
+    x, y = (load_file(str(workdir / f"out/{n}.safetensors")) for n in "xy")
+    assert np.array_equal(x["w"], m["base"]["w"])
+    assert np.allclose(y["w"], 0.5 * m["a"]["w"] + 0.5 * m["b"]["w"], atol=1e-6)
+
+
+def test_a_bad_result_in_a_save_without_fallback_stops_at_that_save(workdir):
+    three_models(workdir)
+    path = recipe(workdir, TWO_SAVES.format(x="lerp(o, a, t=0.5)", y="2 * a - b"))
+    with pytest.raises(KmxError) as exc:
+        run(path, nonfinite="fallback")
+    d = diagnostic(exc)
+    assert d.code == "K0411" and "out/y.safetensors" in d.message and "no fallback" in d.message
+    assert d.span.line == 5 and not (workdir / "out/y.safetensors").exists()
+
+
+def worker_run(compiled, nonfinite: str):
+    """What a Ray task computes for every key, from the serialized schedule alone."""
+    exe = compiled.schedule.executable
+    return ray_exec.compute_group(exe.part(exe.jobs).dumps(), "cpu", nonfinite)
+
+
+@pytest.mark.parametrize("formula, dtype, code", [
+    ("o + 2 * (a - o)", "fp32", "K0411"), ("lerp(o, a, t=0.75)", "fp16", "K0412")])
+def test_a_worker_reports_bad_results_as_a_local_run_does(workdir, formula, dtype, code):
+    if dtype == "fp32":
+        two_models(workdir, big=HUGE)
+    else:
+        two_models(workdir, half=2e5)
+    path = recipe(workdir, f"""
+        base o = "base.safetensors"
+        model a = "a.safetensors"
+        save "out/x.safetensors" = {formula} with dtype="{dtype}"
+    """)
+    compiled = compile_recipe(path, threads=1)
+    with pytest.raises(KmxError) as local:
+        execute(compiled, RunOptions(threads=1))
+    os.unlink(path)  # a worker never reads the recipe: the places come with the schedule
+    with pytest.raises(KmxError) as worker:
+        worker_run(compiled, "error")
+    assert diagnostic(worker) == diagnostic(local) and diagnostic(worker).code == code
+    assert diagnostic(worker).span.line == 3
+    local = execute(compiled, RunOptions(threads=1, nonfinite="fallback", force=True))
+    _, fallbacks = worker_run(compiled, "fallback")
+    assert fallbacks == local.fallbacks and len(fallbacks) == 1
+
+
+def test_a_worker_names_a_bad_input_at_its_model_line(workdir):
+    bad = np.ones((6, 5), np.float32)
+    bad[1, 1] = np.nan
+    tiny_models(workdir, extra={"b": {"model.w": bad}})
+    path = recipe(workdir, """
+        base o = "base.safetensors"
+        model b = "b.safetensors"
+        save "out.safetensors" = o + 0.5 * (b - o)
+    """)
+    with pytest.raises(KmxError) as exc:
+        worker_run(compile_recipe(path, threads=1), "error")
+    d = diagnostic(exc)
+    assert d.code == "K0401" and "`b`" in d.message and (d.span.line, d.label) == (2, "this input")
