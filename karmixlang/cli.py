@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import stat
 import sys
 
 from rich.console import Console
@@ -239,10 +240,12 @@ def cmd_fmt(args) -> int:
             err.print(Text(f"would reformat {path}"))
             status = max(status, EXIT_ERRORS)
         else:
-            tmp = f"{path}.kmx-fmt.tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(formatted)
-            os.replace(tmp, path)
+            from karmixlang.io.writer import atomic_write
+
+            try:  # a new temporary file: nothing planted at a known name is followed
+                atomic_write(path, formatted.encode(), stat.S_IMODE(os.stat(path).st_mode))
+            except OSError as exc:
+                raise UsageError(f"cannot write {path}: {exc}")
             err.print(Text(f"reformatted {path}"))
     return status
 

@@ -61,6 +61,7 @@ CODES: dict[str, str] = {
     "K0308": "pickle checkpoints are refused",
     "K0309": "invalid sharded index",
     "K0310": "non-float key without a fallback",
+    "K0311": "output path is not a regular file",
     # K04xx: running
     "K0401": "non-finite values in an input",
     "K0402": "cannot write the output",
@@ -70,6 +71,8 @@ CODES: dict[str, str] = {
     "K0406": "device not available",
     "K0407": "the Ray executor cannot run",
     "K0408": "key too large for the memory limit",
+    "K0409": "another run is writing the output",
+    "K0410": "an input changed during the run",
     "K0411": "non-finite values in a result",
     "K0412": "a result overflows its output dtype",
 }

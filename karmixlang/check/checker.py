@@ -80,6 +80,8 @@ def _check_save(ch: Checker, unit: Unit, s: ast.Save, paths: dict[str, ast.Save]
         ch.err("K0202", f"a save writes a Model, not a {ty.describe()}", s.expr.span)
     if isinstance(path_ty.value, str):
         full = os.path.normpath(os.path.join(unit.folder, path_ty.value))
+        # The folder resolved: two spellings through a symlinked folder are one file.
+        full = os.path.join(os.path.realpath(os.path.dirname(full)), os.path.basename(full))
         if full in paths:
             ch.err("K0212", f"two saves write `{path_ty.value}`", s.path.span,
                    notes=(Label(paths[full].path.span, "first written here"),))

@@ -12,6 +12,8 @@ from karmixlang.syntax import ast
 from karmixlang.builtins import BUILTINS, Builtin, P
 from karmixlang.diagnostics import Diagnostic, Span, did_you_mean, error
 from karmixlang.limits import MAX_EVAL_DEPTH, MAX_EVAL_STEPS
+from karmixlang.check.binder import (Binding, Kind, bind_builtin, bind_def, resolve_call,
+                                     resolve_name)
 from karmixlang.check.program import Program, Unit
 from karmixlang.check.rules import BuiltinRules
 from karmixlang.check.values import BUSY, ANY, DELTA, ERR, MAX_GAIN, MODEL, Ty, affine
@@ -198,9 +200,10 @@ class Checker(BuiltinRules):
         return ERR if bad else Ty("string", value="".join(text))
 
     def name(self, e: ast.Name, scope: Scope) -> Ty:
-        if e.name in scope.locals:
+        ref = resolve_name(scope.unit, e.name, scope.locals, scope.lets)
+        if ref.kind is Kind.PARAM:
             return scope.locals[e.name]
-        if e.name in scope.lets:
+        if ref.kind is Kind.LET:
             key = f"{scope.def_stack[-1]}.{e.name}"
             if scope.locals.get(key) == BUSY:
                 scope.locals[key] = ERR
@@ -213,9 +216,9 @@ class Checker(BuiltinRules):
             scope.locals[key] = BUSY
             scope.locals[key] = self.value(scope.lets[e.name].expr, scope)
             return scope.locals[key]
-        if e.name in scope.unit.decls:
+        if ref.kind is Kind.DECL:
             return self.decl_type(scope.unit, e.name, e.span)
-        if e.name in BUILTINS:
+        if ref.kind is Kind.BUILTIN:
             return self.err("K0202", f"`{e.name}` is a function; call it", e.span,
                             help=f"`{BUILTINS[e.name].signature()}`")
         candidates = list(scope.unit.decls) + list(scope.locals) + list(scope.lets)
@@ -367,24 +370,20 @@ class Checker(BuiltinRules):
 
     # -- calls
     def call(self, e: ast.Call, scope: Scope) -> Ty:
-        if isinstance(e.func, ast.Member):
+        callee = resolve_call(scope.unit, e.func, scope.locals)
+        if callee.definition is not None:
+            return self.call_def(callee.unit, callee.definition, e, scope)
+        if callee.builtin is not None:
+            return self.call_builtin(callee.builtin, e, scope)
+        if isinstance(e.func, ast.Member):  # why it is not a def of an imported file
             unit = scope.unit.imports.get(e.func.lib)
-            if unit is None:
+            if unit is None or e.func.name not in unit.decls:
                 self.member(e.func, scope)
                 return ERR
-            d = unit.decls.get(e.func.name)
-            if not isinstance(d, ast.Def):
-                if d is None:
-                    return self.member(e.func, scope)
-                return self.err("K0114", f"`{e.func.lib}.{e.func.name}` is not a function",
-                                e.func.span)
-            return self.call_def(unit, d, e, scope)
+            return self.err("K0114", f"`{e.func.lib}.{e.func.name}` is not a function",
+                            e.func.span)
         name = e.func.name
         d = scope.unit.decls.get(name)
-        if isinstance(d, ast.Def) and name not in scope.locals:
-            return self.call_def(scope.unit, d, e, scope)
-        if name in BUILTINS:
-            return self.call_builtin(BUILTINS[name], e, scope)
         if d is not None or name in scope.locals or name in scope.lets:
             return self.err("K0114", f"`{name}` is not a function", e.func.span)
         defs = [n for n, x in scope.unit.decls.items() if isinstance(x, ast.Def)]
@@ -392,51 +391,19 @@ class Checker(BuiltinRules):
         return self.err("K0103", f"unknown function `{name}`", e.func.span,
                         help=f"did you mean `{hint}`?" if hint else "`kmx methods` lists them")
 
-    def bind(self, fname: str, params: list[tuple[str, bool]], e: ast.Call, varargs: bool = False,
-             extra_kwargs: bool = False):
-        """Match a call's arguments to parameters -> (bound {name: expr}, extra, ok)."""
-        bound: dict[str, object] = {}
-        extra: list = []
-        ok = True
-        names = [n for n, _ in params]
-        for i, arg in enumerate(e.args):
-            if i < len(names):
-                bound[names[i]] = arg
-            elif varargs:
-                extra.append(arg)
-            else:
-                self.err("K0106", f"`{fname}` takes at most {len(names)} positional "
-                         f"argument{'s' if len(names) != 1 else ''}", arg.span)
-                ok = False
-        kw_extra = {}
-        for kw in e.kwargs:
-            if kw.name in bound or kw.name in kw_extra:
-                self.err("K0107", f"argument `{kw.name}` given twice", kw.span)
-                ok = False
-            elif kw.name in names:
-                bound[kw.name] = kw.value
-            elif extra_kwargs:
-                kw_extra[kw.name] = kw
-            else:
-                hint = did_you_mean(kw.name, names)
-                self.err("K0104", f"`{fname}` has no parameter `{kw.name}`", kw.span,
-                         help=f"did you mean `{hint}`?" if hint else
-                         f"parameters: {', '.join(names) or 'none'}")
-                ok = False
-        for n, required in params:
-            if required and n not in bound:
-                self.err("K0105", f"`{fname}` needs the argument `{n}`", e.span,
-                         label="missing argument")
-                ok = False
-        return bound, extra, kw_extra, ok
+    def report(self, binding: Binding) -> bool:
+        """Report what did not bind; True when every argument found its parameter."""
+        for code, message, span, help_, label in binding.problems:
+            self.err(code, message, span, help=help_, label=label)
+        return not binding.problems
 
     def call_def(self, unit: Unit, d: ast.Def, e: ast.Call, scope: Scope) -> Ty:
         if d.name in scope.def_stack:
             chain = " -> ".join(scope.def_stack[scope.def_stack.index(d.name):] + (d.name,))
             return self.err("K0108", f"recursive def: {chain}", e.span,
                             help="a def cannot call itself, directly or through others")
-        params = [(p.name, p.default is None) for p in d.params]
-        bound, _, _, ok = self.bind(d.name, params, e)
+        binding = bind_def(d, e)
+        ok, bound = self.report(binding), binding.bound
         local = {}
         for p in d.params:
             if p.name in bound:
@@ -481,9 +448,9 @@ class Checker(BuiltinRules):
         self.value(d.body, inner)
 
     def call_builtin(self, b: Builtin, e: ast.Call, scope: Scope) -> Ty:
-        params = [(p.name, p.required) for p in b.params]
-        bound, extra, kw_extra, ok = self.bind(b.name, params, e, varargs=b.varargs is not None,
-                                               extra_kwargs=b.extra_kwargs)
+        binding = bind_builtin(b, e)
+        ok = self.report(binding)
+        bound, extra, kw_extra = binding.bound, binding.extra, binding.extra_kwargs
         tys: dict[str, Ty] = {}
         for p in b.params:
             if p.name in bound:

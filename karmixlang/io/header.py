@@ -401,15 +401,24 @@ def hash_data_region(path: str, span: Span | None = None) -> str:
     Only data is hashed, so a rewritten header (new metadata) keeps the hash. A sharded
     checkpoint hashes each shard in `files` order and then hashes those digests together.
     """
-    files = read_checkpoint(path, span).files
-    digests = [_hash_file(f, span) for f in files]
-    if len(digests) == 1:
-        return HASH_PREFIX + digests[0].hex()
-    return HASH_PREFIX + hashlib.sha256(b"".join(digests)).hexdigest()
+    return combine_hashes([hash_file(f, span) for f in read_checkpoint(path, span).files])
 
 
 HASH_PREFIX = "sha256:"
 HASH_PLACEHOLDER = HASH_PREFIX + "0" * 64  # same length as a real hash
+
+
+def hash_file(path: str, span: Span | None = None) -> str:
+    """The hash of one file's data region ("sha256:" + hex)."""
+    return HASH_PREFIX + _hash_file(path, span).hex()
+
+
+def combine_hashes(hashes: list[str]) -> str:
+    """A checkpoint's hash from its files' hashes, in `CheckpointHeader.files` order."""
+    if len(hashes) == 1:
+        return hashes[0]
+    return HASH_PREFIX + hashlib.sha256(
+        b"".join(bytes.fromhex(h.removeprefix(HASH_PREFIX)) for h in hashes)).hexdigest()
 
 
 def _hash_file(path: str, span: Span | None) -> bytes:

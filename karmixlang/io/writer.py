@@ -7,24 +7,36 @@ its offset, from any thread, in any order: memory holds one tensor per worker, n
 Crash safety: data goes to `.<name>.kmx-partial` beside the final file, which only appears by an
 atomic rename once complete. A journal (`.<name>.kmx-journal`) lists keys whose bytes were
 fsync-ed, so `--resume` redoes only the rest.
+
+One writer per output: `.<name>.kmx-lock` is locked (flock) before the first byte is written, and
+a partial file is published only if it is still the inode this writer created.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
+import stat
+import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from typing import NoReturn
 
-from karmixlang.diagnostics import KmxError, error
+from karmixlang.diagnostics import Diagnostic, KmxError, error
 from karmixlang.io.dtypes import DTYPES, nbytes
 from karmixlang.io.header import TOO_MANY_FILES_HELP
 
 PARTIAL_SUFFIX = ".kmx-partial"
 JOURNAL_SUFFIX = ".kmx-journal"
+STAMP_SUFFIX = ".kmx-inputs"  # what a resumed run must match (runtime/outputs.py)
+LOCK_SUFFIX = ".kmx-lock"
+# A plain rerun would stop at the interrupted run's partial output (K0306): say --force.
+RESTART_HELP = ("to start this output over, run again with --force (the interrupted run's "
+                "finished keys are discarded); or undo the change and resume")
 JOURNAL_VERSION = 1
 
 
@@ -156,6 +168,131 @@ def hidden_path(path: str, suffix: str) -> str:
     return os.path.join(folder, f".{name}{suffix}")
 
 
+def written_paths(layout: OutputLayout) -> list[str]:
+    """Every path that writing `layout` creates or replaces: the files, the index, and the
+    hidden partial, journal, stamp and lock files beside them."""
+    finals = [f.path for f in layout.files] + ([layout.index_path] if layout.index_path else [])
+    hidden = [hidden_path(layout.final_path, s)
+              for s in (JOURNAL_SUFFIX, STAMP_SUFFIX, LOCK_SUFFIX)]
+    return finals + [hidden_path(p, PARTIAL_SUFFIX) for p in finals] + hidden
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+
+
+def not_regular(path: str, span=None) -> Diagnostic | None:
+    """K0311 if `path` is something kmx must never replace (a directory, a device, a FIFO...);
+    None for a regular file, a symlink to one, or nothing (a dangling symlink is replaced by
+    the rename, not followed)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    what = next((what for test, what in _KINDS if test(mode)), None)
+    if what is None:
+        return None
+    return error("K0311", f"`{path}` is {what}, not a regular file", span,
+                 label="this save" if span else "", help="kmx writes only regular files and "
+                 "never replaces anything else: save to another name")
+
+
+def atomic_write(path: str, data: bytes, mode: int | None = None) -> None:
+    """Replace `path` with `data` through a new temporary file in the same folder: the file
+    appears whole or not at all, and nothing already at a temporary name is followed."""
+    folder, name = os.path.split(path)
+    fd, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder or ".")
+    try:
+        try:
+            _write_all(fd, data)
+            if mode is not None:
+                os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+
+
+class OutputLock:
+    """One writer per output: an exclusive, non-blocking flock on `.NAME.kmx-lock` beside it,
+    which holds the owner's pid and start time for the refusal (K0409) of a second run.
+
+    The kernel drops the lock when its process dies, so a lock file left by a killed run
+    blocks nothing. release() removes the file while still holding the lock; a run that
+    locked the removed inode meanwhile sees it is no longer at the path and locks again."""
+
+    def __init__(self, final_path: str):
+        self.final_path = final_path
+        self.path = hidden_path(final_path, LOCK_SUFFIX)
+        self.fd: int | None = None
+        try:
+            os.makedirs(os.path.dirname(final_path) or ".", exist_ok=True)
+            while self.fd is None:
+                self.fd = self._try_lock()
+            owner = f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+            os.ftruncate(self.fd, 0)
+            _write_all(self.fd, owner.encode())
+        except OSError as e:
+            self.release()
+            too_many = e.errno in (errno.EMFILE, errno.ENFILE)
+            raise KmxError([error("K0402", f"cannot lock `{final_path}` for writing: "
+                                  f"{e.strerror or e} (at `{self.path}`)",
+                                  help=TOO_MANY_FILES_HELP if too_many else None)]) from e
+
+    def _try_lock(self) -> int | None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown pid"
+            os.close(fd)
+            raise KmxError([error(
+                "K0409", f"another kmx run ({owner}) is writing `{self.final_path}`",
+                help="wait for that run to finish or stop it; two runs never write one output "
+                     "at the same time")]) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            same = _same_file(os.stat(self.path, follow_symlinks=False), os.fstat(fd))
+        except FileNotFoundError:
+            same = False
+        if not same:  # removed by the run we waited for: lock the file now at the path
+            os.close(fd)
+            return None
+        return fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass  # a lock file left behind locks nothing
+        os.close(self.fd)
+        self.fd = None
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _create_new(path: str, mode: int) -> int:
+    """A new, empty file at `path`: whatever was there (a stale partial file, or a symlink
+    planted to redirect the write) is removed, never followed or truncated."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    return os.open(path, mode | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+
+
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while data:
         n = os.pwrite(fd, data, offset)
@@ -176,16 +313,21 @@ class CheckpointWriter:
     write() may be called from many threads; checkpoint() makes finished keys durable; commit()
     publishes the files. Leaving a `with` block without commit() keeps the partial files and
     journal (so `--resume` can continue after an error); abort(keep_partial=False) discards them.
+    The output's OutputLock is taken first (or `lock`, held by the caller, is used).
     """
 
-    def __init__(self, layout: OutputLayout, *, resume: bool = False):
+    def __init__(self, layout: OutputLayout, *, resume: bool = False,
+                 lock: OutputLock | None = None):
         self.layout = layout
+        self._lock = lock or OutputLock(layout.final_path)
+        self._own_lock = lock is None
         # Durable keys: journaled by an earlier run (found on resume) or by checkpoint().
         self.done_keys: set[str] = set()
         self._folder = os.path.dirname(layout.final_path) or "."
         self._temps = [hidden_path(f.path, PARTIAL_SUFFIX) for f in layout.files]
         self._journal = hidden_path(layout.final_path, JOURNAL_SUFFIX)
         self._fds: list[int] = []
+        self._idents: list[os.stat_result] = []  # of the partial files this writer opened
         self._journal_fd: int | None = None
         self._pending: set[str] = set()  # written since the last checkpoint, not yet durable
         self._state = threading.Condition()  # guards the fields above and the counters below
@@ -204,6 +346,7 @@ class CheckpointWriter:
             self._close()
             if not resuming:  # a half-made fresh start has nothing worth keeping
                 self._remove_partial()
+            self._release_lock()
             if isinstance(e, OSError):
                 self._fail_os(e, self._folder)
             raise
@@ -219,13 +362,13 @@ class CheckpointWriter:
     def _create(self) -> None:
         self._check_space(sum(f.size for f in self.layout.files))
         for f, temp in zip(self.layout.files, self._temps):
-            fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+            fd = _create_new(temp, os.O_RDWR)
             self._fds.append(fd)
+            self._idents.append(os.fstat(fd))
             # Sized up front: every key's offset exists, so any thread may write any key.
             os.ftruncate(fd, f.size)
             _pwrite_all(fd, memoryview(f.header), 0)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
-        self._journal_fd = os.open(self._journal, flags, 0o666)
+        self._journal_fd = _create_new(self._journal, os.O_WRONLY | os.O_APPEND)
         first = {"kmx_journal": JOURNAL_VERSION, "plan": self.layout.fingerprint}
         _write_all(self._journal_fd, (json.dumps(first) + "\n").encode())
         os.fsync(self._journal_fd)
@@ -235,7 +378,7 @@ class CheckpointWriter:
         def refuse(why: str) -> NoReturn:
             raise KmxError([error(
                 "K0404", f"cannot resume writing `{self.layout.final_path}`: {why}",
-                help="run again without --resume to start this output over")])
+                help=RESTART_HELP)])
 
         with open(self._journal, "rb") as j:
             raw = j.read()
@@ -252,13 +395,16 @@ class CheckpointWriter:
             refuse(f"its journal `{self._journal}` names keys this output does not have")
         for f, temp in zip(self.layout.files, self._temps):
             try:
-                fd = os.open(temp, os.O_RDWR | os.O_CLOEXEC)
+                fd = os.open(temp, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             except FileNotFoundError:
                 refuse(f"the partial file `{temp}` is missing")
             self._fds.append(fd)
-            if os.fstat(fd).st_size != f.size or os.pread(fd, len(f.header), 0) != f.header:
+            self._idents.append(os.fstat(fd))
+            if not stat.S_ISREG(self._idents[-1].st_mode) or os.fstat(fd).st_size != f.size or \
+                    os.pread(fd, len(f.header), 0) != f.header:
                 refuse(f"the partial file `{temp}` does not match the plan")
-        self._journal_fd = os.open(self._journal, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self._journal_fd = os.open(self._journal,
+                                   os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
         # Cut the torn line off, or the next append would extend it into a corrupt middle line.
         os.ftruncate(self._journal_fd, len(raw) - len(torn))
         self.done_keys = set(keys)
@@ -315,6 +461,7 @@ class CheckpointWriter:
             with self._state:
                 batch, self._pending = self._pending, set()
             try:
+                self._check_own_files()
                 for fd in self._fds:
                     os.fsync(fd)
                 if batch:
@@ -347,13 +494,18 @@ class CheckpointWriter:
         try:
             if self.layout.index is not None:
                 temp = hidden_path(self.layout.index_path, PARTIAL_SUFFIX)
-                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+                fd = _create_new(temp, os.O_WRONLY)
                 try:
                     _write_all(fd, self.layout.index)
                     os.fsync(fd)
                 finally:
                     os.close(fd)
                 renames.append((temp, self.layout.index_path))
+            # Planning refused these; one may have appeared since.
+            special = [d for _, final in renames if (d := not_regular(final))]
+            if special:
+                raise KmxError(special[:1])
+            self._check_own_files()
             for temp, final in renames:
                 os.replace(temp, final)
             self._fsync_folder()
@@ -361,6 +513,22 @@ class CheckpointWriter:
         except OSError as e:
             self._fail_os(e, self.layout.final_path)
         self._committed = True
+        self._release_lock()
+
+    def _check_own_files(self) -> None:
+        """Each partial file is still the inode this writer opened: never write on into, or
+        publish, a file another process renamed away or put in its place."""
+        for temp, ident in zip(self._temps, self._idents):
+            try:
+                now = os.stat(temp, follow_symlinks=False)
+            except OSError as e:  # gone: removed, or renamed away (the folder, maybe)
+                self._fail_os(e, temp)
+            if not _same_file(now, ident):
+                raise KmxError([error(
+                    "K0409", f"the partial file `{temp}` of `{self.layout.final_path}` was "
+                    "moved or replaced by another process while this run wrote it; nothing "
+                    "was published", help="make sure one run at a time writes an output, then "
+                    "run again with --force")])
 
     def _replace_headers(self, headers: list[bytes]) -> None:
         if len(headers) != len(self.layout.files) or any(
@@ -381,6 +549,11 @@ class CheckpointWriter:
         self._close()
         if not (keep_partial or self._committed):
             self._remove_partial()
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._own_lock:
+            self._lock.release()
 
     # -------------------------------------------------------- internals
 
@@ -436,7 +609,8 @@ class CheckpointWriter:
             errno.EACCES: f"check that `{self._folder}` is writable",
             errno.EPERM: f"check that `{self._folder}` is writable",
             errno.EROFS: "save to a writable disk",
-            errno.ENOENT: f"`{self._folder}` was removed or renamed while writing",
+            errno.ENOENT: f"`{self._folder}` or a file in it was removed or renamed while "
+                          "writing",
             errno.EMFILE: TOO_MANY_FILES_HELP,
             errno.ENFILE: TOO_MANY_FILES_HELP,
         }

@@ -11,7 +11,8 @@ import os
 from dataclasses import dataclass
 
 from karmixlang.syntax import ast
-from karmixlang.builtins import BUILTINS
+from karmixlang.builtins import Builtin
+from karmixlang.check.binder import Kind, bind_builtin, bind_def, resolve_call, resolve_name
 from karmixlang.check.program import Program, Unit, dependency_order, references
 from karmixlang.diagnostics import KmxError, error
 from karmixlang.limits import recursion_room
@@ -111,13 +112,14 @@ class Lowerer:
         if isinstance(e, ast.String):
             return self.string(e, env)
         if isinstance(e, ast.Name):
-            if e.name in env.locals:
+            ref = resolve_name(env.unit, e.name, env.locals, env.lets)
+            if ref.kind is Kind.PARAM:
                 return env.locals[e.name]
-            if e.name in env.lets:
+            if ref.kind is Kind.LET:
                 if e.name not in env.memo:
                     env.memo[e.name] = self.value(env.lets[e.name].expr, env)
                 return env.memo[e.name]
-            return self.decl(env.unit, e.name)
+            return self.decl(ref.unit, e.name)
         if isinstance(e, ast.Member):
             return self.decl(env.unit.imports[e.lib], e.name)
         if isinstance(e, ast.Neg):
@@ -169,17 +171,13 @@ class Lowerer:
 
     # -- calls
     def call(self, e: ast.Call, env: _Env):
-        if isinstance(e.func, ast.Member):
-            unit = env.unit.imports[e.func.lib]
-            return self.call_def(unit, unit.decls[e.func.name], e, env)
-        d = env.unit.decls.get(e.func.name)
-        if isinstance(d, ast.Def) and e.func.name not in env.locals:
-            return self.call_def(env.unit, d, e, env)
-        return self.call_builtin(e, env)
+        callee = resolve_call(env.unit, e.func, env.locals)  # the checker made sure it calls
+        if callee.definition is not None:
+            return self.call_def(callee.unit, callee.definition, e, env)
+        return self.call_builtin(callee.builtin, e, env)
 
     def call_def(self, unit: Unit, d: ast.Def, e: ast.Call, env: _Env):
-        args = dict(zip((p.name for p in d.params), (self.value(a, env) for a in e.args)))
-        args.update({k.name: self.value(k.value, env) for k in e.kwargs})
+        args = {name: self.value(a, env) for name, a in bind_def(d, e).bound.items()}
         for p in d.params:
             if p.name not in args:
                 args[p.name] = self.value(p.default, _Env(unit, {}, {}, {}))
@@ -196,16 +194,11 @@ class Lowerer:
         self.def_memo[key] = v, self.b.built - built
         return v
 
-    def call_builtin(self, e: ast.Call, env: _Env):
-        b = BUILTINS[e.func.name]
-        args = {p.name: v for p, v in zip(b.params, e.args)}
-        extra = [self.value(a, env) for a in e.args[len(b.params):]]
-        kw = {}
-        for k in e.kwargs:
-            if b.param(k.name) is not None:
-                args[k.name] = k.value
-            else:
-                kw[k.name] = self.value(k.value, env)
+    def call_builtin(self, b: Builtin, e: ast.Call, env: _Env):
+        binding = bind_builtin(b, e)
+        args = dict(binding.bound)
+        extra = [self.value(a, env) for a in binding.extra]
+        kw = {name: self.value(k.value, env) for name, k in binding.extra_kwargs.items()}
         for p in b.params:
             if p.name in args:
                 raw = args[p.name]

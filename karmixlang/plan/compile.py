@@ -5,11 +5,13 @@ headers only. What it returns, `Compiled`, is all a run needs: the runtime execu
 from __future__ import annotations
 
 import os
+import hashlib
 from dataclasses import dataclass
 
 from karmixlang.check.checker import check_program
 from karmixlang.check.program import Program
-from karmixlang.diagnostics import Diagnostic, KmxError, error
+from karmixlang.diagnostics import Diagnostic, KmxError
+from karmixlang.io.guard import check_outputs, input_files, plan_save
 from karmixlang.ir.graph import Graph
 from karmixlang.ir.lower import lower
 from karmixlang.ir.optimize import base_choice_warnings, optimize
@@ -24,6 +26,11 @@ class Compiled:
     schedule: Schedule
     plan: Plan
     warnings: list[Diagnostic]
+    # Every input file as planned (size, mtime, inode): a run fails if one changes (K0410).
+    inputs: dict[str, os.stat_result]
+    # Every recipe file, by real path, and the sha256 of the text compiled: no save may
+    # overwrite one (K0305), and a resume must match them (K0404).
+    recipes: dict[str, str]
 
 
 def compile(path: str, overrides: dict[str, str] | None = None, *, threads: int = 1,
@@ -37,30 +44,16 @@ def compile(path: str, overrides: dict[str, str] | None = None, *, threads: int 
         raise KmxError(diags)
     graph = optimize(lower(program))
     sched = schedule(graph, compute_dtype, strict, memory_limit=memory_limit)
-    _guard_outputs(graph, sched)
+    recipes = recipe_hashes(program.sources)
+    layouts = [plan_save(s, sched, i, {}) for i, s in enumerate(graph.saves)]
+    check_outputs(graph.saves, layouts, sched.headers, recipes)
     plan = build_plan(path, graph, sched, threads, compute_dtype, executor=executor)
-    return Compiled(program, graph, sched, plan, diags + base_choice_warnings(graph))
+    return Compiled(program, graph, sched, plan, diags + base_choice_warnings(graph),
+                    input_files(sched.headers), recipes)
 
 
-def _guard_outputs(graph: Graph, sched: Schedule) -> None:
-    """Refuse an output that is one of the inputs: by path, through a symlink, or a hard link."""
-    inputs = {}
-    for h in sched.headers.values():
-        for f in h.files + (h.path,):
-            inputs[os.path.realpath(f)] = f
-            try:
-                st = os.stat(f)
-                inputs[(st.st_dev, st.st_ino)] = f
-            except OSError:
-                pass
-    diags = []
-    for s in graph.saves:
-        hit = inputs.get(os.path.realpath(s.path))
-        if hit is None and os.path.exists(s.path):
-            st = os.stat(s.path)
-            hit = inputs.get((st.st_dev, st.st_ino))
-        if hit is not None:
-            diags.append(error("K0305", f"`{s.written}` would overwrite the input `{hit}`",
-                               s.span, label="this save", help="save to a new file"))
-    if diags:
-        raise KmxError(diags)
+def recipe_hashes(sources: dict[str, str]) -> dict[str, str]:
+    """Real path -> sha256 of the text, for each recipe file: by real path, so that
+    `kmx run r.kmx` resumes `kmx run ./r.kmx`, whatever the folder the run starts from."""
+    return {os.path.realpath(p): hashlib.sha256(t.encode()).hexdigest()
+            for p, t in sorted(sources.items())}

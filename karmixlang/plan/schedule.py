@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from karmixlang.diagnostics import Diagnostic, KmxError, error
 from karmixlang.io.dtypes import DTYPES, nbytes
@@ -55,7 +55,6 @@ class Schedule:
     bytes_written: list[int]
     peak_key: str | None
     peak_bytes: int
-    warnings: list[Diagnostic] = field(default_factory=list)
 
     @property
     def jobs(self) -> list[KeyJob]:

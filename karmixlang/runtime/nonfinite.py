@@ -22,7 +22,9 @@ from karmixlang.ops import OPS
 from karmixlang.plan.executable import Executable, KeyJob, Step
 from karmixlang.runtime.tensors import as_bytes, cast, finite
 
-FALLBACK_HELP = "or run with --nonfinite=fallback to copy such keys from the save's fallback"
+# The keys finished before the stop are kept: a plain rerun would stop at them (K0306).
+FALLBACK_HELP = ("continue with --resume --nonfinite=fallback to copy such keys from the "
+                 "save's fallback")
 
 
 class NonFinite(Exception):
@@ -88,7 +90,8 @@ def on_input(exe: Executable, job: KeyJob, nf: NonFinite, nonfinite: str,
 def input_error(exe: Executable, nf: NonFinite) -> KmxError:
     return KmxError([error("K0401", f"`{exe.labels[nf.node]}` has NaN or Inf values in key "
                            f"`{nf.key}`", exe.origins.get(nf.node), label="this input",
-                           help=f"fix the input, {FALLBACK_HELP}")])
+                           help=f"{FALLBACK_HELP}; or fix the input and run again with --force "
+                                "(the finished keys are discarded)")])
 
 
 @contextmanager
@@ -135,13 +138,13 @@ def result_error(exe: Executable, job: KeyJob, bad: BadResult, also: str = "") -
         return KmxError([error(
             "K0412", f"key `{job.key}` of `{save.written}` overflows {out.dtype}{also}: its "
             f"finite values are too large for the output dtype", save.span, label="this save",
-            help="save a wider dtype (dtype=\"fp32\"), scale the merge down, "
-                 + FALLBACK_HELP)])
+            help="save a wider dtype (dtype=\"fp32\") or scale the merge down, and run again "
+                 f"with --force; or {FALLBACK_HELP}")])
     return KmxError([error(
         "K0411", f"key `{job.key}` of `{save.written}` has NaN or Inf values{also}: its "
         "computation overflowed", save.span, label="this save",
-        help="look for huge weights or coefficients in this save's expression, "
-             + FALLBACK_HELP)])
+        help="look for huge values in the inputs, or weights that extrapolate them, and run "
+             f"again with --force; or {FALLBACK_HELP}")])
 
 
 def no_fallback_error(exe: Executable, key: str, save: int, code: str) -> KmxError:

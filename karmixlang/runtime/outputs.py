@@ -1,6 +1,12 @@
 """The outputs of one run: their layouts (header computed from the plan before any tensor is
 written), their metadata, the overwrite and resume rules, and publishing them.
 
+Rules: an existing output is replaced only with --force; --resume continues an interrupted run
+only if its stamp (`.NAME.kmx-inputs`: the recipe files, the --set values, and the size, mtime
+and data hash of every input file) matches this run, and keeps a finished output only if it is
+exactly what this run would write. Before publishing, every input file must still be what was
+planned (K0410), so a file rewritten during the run is never mixed into a published output.
+
 Metadata holds the recipe, the lowered graph, each input's path, size and content hash, the kmx
 version and the --set values — nothing that differs between two runs of the same recipe on the
 same inputs. Input hashes are computed on a background thread during the merge (and cached by
@@ -17,17 +23,19 @@ import threading
 
 from karmixlang import __version__
 from karmixlang.diagnostics import KmxError, error, located
-from karmixlang.units import parse_size
+from karmixlang.io.guard import changed, check_outputs, plan_save
 from karmixlang.io.header import (HASH_PLACEHOLDER, HASH_PREFIX, TOO_MANY_FILES_HELP,
-                                  hash_data_region)
-from karmixlang.io.writer import (JOURNAL_SUFFIX, CheckpointWriter, OutputLayout, hidden_path,
-                                  plan_output)
+                                  combine_hashes, hash_file)
+from karmixlang.io.writer import (JOURNAL_SUFFIX, RESTART_HELP, STAMP_SUFFIX, CheckpointWriter,
+                                  OutputLayout, OutputLock, atomic_write, hidden_path)
 
-STAMP_SUFFIX = ".kmx-inputs"
+STAMP_VERSION = 2
 
 
 class _HashCache:
-    """Input hashes by (real path, size, mtime): rehashing a 7 GB input on every run is waste."""
+    """Input file hashes by (real path, size, mtime): rehashing a 7 GB input on every run is
+    waste. A resumed run hashes afresh (`fresh`), to catch a file rewritten with its old size
+    and mtime since the interrupted run."""
 
     def __init__(self):
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -45,13 +53,13 @@ class _HashCache:
         st = os.stat(path)
         return f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
 
-    def get(self, path: str) -> str:
+    def get(self, path: str, fresh: bool = False) -> str:
         k = self.key(path)
         cached = self.data.get(k)
         # An entry from another kmx version may use another algorithm: never trust its length.
-        if not (isinstance(cached, str) and cached.startswith(HASH_PREFIX)
-                and len(cached) == len(HASH_PLACEHOLDER)):
-            self.data[k] = hash_data_region(path)
+        if fresh or not (isinstance(cached, str) and cached.startswith(HASH_PREFIX)
+                         and len(cached) == len(HASH_PLACEHOLDER)):
+            self.data[k] = hash_file(path)
         return self.data[k]
 
     def save(self) -> None:
@@ -65,46 +73,67 @@ class _HashCache:
             pass  # a cache that cannot be written only costs time next run
 
 
-def _input_files(compiled) -> list[tuple[str, int]]:
-    out = []
-    for n, h in sorted(compiled.schedule.headers.items(), key=lambda kv: kv[0].attr("path")):
-        size = sum(os.stat(f).st_size for f in h.files)
-        out.append((n.attr("path"), size))
-    return out
+class _Kept:
+    """A finished output that --resume keeps as it is: every key counts as written, and
+    nothing is written or published."""
+
+    def __init__(self, layout: OutputLayout):
+        self.layout = layout
+        self.done_keys = set(layout.slots)
+
+    def write(self, key, data, start=None) -> None:
+        pass
+
+    def checkpoint(self) -> None:
+        pass
+
+    def commit(self, headers=None) -> None:
+        pass
+
+    def abort(self, keep_partial: bool) -> None:
+        pass
 
 
 class OutputSet:
     def __init__(self, compiled, opts):
         self.c = compiled
         self.opts = opts
-        self.inputs = _input_files(compiled)
-        self.hashes: dict[str, str] = {}
+        headers = compiled.schedule.headers
+        # Each input: its path and its files, sorted by path (the metadata's order).
+        self.inputs = sorted((n.attr("path"), h.files) for n, h in headers.items())
+        self.seen = compiled.inputs
+        self.hashes: dict[str, str] = {}  # by input file
+        self._hashed = False  # every hash is in self.hashes
         self._hash_error: BaseException | None = None
         self._hasher = threading.Thread(target=self._hash_inputs, daemon=True, name="kmx-hash")
-        self.layouts = [self._layout(i, {p: HASH_PLACEHOLDER for p, _ in self.inputs})
-                        for i in range(len(compiled.graph.saves))]
+        self._resuming = opts.resume and not opts.force and any(
+            os.path.exists(hidden_path(s.path, JOURNAL_SUFFIX)) for s in compiled.graph.saves)
+        self._stamp_lock = threading.Lock()  # the stamps below, written by two threads
+        self._stamps: list[str] = []  # of outputs being written; filled in once hashed
+        self._expected: dict[str, tuple[str, str]] = {}  # file -> (hash, output) to resume
+        self._locks: list[OutputLock] = []
+        self.layouts = [plan_save(s, compiled.schedule, i, self._metadata(i, None))
+                        for i, s in enumerate(compiled.graph.saves)]
+        # Checked when compiling too; again here, as the files may have changed since.
+        check_outputs(compiled.graph.saves, self.layouts, headers, compiled.recipes)
 
     # -- layout and metadata
-    def _layout(self, index: int, hashes: dict[str, str]) -> OutputLayout:
-        save = self.c.graph.saves[index]
-        tensors = [(job.key, o.dtype, o.shape) for job in self.c.schedule.jobs
-                   for o in job.outputs if o.save == index]
-        shard = parse_size(save.shard) if save.shard else None
-        return plan_output(save.path, tensors, self._metadata(index, hashes), shard)
-
-    def _metadata(self, index: int, hashes: dict[str, str]) -> dict[str, str]:
+    def _metadata(self, index: int, hashes: dict[str, str] | None) -> dict[str, str]:
+        """`hashes` None: placeholders of the same length, for planning the layout."""
         save = self.c.graph.saves[index]
         plan = self.c.plan.data
         graph = {"schema_version": plan["schema_version"], "compute_dtype": plan["compute_dtype"],
                  "inputs": plan["inputs"], "nodes": plan["nodes"],
                  "save": plan["saves"][index]}
+        inputs = [{"path": p, "size": sum(self.seen[f].st_size for f in files),
+                   "hash": combine_hashes([hashes[f] for f in files]) if hashes is not None
+                   else HASH_PLACEHOLDER} for p, files in self.inputs]
         meta = dict(save.metadata)
         meta.update({
             "kmx_version": __version__,
             "kmx_recipe": self.c.program.sources.get(self.c.program.root.path, ""),
             "kmx_graph": json.dumps(graph, sort_keys=True, separators=(",", ":")),
-            "kmx_inputs": json.dumps([{"path": p, "size": s, "hash": hashes[p]}
-                                      for p, s in self.inputs], separators=(",", ":")),
+            "kmx_inputs": json.dumps(inputs, separators=(",", ":")),
             "kmx_set": json.dumps(dict(sorted(self.c.program.overrides.items()))),
         })
         if save.delta:
@@ -114,13 +143,17 @@ class OutputSet:
     def _hash_inputs(self) -> None:
         try:
             cache = _HashCache()
-            for path, _ in self.inputs:
-                self.hashes[path] = cache.get(path)
+            for f in sorted(self.seen):
+                self.hashes[f] = cache.get(f, fresh=self._resuming)
             cache.save()
+            with self._stamp_lock:
+                self._hashed = True
+                for path in self._stamps:
+                    self._write_stamp(path)
         except BaseException as exc:  # reported by the thread that publishes
             self._hash_error = exc
 
-    def _final_headers(self, index: int) -> list[bytes]:
+    def _join_hasher(self) -> None:
         if self._hasher.ident is None:
             self._hasher.start()
         self._hasher.join()
@@ -128,7 +161,12 @@ class OutputSet:
             err = self._hash_error
             raise err if isinstance(err, KmxError) else KmxError([error(
                 "K0302", f"cannot hash the inputs: {err}")])
-        return [f.header for f in self._layout(index, self.hashes).files]
+
+    def _final_headers(self, index: int) -> list[bytes]:
+        self._join_hasher()
+        layout = plan_save(self.c.graph.saves[index], self.c.schedule, index,
+                           self._metadata(index, self.hashes))
+        return [f.header for f in layout.files]
 
     def at(self, index: int):
         """Errors about output `index` point at its save."""
@@ -142,82 +180,140 @@ class OutputSet:
         paths = [f.path for f in layout.files] + ([layout.index_path] if layout.index_path else [])
         return [p for p in paths if os.path.lexists(p)]
 
-    def complete(self) -> bool:
-        """With --resume: every output already exists with exactly the planned header."""
-        if not self.opts.resume:
+    def _matches(self, index: int) -> bool:
+        """The output exists and is exactly what this run would write (headers, sizes, index)."""
+        layout = self.layouts[index]
+        if len(self._existing(layout)) != len(layout.files) + bool(layout.index_path):
             return False
-        for i, layout in enumerate(self.layouts):
-            if len(self._existing(layout)) != len(layout.files) + bool(layout.index_path):
-                return False
-        for i, layout in enumerate(self.layouts):
-            for f, header in zip(layout.files, self._final_headers(i)):
-                try:
-                    with open(f.path, "rb") as fh:
-                        if os.fstat(fh.fileno()).st_size != f.size or \
-                                fh.read(len(header)) != header:
-                            return False
-                except OSError:
-                    return False
+        try:
+            for f, header in zip(layout.files, self._final_headers(index)):
+                with open(f.path, "rb") as fh:
+                    if os.fstat(fh.fileno()).st_size != f.size or fh.read(len(header)) != header:
+                        return False
+            if layout.index_path:
+                with open(layout.index_path, "rb") as fh:
+                    return fh.read(len(layout.index) + 1) == layout.index
+        except OSError:
+            return False
         return True
 
-    def open(self) -> list[CheckpointWriter]:
-        for i, layout in enumerate(self.layouts):
-            with self.at(i):
-                self._may_write(layout)
-        self._hasher.start()
-        writers: list[CheckpointWriter] = []
+    def complete(self) -> bool:
+        """With --resume: every output already exists with exactly the planned header."""
+        return self.opts.resume and all(self._matches(i) for i in range(len(self.layouts)))
+
+    def open(self) -> list:
+        """Lock every output, decide what to do with each (write it fresh, resume it, or keep
+        it), then open the writers. Nothing is written before every output is decided."""
+        writers: list = []
         try:
             for i, layout in enumerate(self.layouts):
                 with self.at(i):
-                    writers.append(CheckpointWriter(layout, resume=self.opts.resume))
-                    self._stamp(layout, resumed=bool(writers[-1].done_keys))
+                    self._locks.append(OutputLock(layout.final_path))
+            modes = []
+            for i in range(len(self.layouts)):
+                with self.at(i):
+                    modes.append(self._mode(i))
+            if self._hasher.ident is None:
+                self._hasher.start()
+            for i, (layout, lock, mode) in enumerate(zip(self.layouts, self._locks, modes)):
+                with self.at(i):
+                    writers.append(self._writer(layout, lock, mode))
         except BaseException:
             self.keep_partial(writers)
             raise
         return writers
 
-    def _may_write(self, layout: OutputLayout) -> None:
-        """The overwrite rules: refuse to replace a file or an interrupted run's keys."""
-        existing = self._existing(layout)
-        if existing and not (self.opts.force or self.opts.resume):
-            raise KmxError([error("K0306", f"`{existing[0]}` already exists",
-                                  help="pass --force to replace it, or --resume to finish "
-                                       "an interrupted run")])
-        journal = hidden_path(layout.final_path, JOURNAL_SUFFIX)
-        if os.path.exists(journal) and not (self.opts.force or self.opts.resume):
-            # Hours of finished keys must not be thrown away by a plain rerun.
-            raise KmxError([error(
-                "K0306", f"an interrupted run of `{layout.final_path}` left its finished "
-                "keys behind", help="pass --resume to continue it, or --force to start "
-                "over")])
+    def _writer(self, layout: OutputLayout, lock: OutputLock, mode: str):
+        if mode == "keep":
+            return _Kept(layout)
+        if mode == "fresh":
+            with self._stamp_lock:
+                self._stamps.append(hidden_path(layout.final_path, STAMP_SUFFIX))
+                self._write_stamp(self._stamps[-1])
+        return CheckpointWriter(layout, resume=mode == "resume", lock=lock)
 
-    def _stamp(self, layout: OutputLayout, resumed: bool) -> None:
-        """Record the inputs' size and mtime beside a fresh partial output; on resume, refuse
-        if they changed (a rewritten input would otherwise mix old and new keys)."""
-        path = hidden_path(layout.final_path, STAMP_SUFFIX)
-        stamp = [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p, _ in self.inputs]
-        if resumed:
-            try:
-                with open(path) as f:
-                    same = json.load(f) == stamp
-            except (OSError, ValueError):
-                same = False
-            if not same:
+    def _mode(self, index: int) -> str:
+        layout = self.layouts[index]
+        if self.opts.force:
+            return "fresh"
+        if os.path.exists(hidden_path(layout.final_path, JOURNAL_SUFFIX)):
+            if not self.opts.resume:
+                # Hours of finished keys must not be thrown away by a plain rerun.
                 raise KmxError([error(
-                    "K0404", f"cannot resume `{layout.final_path}`: the inputs changed since "
-                    "the interrupted run", help="run again without --resume to start over")])
-            return
-        try:
-            with open(path, "w") as f:
-                json.dump(stamp, f)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as exc:
-            too_many = exc.errno in (errno.EMFILE, errno.ENFILE)
-            raise KmxError([error("K0402", f"cannot write `{path}`: {exc.strerror or exc}",
-                                  help=TOO_MANY_FILES_HELP if too_many else None)]) from None
+                    "K0306", f"an interrupted run of `{layout.final_path}` left its finished "
+                    "keys behind", help="pass --resume to continue it, or --force to start "
+                    "over")])
+            self._check_stamp(layout)
+            return "resume"
+        existing = self._existing(layout)
+        if not existing:
+            return "fresh"
+        if self.opts.resume and self._matches(index):
+            return "keep"
+        raise KmxError([error("K0306", f"`{existing[0]}` already exists", help=(
+            "--resume keeps a finished output only if this recipe, its --set values and its "
+            "inputs would write exactly the same file, and this one differs: pass --force to "
+            "replace it, or save to another name") if self.opts.resume else
+            "pass --force to replace it, or save to another name")])
 
-    def done_keys(self, writers: list[CheckpointWriter]) -> set[str]:
+    # -- the resume stamp
+    def _stamp_data(self) -> dict:
+        return {
+            "kmx_stamp": STAMP_VERSION,
+            "recipe": dict(self.c.recipes),
+            "set": dict(sorted(self.c.program.overrides.items())),
+            "inputs": {f: {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                           "hash": self.hashes[f] if self._hashed else None}
+                       for f, st in sorted(self.seen.items())},
+        }
+
+    def _write_stamp(self, path: str) -> None:
+        try:
+            atomic_write(path, json.dumps(self._stamp_data(), indent=1).encode())
+        except OSError as e:  # the output's folder, removed or full: not a hashing failure
+            too_many = e.errno in (errno.EMFILE, errno.ENFILE)
+            raise KmxError([error("K0402", f"cannot write `{path}`: {e.strerror or e}",
+                                  help=TOO_MANY_FILES_HELP if too_many else
+                                  "check that the output's folder exists and is "
+                                  "writable")]) from e
+
+    def _check_stamp(self, layout: OutputLayout) -> None:
+        """Resume only the run this one is: same recipe files, --set values and input files
+        (by size and mtime now, by data hash before publishing)."""
+        def refuse(why: str):
+            raise KmxError([error("K0404", f"cannot resume `{layout.final_path}`: {why}",
+                                  help=RESTART_HELP)])
+
+        path = hidden_path(layout.final_path, STAMP_SUFFIX)
+        try:
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            refuse(f"the record of its inputs `{path}` is missing or unreadable")
+        if not isinstance(old, dict) or old.get("kmx_stamp") != STAMP_VERSION:
+            refuse(f"the record of its inputs `{path}` was written by another kmx version")
+        now = self._stamp_data()
+        for p in sorted(set(old.get("recipe", {})) | set(now["recipe"])):
+            if old.get("recipe", {}).get(p) != now["recipe"].get(p):
+                refuse(f"the recipe file `{p}` changed since the interrupted run")
+        if old.get("set") != now["set"]:
+            refuse(f"the --set values differ: {_sets(old.get('set'))} then, "
+                   f"{_sets(now['set'])} now")
+        was = old.get("inputs") if isinstance(old.get("inputs"), dict) else {}
+        for f in sorted(set(was) | set(now["inputs"])):
+            if f not in was or f not in now["inputs"]:
+                refuse(f"the input file `{f}` " + ("is new" if f not in was else
+                                                   "is no longer read"))
+            a, b = was[f], now["inputs"][f]
+            if not isinstance(a, dict) or (a.get("size"), a.get("mtime_ns")) != (
+                    b["size"], b["mtime_ns"]):
+                refuse(f"the input file `{f}` changed since the interrupted run (its size or "
+                       "modification time differs)")
+            if a.get("hash"):
+                self._expected[f] = (a["hash"], layout.final_path)
+
+    # -- running
+    def done_keys(self, writers: list) -> set[str]:
         """Keys every output that holds them has already journaled (an earlier run's work)."""
         done = set()
         for job in self.c.schedule.jobs:
@@ -225,15 +321,54 @@ class OutputSet:
                 done.add(job.key)
         return done
 
-    def commit(self, writers: list[CheckpointWriter]) -> None:
-        for i, w in enumerate(writers):
+    def commit(self, writers: list) -> None:
+        headers = [self._final_headers(i) for i in range(len(writers))]
+        try:
+            self._check_inputs()
+        except KmxError:
+            self._finish(writers, keep_partial=False)
+            raise
+        for i, (w, h) in enumerate(zip(writers, headers)):
             with self.at(i):
-                w.commit(self._final_headers(i))
-            try:
-                os.unlink(hidden_path(self.layouts[i].final_path, STAMP_SUFFIX))
-            except OSError:
-                pass
+                w.commit(h)
+        self._finish(writers, keep_partial=False)
 
-    def keep_partial(self, writers: list[CheckpointWriter]) -> None:
+    def _check_inputs(self) -> None:
+        """Every input file is still what was planned, and on resume holds the data the
+        interrupted run read: otherwise the output would mix two versions of it."""
+        for f, st in self.seen.items():
+            why = changed(st, f)
+            if why:
+                raise KmxError([error(
+                    "K0410", f"the input `{f}` changed during the run: {why}",
+                    help="nothing was published and the partial output was discarded; run "
+                         "again once no program is writing the input")])
+        for f, (expected, output) in self._expected.items():
+            if self.hashes.get(f) != expected:
+                raise KmxError([error(
+                    "K0404", f"cannot resume `{output}`: the data of the input file `{f}` "
+                    "differs from what the interrupted run read (its size and modification "
+                    "time did not change); nothing was published", help=RESTART_HELP)])
+
+    def keep_partial(self, writers: list) -> None:
+        self._finish(writers, keep_partial=True)
+
+    def _finish(self, writers: list, keep_partial: bool) -> None:
+        """Close the writers (after commit(), or keeping or discarding their partial files),
+        drop the stamps no resume needs, and release the locks."""
         for w in writers:
-            w.abort(keep_partial=True)
+            w.abort(keep_partial=keep_partial)
+        with self._stamp_lock:
+            self._stamps = []  # the hasher writes no stamp after this
+        if not keep_partial:
+            for layout in self.layouts:
+                try:
+                    os.unlink(hidden_path(layout.final_path, STAMP_SUFFIX))
+                except OSError:
+                    pass
+        for lock in self._locks:
+            lock.release()
+
+
+def _sets(values) -> str:
+    return ", ".join(f"{k}={v}" for k, v in (values or {}).items()) or "none"

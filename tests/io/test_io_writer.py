@@ -287,7 +287,7 @@ def expect_k0404(layout, contains):
     with pytest.raises(KmxError) as info:
         CheckpointWriter(layout, resume=True)
     (d,) = info.value.diagnostics
-    assert d.code == "K0404" and contains in d.message and "without --resume" in d.help
+    assert d.code == "K0404" and contains in d.message and "--force" in d.help
     assert layout.final_path in d.message
 
 

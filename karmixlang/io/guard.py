@@ -1,0 +1,123 @@
+"""What a run may write, decided before it writes anything.
+
+Every file a save writes (each shard, the index, the hidden partial, journal, stamp and lock
+files) must not be an input or a recipe file — by path, symlink, folder or hard link — must be
+a regular file or a new name, and must not be written by another save of the recipe. Checked
+when a recipe is compiled (so under every flag) and again when a run opens its outputs.
+Also: the identity of every input file as planned, for the end-of-run check (K0410).
+"""
+
+from __future__ import annotations
+
+import os
+
+from karmixlang.diagnostics import Diagnostic, KmxError, Label, error
+from karmixlang.io.writer import OutputLayout, not_regular, plan_output, written_paths
+from karmixlang.units import parse_size
+
+
+def save_tensors(schedule, index: int) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(key, dtype, shape) of every tensor save `index` writes."""
+    return [(job.key, o.dtype, o.shape) for job in schedule.jobs
+            for o in job.outputs if o.save == index]
+
+
+def plan_save(save, schedule, index: int, metadata: dict[str, str]) -> OutputLayout:
+    shard = parse_size(save.shard) if save.shard else None
+    return plan_output(save.path, save_tensors(schedule, index), metadata, shard)
+
+
+class _Protected:
+    """Inputs and recipe files, by real path and by (device, inode): (what it is, its path)."""
+
+    def __init__(self, headers, recipe_files):
+        self.by_real: dict[str, tuple[str, str]] = {}
+        self.by_inode: dict[tuple[int, int], tuple[str, str]] = {}
+        for node, h in headers.items():
+            for f in (node.attr("path"), h.path, *h.files):
+                self._add(f, ("the input", f))
+        for f in recipe_files:
+            self._add(f, ("the recipe file", f))
+
+    def _add(self, path: str, what: tuple[str, str]) -> None:
+        self.by_real.setdefault(os.path.realpath(path), what)
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        self.by_inode.setdefault((st.st_dev, st.st_ino), what)
+
+    def hit(self, path: str) -> tuple[str, str] | None:
+        what = self.by_real.get(os.path.realpath(path))
+        if what is None:
+            try:
+                st = os.stat(path)
+            except OSError:
+                return None
+            what = self.by_inode.get((st.st_dev, st.st_ino))
+        return what
+
+
+def check_outputs(saves, layouts: list[OutputLayout], headers, recipe_files) -> None:
+    """Raise KmxError (K0305, K0311, K0212) unless every file the saves write is safe to write."""
+    protected = _Protected(headers, recipe_files)
+    writers: dict[str, object] = {}  # directory entry (real folder + name) -> the save
+    diags = []
+    for save, layout in zip(saves, layouts):
+        for path in written_paths(layout):
+            d = _check_path(save, path, protected, writers)
+            if d is not None:
+                diags.append(d)
+                break  # one diagnostic per save is enough to act on
+    if diags:
+        raise KmxError(diags)
+
+
+def _check_path(save, path: str, protected: _Protected, writers: dict) -> Diagnostic | None:
+    hit = protected.hit(path)
+    if hit is not None:
+        what, other = hit
+        via = "" if path in (save.path, other) else f" (it writes `{path}`)"
+        return error("K0305", f"`{save.written}` would overwrite {what} `{other}`{via}", save.span,
+                     label="this save", help="save to a new name: no file a save writes (its "
+                     "shards, its index, the hidden `.NAME.kmx-*` files beside it) may be an "
+                     "input or a recipe")
+    special = not_regular(path, save.span)
+    if special is not None:
+        return special
+    # The folder resolved, the name not: a symlink at the name is replaced, never followed.
+    entry = os.path.join(os.path.realpath(os.path.dirname(path) or "."), os.path.basename(path))
+    first = writers.setdefault(entry, save)
+    if first is not save:
+        return error("K0212", f"`{save.written}` and `{first.written}` both write "
+                     f"`{entry}`", save.span, label="this save",
+                     notes=(Label(first.span, "also written here"),) if first.span else ())
+    return None
+
+
+def input_files(headers) -> dict[str, os.stat_result]:
+    """The identity of every file an input reads, as planned: K0410 compares it at the end."""
+    out = {}
+    for h in headers.values():
+        for f in h.files:
+            try:
+                out[f] = os.stat(f)
+            except OSError as e:
+                raise KmxError([error("K0410", f"the input `{f}` changed after it was read: "
+                                      f"{e.strerror or e}")]) from e
+    return out
+
+
+def changed(before: os.stat_result, path: str) -> str | None:
+    """How `path` differs from `before` (size, modification time, or another file), or None."""
+    try:
+        now = os.stat(path)
+    except OSError as e:
+        return e.strerror or str(e)
+    if (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino):
+        return "it was replaced by another file"
+    if now.st_size != before.st_size:
+        return f"its size went from {before.st_size:,} to {now.st_size:,} bytes"
+    if now.st_mtime_ns != before.st_mtime_ns:
+        return "its modification time changed"
+    return None
