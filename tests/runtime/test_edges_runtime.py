@@ -291,6 +291,23 @@ def test_an_input_truncated_during_the_run_points_at_its_model_line(workdir, cap
     assert d.code == "K0302" and "a.safetensors" in d.message and d.span.line == 2
 
 
+def test_an_output_that_exists_is_K0306_at_its_save(workdir):
+    tiny_models(workdir)
+    path = recipe(workdir, """
+        base o = "base.safetensors"
+        model a = "a.safetensors"
+        save "out/x.safetensors" = lerp(o, a, t=0.5)
+        save "out/y.safetensors" = lerp(o, a, t=0.25)
+    """)
+    run(path)
+    os.unlink(workdir / "out/x.safetensors")
+    with pytest.raises(KmxError) as exc:
+        run(path)
+    d = diagnostic(exc)
+    assert d.code == "K0306" and "y.safetensors" in d.message
+    assert (d.span.line, d.label) == (4, "this save")
+
+
 LIMITED = """
 import resource, sys
 from karmixlang.cli import main
