@@ -2,12 +2,14 @@
 
 Exit codes: 0 success (warnings allowed), 1 errors in the recipe or its inputs (an interrupted
 run, K0403, included), 2 usage errors, 3 an internal error (a bug: one line, no traceback),
-123 the formatter refused its own output (as black), 130 interrupted outside a run.
+123 the formatter refused its own output (as black), 130 interrupted outside a run (from
+the first moment: see __main__.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -86,6 +88,18 @@ class UsageError(Exception):
     pass
 
 
+def threads_arg(text: str) -> int:
+    """--threads: 0 (one per core, at most 8) or a count of keys in flight."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 (one per core) or a positive count, "
+                                         f"not {text!r}")
+    return n
+
+
 # ------------------------------------------------------------------ commands
 
 def cmd_check(args) -> int:
@@ -160,6 +174,10 @@ def cmd_run(args) -> int:
     limit = _memory_limit(args)
     if args.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", args.device):
         raise UsageError(f"--device must be cpu or cuda (or cuda:N), not {args.device!r}")
+    if args.executor == "ray":  # before anything is read or started
+        from karmixlang.runtime.ray.executor import check_address
+
+        check_address(args.address)
     compiled = _compile(args)
     print_warnings(compiled)
     if not args.quiet:
@@ -180,8 +198,10 @@ def cmd_run(args) -> int:
     for path in result.outputs:
         out.print(Text(f"wrote {path}"))
     if result.fallbacks:
-        err.print(Text(f"{len(result.fallbacks)} key(s) with non-finite inputs were copied from "
-                       f"the fallback, e.g. {result.fallbacks[0]}", style="yellow"))
+        shown = "; ".join(result.fallbacks[:5])
+        more = f"; and {len(result.fallbacks) - 5} more" if len(result.fallbacks) > 5 else ""
+        err.print(Text(f"{len(result.fallbacks)} key(s) with non-finite values were copied from "
+                       f"the fallback (--nonfinite=fallback): {shown}{more}", style="yellow"))
     resumed = f" ({result.skipped} finished earlier)" if result.skipped else ""
     err.print(Text(f"Done: {result.keys:,} keys{resumed} in {result.seconds:.1f} s · read "
                    f"{human_bytes(result.bytes_read)} · wrote {human_bytes(result.bytes_written)}"
@@ -280,12 +300,24 @@ def cmd_demo(args) -> int:
 
 
 def cmd_new(args) -> int:
+    from karmixlang.diagnostics import error
     from karmixlang.resources import template_text
 
     if os.path.exists(args.path) and not args.force:
         raise UsageError(f"{args.path} exists; pass --force to replace it")
-    with open(args.path, "w", encoding="utf-8") as f:
-        f.write(template_text(args.template))
+    # Missing folders are created (as mkdir -p); the file appears whole or not at all.
+    tmp = os.path.join(os.path.dirname(args.path), f".{os.path.basename(args.path)}.kmx-new")
+    try:
+        os.makedirs(os.path.dirname(args.path) or ".", exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(template_text(args.template))
+        os.replace(tmp, args.path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise KmxError([error("K0402", f"cannot write `{args.path}`: {exc.strerror or exc}",
+                              help="choose a writable folder, or a name that is not a "
+                                   "folder")]) from None
     err.print(Text(f"wrote {args.path}; edit the paths, then `kmx plan {args.path}`"))
     return EXIT_OK
 
@@ -306,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--compute-dtype", choices=("fp32", "fp64"), default="fp32")
             sp.add_argument("--strict", action="store_true",
                             help="treat every key that would be copied from a fallback as an error")
-            sp.add_argument("--threads", type=int, default=0, metavar="N",
+            sp.add_argument("--threads", type=threads_arg, default=0, metavar="N",
                             help="keys in flight (default: one per core, at most 8)")
             sp.add_argument("--memory-limit", metavar="SIZE",
                             help='e.g. "8GB" (default: half of the available memory); keys '
@@ -349,8 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue an interrupted run")
     s.add_argument("--force", action="store_true", help="replace existing outputs")
     s.add_argument("--nonfinite", choices=("error", "fallback"), default="error",
-                   help="NaN/Inf in an input key: stop (default) or copy the key from the "
-                        "fallback")
+                   help="NaN/Inf in an input key or a result, or a result past its output "
+                        "dtype: stop (default) or copy the key from the fallback")
     s.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     s.set_defaults(fn=cmd_run)
 
@@ -369,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="build synthetic SDXL-layout checkpoints and merge them")
     s.add_argument("dir", nargs="?", default=None,
                    help="where to write the demo (default: a new temporary folder)")
-    s.add_argument("--threads", type=int, default=0, metavar="N")
+    s.add_argument("--threads", type=threads_arg, default=0, metavar="N")
     s.set_defaults(fn=cmd_demo)
 
     for name in ("new", "init"):
@@ -382,8 +414,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one command; its exit code. Ctrl-C at any point is exit 130 and one line (a run
+    that has started writing stops with K0403 instead, keeping its finished keys)."""
+    try:
+        return _command(argv)
+    except KeyboardInterrupt:  # in argument parsing, or while reporting another error
+        return interrupted()
+
+
+def interrupted() -> int:
+    err.print(Text("interrupted", style="bold red"))
+    return 130
+
+
+def _command(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except KmxError as exc:
@@ -393,8 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         err.print(Text(f"kmx: error: {exc}", style="bold red"))
         return EXIT_USAGE
     except KeyboardInterrupt:
-        err.print(Text("interrupted", style="bold red"))
-        return 130
+        return interrupted()
     except BrokenPipeError:
         return EXIT_OK
     except Exception as exc:  # a bug: say so in one line; KMX_DEBUG=1 shows the traceback

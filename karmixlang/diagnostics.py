@@ -6,7 +6,8 @@ Passes return lists of `Diagnostic`; only the CLI renders them (text through ric
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Iterable
 
@@ -72,6 +73,8 @@ CODES: dict[str, str] = {
     "K0408": "key too large for the memory limit",
     "K0409": "another run is writing the output",
     "K0410": "an input changed during the run",
+    "K0411": "non-finite values in a result",
+    "K0412": "a result overflows its output dtype",
 }
 
 
@@ -147,6 +150,19 @@ class KmxError(Exception):
         # Rebuilt from the diagnostics, not from the joined message in `args`: a Ray worker's
         # error must reach the driver with its codes (runtime/ray/executor.py).
         return KmxError, (self.diagnostics,)
+
+
+@contextmanager
+def located(span: Span | None, label: str = ""):
+    """Diagnostics raised inside without a place of their own get `span`: an error found while
+    running points at the recipe line responsible (the input it reads, the save it writes)."""
+    try:
+        yield
+    except KmxError as exc:
+        if span is None or all(d.span for d in exc.diagnostics):
+            raise
+        raise KmxError([d if d.span else replace(d, span=span, label=d.label or label)
+                        for d in exc.diagnostics]) from None
 
 
 def error(code: str, message: str, span: Span | None = None, **kw) -> Diagnostic:

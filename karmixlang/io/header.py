@@ -8,6 +8,7 @@ Nothing is ever unpickled; pickle checkpoints are refused by name (K0308).
 
 from __future__ import annotations
 
+import errno
 import gc
 import hashlib
 import json
@@ -77,16 +78,23 @@ def _stat(path: str, span: Span | None) -> os.stat_result:
     try:
         return os.stat(path)
     except OSError as e:
-        _os_fail(e, path, span)
+        os_fail(e, path, span)
 
 
-def _os_fail(e: OSError, path: str, span: Span | None) -> NoReturn:
+TOO_MANY_FILES_HELP = ("kmx keeps one descriptor open per input file and a few per output: "
+                       "raise this shell's limit (`ulimit -n 4096`), or merge fewer files at once")
+
+
+def os_fail(e: OSError, path: str, span: Span | None) -> NoReturn:
     """The diagnostic for an OSError met while finding or reading `path`."""
     if isinstance(e, (FileNotFoundError, NotADirectoryError)):
         _fail("K0301", f"checkpoint `{path}` not found", span, help=_missing_help(path))
     if isinstance(e, PermissionError):
         _fail("K0302", f"cannot read `{path}`: permission denied", span,
               help="check the permissions of the file and of the folders above it")
+    if e.errno in (errno.EMFILE, errno.ENFILE):
+        _fail("K0302", f"cannot open `{path}`: too many open files", span,
+              help=TOO_MANY_FILES_HELP)
     _fail("K0302", f"cannot read `{path}`: {e.strerror or e}", span)
 
 
@@ -105,12 +113,12 @@ def _open_regular(path: str, span: Span | None, st: os.stat_result) -> int:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
-        _os_fail(e, path, span)
+        os_fail(e, path, span)
     try:
         now = os.fstat(fd)
     except OSError as e:
         os.close(fd)
-        _os_fail(e, path, span)
+        os_fail(e, path, span)
     if _stamp(now) != _stamp(st) or not stat.S_ISREG(now.st_mode):
         os.close(fd)
         _fail("K0302", f"`{path}` changed while it was being read", span,
@@ -136,7 +144,7 @@ def _pread_exact(fd: int, n: int, offset: int, path: str, span: Span | None) -> 
             chunks.append(chunk)
             got += len(chunk)
     except OSError as e:
-        _os_fail(e, path, span)
+        os_fail(e, path, span)
     if got < n:
         _fail("K0302", f"invalid safetensors file `{path}`: truncated (ends {n - got} bytes early)",
               span, help=_HELP_CORRUPT)
@@ -367,7 +375,7 @@ def _resolve_folder(path: str, span: Span | None) -> str:
     try:
         names = sorted(os.listdir(path))
     except OSError as e:
-        _os_fail(e, path, span)
+        os_fail(e, path, span)
     indexes = [n for n in names if n.endswith(INDEX_SUFFIX)]
     files = [n for n in names if n.endswith(".safetensors")]
     if len(indexes) == 1 or (not indexes and len(files) == 1):
@@ -429,7 +437,7 @@ def _hash_file(path: str, span: Span | None) -> bytes:
             h.update(view[:got])
             offset += got
     except OSError as e:
-        _os_fail(e, path, span)
+        os_fail(e, path, span)
     finally:
         os.close(fd)
     return h.digest()

@@ -28,6 +28,7 @@ from typing import NoReturn
 
 from karmixlang.diagnostics import Diagnostic, KmxError, error
 from karmixlang.io.dtypes import DTYPES, nbytes
+from karmixlang.io.header import TOO_MANY_FILES_HELP
 
 PARTIAL_SUFFIX = ".kmx-partial"
 JOURNAL_SUFFIX = ".kmx-journal"
@@ -239,8 +240,10 @@ class OutputLock:
             _write_all(self.fd, owner.encode())
         except OSError as e:
             self.release()
+            too_many = e.errno in (errno.EMFILE, errno.ENFILE)
             raise KmxError([error("K0402", f"cannot lock `{final_path}` for writing: "
-                                  f"{e.strerror or e} (at `{self.path}`)")]) from e
+                                  f"{e.strerror or e} (at `{self.path}`)",
+                                  help=TOO_MANY_FILES_HELP if too_many else None)]) from e
 
     def _try_lock(self) -> int | None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
@@ -608,6 +611,8 @@ class CheckpointWriter:
             errno.EROFS: "save to a writable disk",
             errno.ENOENT: f"`{self._folder}` or a file in it was removed or renamed while "
                           "writing",
+            errno.EMFILE: TOO_MANY_FILES_HELP,
+            errno.ENFILE: TOO_MANY_FILES_HELP,
         }
         where = f" (at `{path}`)" if path != self.layout.final_path else ""
         raise KmxError([error("K0402", f"cannot write `{self.layout.final_path}`: {reason}{where}",

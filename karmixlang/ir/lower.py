@@ -153,7 +153,9 @@ class Lowerer:
     # -- arithmetic: every +, -, *, / of spaces becomes a lincomb (folded by optimize.fold)
     def arith(self, op: str, a, b, e):
         if _is_num(a) and _is_num(b):
-            return {"+": a + b, "-": a - b, "*": a * b, "/": a / b}[op] if op != "/" or b else 0.0
+            if op == "/":  # not in the table below: it would divide before `b` is tested
+                return a / b if b else 0.0
+            return {"+": a + b, "-": a - b, "*": a * b}[op]
         if isinstance(a, ClusterVal) or isinstance(b, ClusterVal):
             c, other, c_left = (a, b, True) if isinstance(a, ClusterVal) else (b, a, False)
             return ClusterVal(tuple(

@@ -13,6 +13,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from karmixlang import __version__
+from karmixlang.diagnostics import Span
 from karmixlang.io.header import TensorInfo
 from karmixlang.ir.graph import KeyMap
 from karmixlang.plan.outofcore import OutOfCore
@@ -63,8 +64,9 @@ class KeyJob:
     ooc: OutOfCore | None = None  # set when the key runs in chunks (outofcore.py)
     mem_bytes: int = 0  # est_bytes of evaluating the key in memory (est_bytes if not ooc)
     tensors: dict[int, TensorInfo] = field(default_factory=dict)  # load -> this key's tensor
-    # --nonfinite=fallback: the same key copied from each save's fallback, decided when
-    # planning; None with `no_fallback`, the save that has no fallback holding the key.
+    # --nonfinite=fallback: the same key copied from the fallback of each save whose
+    # fallback holds it, decided when planning (None: no save's does); `no_fallback`: the
+    # first save whose fallback does not.
     fallback: KeyJob | None = None
     no_fallback: int | None = None
 
@@ -73,6 +75,7 @@ class KeyJob:
 class SaveTarget:
     path: str  # absolute: out-of-core keys spill next to the first output
     written: str  # as the recipe wrote it, for messages
+    span: Span | None = None  # the save's recipe line, where run-time errors point
 
 
 @dataclass
@@ -84,24 +87,28 @@ class Executable:
     memory_limit: int  # the limit the out-of-core keys were planned for
     files: dict[str, int]  # every data file read -> its size when planned
     jobs: list[KeyJob]
+    # load -> the recipe line that declares it, where run-time errors about it point
+    origins: dict[int, Span] = field(default_factory=dict)
 
     def part(self, jobs: list[KeyJob]) -> Executable:
         """The same schedule for some of its jobs only (one Ray task's group of keys)."""
         used = {t.file for j in jobs for job in (j, j.fallback) if job
                 for t in job.tensors.values()}
         return Executable(self.nodes, self.labels, self.saves, self.compute, self.memory_limit,
-                          {f: s for f, s in self.files.items() if f in used}, list(jobs))
+                          {f: s for f, s in self.files.items() if f in used}, list(jobs),
+                          self.origins)
 
     def to_dict(self) -> dict:
         body = {
             "nodes": [[s.op, list(s.inputs), [[k, _encode(v)] for k, v in s.attrs]]
                       for s in self.nodes],
             "labels": [[i, name] for i, name in sorted(self.labels.items())],
-            "saves": [[s.path, s.written] for s in self.saves],
+            "saves": [[s.path, s.written, _span_list(s.span)] for s in self.saves],
             "compute": self.compute,
             "memory_limit": self.memory_limit,
             "files": [[f, s] for f, s in sorted(self.files.items())],
             "jobs": [_job_dict(j) for j in self.jobs],
+            "origins": [[i, _span_list(s)] for i, s in sorted(self.origins.items())],
         }
         return {"format": FORMAT, "version": FORMAT_VERSION, "kmx_version": __version__,
                 "fingerprint": _digest(body), "body": body}
@@ -129,9 +136,10 @@ class Executable:
                 tuple(Step(op, tuple(ins), tuple((k, _decode(v)) for k, v in attrs))
                       for op, ins, attrs in body["nodes"]),
                 {i: name for i, name in body["labels"]},
-                tuple(SaveTarget(p, w) for p, w in body["saves"]),
+                tuple(SaveTarget(p, w, _span_from(sp)) for p, w, sp in body["saves"]),
                 body["compute"], body["memory_limit"], {f: s for f, s in body["files"]},
-                [_job_from(j) for j in body["jobs"]])
+                [_job_from(j) for j in body["jobs"]],
+                {i: _span_from(sp) for i, sp in body["origins"]})
         except (KeyError, TypeError, ValueError) as exc:
             raise FormatError(f"malformed content ({type(exc).__name__}: {exc})") from None
 
@@ -151,6 +159,14 @@ class FormatError(ValueError):
 def _digest(body) -> str:
     text = json.dumps(body, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _span_list(s: Span | None) -> list | None:
+    return None if s is None else [s.file, s.line, s.col, s.end_line, s.end_col]
+
+
+def _span_from(v: list | None) -> Span | None:
+    return None if v is None else Span(*v)
 
 
 # Attribute values: numbers, strings, bools, None, tuples of them, and per-key numbers.

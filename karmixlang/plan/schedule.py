@@ -221,16 +221,19 @@ class Jobs:
                       int(peak), read, tensors=tensors)
 
     def add_fallback(self, job: KeyJob, graph: Graph) -> None:
-        """The job that copies the same key from each save's fallback (for
-        --nonfinite=fallback), or the save that has no fallback holding it."""
+        """The job that copies the same key from each save's fallback that holds it (for
+        --nonfinite=fallback), and the first save that has none. A non-finite input needs
+        every save's copy; a non-finite result only its own save's."""
         outputs = []
         for o in job.outputs:
             fb = graph.saves[o.save].fallback
             if fb is None or not self.keys[fb].has(job.key):
-                job.no_fallback = o.save
-                return
+                if job.no_fallback is None:
+                    job.no_fallback = o.save
+                continue
             outputs.append(Output(o.save, self.index[fb], o.dtype, o.shape, "non-finite input"))
-        job.fallback = self.make(job.key, outputs)
+        if outputs:
+            job.fallback = self.make(job.key, outputs)
 
 
 def build_jobs(graph: Graph, headers, keys, jobs: Jobs, strict: bool = False):
@@ -480,8 +483,10 @@ def executable(graph: Graph, order: list[Node], headers, jobs: list[KeyJob], com
     nodes = tuple(Step(n.op, tuple(index[x] for x in n.inputs), n.attrs) for n in order)
     labels = {i: str(graph.names.get(n, n.attr("path"))) for i, n in enumerate(order)
               if n.op == "load"}
-    saves = tuple(SaveTarget(str(s.path), str(s.written)) for s in graph.saves)
-    return Executable(nodes, labels, saves, compute, limit, _file_sizes(headers), jobs)
+    origins = {i: graph.origins[n][0] for i, n in enumerate(order)
+               if n.op == "load" and graph.origins.get(n)}
+    saves = tuple(SaveTarget(str(s.path), str(s.written), s.span) for s in graph.saves)
+    return Executable(nodes, labels, saves, compute, limit, _file_sizes(headers), jobs, origins)
 
 
 def _file_sizes(headers) -> dict[str, int]:

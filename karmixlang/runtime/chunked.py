@@ -6,7 +6,8 @@ The passes, in the key's evaluation order:
    spilled to a temporary file in the compute dtype;
 2. each Gram method accumulates its members' Gram matrix over the chunks, then solves for
    its coefficients;
-3. a last pass forms the outputs chunk by chunk and hands each piece to the writer.
+3. a last pass forms the outputs chunk by chunk and yields each piece (the executor tests it,
+   casts it and hands it to the writer).
 Inputs are read chunk by chunk in their stored dtype and widened per chunk.
 """
 
@@ -29,11 +30,13 @@ from karmixlang.runtime import kernels as ops
 from karmixlang.runtime.kernels import sparse as ops_sparse
 from karmixlang.runtime.kernels.base import GramSum
 from karmixlang.runtime.kernels.table import GRAM_SPLITS
-from karmixlang.runtime.tensors import Reader, part, to_bytes
+from karmixlang.runtime.tensors import Reader, part
 
 Span = tuple[int, int]
 # A piece of an output: (index into job.outputs, byte offset within the key, bytes).
 Piece = tuple[int, int, memoryview]
+# A piece of an output's value: (index into job.outputs, element offset, values there).
+ValuePiece = tuple[int, int, torch.Tensor]
 
 
 class Streamed:
@@ -48,10 +51,12 @@ class Streamed:
 
 
 def run_chunked(ev, job: KeyJob, raw_ok: set[int], into: dict[int, str],
-                spill_root: str) -> Streamed:
-    """`raw_ok`: loads only copied (kept in their stored dtype); `into`: outputs accumulated
-    in reused buffers (both as the executor decides for a whole key)."""
-    return Streamed(_ChunkedKey(ev, job, raw_ok, into, spill_root).pieces())
+                spill_root: str) -> Iterator[ValuePiece]:
+    """The outputs' values chunk by chunk, in writing order; each lives in reused buffers
+    until the next is asked for. `raw_ok`: loads only copied (kept in their stored dtype);
+    `into`: outputs accumulated in reused buffers (both as the executor decides for a whole
+    key)."""
+    return _ChunkedKey(ev, job, raw_ok, into, spill_root).pieces()
 
 
 class _ChunkedKey:
@@ -74,7 +79,7 @@ class _ChunkedKey:
         for a in range(0, self.numel, self.chunk):
             yield a, min(self.numel, a + self.chunk)
 
-    def pieces(self) -> Iterator[Piece]:
+    def pieces(self) -> Iterator[ValuePiece]:
         folder = tempfile.mkdtemp(prefix=".kmx-spill-", dir=self.spill_root)
         try:
             for i in self.job.steps:
@@ -86,13 +91,10 @@ class _ChunkedKey:
                 elif OPS[n.op].barrier:
                     self.spill(i, folder)
             targets = [o.node for o in self.job.outputs]
-            scratch = self.ev.scratch
             for a, b in self.spans():
                 values = self.evaluate(targets, (a, b), self.into)
                 for k, o in enumerate(self.job.outputs):
-                    data = to_bytes(values[o.node], o.dtype, scratch,
-                                    "read" if k == 0 else f"cast{k}")
-                    yield k, a * (data.nbytes // (b - a)), data
+                    yield k, a, values[o.node]
         finally:
             self.spill_reader.close()
             shutil.rmtree(folder, ignore_errors=True)
@@ -181,7 +183,7 @@ class _ChunkedKey:
             for top in tops:
                 top.settle(level)
         if OPS[n.op].chunk is Chunk.SPLIT:
-            weights, rule = list(n.attr("weights")), kwargs.get("rule", "mass")
+            weights, rule = self.ev.weights(n.attr("weights")), kwargs.get("rule", "mass")
             self.replaced[i] = lambda ins: ops.elect(
                 [top.keep(x) for top, x in zip(tops, ins)], weights, rule=rule)
         else:

@@ -8,22 +8,22 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 
 import torch
 
 from karmixlang.builtins import BY_OP
-from karmixlang.diagnostics import KmxError, error
+from karmixlang.diagnostics import located
 from karmixlang.ir.graph import KeyMap
 from karmixlang.ops import OPS
 from karmixlang.plan.executable import Executable, KeyJob, Output, Step
 from karmixlang.runtime.chunked import Streamed, run_chunked
 from karmixlang.runtime.kernels.table import KERNELS
-from karmixlang.runtime.tensors import COMPUTE, Reader, Scratch, part, to_bytes
-
-class NonFinite(Exception):
-    def __init__(self, node: int, key: str):
-        self.node, self.key = node, key
+from karmixlang.runtime.nonfinite import (FALLBACK_TOO, BadResult, NonFinite, checked_bytes,
+                                          copied_as_stored, fallback_inputs, on_input,
+                                          on_result, result_error)
+from karmixlang.runtime.tensors import COMPUTE, Reader, Scratch, finite, part
 
 
 def tune_allocator() -> None:
@@ -62,6 +62,15 @@ class Evaluator:
         self.device = torch.device(device)
         self.scratch = Scratch()
 
+    def fresh(self) -> Evaluator:
+        """An evaluator on the same inputs with buffers of its own: what it computes leaves
+        this one's results (and their cast bytes) alone."""
+        return Evaluator(self.exe, self.reader, str(self.device))
+
+    def copies(self, job: KeyJob) -> set[int]:
+        """The job's outputs that are an input written as stored."""
+        return copied_as_stored(self.nodes, job, raw_loads(self.nodes, job))
+
     def run(self, job: KeyJob) -> list[tuple[Output, torch.Tensor]]:
         """The job's outputs. They may live in this thread's scratch buffers: write them out
         before this thread runs its next job."""
@@ -93,9 +102,12 @@ class Evaluator:
             return ins[0]
         return self.kernel(n, key, ins, span)
 
-    def read(self, i: int, job: KeyJob, span) -> torch.Tensor:
+    def read(self, i: int, job: KeyJob, span, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Input i's tensor (flat elements `span` of it); a failure to read points at the
+        recipe line that declares the input."""
         info = job.tensors[i]
-        return self.reader.read(part(info, span) if span else info)
+        with located(self.exe.origins.get(i), "this input"):
+            return self.reader.read(part(info, span) if span else info, into)
 
     def load(self, i: int, job: KeyJob, raw: bool = False, span=None):
         """An input tensor: as stored (`raw`, for copies), or on the device in the compute
@@ -107,23 +119,21 @@ class Evaluator:
         self.check_finite(t, i, job.key)
         return t
 
-    @staticmethod
-    def finite(t: torch.Tensor) -> bool:
-        # A NaN or Inf anywhere makes the sum non-finite, and a plain sum is ~20x cheaper than
-        # isfinite(); only a non-finite sum (or an overflow) needs the exact test.
-        return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
-
     def check_finite(self, t: torch.Tensor, i: int, key: str) -> None:
-        if not self.finite(t):
+        if not finite(t):
             raise NonFinite(i, key)
+
+    def check_streamed(self, job: KeyJob, span=None) -> None:
+        """Raise NonFinite for the first deferred input that holds NaN or Inf."""
+        for i in job.loads:
+            if i in job.deferred:
+                self.load_widened(i, job, span)
 
     def load_widened(self, i: int, job: KeyJob, span=None, check: bool = True) -> torch.Tensor:
         """A deferred input, read and widened through this thread's reused buffers (valid
         until its next call): streaming a weighted sum then allocates nothing per input."""
-        info = job.tensors[i]
-        if span:
-            info = part(info, span)
-        raw = self.reader.read(info, self.scratch.get("read", info.nbytes))
+        info = part(job.tensors[i], span) if span else job.tensors[i]
+        raw = self.read(i, job, span, self.scratch.get("read", info.nbytes))
         if raw.dtype == self.compute or not raw.is_floating_point() or \
                 self.device.type != "cpu":
             t = raw.to(device=self.device, dtype=self.compute)
@@ -141,7 +151,7 @@ class Evaluator:
         `scratch` names the reused buffer of a result that is only written out or summed at
         once."""
         n = self.nodes[i]
-        coeffs = OPS[n.op].coefficients(n, key)
+        coeffs = [self.scalar(c) for c in OPS[n.op].coefficients(n, key)]
         acc, streamed = None, []
         for x, c in zip(n.inputs, coeffs):
             if x not in job.deferred:
@@ -163,10 +173,30 @@ class Evaluator:
             else:
                 acc.add_(t, alpha=c)
             del t
-        if streamed and not self.finite(acc):  # name the input (or it was an overflow)
+        # A result only written out is tested as it is written (nonfinite.py); any other is
+        # tested here, before it is computed with: name the input (or it was an overflow).
+        written_only = depth == 0 and scratch is not None
+        if streamed and not written_only and not finite(acc):
             for x in streamed:
                 self.load_widened(x, job, span)
         return acc
+
+    def scalar(self, c):
+        """torch refuses a float scalar past the compute dtype's range: there it is ±Inf (a
+        bound that bounds nothing, or a result that is not finite: K0411), not a crash."""
+        if isinstance(c, float) and abs(c) > torch.finfo(self.compute).max:
+            return math.copysign(math.inf, c)
+        return c
+
+    def weights(self, ws) -> list[float]:
+        """A cluster's weights, scaled into the compute dtype's range if they are past it:
+        every cluster kernel (means, medians, elections) depends only on their ratios. A
+        weight too small to express beside the largest stays the smallest positive one."""
+        ws = list(ws)
+        big = max((abs(w) for w in ws), default=0.0)
+        if big > torch.finfo(self.compute).max:
+            ws = [max(w / big, sys.float_info.min) for w in ws]
+        return ws
 
     def call_args(self, n: Step, key: str, ins: list, span=None) -> tuple[list, dict]:
         """The positional and keyword arguments of n's kernel, from its input values (a
@@ -176,14 +206,14 @@ class Evaluator:
         args, kwargs, pos = [], {}, 0
         for p in b.params:
             if p.type.endswith("cluster"):
-                w = list(attrs.pop("weights"))
+                w = self.weights(attrs.pop("weights"))
                 args += [ins[pos:pos + len(w)], w]
                 pos += len(w)
             elif p.type in ("space", "model", "delta"):
                 args.append(ins[pos])
                 pos += 1
             elif p.name in attrs:
-                kwargs[p.name] = attrs.pop(p.name)
+                kwargs[p.name] = self.scalar(attrs.pop(p.name))
         if OPS[n.op].seeded:
             kwargs.update(key=key, member=attrs.pop("member"))
             if span:
@@ -226,16 +256,40 @@ def raw_loads(nodes: tuple[Step, ...], job: KeyJob) -> set[int]:
 def compute_key(ev: Evaluator, job: KeyJob, nonfinite: str, fallbacks: list[str]):
     """The job's outputs as [(Output, bytes)] (valid until this thread's next job), or, for
     an out-of-core key, as Streamed pieces computed while they are written. A key with
-    non-finite inputs is copied from the fallback (`nonfinite` "fallback") or fails."""
+    non-finite inputs or results is copied from the fallback (`nonfinite` "fallback") or
+    fails (nonfinite.py)."""
     if job.ooc is not None:
         return Streamed(_pieces(ev, job, nonfinite, fallbacks))
     try:
-        results = ev.run(job)
+        return _whole(ev, job, nonfinite, fallbacks)
     except NonFinite as nf:
-        results = ev.run(_on_nonfinite(ev.exe, job, nf, nonfinite, fallbacks))
+        copy = on_input(ev.exe, job, nf, nonfinite, fallbacks)
+    return _copied(ev, copy)
+
+
+def _whole(ev: Evaluator, job: KeyJob, nonfinite: str, fallbacks: list[str]):
+    """The job's outputs, each tested (nonfinite.py); `nonfinite` None: the job is a
+    fallback copy, and a bad result of it stops the run."""
+    results = ev.run(job)
+    copies = ev.copies(job)
+    out = []
     # Each output is cast into its own reused buffer: all of them are delivered afterwards.
-    return [(out, to_bytes(value, out.dtype, ev.scratch, "read" if i == 0 else f"cast{i}"))
-            for i, (out, value) in enumerate(results)]
+    for k, (o, value) in enumerate(results):
+        try:
+            data = checked_bytes(ev, job, k, value, k in copies,
+                                 buffer="read" if k == 0 else f"cast{k}")
+        except BadResult as bad:
+            if nonfinite is None:
+                raise result_error(ev.exe, job, bad, FALLBACK_TOO) from None
+            data = on_result(ev, job, bad, nonfinite, fallbacks)
+        out.append((o, data))
+    return out
+
+
+def _copied(ev: Evaluator, copy: KeyJob):
+    """The key copied from its fallback (planned), in place of a key with a bad input."""
+    with fallback_inputs(ev.exe):
+        return _whole(ev, copy, None, [])
 
 
 def _pieces(ev: Evaluator, job: KeyJob, nonfinite: str, fallbacks: list[str]):
@@ -244,27 +298,24 @@ def _pieces(ev: Evaluator, job: KeyJob, nonfinite: str, fallbacks: list[str]):
     spill_root = os.path.dirname(os.path.abspath(ev.exe.saves[0].path))
     if not os.path.isdir(spill_root):
         spill_root = tempfile.gettempdir()
+    copies, replaced = ev.copies(job), set()
     try:
-        yield from run_chunked(ev, job, raw_loads(ev.nodes, job), output_buffers(ev.nodes, job),
-                               spill_root)
+        for k, a, value in run_chunked(ev, job, raw_loads(ev.nodes, job),
+                                       output_buffers(ev.nodes, job), spill_root):
+            if k in replaced:
+                continue
+            try:
+                data = checked_bytes(ev, job, k, value, k in copies, (a, a + value.numel()),
+                                     "read" if k == 0 else f"cast{k}")
+            except BadResult as bad:  # the fallback's whole key replaces what was written
+                replaced.add(k)
+                yield k, 0, on_result(ev, job, bad, nonfinite, fallbacks)
+                continue
+            yield k, a * (data.nbytes // value.numel()), data
     except NonFinite as nf:
-        # Pieces already written are overwritten by the fallback's whole key.
-        fallback = _on_nonfinite(ev.exe, job, nf, nonfinite, fallbacks)
-        for k, (out, value) in enumerate(ev.run(fallback)):
-            yield k, 0, to_bytes(value, out.dtype, ev.scratch)
-
-
-def _on_nonfinite(exe: Executable, job: KeyJob, nf: NonFinite, nonfinite: str,
-                  fallbacks: list[str]) -> KeyJob:
-    """The job planned for this key's fallback copy, or K0401."""
-    if nonfinite != "fallback":
-        raise KmxError([error(
-            "K0401", f"`{exe.labels[nf.node]}` has NaN or Inf values in key `{nf.key}`",
-            help="continue with --resume --nonfinite=fallback to copy such keys from the "
-                 "save's fallback; or fix the input and run again with --force (the finished "
-                 "keys are discarded)")]) from None
-    if job.fallback is None:
-        raise KmxError([error("K0401", f"key `{job.key}` has non-finite values and save "
-                              f"`{exe.saves[job.no_fallback].written}` has no fallback with it")])
-    fallbacks.append(job.key)
-    return job.fallback
+        copy = on_input(ev.exe, job, nf, nonfinite, fallbacks)
+    else:
+        return
+    # Pieces already written are overwritten by the fallback's whole key.
+    for k, (_, data) in enumerate(_copied(ev, copy)):
+        yield k, 0, data

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from karmixlang.diagnostics import KmxError, error
+from karmixlang.diagnostics import KmxError, error, located
 from karmixlang.machine import default_threads
 from karmixlang.plan.compile import Compiled
 from karmixlang.plan.executable import Executable, KeyJob
@@ -58,7 +58,8 @@ class RunResult:
     bytes_written: int
     peak_rss_delta: int  # measured growth of resident memory during the run
     nothing_to_do: bool = False
-    fallbacks: list[str] = field(default_factory=list)  # keys copied for non-finite inputs
+    # keys copied from a fallback for non-finite values (--nonfinite=fallback)
+    fallbacks: list[str] = field(default_factory=list)
 
 
 class _RssSampler:
@@ -118,11 +119,19 @@ class RunSession:
 
     def deliver(self, job: KeyJob, results) -> None:
         if isinstance(results, Streamed):
-            for k, start, data in results:
-                self.writers[job.outputs[k].save].write(job.key, data, start)
+            # A spill that fails names no save: it points at the key's first.
+            with self.at(job.outputs[0].save):
+                for k, start, data in results:
+                    with self.at(job.outputs[k].save):
+                        self.writers[job.outputs[k].save].write(job.key, data, start)
             return
         for out, data in results:
-            self.writers[out.save].write(job.key, data)
+            with self.at(out.save):
+                self.writers[out.save].write(job.key, data)
+
+    def at(self, save: int):
+        """Errors about output `save` point at its recipe line."""
+        return located(self.executable.saves[save].span, "this save")
 
     def finished(self, job: KeyJob) -> None:
         if self.progress:
@@ -133,8 +142,9 @@ class RunSession:
             self.checkpoint()
 
     def checkpoint(self) -> None:
-        for w in self.writers:
-            w.checkpoint()
+        for i, w in enumerate(self.writers):
+            with self.at(i):
+                w.checkpoint()
         self._last_checkpoint = time.monotonic()
 
     def close(self) -> None:
@@ -198,6 +208,12 @@ def execute(compiled: Compiled, opts: RunOptions, progress=None) -> RunResult:
     KmxError; never leaves a partial file under a final name."""
     exe = compiled.schedule.executable
     check_options(exe, opts)
+    if opts.threads < 0:
+        raise ValueError(f"threads must be 0 (one per core) or more, not {opts.threads}")
+    if opts.executor == "ray":
+        from karmixlang.runtime.ray.executor import check_address
+
+        check_address(opts.address)
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise KmxError([error("K0406", "--device cuda: no CUDA device is available",
                               help="run with --device cpu")])

@@ -16,14 +16,16 @@ hashes are written into it just before the files are published, so no offset mov
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
 
 from karmixlang import __version__
-from karmixlang.diagnostics import KmxError, error
+from karmixlang.diagnostics import KmxError, error, located
 from karmixlang.io.guard import changed, check_outputs, plan_save
-from karmixlang.io.header import HASH_PLACEHOLDER, HASH_PREFIX, combine_hashes, hash_file
+from karmixlang.io.header import (HASH_PLACEHOLDER, HASH_PREFIX, TOO_MANY_FILES_HELP,
+                                  combine_hashes, hash_file)
 from karmixlang.io.writer import (JOURNAL_SUFFIX, RESTART_HELP, STAMP_SUFFIX, CheckpointWriter,
                                   OutputLayout, OutputLock, atomic_write, hidden_path)
 
@@ -166,6 +168,10 @@ class OutputSet:
                            self._metadata(index, self.hashes))
         return [f.header for f in layout.files]
 
+    def at(self, index: int):
+        """Errors about output `index` point at its save."""
+        return located(self.c.graph.saves[index].span, "this save")
+
     # -- the overwrite and resume rules
     def final_paths(self) -> list[str]:
         return [s.path for s in self.c.graph.saves]
@@ -200,24 +206,31 @@ class OutputSet:
         it), then open the writers. Nothing is written before every output is decided."""
         writers: list = []
         try:
-            for layout in self.layouts:
-                self._locks.append(OutputLock(layout.final_path))
-            modes = [self._mode(i) for i in range(len(self.layouts))]
+            for i, layout in enumerate(self.layouts):
+                with self.at(i):
+                    self._locks.append(OutputLock(layout.final_path))
+            modes = []
+            for i in range(len(self.layouts)):
+                with self.at(i):
+                    modes.append(self._mode(i))
             if self._hasher.ident is None:
                 self._hasher.start()
-            for layout, lock, mode in zip(self.layouts, self._locks, modes):
-                if mode == "keep":
-                    writers.append(_Kept(layout))
-                    continue
-                if mode == "fresh":
-                    with self._stamp_lock:
-                        self._stamps.append(hidden_path(layout.final_path, STAMP_SUFFIX))
-                        self._write_stamp(self._stamps[-1])
-                writers.append(CheckpointWriter(layout, resume=mode == "resume", lock=lock))
+            for i, (layout, lock, mode) in enumerate(zip(self.layouts, self._locks, modes)):
+                with self.at(i):
+                    writers.append(self._writer(layout, lock, mode))
         except BaseException:
             self.keep_partial(writers)
             raise
         return writers
+
+    def _writer(self, layout: OutputLayout, lock: OutputLock, mode: str):
+        if mode == "keep":
+            return _Kept(layout)
+        if mode == "fresh":
+            with self._stamp_lock:
+                self._stamps.append(hidden_path(layout.final_path, STAMP_SUFFIX))
+                self._write_stamp(self._stamps[-1])
+        return CheckpointWriter(layout, resume=mode == "resume", lock=lock)
 
     def _mode(self, index: int) -> str:
         layout = self.layouts[index]
@@ -258,9 +271,11 @@ class OutputSet:
         try:
             atomic_write(path, json.dumps(self._stamp_data(), indent=1).encode())
         except OSError as e:  # the output's folder, removed or full: not a hashing failure
+            too_many = e.errno in (errno.EMFILE, errno.ENFILE)
             raise KmxError([error("K0402", f"cannot write `{path}`: {e.strerror or e}",
-                                  help="check that the output's folder exists and is "
-                                       "writable")]) from e
+                                  help=TOO_MANY_FILES_HELP if too_many else
+                                  "check that the output's folder exists and is "
+                                  "writable")]) from e
 
     def _check_stamp(self, layout: OutputLayout) -> None:
         """Resume only the run this one is: same recipe files, --set values and input files
@@ -313,8 +328,9 @@ class OutputSet:
         except KmxError:
             self._finish(writers, keep_partial=False)
             raise
-        for w, h in zip(writers, headers):
-            w.commit(h)
+        for i, (w, h) in enumerate(zip(writers, headers)):
+            with self.at(i):
+                w.commit(h)
         self._finish(writers, keep_partial=False)
 
     def _check_inputs(self) -> None:

@@ -8,6 +8,7 @@ four 2 GB files through mmap would hold 8 GB resident; a read buffer is freed wi
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 
@@ -15,7 +16,7 @@ import torch
 
 from karmixlang.diagnostics import KmxError, error
 from karmixlang.io.dtypes import DTYPES
-from karmixlang.io.header import TensorInfo
+from karmixlang.io.header import TensorInfo, os_fail
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
@@ -46,7 +47,7 @@ class Reader:
                 try:
                     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 except OSError as exc:
-                    raise KmxError([error("K0301", f"cannot open `{path}`: {exc.strerror}")])
+                    os_fail(exc, path, None)
                 self._fds[path] = fd
             return fd
 
@@ -104,18 +105,34 @@ class Scratch:
         return buf[:nbytes]
 
 
-def to_bytes(t: torch.Tensor, dtype: str, scratch: Scratch | None = None,
-             buffer: str = "read") -> memoryview:
-    """The tensor cast once to the output dtype, as raw little-endian bytes. With `scratch`
-    the cast lands in the thread's reused `buffer` (by default the read buffer, free once the
-    inputs are consumed): valid until that buffer's next use."""
+def cast(t: torch.Tensor, dtype: str, scratch: Scratch | None = None,
+         buffer: str = "read") -> torch.Tensor:
+    """The tensor cast once to the output dtype, flat, on the CPU. With `scratch` the cast
+    lands in the thread's reused `buffer` (by default the read buffer, free once the inputs
+    are consumed): valid until that buffer's next use."""
     target = TORCH_DTYPES[dtype]
     t = t.detach()
-    if t.numel() == 0:
-        return memoryview(b"")
-    if scratch is None or t.dtype == target or t.device.type != "cpu":
-        out = t.to(device="cpu", dtype=target).contiguous()
-        return memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    if scratch is None or t.dtype == target or t.device.type != "cpu" or t.numel() == 0:
+        return t.to(device="cpu", dtype=target).contiguous().reshape(-1)
     buf = scratch.get(buffer, t.numel() * torch.empty((), dtype=target).element_size())
-    buf.view(target).copy_(t.reshape(-1))
-    return memoryview(buf.numpy())
+    return buf.view(target).copy_(t.reshape(-1))
+
+
+def as_bytes(flat: torch.Tensor) -> memoryview:
+    """A cast result's raw little-endian bytes (what is written)."""
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in t. A NaN or Inf anywhere makes the sum non-finite, and a plain sum is
+    ~20x cheaper than isfinite(); only a non-finite sum (or an overflow) needs the exact test.
+    Types narrower than fp32 are summed in fp32 (an fp16 sum overflows at 65504; fp8 has no
+    sum of its own)."""
+    if not t.is_floating_point():
+        return True
+    wide = t.element_size() < 4
+    if math.isfinite(float(t.sum(dtype=torch.float32) if wide else t.sum())):
+        return True
+    return bool(torch.isfinite(t.float() if wide else t).all())

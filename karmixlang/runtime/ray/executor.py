@@ -58,6 +58,25 @@ class RayExecutor:
             self.started = False
 
 
+ADDRESS_HELP = ("give host:port of the head node, ray://host:port for Ray Client, or auto; "
+                "leave --address out to start a local Ray")
+
+
+def check_address(address: str | None) -> None:
+    """Refuse an --address Ray could never join, before anything starts (K0407)."""
+    if address is None or address in ("auto", "local"):
+        return
+    parts = urlsplit(address if "://" in address else f"ray://{address}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if (parts.scheme != "ray" or not parts.hostname or not port or parts.username
+            or parts.password or parts.path not in ("", "/") or parts.query or parts.fragment):
+        raise KmxError([error("K0407", f"--address `{address}` is not a Ray address",
+                              help=ADDRESS_HELP)])
+
+
 def _import_ray():
     try:
         import ray
@@ -205,7 +224,8 @@ def _cost(group: KeyGroup) -> int:
 def compute_group(schedule: str, device: str, nonfinite: str):
     """A Ray task: the jobs of a serialized executable schedule (one group's part), each
     key's outputs as pieces (see _pieces), and the keys copied from a fallback for
-    non-finite inputs (`nonfinite` "fallback")."""
+    non-finite values (`nonfinite` "fallback"). The --nonfinite policy is the local one
+    (compute_key): a bad result is K0411/K0412, at the save the schedule names."""
     from karmixlang.runtime.evaluate import Evaluator, compute_key, prepare_process
     from karmixlang.runtime.tensors import Reader
 
