@@ -1,22 +1,63 @@
 """The Python API: the same pipeline the CLI runs, without printing.
 
-    check(path)            -> diagnostics
+    check(path)            -> Checked (program, diagnostics, sources to show them with)
     compile(path)          -> Compiled (graph, schedule, plan), reading headers only
     run(path, ...)         -> RunResult (imports torch)
     format(text)           -> canonical text
+    format_file(path)      -> Formatted (the text as read and as formatted); write_formatted
 """
 
 from __future__ import annotations
 
+import os
+import stat
+from dataclasses import dataclass, field
+
 from karmixlang.check.checker import check_program
+from karmixlang.check.program import Program
 from karmixlang.diagnostics import Diagnostic, KmxError
 from karmixlang.plan.compile import Compiled, compile
 
-__all__ = ["Compiled", "check", "compile", "format", "run"]
+__all__ = ["Checked", "Compiled", "Formatted", "check", "compile", "format", "format_file",
+           "run", "sources_for", "write_formatted"]
 
 
-def check(path: str, overrides: dict[str, str] | None = None) -> list[Diagnostic]:
-    return check_program(path, overrides)[1]
+@dataclass
+class Checked:
+    program: Program | None  # None when there are errors
+    diagnostics: list[Diagnostic]
+    sources: dict[str, str] = field(default_factory=dict)  # file -> text, for rendering
+
+
+def check(path: str, overrides: dict[str, str] | None = None) -> Checked:
+    program, diags = check_program(path, overrides)
+    return Checked(program, diags, sources_for(diags, program.sources if program else {}))
+
+
+def sources_for(diags: list[Diagnostic], known: dict[str, str] | None = None) -> dict[str, str]:
+    """The text of every file the diagnostics point into, read as recipes are (regular files,
+    bounded, UTF-8): what rendering them with their source lines needs."""
+    sources = dict(known or {})
+    for d in diags:
+        for span in [d.span] + [n.span for n in d.notes]:
+            if span is not None and span.file not in sources:
+                text = _recipe_text(span.file)
+                if text is not None:
+                    sources[span.file] = text
+    return sources
+
+
+def _recipe_text(path: str) -> str | None:
+    """A recipe's text, or None: not a regular file, too large, not UTF-8."""
+    from karmixlang.syntax.parser import MAX_SOURCE_BYTES, read_source
+
+    data, problem = read_source(path)
+    if problem is not None or len(data) > MAX_SOURCE_BYTES:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def run(path: str, overrides: dict[str, str] | None = None, **options):
@@ -41,3 +82,37 @@ def format(text: str, file: str = "<recipe>") -> str:
     if out is None:
         raise KmxError(diags)
     return out
+
+
+@dataclass
+class Formatted:
+    path: str
+    text: str  # as read
+    formatted: str | None  # None: the text does not parse (diagnostics)
+    diagnostics: list[Diagnostic]
+
+    @property
+    def changed(self) -> bool:
+        return self.formatted is not None and self.formatted != self.text
+
+
+def format_file(path: str) -> Formatted:
+    """A recipe file formatted (not written). Raises KmxError when it cannot be read as a
+    recipe, and syntax.fmt.FormatterError when the formatter refuses its own output."""
+    from karmixlang.syntax.fmt import format_source
+    from karmixlang.syntax.parser import parse_file
+
+    text = _recipe_text(path)
+    if text is None:  # parse_file says why: not a regular file, too large, not UTF-8
+        raise KmxError(parse_file(path)[2])
+    formatted, diags = format_source(text, path)
+    return Formatted(path, text, formatted, diags)
+
+
+def write_formatted(result: Formatted) -> None:
+    """Replace the file with its formatted text, keeping its mode: through a new temporary
+    file in the same folder, so nothing planted at a known name is followed."""
+    from karmixlang.io.writer import atomic_write
+
+    atomic_write(result.path, result.formatted.encode(),
+                 stat.S_IMODE(os.stat(result.path).st_mode))

@@ -1,4 +1,5 @@
-"""The `kmx` command line. The only module that prints.
+"""The `kmx` command line: arguments in, the API called, what it returns handed to console.py
+(which prints every line), an exit code out.
 
 Exit codes: 0 success (warnings allowed), 1 errors in the recipe or its inputs (an interrupted
 run, K0403, included), 2 usage errors, 3 an internal error (a bug: one line, no traceback),
@@ -10,68 +11,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
-import stat
 import sys
 
-from rich.console import Console
-from rich.text import Text
-
-from karmixlang import __version__
-from karmixlang.diagnostics import Diagnostic, KmxError, render_json, render_text
+from karmixlang import __version__, console
+from karmixlang.diagnostics import KmxError
 
 EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
-
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-
-# ------------------------------------------------------------------ printing helpers
-
-def print_diagnostics(diags: list[Diagnostic], sources: dict[str, str], fmt: str = "text") -> None:
-    if fmt == "json":
-        out.print(render_json(diags), markup=False)
-        return
-    for d in diags:
-        text = render_text(d, sources)
-        head, _, rest = text.partition("\n")
-        style = "bold red" if d.is_error else "bold yellow"
-        line = Text(head, style=style)
-        err.print(line)
-        if rest:
-            err.print(Text(rest))
-    n_err = sum(d.is_error for d in diags)
-    n_warn = len(diags) - n_err
-    if n_err:
-        err.print(Text(f"{n_err} error{'s' if n_err != 1 else ''}"
-                       + (f", {n_warn} warning{'s' if n_warn != 1 else ''}" if n_warn else ""),
-                       style="bold red"))
-
-
-def _sources_for(diags: list[Diagnostic], known: dict[str, str]) -> dict[str, str]:
-    sources = dict(known)
-    for d in diags:
-        for span in [d.span] + [n.span for n in d.notes]:
-            if span is not None and span.file not in sources:
-                text = _read_text(span.file)
-                if text is not None:
-                    sources[span.file] = text
-    return sources
-
-
-def _read_text(path: str) -> str | None:
-    """A recipe's text for showing, or None: not a regular file, too large, not UTF-8."""
-    from karmixlang.syntax.parser import MAX_SOURCE_BYTES, read_source
-
-    data, problem = read_source(path)
-    if problem is not None or len(data) > MAX_SOURCE_BYTES:
-        return None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
 
 
 def parse_sets(values: list[str] | None) -> dict[str, str]:
@@ -103,24 +50,22 @@ def threads_arg(text: str) -> int:
 # ------------------------------------------------------------------ commands
 
 def cmd_check(args) -> int:
-    from karmixlang.check.checker import check_program
+    from karmixlang.api import check
 
     status = EXIT_OK
     all_diags = []
     for path in args.files:
-        program, diags = check_program(path, parse_sets(args.set))
-        sources = _sources_for(diags, program.sources if program else {})
+        checked = check(path, parse_sets(args.set))
         if args.format == "json":
-            all_diags.extend(diags)
+            all_diags.extend(checked.diagnostics)
         else:
-            print_diagnostics(diags, sources)
-        if any(d.is_error for d in diags):
+            console.diagnostics(checked.diagnostics, checked.sources)
+        if any(d.is_error for d in checked.diagnostics):
             status = EXIT_ERRORS
         elif args.format != "json":
-            err.print(Text(f"{path}: ok" + (f" ({len(diags)} warning(s))" if diags else ""),
-                           style="green"))
+            console.checked(path, len(checked.diagnostics))
     if args.format == "json":
-        print_diagnostics(all_diags, {}, "json")
+        console.diagnostics(all_diags, {}, "json")
     return status
 
 
@@ -144,16 +89,9 @@ def _compile(args):
 
 
 def cmd_plan(args) -> int:
-    from karmixlang.plan.report import render_dot, render_text as plan_text
-
     compiled = _compile(args)
     print_warnings(compiled)
-    if args.json:
-        out.print(compiled.plan.to_json(), markup=False)
-    elif args.dot:
-        out.print(render_dot(compiled.plan), markup=False, end="")
-    else:
-        out.print(plan_text(compiled.plan), markup=False)
+    console.plan(compiled.plan, "json" if args.json else "dot" if args.dot else "text")
     return EXIT_OK
 
 
@@ -164,11 +102,10 @@ def cmd_graph(args) -> int:
 
 def print_warnings(compiled) -> None:
     if compiled.warnings:
-        print_diagnostics(compiled.warnings, compiled.program.sources)
+        console.diagnostics(compiled.warnings, compiled.program.sources)
 
 
 def cmd_run(args) -> int:
-    from karmixlang.plan.report import summary_line
     from karmixlang.runtime.executor import RunOptions, execute
 
     limit = _memory_limit(args)
@@ -181,72 +118,45 @@ def cmd_run(args) -> int:
     compiled = _compile(args)
     print_warnings(compiled)
     if not args.quiet:
-        err.print(Text(summary_line(compiled.plan).replace("nothing executed.", "running.")))
+        console.run_starting(compiled.plan)
     opts = RunOptions(threads=args.threads or 0, device=args.device,
                       compute_dtype=args.compute_dtype, memory_limit=limit, resume=args.resume,
                       force=args.force, strict=args.strict, nonfinite=args.nonfinite,
                       executor=args.executor, address=args.address)
-    from karmixlang.console import make_progress
-
-    result = execute(compiled, opts, None if args.quiet else make_progress(err))
-    if result.nothing_to_do:
-        err.print(Text("Nothing to do: every output is complete and matches the plan.",
-                       style="green"))
-        return EXIT_OK
-    from karmixlang.units import human_bytes
-
-    for path in result.outputs:
-        out.print(Text(f"wrote {path}"))
-    if result.fallbacks:
-        shown = "; ".join(result.fallbacks[:5])
-        more = f"; and {len(result.fallbacks) - 5} more" if len(result.fallbacks) > 5 else ""
-        err.print(Text(f"{len(result.fallbacks)} key(s) with non-finite values were copied from "
-                       f"the fallback (--nonfinite=fallback): {shown}{more}", style="yellow"))
-    resumed = f" ({result.skipped} finished earlier)" if result.skipped else ""
-    err.print(Text(f"Done: {result.keys:,} keys{resumed} in {result.seconds:.1f} s · read "
-                   f"{human_bytes(result.bytes_read)} · wrote {human_bytes(result.bytes_written)}"
-                   f" · peak memory {human_bytes(result.peak_rss_delta)} (resident growth)",
-                   style="green"))
+    console.run_finished(execute(compiled, opts, None if args.quiet else console.progress()))
     return EXIT_OK
 
 
 def cmd_fmt(args) -> int:
-    import difflib
-
-    from karmixlang.syntax.fmt import FormatterError, format_source
-    from karmixlang.syntax.parser import parse_file
+    from karmixlang.api import format_file, write_formatted
+    from karmixlang.syntax.fmt import FormatterError
 
     status = EXIT_OK
     for path in args.files:
-        text = _read_text(path)
-        if text is None:  # parse_file says why: not a regular file, too large, not UTF-8
-            raise UsageError(f"cannot read {path}: {parse_file(path)[2][0].message}")
         try:
-            formatted, diags = format_source(text, path)
+            result = format_file(path)
+        except KmxError as exc:  # not a regular file, too large, not UTF-8
+            raise UsageError(f"cannot read {path}: {exc.diagnostics[0].message}")
         except FormatterError as exc:
-            err.print(Text(f"error: cannot format {path}: {exc} (internal error; please report)",
-                           style="bold red"))
+            console.formatter_refused(path, exc)
             return 123
-        if formatted is None:
-            print_diagnostics(diags, {path: text})
+        if result.formatted is None:
+            console.diagnostics(result.diagnostics, {path: result.text})
             status = EXIT_ERRORS
             continue
-        if formatted == text:
+        if not result.changed:
             continue
         if args.diff:
-            out.print("".join(difflib.unified_diff(text.splitlines(True), formatted.splitlines(True),
-                                                   path, path)), markup=False, end="")
+            console.format_diff(path, result.text, result.formatted)
         if args.check or args.diff:
-            err.print(Text(f"would reformat {path}"))
+            console.status(f"would reformat {path}")
             status = max(status, EXIT_ERRORS)
         else:
-            from karmixlang.io.writer import atomic_write
-
-            try:  # a new temporary file: nothing planted at a known name is followed
-                atomic_write(path, formatted.encode(), stat.S_IMODE(os.stat(path).st_mode))
+            try:
+                write_formatted(result)
             except OSError as exc:
                 raise UsageError(f"cannot write {path}: {exc}")
-            err.print(Text(f"reformatted {path}"))
+            console.status(f"reformatted {path}")
     return status
 
 
@@ -258,45 +168,28 @@ def cmd_explain(args) -> int:
     if code not in CODES:
         raise UsageError(f"unknown code {args.code!r}; codes are {min(CODES)}..{max(CODES)} "
                          "(see docs/errors/)")
-    page = data_dir("errors").joinpath(f"{code}.md")
-    out.print(page.read_text(encoding="utf-8"), markup=False)
+    console.page(data_dir("errors").joinpath(f"{code}.md").read_text(encoding="utf-8"))
     return EXIT_OK
 
 
 def cmd_methods(args) -> int:
     from karmixlang.builtins import BUILTINS
 
-    group = None
-    for b in BUILTINS.values():
-        if b.group != group:
-            group = b.group
-            out.print(Text(f"\n{group}", style="bold"))
-        out.print(Text(f"  {b.signature():<58} {b.summary}"))
+    console.methods(BUILTINS.values())
     return EXIT_OK
 
 
 def cmd_inspect(args) -> int:
     from karmixlang.io.header import read_checkpoint
-    from karmixlang.units import human_bytes
 
-    h = read_checkpoint(args.file)
-    if args.json:
-        out.print(json.dumps({"path": h.path, "metadata": h.metadata, "tensors": {
-            k: {"dtype": t.dtype, "shape": list(t.shape)} for k, t in h.tensors.items()}},
-            indent=2), markup=False)
-        return EXIT_OK
-    for k, t in h.tensors.items():
-        out.print(Text(f"{k}  {t.dtype} {list(t.shape)}"))
-    meta_keys = ", ".join(sorted(h.metadata)) or "none"
-    out.print(Text(f"\n{len(h.tensors)} tensors · {human_bytes(h.total_bytes)} · "
-                   f"{len(h.files)} file(s) · metadata: {meta_keys}"))
+    console.checkpoint(read_checkpoint(args.file), args.json)
     return EXIT_OK
 
 
 def cmd_demo(args) -> int:
     from karmixlang.demo import run_demo
 
-    return run_demo(args.dir, out, err, threads=args.threads)
+    return run_demo(args.dir, threads=args.threads)
 
 
 def cmd_new(args) -> int:
@@ -318,7 +211,7 @@ def cmd_new(args) -> int:
         raise KmxError([error("K0402", f"cannot write `{args.path}`: {exc.strerror or exc}",
                               help="choose a writable folder, or a name that is not a "
                                    "folder")]) from None
-    err.print(Text(f"wrote {args.path}; edit the paths, then `kmx plan {args.path}`"))
+    console.status(f"wrote {args.path}; edit the paths, then `kmx plan {args.path}`")
     return EXIT_OK
 
 
@@ -423,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def interrupted() -> int:
-    err.print(Text("interrupted", style="bold red"))
+    console.interrupted()
     return 130
 
 
@@ -432,10 +325,12 @@ def _command(argv: list[str] | None) -> int:
     try:
         return args.fn(args)
     except KmxError as exc:
-        print_diagnostics(exc.diagnostics, _sources_for(exc.diagnostics, {}))
+        from karmixlang.api import sources_for
+
+        console.diagnostics(exc.diagnostics, sources_for(exc.diagnostics))
         return EXIT_ERRORS
     except UsageError as exc:
-        err.print(Text(f"kmx: error: {exc}", style="bold red"))
+        console.usage_error(str(exc))
         return EXIT_USAGE
     except KeyboardInterrupt:
         return interrupted()
@@ -444,9 +339,7 @@ def _command(argv: list[str] | None) -> int:
     except Exception as exc:  # a bug: say so in one line; KMX_DEBUG=1 shows the traceback
         if os.environ.get("KMX_DEBUG"):
             raise
-        err.print(Text(f"kmx: internal error: {type(exc).__name__}: {exc}\nThis is a bug in kmx; "
-                       "please report it with the recipe (KMX_DEBUG=1 shows the traceback).",
-                       style="bold red"))
+        console.internal_error(exc)
         return 3
 
 

@@ -1,14 +1,167 @@
-"""Progress reporting for `kmx run`: a rich progress bar on a terminal, a few plain lines
-otherwise (logs and CI stay readable)."""
+"""Everything kmx prints, in one place (as dbt's task/printer.py): the two consoles — results
+on stdout, diagnostics, progress and status on stderr — and one function per kind of line.
+The rest of kmx returns data; the command line (cli.py) and the demo pass it here.
+
+User text is printed with markup off (`markup=False` or `rich.text.Text`): recipe text is full
+of `[...]`, which rich would take for markup. Colour follows rich's terminal detection and
+`NO_COLOR`.
+"""
 
 from __future__ import annotations
 
+import difflib
+import json
 import time
 
 from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn, TransferSpeedColumn)
 from rich.text import Text
+
+from karmixlang.diagnostics import Diagnostic, render_json, render_text
+from karmixlang.units import human_bytes
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+# ------------------------------------------------------------------ diagnostics and status
+
+def diagnostics(diags: list[Diagnostic], sources: dict[str, str], fmt: str = "text") -> None:
+    if fmt == "json":
+        out.print(render_json(diags), markup=False)
+        return
+    for d in diags:
+        head, _, rest = render_text(d, sources).partition("\n")
+        err.print(Text(head, style="bold red" if d.is_error else "bold yellow"))
+        if rest:
+            err.print(Text(rest))
+    n_err = sum(d.is_error for d in diags)
+    n_warn = len(diags) - n_err
+    if n_err:
+        err.print(Text(f"{n_err} error{'s' if n_err != 1 else ''}"
+                       + (f", {n_warn} warning{'s' if n_warn != 1 else ''}" if n_warn else ""),
+                       style="bold red"))
+
+
+def checked(path: str, warnings: int) -> None:
+    err.print(Text(f"{path}: ok" + (f" ({warnings} warning(s))" if warnings else ""),
+                   style="green"))
+
+
+def usage_error(message: str) -> None:
+    err.print(Text(f"kmx: error: {message}", style="bold red"))
+
+
+def internal_error(exc: Exception) -> None:
+    err.print(Text(f"kmx: internal error: {type(exc).__name__}: {exc}\nThis is a bug in kmx; "
+                   "please report it with the recipe (KMX_DEBUG=1 shows the traceback).",
+                   style="bold red"))
+
+
+def interrupted() -> None:
+    err.print(Text("interrupted", style="bold red"))
+
+
+def status(message: str) -> None:
+    """A line about what was done (wrote a template, reformatted a file)."""
+    err.print(Text(message))
+
+
+# ------------------------------------------------------------------ plans and runs
+
+def plan(p, form: str = "text") -> None:
+    """A plan.report.Plan as text, JSON or DOT (imported here only: `kmx check` and `--help`
+    stay quick)."""
+    from karmixlang.plan.report import render_dot, render_text as plan_text
+
+    if form == "json":
+        out.print(p.to_json(), markup=False)
+    elif form == "dot":
+        out.print(render_dot(p), markup=False, end="")
+    else:
+        out.print(plan_text(p), markup=False)
+
+
+def run_starting(p) -> None:
+    from karmixlang.plan.report import summary_line
+
+    err.print(Text(summary_line(p, running=True)))
+
+
+def run_finished(result) -> None:
+    """What a run did (runtime.executor.RunResult)."""
+    if result.nothing_to_do:
+        err.print(Text("Nothing to do: every output is complete and matches the plan.",
+                       style="green"))
+        return
+    for path in result.outputs:
+        out.print(Text(f"wrote {path}"))
+    if result.fallbacks:
+        shown = "; ".join(result.fallbacks[:5])
+        more = f"; and {len(result.fallbacks) - 5} more" if len(result.fallbacks) > 5 else ""
+        err.print(Text(f"{len(result.fallbacks)} key(s) with non-finite values were copied from "
+                       f"the fallback (--nonfinite=fallback): {shown}{more}", style="yellow"))
+    resumed = f" ({result.skipped} finished earlier)" if result.skipped else ""
+    err.print(Text(f"Done: {result.keys:,} keys{resumed} in {result.seconds:.1f} s · read "
+                   f"{human_bytes(result.bytes_read)} · wrote {human_bytes(result.bytes_written)}"
+                   f" · peak memory {human_bytes(result.peak_rss_delta)} (resident growth)",
+                   style="green"))
+
+
+# ------------------------------------------------------------------ the other commands
+
+def format_diff(path: str, text: str, formatted: str) -> None:
+    out.print("".join(difflib.unified_diff(text.splitlines(True), formatted.splitlines(True),
+                                           path, path)), markup=False, end="")
+
+
+def formatter_refused(path: str, exc: Exception) -> None:
+    err.print(Text(f"error: cannot format {path}: {exc} (internal error; please report)",
+                   style="bold red"))
+
+
+def page(text: str) -> None:
+    out.print(text, markup=False)
+
+
+def methods(builtins) -> None:
+    group = None
+    for b in builtins:
+        if b.group != group:
+            group = b.group
+            out.print(Text(f"\n{group}", style="bold"))
+        out.print(Text(f"  {b.signature():<58} {b.summary}"))
+
+
+def checkpoint(h, as_json: bool) -> None:
+    """`kmx inspect`: an io.header.CheckpointHeader."""
+    if as_json:
+        out.print(json.dumps({"path": h.path, "metadata": h.metadata, "tensors": {
+            k: {"dtype": t.dtype, "shape": list(t.shape)} for k, t in h.tensors.items()}},
+            indent=2), markup=False)
+        return
+    for k, t in h.tensors.items():
+        out.print(Text(f"{k}  {t.dtype} {list(t.shape)}"))
+    meta_keys = ", ".join(sorted(h.metadata)) or "none"
+    out.print(Text(f"\n{len(h.tensors)} tensors · {human_bytes(h.total_bytes)} · "
+                   f"{len(h.files)} file(s) · metadata: {meta_keys}"))
+
+
+def heading(text: str, to_err: bool = False) -> None:
+    (err if to_err else out).print(Text(text, style="bold"))
+
+
+def line(text: str, style: str = "") -> None:
+    out.print(Text(text, style=style))
+
+
+# ------------------------------------------------------------------ progress of a run
+
+def progress():
+    """The progress display of a run: a bar on a terminal, a few plain lines otherwise (logs
+    and CI stay readable)."""
+    return BarProgress(err) if err.is_terminal else LineProgress(err)
 
 
 class BarProgress:
@@ -61,7 +214,3 @@ class LineProgress:
 
     def finish(self) -> None:
         pass
-
-
-def make_progress(console: Console):
-    return BarProgress(console) if console.is_terminal else LineProgress(console)

@@ -7,9 +7,7 @@ import os
 import tempfile
 
 import numpy as np
-from rich.console import Console
-from rich.text import Text
-
+from karmixlang import console
 
 
 def _demo_recipe() -> str:
@@ -26,34 +24,32 @@ def _distance(a: dict, b: dict) -> float:
     return total ** 0.5
 
 
-def run_demo(directory: str | None, out: Console, err: Console, threads: int = 0) -> int:
+def run_demo(directory: str | None, threads: int = 0) -> int:
     from safetensors.numpy import load_file
 
     from karmixlang.api import compile as compile_recipe
-    from karmixlang.plan.report import render_text
-    from karmixlang.console import make_progress
     from karmixlang.runtime.executor import RunOptions, execute
     from karmixlang.demo.synth import write_demo_pool
 
     folder = directory or tempfile.mkdtemp(prefix="kmx-demo-")
     os.makedirs(folder, exist_ok=True)
-    err.print(Text(f"Writing synthetic SDXL-layout checkpoints to {folder} ...", style="bold"))
+    console.heading(f"Writing synthetic SDXL-layout checkpoints to {folder} ...", to_err=True)
     pool = write_demo_pool(folder, arch="sdxl", scale=1 / 16, n_per_cluster=3, seed=0)
     recipe = os.path.join(folder, "demo.kmx")
     with open(recipe, "w", encoding="utf-8") as f:
         f.write(_demo_recipe())
     compiled = compile_recipe(recipe, threads=threads or 1)
-    out.print(Text(f"\n$ kmx plan {recipe}\n", style="bold"))
-    out.print(render_text(compiled.plan), markup=False)
-    out.print(Text(f"\n$ kmx run {recipe} --force\n", style="bold"))
-    result = execute(compiled, RunOptions(threads=threads, force=True), make_progress(err))
-    out.print(Text(f"Done: {result.keys:,} keys in {result.seconds:.1f} s.", style="green"))
+    console.heading(f"\n$ kmx plan {recipe}\n")
+    console.plan(compiled.plan)
+    console.heading(f"\n$ kmx run {recipe} --force\n")
+    result = execute(compiled, RunOptions(threads=threads, force=True), console.progress())
+    console.line(f"Done: {result.keys:,} keys in {result.seconds:.1f} s.", "green")
     bases = {"base-a": load_file(str(pool["base_a"])), "base-b": load_file(str(pool["base_b"]))}
-    out.print(Text("\nDistance of each output to each base (a merge built on a base stays near it):"))
+    console.line("\nDistance of each output to each base (a merge built on a base stays near it):")
     for path in result.outputs:
         merged = load_file(path)
         dists = ", ".join(f"{name} {_distance(merged, b):.1f}" for name, b in bases.items())
-        out.print(Text(f"  {os.path.relpath(path, folder)}: {dists}"))
-    out.print(Text(f"\nTry next: kmx plan {recipe} --json · kmx fmt --diff {recipe} · "
-                   f"kmx new my-merge.kmx", style="bold"))
+        console.line(f"  {os.path.relpath(path, folder)}: {dists}")
+    console.heading(f"\nTry next: kmx plan {recipe} --json · kmx fmt --diff {recipe} · "
+                    f"kmx new my-merge.kmx")
     return 0

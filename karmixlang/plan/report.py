@@ -253,7 +253,8 @@ def _groups_text(groups: list[dict], shown: int = 8) -> list[str]:
     return out + rows
 
 
-def summary_line(plan: Plan) -> str:
+def summary_line(plan: Plan, running: bool = False) -> str:
+    """One line: what the plan writes, reads and holds; `running`: said as a run starts."""
     d, t = plan.data, plan.data["totals"]
     n = len(d["saves"])
     if n == 0:
@@ -265,7 +266,7 @@ def summary_line(plan: Plan) -> str:
     return (f"Plan: {n} file{'s' if n != 1 else ''} to write ({key_text} keys{each}; {copied:,} "
             f"copied from fallback) · reads {human_bytes(t['bytes_read'])} · writes "
             f"{human_bytes(t['bytes_written'])} · peak memory ~{human_bytes(t['peak_memory_bytes'])}"
-            f" at {t['peak_memory_key']} · nothing executed.")
+            f" at {t['peak_memory_key']} · {'running.' if running else 'nothing executed.'}")
 
 
 def _short(v) -> str:
