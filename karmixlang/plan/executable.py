@@ -70,6 +70,10 @@ class KeyJob:
     fallback: KeyJob | None = None
     no_fallback: int | None = None
 
+    def reads(self, nodes: tuple[Step, ...], i: int) -> tuple[int, ...]:
+        """The inputs node i reads for this key: a union only the side the key comes from."""
+        return (self.union_choice[i],) if nodes[i].op == "union" else nodes[i].inputs
+
 
 @dataclass(frozen=True)
 class SaveTarget:

@@ -150,10 +150,8 @@ def _pass_reads(job, nodes, walls: list[int], spill_size: int, item: int) -> int
             elif n.op == "load":
                 info = job.tensors.get(i)
                 got += info.nbytes if info is not None else 0
-            elif n.op == "union":
-                stack.append(job.union_choice[i])
             else:
-                stack.extend(n.inputs)
+                stack.extend(job.reads(nodes, i))
         return got
 
     for i in walls:

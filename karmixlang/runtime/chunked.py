@@ -138,7 +138,7 @@ class _ChunkedKey:
             out.add(i)
             if i in self.given:
                 continue
-            stack.extend((self.job.union_choice[i],) if n.op == "union" else n.inputs)
+            stack.extend(self.job.reads(self.nodes, i))
         return out
 
     # ------------------------------------------------------------ Gram methods

@@ -235,21 +235,18 @@ def output_buffers(nodes: tuple[Step, ...], job: KeyJob) -> dict[int, str]:
 def raw_loads(nodes: tuple[Step, ...], job: KeyJob) -> set[int]:
     """Loads whose value is only written out (through aliases), never computed with: these
     keep their stored dtype, so a copied key is bit-exact whatever the compute dtype."""
-    def used(i: int):
-        return (job.union_choice[i],) if nodes[i].op == "union" else nodes[i].inputs
-
     computed = set()
     stack = [i for i in job.steps if not OPS[nodes[i].op].alias]
     while stack:  # through deferred combinations too: what they read is computed with
         i = stack.pop()
-        for x in used(i):
+        for x in job.reads(nodes, i):
             computed.add(x)
             if x in job.deferred:
                 stack.append(x)
     # Follow aliases down to their loads.
     for i in reversed(job.steps):
         if OPS[nodes[i].op].alias and i in computed:
-            computed.update(used(i))
+            computed.update(job.reads(nodes, i))
     return {i for i in job.steps if nodes[i].op == "load" and i not in computed}
 
 

@@ -47,7 +47,7 @@ def copied_as_stored(nodes: tuple[Step, ...], job: KeyJob, raw_loads: set[int]) 
     for k, o in enumerate(job.outputs):
         i = o.node
         while OPS[nodes[i].op].alias:  # a pick's input is a kernel's: it stops there
-            i = job.union_choice[i] if nodes[i].op == "union" else nodes[i].inputs[0]
+            i = job.reads(nodes, i)[0]
         if nodes[i].op == "load" and i in raw_loads:
             out.add(k)
     return out
