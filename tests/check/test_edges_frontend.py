@@ -259,7 +259,6 @@ def test_numbers_that_cannot_run_are_k0204_when_checked(models, expr, what):
 
 @pytest.mark.parametrize("expr", [
     "m + clamp(a - b, -1e308, 1e308)",
-    "m + clamp(a - b, 1e300, 1e308)",
     "m + trim(a - b, density=1e-300)",
     "m + 1e3*(1e2*(a - b))/4",
     "lerp(m, a, t=1000)",
@@ -270,6 +269,17 @@ def test_numbers_the_checker_accepts_run(models, expr):
     assert codes(path) == []
     api.run(path, threads=1)
     assert os.path.exists(models / "o.safetensors")
+
+
+def test_a_clamp_that_raises_every_value_past_the_dtype_is_a_run_error_not_inf(models):
+    # Raising every entry to 1e300 has no finite result in the compute or output dtype: the
+    # checker cannot know the dtypes, the run stops with a coded error instead of writing Inf.
+    path = recipe(models, HEAD + 'save "o.safetensors" = m + clamp(a - b, 1e300, 1e308)\n')
+    assert codes(path) == []
+    with pytest.raises(KmxError) as exc:
+        api.run(path, threads=1)
+    assert {d.code for d in exc.value.diagnostics} <= {"K0411", "K0412"}
+    assert not os.path.exists(models / "o.safetensors")
 
 
 def test_trim_keeps_at_least_one_entry_for_any_positive_density():
