@@ -178,15 +178,20 @@ def test_out_of_core_pieces_are_tested_and_fall_back_whole(workdir, chunked, dty
     assert open(workdir / "out/x.safetensors", "rb").read() == got
 
 
-def test_nan_in_an_input_is_K0401_at_the_model_line(workdir):
+def recipe_with_a_bad_input(workdir, value: float) -> str:
+    """A recipe whose model `b` holds `value` (NaN or Inf) in one entry of model.w."""
     bad = np.ones((6, 5), np.float32)
-    bad[1, 1] = np.inf
+    bad[1, 1] = value
     tiny_models(workdir, extra={"b": {"model.w": bad}})
-    path = recipe(workdir, """
+    return recipe(workdir, """
         base o = "base.safetensors"
         model b = "b.safetensors"
         save "out.safetensors" = o + 0.5 * (b - o)
     """)
+
+
+def test_nan_in_an_input_is_K0401_at_the_model_line(workdir):
+    path = recipe_with_a_bad_input(workdir, np.inf)
     with pytest.raises(KmxError) as exc:
         run(path)
     d = diagnostic(exc)
@@ -495,14 +500,7 @@ def test_a_worker_reports_bad_results_as_a_local_run_does(workdir, formula, dtyp
 
 
 def test_a_worker_names_a_bad_input_at_its_model_line(workdir):
-    bad = np.ones((6, 5), np.float32)
-    bad[1, 1] = np.nan
-    tiny_models(workdir, extra={"b": {"model.w": bad}})
-    path = recipe(workdir, """
-        base o = "base.safetensors"
-        model b = "b.safetensors"
-        save "out.safetensors" = o + 0.5 * (b - o)
-    """)
+    path = recipe_with_a_bad_input(workdir, np.nan)
     with pytest.raises(KmxError) as exc:
         worker_run(compile_recipe(path, threads=1), "error")
     d = diagnostic(exc)
