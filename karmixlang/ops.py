@@ -25,8 +25,8 @@ class Chunk(Enum):
     ELEMENTWISE = "element-wise"  # a chunk is computed as the whole key is: no extra pass
     GRAM = "Gram"  # one pass accumulates the inputs' fp64 Gram matrix (runtime GRAM_SPLITS);
     # the result is then formed chunk by chunk from coefficients
-    THRESHOLD = "threshold"  # trim: two passes find the k-th largest magnitude (fp32 only;
-    # in fp64 it is a WHOLE filter)
+    THRESHOLD = "threshold"  # trim's own scheme: two passes find the k-th largest magnitude
+    # (fp32 only; in fp64 it is a WHOLE filter); runtime/chunked.py runs it for trim only
     WHOLE = "whole"  # a whole-key filter: computed alone in memory, spilled, read in chunks
     SPLIT = "split"  # ties: each member goes through `split` (by threshold, or spilled),
     # the rest (the election) runs chunk by chunk
@@ -69,6 +69,42 @@ def _mean_coeffs(node, key: str) -> list[float]:
     return [w / total for w in ws]
 
 
+# How much larger than its inputs' entries an op's result can get, for the checker's scaling
+# bound (check/values.Ty.gain, K0204): gain(g, gains, arg, size), where g is the largest of
+# its tensor arguments' gains, gains maps each tensor parameter to its gain, arg(name,
+# default) is a number or bool argument's value (None: unknown), and size the number of
+# members of its cluster argument (None: unknown). None: it cannot be bounded.
+Gain = Callable[[float, dict, Callable, "int | None"], "float | None"]
+
+
+def within_inputs(g, gains, arg, size):
+    """Means, medians, elections and most filters: no entry beyond the inputs' largest."""
+    return g
+
+
+def _interpolation(param: str, default: float | None = None) -> Gain:
+    def gain(g, gains, arg, size):  # (1 − t)·a + t·b
+        t = arg(param, default)
+        return None if t is None else (abs(1 - t) + abs(t)) * g
+    return gain
+
+
+def _difference(k: float) -> Gain:
+    def gain(g, gains, arg, size):  # a + k·alpha·(b − c)
+        alpha = arg("alpha", 1.0)
+        return None if alpha is None else gains["a"] + k * abs(alpha) * (gains["b"] + gains["c"])
+    return gain
+
+
+def _dare_gain(g, gains, arg, size):  # kept entries rescaled by 1 / (1 − p)
+    p, rescale = arg("p", None), arg("rescale", True)
+    return None if p is None else 0.0 if p >= 1 else g / (1 - p) if rescale else g
+
+
+def _sum_gain(g, gains, arg, size):
+    return g * (size or 1)
+
+
 @dataclass(frozen=True)
 class OpSpec:
     name: str
@@ -83,6 +119,9 @@ class OpSpec:
     chunk: Chunk = Chunk.ELEMENTWISE
     split: str | None = None  # Chunk.SPLIT: the filter each member goes through alone
     workspace: Workspace = field(default=ONE_TENSOR)
+    gain: Gain = within_inputs  # see Gain; not counted: DELLA's rescaling, iso past its spectrum
+    # F(x + c) = F(x) + c: `b + F(c − b)` equals F(c), whatever the base b (K0213)
+    translation_equivariant: bool = False
 
     @property
     def linear(self) -> bool:
@@ -126,15 +165,17 @@ OPS: dict[str, OpSpec] = {s.name: s for s in [
     _structural("union", alias=True, workspace=_NONE),
     _structural("pick", alias=True, workspace=_NONE),
     # ------------------------------------------------------------ interpolation
-    _kernel("lerp"),
-    _kernel("slerp", chunk=Chunk.GRAM),
-    _kernel("add_difference"),
-    _kernel("train_difference"),
+    _kernel("lerp", gain=_interpolation("t")),
+    _kernel("slerp", chunk=Chunk.GRAM, gain=_interpolation("t")),
+    _kernel("add_difference", gain=_difference(1.0)),
+    _kernel("train_difference", gain=_difference(1.8)),
     # ------------------------------------------------------------ means and medians
-    _kernel("mean", coefficients=_mean_coeffs, workspace=_stacked()),
-    _kernel("sum_", coefficients=_sum_coeffs, workspace=_stacked()),
-    _kernel("median", workspace=_stacked(3.5)),
-    _kernel("geometric_median", chunk=Chunk.GRAM, workspace=_stacked()),
+    _kernel("mean", coefficients=_mean_coeffs, workspace=_stacked(),
+            translation_equivariant=True),
+    _kernel("sum_", coefficients=_sum_coeffs, workspace=_stacked(), gain=_sum_gain),
+    _kernel("median", workspace=_stacked(3.5), translation_equivariant=True),
+    _kernel("geometric_median", chunk=Chunk.GRAM, workspace=_stacked(),
+            translation_equivariant=True),
     _kernel("model_stock", chunk=Chunk.GRAM, workspace=_stacked(1.5)),
     _kernel("karcher", chunk=Chunk.GRAM, workspace=_stacked()),
     _kernel("ties_merge", workspace=_stacked(1.5)),
@@ -142,13 +183,14 @@ OPS: dict[str, OpSpec] = {s.name: s for s in [
     # magnitudes, partitioned in place (kernels/sparse.py, bench/kernels.py)
     _kernel("trim", broadcast=True, chunk=Chunk.THRESHOLD, workspace=Workspace(bytes=4)),
     # random draws, slice by slice
-    _kernel("dare", broadcast=True, seeded=True, workspace=Workspace(bytes=2)),
+    _kernel("dare", broadcast=True, seeded=True, workspace=Workspace(bytes=2), gain=_dare_gain),
     # packed sort keys and int32 ranks
     _kernel("della", broadcast=True, seeded=True, chunk=Chunk.WHOLE,
             workspace=Workspace(bytes=12)),
     _kernel("breadcrumbs", broadcast=True, chunk=Chunk.WHOLE, workspace=Workspace(bytes=4)),
     _kernel("clamp", broadcast=True),
-    _kernel("iso", broadcast=True, chunk=Chunk.WHOLE, workspace=Workspace(tensors=3)),  # SVD
+    _kernel("iso", broadcast=True, chunk=Chunk.WHOLE, workspace=Workspace(tensors=3),  # SVD
+            gain=_interpolation("z", 0.0)),
     # ------------------------------------------------------------ cluster filters
     _kernel("elect", per_member=True, workspace=_stacked()),
     _kernel("ties", per_member=True, chunk=Chunk.SPLIT, split="trim", workspace=_stacked()),

@@ -9,40 +9,24 @@ import re
 from karmixlang.blocks import OPTIONAL_SLOTS, SLOTS
 from karmixlang.diagnostics import did_you_mean, warning
 from karmixlang.check.values import TOL, Ty, affine
+from karmixlang.ops import OPS, within_inputs
 
 
 class BuiltinRules:
     def gain(self, b, tys) -> float | None:
         """At most how many times larger than its inputs' entries a call's result can get
-        (Ty.gain), from its inputs' gains and the call's numbers. Medians, means, filters and
-        clamps stay within their inputs; not counted: DELLA's rescaling (by each entry's keep
-        probability), iso beyond its singular values, a cluster of unknown size in `sum`."""
+        (Ty.gain): its op spec's `gain` (karmixlang/ops.py) of its arguments' types."""
         gains = {n: t.gain for n, t in tys.items() if t.kind in ("space", "cluster")}
         if None in gains.values():
             return None
-        g = max(gains.values(), default=1.0)
 
-        def num(name, default):
+        def arg(name, default):
             t = tys.get(name)
-            return default if t is None else t.value if t.kind == "number" else \
+            return default if t is None else t.value if t.kind in ("number", "bool") else \
                 None if t.gain is None else -t.gain  # a keymap: the worst of ±its largest
-        if b.name in ("lerp", "slerp"):
-            t = num("t", None)
-            return None if t is None else (abs(1 - t) + abs(t)) * g
-        if b.name in ("add_difference", "train_difference"):
-            alpha = num("alpha", 1.0)
-            k = 1.8 if b.name == "train_difference" else 1.0
-            return None if alpha is None else \
-                gains["a"] + k * abs(alpha) * (gains["b"] + gains["c"])
-        if b.name == "iso":
-            z = num("z", 0.0)
-            return None if z is None else (abs(1 - z) + abs(z)) * g
-        if b.name == "dare":
-            p, rescale = num("p", None), tys.get("rescale", Ty("bool", value=True)).value
-            return None if p is None else 0.0 if p >= 1 else g / (1 - p) if rescale else g
-        if b.name == "sum":
-            return g * (tys["c"].size or 1)
-        return g
+        size = next((t.size for t in tys.values() if t.kind == "cluster"), None)
+        gain = OPS[b.op].gain if b.op else within_inputs  # glob, balanced: their members
+        return gain(max(gains.values(), default=1.0), gains, arg, size)
 
     def _check_lerp(self, b, bound, tys, kw, e, scope):
         t = tys.get("t")

@@ -15,6 +15,7 @@ from typing import Callable
 import networkx as nx
 
 from karmixlang.diagnostics import Diagnostic, warning
+from karmixlang.ops import OPS
 from karmixlang.ir.graph import Builder, Graph, KeyMap, Node
 
 Rewrite = Callable[[Node, tuple, Builder], Node]
@@ -164,9 +165,6 @@ def optimize(graph: Graph) -> Graph:
 
 # ------------------------------------------------------------------ analyses
 
-_TRANSLATION_EQUIVARIANT = {"mean", "median", "geometric_median"}
-
-
 def base_choice_warnings(graph: Graph) -> list[Diagnostic]:
     """K0213 for `b + F(c − b)` with F translation-equivariant: it equals F(c), so the choice
     of b changes nothing (methods.md, "Algebraic properties")."""
@@ -176,7 +174,7 @@ def base_choice_warnings(graph: Graph) -> list[Diagnostic]:
         if e.op != "lincomb" or len(e.inputs) != 2 or e.attr("coeffs") != (1.0, 1.0):
             continue
         for b, center in (e.inputs, e.inputs[::-1]):
-            if b.op != "load" or center.op not in _TRANSLATION_EQUIVARIANT:
+            if b.op != "load" or not OPS[center.op].translation_equivariant:
                 continue
             if all(m.op == "lincomb" and len(m.inputs) == 2 and m.inputs[1] is b
                    and m.attr("coeffs") == (1.0, -1.0) for m in center.inputs):

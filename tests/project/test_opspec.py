@@ -43,7 +43,7 @@ def test_the_gram_splits_are_the_ops_that_chunk_by_gram():
 
 def _expected_signature(name: str) -> tuple[list[str | None], list[str]]:
     """The kernel's positional parameters (None: any name) and keyword-only ones, as the
-    executor calls it (executor._Evaluator.call_args)."""
+    executor calls it (evaluate.Evaluator.call_args)."""
     b, spec = BY_OP[name], OPS[name]
     positional, keyword = [], []
     for p in b.params:
@@ -134,7 +134,7 @@ def _op_names_in(tree: ast.AST) -> list[tuple[int, str]]:
                 n.func.attr == "node" and n.args:
             found += [(n.lineno, v) for v in strings(n.args[0])]
         elif isinstance(n, ast.Assign) and any(
-                isinstance(t, ast.Name) and t.id.endswith(("_BARRIERS", "_EQUIVARIANT"))
+                isinstance(t, ast.Name) and t.id.endswith("_BARRIERS")
                 for t in n.targets):
             found += [(n.lineno, v) for v in strings(n.value)]
     return [(line, v) for line, v in found if v.isidentifier()]
@@ -159,3 +159,21 @@ def test_no_stage_keeps_its_own_list_of_op_names():
     for path in sorted(PACKAGE.rglob("*.py")):
         text = path.read_text(encoding="utf-8")
         assert not [g for g in gone if g in text], path
+
+
+def test_the_trim_family_schemes_are_only_claimed_by_trim_and_ties():
+    # runtime/chunked.py runs THRESHOLD and SPLIT as trim's and ties' own schemes: another op
+    # claiming them would silently be run as a trim.
+    assert {s.name for s in OPS.values() if s.chunk is Chunk.THRESHOLD} == {"trim"}
+    assert {s.name for s in OPS.values() if s.chunk is Chunk.SPLIT} == {"ties"}
+    assert OPS["ties"].split == "trim"
+
+
+def test_the_scaling_bound_of_an_op_is_its_spec_s():
+    # lerp extrapolating 3x and dare at p=0.5 can grow their inputs; a median cannot.
+    def arg(values):
+        return lambda name, default: values.get(name, default)
+    assert OPS["lerp"].gain(1.0, {"a": 1.0, "b": 1.0}, arg({"t": 3.0}), None) == 5.0
+    assert OPS["dare"].gain(2.0, {"d": 2.0}, arg({"p": 0.5}), None) == 4.0
+    assert OPS["median"].gain(2.0, {"c": 2.0}, arg({}), 3) == 2.0
+    assert OPS["sum_"].gain(2.0, {"c": 2.0}, arg({}), 3) == 6.0
