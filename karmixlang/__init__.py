@@ -11,7 +11,7 @@ Attributes are imported on first use, so `import karmixlang` stays cheap and nev
 
 __version__ = "0.1.0"
 
-_API = {"check": "api", "compile": "api", "run": "api", "format": "api", "parse": "parser"}
+_API = {"check": "api", "compile": "api", "run": "api", "format": "api", "parse": "syntax.parser"}
 
 
 def __getattr__(name: str):

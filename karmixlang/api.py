@@ -2,7 +2,8 @@
 
     check(path)            -> Checked (program, diagnostics, sources to show them with)
     compile(path)          -> Compiled (graph, schedule, plan), reading headers only
-    run(path, ...)         -> RunResult (imports torch)
+    run(path, ...)         -> RunResult (imports torch); execute(compiled, ...) the same for a
+                              compiled recipe
     format(text)           -> canonical text
     format_file(path)      -> Formatted (the text as read and as formatted); write_formatted
 """
@@ -18,8 +19,8 @@ from karmixlang.check.program import Program
 from karmixlang.diagnostics import Diagnostic, KmxError
 from karmixlang.plan.compile import Compiled, compile
 
-__all__ = ["Checked", "Compiled", "Formatted", "check", "compile", "format", "format_file",
-           "run", "sources_for", "write_formatted"]
+__all__ = ["Checked", "Compiled", "Formatted", "check", "check_ray_address", "compile", "execute",
+           "format", "format_file", "run", "sources_for", "write_formatted"]
 
 
 @dataclass
@@ -60,18 +61,33 @@ def _recipe_text(path: str) -> str | None:
         return None
 
 
-def run(path: str, overrides: dict[str, str] | None = None, **options):
+def run(path: str, overrides: dict[str, str] | None = None, strict: bool = False,
+        **options):
     """Compile and run a recipe; `options` are those of runtime.executor.RunOptions
-    (threads, device, compute_dtype, memory_limit, resume, force, strict, nonfinite,
-    executor, address). The options that shape the plan are compiled in."""
+    (threads, device, compute_dtype, memory_limit, resume, force, nonfinite, executor,
+    address). The options that shape the plan (and `strict`) are compiled in."""
     from karmixlang.machine import default_threads
-    from karmixlang.runtime.executor import RunOptions, execute
+    from karmixlang.runtime.executor import RunOptions
 
     opts = RunOptions(**options)
     compiled = compile(path, overrides, threads=opts.threads or default_threads(),
-                       compute_dtype=opts.compute_dtype or "fp32", strict=opts.strict,
+                       compute_dtype=opts.compute_dtype or "fp32", strict=strict,
                        memory_limit=opts.memory_limit, executor=opts.executor)
-    return execute(compiled, opts)
+    return execute(compiled, progress=None, **options)
+
+
+def execute(compiled: Compiled, progress=None, **options):
+    """Run what was compiled, exactly as planned (loads torch); `options` as for `run`."""
+    from karmixlang.runtime.executor import RunOptions, execute as run_compiled
+
+    return run_compiled(compiled, RunOptions(**options), progress)
+
+
+def check_ray_address(address: str | None) -> None:
+    """K0407 for a `--address` that cannot name a Ray cluster, before anything is read."""
+    from karmixlang.runtime.ray.executor import check_address
+
+    check_address(address)
 
 
 def format(text: str, file: str = "<recipe>") -> str:

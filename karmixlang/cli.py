@@ -106,24 +106,21 @@ def print_warnings(compiled) -> None:
 
 
 def cmd_run(args) -> int:
-    from karmixlang.runtime.executor import RunOptions, execute
+    from karmixlang.api import check_ray_address, execute
 
-    limit = _memory_limit(args)
     if args.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", args.device):
         raise UsageError(f"--device must be cpu or cuda (or cuda:N), not {args.device!r}")
     if args.executor == "ray":  # before anything is read or started
-        from karmixlang.runtime.ray.executor import check_address
-
-        check_address(args.address)
+        check_ray_address(args.address)
     compiled = _compile(args)
     print_warnings(compiled)
     if not args.quiet:
         console.run_starting(compiled.plan)
-    opts = RunOptions(threads=args.threads or 0, device=args.device,
-                      compute_dtype=args.compute_dtype, memory_limit=limit, resume=args.resume,
-                      force=args.force, strict=args.strict, nonfinite=args.nonfinite,
-                      executor=args.executor, address=args.address)
-    console.run_finished(execute(compiled, opts, None if args.quiet else console.progress()))
+    result = execute(compiled, None if args.quiet else console.progress(),
+                     threads=args.threads or 0, device=args.device, resume=args.resume,
+                     force=args.force, nonfinite=args.nonfinite, executor=args.executor,
+                     address=args.address)
+    console.run_finished(result)
     return EXIT_OK
 
 

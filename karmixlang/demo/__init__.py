@@ -27,8 +27,7 @@ def _distance(a: dict, b: dict) -> float:
 def run_demo(directory: str | None, threads: int = 0) -> int:
     from safetensors.numpy import load_file
 
-    from karmixlang.api import compile as compile_recipe
-    from karmixlang.runtime.executor import RunOptions, execute
+    from karmixlang.api import compile as compile_recipe, execute
     from karmixlang.demo.synth import write_demo_pool
 
     folder = directory or tempfile.mkdtemp(prefix="kmx-demo-")
@@ -42,7 +41,7 @@ def run_demo(directory: str | None, threads: int = 0) -> int:
     console.heading(f"\n$ kmx plan {recipe}\n")
     console.plan(compiled.plan)
     console.heading(f"\n$ kmx run {recipe} --force\n")
-    result = execute(compiled, RunOptions(threads=threads, force=True), console.progress())
+    result = execute(compiled, console.progress(), threads=threads, force=True)
     console.line(f"Done: {result.keys:,} keys in {result.seconds:.1f} s.", "green")
     bases = {"base-a": load_file(str(pool["base_a"])), "base-b": load_file(str(pool["base_b"]))}
     console.line("\nDistance of each output to each base (a merge built on a base stays near it):")

@@ -42,7 +42,6 @@ class RunOptions:
     memory_limit: int | None = None  # bytes
     resume: bool = False
     force: bool = False
-    strict: bool = False
     nonfinite: str = "error"  # or "fallback"
     executor: str = "local"  # or "ray"
     address: str | None = None  # the Ray cluster to join; None starts a local one
