@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from karmixlang.io.dtypes import nbytes
-from karmixlang.plan.schedule import KeyJob
+from karmixlang.plan.executable import KeyJob
 
 GROUP_BYTES = 256 * 10**6  # bytes read per group
 GROUP_KEYS = 64  # keys per group at most
