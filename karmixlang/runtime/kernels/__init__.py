@@ -1,4 +1,4 @@
-"""Key-wise torch kernels of every v1 merge method (formulas: design/methods.md).
+"""Key-wise torch kernels of every merge method (formulas: docs/methods.md).
 
 Every op is a plain function of tensors of one key — already in the compute dtype (fp32 or
 fp64), all of one shape (0-d to 4-D conv), on any device — and Python scalars. It returns a
