@@ -92,12 +92,19 @@ class BuiltinRules:
         return _keymap(values)
 
     def _pattern(self, ty, span) -> None:
-        """K0204 for a `re:` key pattern that is not a regular expression."""
+        """K0204 for a `re:` key pattern that is not a regular expression, or one nested so
+        deeply that compiling it where it is used (the plan, the run) would overflow."""
         if isinstance(ty.value, str) and ty.value.startswith("re:"):
-            try:
-                re.compile(ty.value[3:])
-            except re.error as exc:
-                self.err("K0204", f"invalid regular expression: {exc}", span,
+            problem = None
+            if _group_depth(ty.value[3:]) > MAX_REGEX_DEPTH:
+                problem = f"groups nested more than {MAX_REGEX_DEPTH} levels"
+            else:
+                try:
+                    re.compile(ty.value[3:])
+                except (re.error, OverflowError) as exc:  # OverflowError: a{4294967296}
+                    problem = str(exc)
+            if problem:
+                self.err("K0204", f"invalid regular expression: {problem}", span,
                          help="a pattern starting with `re:` is a Python regular expression")
 
     def _check_blocks(self, b, bound, tys, kw, e, scope):
@@ -152,3 +159,27 @@ def _keymap(values: list) -> Ty:
     if None in values:
         return Ty("keymap")
     return Ty("keymap", gain=max((abs(v) for v in values), default=0.0))
+
+
+MAX_REGEX_DEPTH = 100  # Python's regex compiler recurses per group level
+
+
+def _group_depth(pattern: str) -> int:
+    """How deeply a regular expression's groups nest (escapes and [...] sets skipped)."""
+    depth = deepest = 0
+    escaped = in_set = False
+    for ch in pattern:
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif in_set:
+            in_set = ch != "]"
+        elif ch == "[":
+            in_set = True
+        elif ch == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch == ")":
+            depth -= 1
+    return deepest

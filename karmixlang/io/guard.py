@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from karmixlang.diagnostics import Diagnostic, KmxError, Label, error
+from karmixlang.io.header import read_checkpoint
 from karmixlang.io.writer import OutputLayout, layout_output, not_regular, written_paths
 from karmixlang.units import parse_size
 
@@ -30,11 +31,14 @@ def plan_save(save, schedule, index: int, metadata: dict[str, str]) -> OutputLay
 class _Protected:
     """Inputs and recipe files, by real path and by (device, inode): (what it is, its path)."""
 
-    def __init__(self, headers, recipe_files):
+    def __init__(self, headers, recipe_files, unused_inputs=()):
         self.by_real: dict[str, tuple[str, str]] = {}
         self.by_inode: dict[tuple[int, int], tuple[str, str]] = {}
         for node, h in headers.items():
             for f in (node.attr("path"), h.path, *h.files):
+                self._add(f, ("the input", f))
+        for path in unused_inputs:  # declared checkpoints no save reads are still inputs
+            for f in _checkpoint_files(path):
                 self._add(f, ("the input", f))
         for f in recipe_files:
             self._add(f, ("the recipe file", f))
@@ -58,9 +62,21 @@ class _Protected:
         return what
 
 
-def check_outputs(saves, layouts: list[OutputLayout], headers, recipe_files) -> None:
-    """Raise KmxError (K0305, K0311, K0212) unless every file the saves write is safe to write."""
-    protected = _Protected(headers, recipe_files)
+def _checkpoint_files(path: str) -> tuple[str, ...]:
+    """A declared checkpoint's files (its shards, a folder's members) when its header reads,
+    else its path alone: an unused input need not exist."""
+    try:
+        h = read_checkpoint(path)
+    except KmxError:
+        return (path,)
+    return (path, h.path, *h.files)
+
+
+def check_outputs(saves, layouts: list[OutputLayout], headers, recipe_files,
+                  unused_inputs=()) -> None:
+    """Raise KmxError (K0305, K0311, K0212) unless every file the saves write is safe to write.
+    `unused_inputs`: paths of checkpoints the recipe declares but no save reads."""
+    protected = _Protected(headers, recipe_files, unused_inputs)
     writers: dict[str, object] = {}  # directory entry (real folder + name) -> the save
     diags = []
     for save, layout in zip(saves, layouts):

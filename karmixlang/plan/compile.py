@@ -12,7 +12,7 @@ from karmixlang.check.checker import check_program
 from karmixlang.check.program import Program
 from karmixlang.diagnostics import Diagnostic, KmxError
 from karmixlang.io.guard import check_outputs, input_files, plan_save
-from karmixlang.ir.graph import Graph
+from karmixlang.ir.graph import Graph, reachable
 from karmixlang.ir.lower import lower
 from karmixlang.ir.optimize import base_choice_warnings, optimize
 from karmixlang.plan.report import Plan, build_plan
@@ -31,6 +31,8 @@ class Compiled:
     # Every recipe file, by real path, and the sha256 of the text compiled: no save may
     # overwrite one (K0305), and a resume must match them (K0404).
     recipes: dict[str, str]
+    # Checkpoints the recipe declares that no save reads: no save may overwrite them either.
+    unused_inputs: tuple[str, ...] = ()
 
 
 def compile(path: str, overrides: dict[str, str] | None = None, *, threads: int = 1,
@@ -42,14 +44,24 @@ def compile(path: str, overrides: dict[str, str] | None = None, *, threads: int 
     program, diags = check_program(path, overrides)
     if program is None:
         raise KmxError(diags)
-    graph = optimize(lower(program))
+    lowered = lower(program)
+    graph = optimize(lowered)
     sched = schedule(graph, compute_dtype, strict, memory_limit=memory_limit)
     recipes = recipe_hashes(program.sources)
+    unused = _unused_inputs(lowered, graph)
     layouts = [plan_save(s, sched, i, {}) for i, s in enumerate(graph.saves)]
-    check_outputs(graph.saves, layouts, sched.headers, recipes)
+    check_outputs(graph.saves, layouts, sched.headers, recipes, unused)
     plan = build_plan(path, graph, sched, threads, compute_dtype, executor=executor)
     return Compiled(program, graph, sched, plan, diags + base_choice_warnings(graph),
-                    input_files(sched.headers), recipes)
+                    input_files(sched.headers), recipes, unused)
+
+
+def _unused_inputs(lowered: Graph, optimized: Graph) -> tuple[str, ...]:
+    """The paths of declared checkpoints the optimizer dropped (nothing saves them)."""
+    def paths(roots):
+        return {n.attr("path") for n in reachable(roots) if n.op == "load"}
+    return tuple(sorted(paths(lowered.roots() + lowered.extra_roots) -
+                        paths(optimized.roots())))
 
 
 def recipe_hashes(sources: dict[str, str]) -> dict[str, str]:

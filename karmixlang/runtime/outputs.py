@@ -33,9 +33,10 @@ STAMP_VERSION = 2
 
 
 class _HashCache:
-    """Input file hashes by (real path, size, mtime): rehashing a 7 GB input on every run is
-    waste. A resumed run hashes afresh (`fresh`), to catch a file rewritten with its old size
-    and mtime since the interrupted run."""
+    """Input file hashes by (real path, size, mtime, ctime, inode): rehashing a 7 GB input on
+    every run is waste. The change time is part of the key because no one can set it: a file
+    rewritten with its old size and mtime put back still misses the cache, so a stamp never
+    records a hash of data the run did not read. A resumed run hashes afresh (`fresh`)."""
 
     def __init__(self):
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -51,7 +52,8 @@ class _HashCache:
     @staticmethod
     def key(path: str) -> str:
         st = os.stat(path)
-        return f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
+        return (f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|"
+                f"{st.st_ino}")
 
     def get(self, path: str, fresh: bool = False) -> str:
         k = self.key(path)
@@ -115,7 +117,8 @@ class OutputSet:
         self.layouts = [plan_save(s, compiled.schedule, i, self._metadata(i, None))
                         for i, s in enumerate(compiled.graph.saves)]
         # Checked when compiling too; again here, as the files may have changed since.
-        check_outputs(compiled.graph.saves, self.layouts, headers, compiled.recipes)
+        check_outputs(compiled.graph.saves, self.layouts, headers, compiled.recipes,
+                      compiled.unused_inputs)
 
     # -- layout and metadata
     def _metadata(self, index: int, hashes: dict[str, str] | None) -> dict[str, str]:

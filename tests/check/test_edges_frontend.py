@@ -334,3 +334,15 @@ def test_every_documented_save_dtype_is_accepted_and_no_other():
             assert parse_user_dtype(spelled) == name, spelled
     for unwritable in ("fp8_e4m3fnuz", "float8_e5m2fnuz", "f4", "f6_e2m3", "int8"):
         assert parse_user_dtype(unwritable) is None
+
+
+@pytest.mark.parametrize("pattern", ["re:a{4294967295}", "re:x{99999999999}",
+                                     "re:" + "(" * 5000 + ")" * 5000])
+def test_regexes_python_cannot_compile_everywhere_are_k0204(models, pattern):
+    for expr in (f'lerp(a, b, by_key({{"{pattern}": 0.5, "*": 0.5}}))',
+                 f'm + select(a - b, "{pattern}")'):
+        path = recipe(models, HEAD + f'save "o.safetensors" = {expr}\n')
+        program, diags = check_program(path)
+        errors = [d for d in diags if d.is_error]
+        assert [d.code for d in errors] == ["K0204"], errors
+        assert "regular expression" in errors[0].message

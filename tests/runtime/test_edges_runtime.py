@@ -505,3 +505,12 @@ def test_a_worker_names_a_bad_input_at_its_model_line(workdir):
         worker_run(compile_recipe(path, threads=1), "error")
     d = diagnostic(exc)
     assert d.code == "K0401" and "`b`" in d.message and (d.span.line, d.label) == (2, "this input")
+
+
+@pytest.mark.parametrize("address", ["[::1", "ray://[::1"])
+def test_a_malformed_ipv6_ray_address_is_K0407(address):
+    from karmixlang.runtime.ray.executor import check_address
+
+    with pytest.raises(KmxError) as exc:
+        check_address(address)
+    assert exc.value.diagnostics[0].code == "K0407"

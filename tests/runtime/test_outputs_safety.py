@@ -427,3 +427,50 @@ def test_a_resume_stamp_that_cannot_be_written_is_k0402(workdir, monkeypatch):
     d = refusal(one_save(workdir, "out.safetensors"))
     assert d.code == "K0402" and ".out.safetensors.kmx-inputs" in d.message
     assert not (workdir / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("flags", FLAGS)
+def test_a_declared_checkpoint_no_save_reads_is_still_an_input(workdir, shin, capsys, flags):
+    before = digests(workdir)
+    path = recipe(workdir, """
+        base o = "base.safetensors"
+        model a = "a.safetensors"
+        model unused = "b.safetensors"
+        base shards = "shin"
+        save "b.safetensors" = lerp(o, a, 0.5)
+    """)
+    rc, err = kmx(capsys, path, *flags)
+    assert rc == 1 and "K0305" in err and "b.safetensors" in err
+    path = recipe(workdir, """
+        base o = "base.safetensors"
+        model a = "a.safetensors"
+        base shards = "shin"
+        save "shin/model.safetensors" = lerp(o, a, 0.5) with shard="300B"
+    """, "r2.kmx")
+    rc, err = kmx(capsys, path, *flags)
+    assert rc == 1 and "K0305" in err
+    after = digests(workdir)
+    assert {k: v for k, v in after.items() if k in before} == before
+
+
+def test_an_input_rewritten_with_its_old_mtime_is_hashed_again(workdir, capsys):
+    # The hash cache must not hand the stamp and the metadata a hash of data that is gone:
+    # a rewrite with the same size and the old mtime put back still changes the change time.
+    from safetensors import safe_open
+
+    from karmixlang.io.header import hash_file
+
+    tiny_models(workdir)
+    path = one_save(workdir, "out.safetensors")
+    assert kmx(capsys, path)[0] == 0
+    target = workdir / "a.safetensors"
+    st = os.stat(target)
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0x01  # the last byte of the data region, same size
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert kmx(capsys, path, "--force")[0] == 0
+    with safe_open(str(workdir / "out.safetensors"), "np") as f:
+        inputs = json.loads(f.metadata()["kmx_inputs"])
+    recorded = {os.path.basename(i["path"]): i["hash"] for i in inputs}
+    assert recorded["a.safetensors"] == hash_file(str(target))

@@ -66,12 +66,12 @@ def check_address(address: str | None) -> None:
     """Refuse an --address Ray could never join, before anything starts (K0407)."""
     if address is None or address in ("auto", "local"):
         return
-    parts = urlsplit(address if "://" in address else f"ray://{address}")
-    try:
+    try:  # urlsplit refuses some malformed hosts ("[::1") itself
+        parts = urlsplit(address if "://" in address else f"ray://{address}")
         port = parts.port
     except ValueError:
-        port = None
-    if (parts.scheme != "ray" or not parts.hostname or not port or parts.username
+        parts, port = None, None
+    if (parts is None or parts.scheme != "ray" or not parts.hostname or not port or parts.username
             or parts.password or parts.path not in ("", "/") or parts.query or parts.fragment):
         raise KmxError([error("K0407", f"--address `{address}` is not a Ray address",
                               help=ADDRESS_HELP)])
