@@ -128,7 +128,7 @@ def format_file(path: str) -> Formatted:
 def write_formatted(result: Formatted) -> None:
     """Replace the file with its formatted text, keeping its mode: through a new temporary
     file in the same folder, so nothing planted at a known name is followed."""
-    from karmixlang.io.writer import atomic_write
+    from karmixlang.io.files import atomic_write
 
     atomic_write(result.path, result.formatted.encode(),
                  stat.S_IMODE(os.stat(result.path).st_mode))

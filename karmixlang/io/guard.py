@@ -13,7 +13,8 @@ import os
 
 from karmixlang.diagnostics import Diagnostic, KmxError, Label, error
 from karmixlang.io.header import read_checkpoint
-from karmixlang.io.writer import OutputLayout, layout_output, not_regular, written_paths
+from karmixlang.io.files import not_regular
+from karmixlang.io.writer import OutputLayout, layout_output, written_paths
 from karmixlang.units import parse_size
 
 

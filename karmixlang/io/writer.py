@@ -15,26 +15,20 @@ a partial file is published only if it is still the inode this writer created.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
 import stat
-import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from typing import NoReturn
 
-from karmixlang.diagnostics import Diagnostic, KmxError, error
+from karmixlang.diagnostics import KmxError, error
 from karmixlang.io.dtypes import DTYPES, nbytes
+from karmixlang.io.files import (JOURNAL_SUFFIX, LOCK_SUFFIX, PARTIAL_SUFFIX, STAMP_SUFFIX,
+                                 OutputLock, hidden_path, not_regular, same_file, write_all)
 from karmixlang.io.header import TOO_MANY_FILES_HELP
 
-PARTIAL_SUFFIX = ".kmx-partial"
-JOURNAL_SUFFIX = ".kmx-journal"
-STAMP_SUFFIX = ".kmx-inputs"  # what a resumed run must match (runtime/outputs.py)
-LOCK_SUFFIX = ".kmx-lock"
-# A plain rerun would stop at the interrupted run's partial output (K0306): say --force.
 RESTART_HELP = ("to start this output over, run again with --force (the interrupted run's "
                 "finished keys are discarded); or undo the change and resume")
 JOURNAL_VERSION = 1
@@ -163,11 +157,6 @@ def _lay_out_file(path: str, names: list[str], specs: dict, sizes: dict[str, int
 
 # ---------------------------------------------------------------- writer
 
-def hidden_path(path: str, suffix: str) -> str:
-    folder, name = os.path.split(path)
-    return os.path.join(folder, f".{name}{suffix}")
-
-
 def written_paths(layout: OutputLayout) -> list[str]:
     """Every path that writing `layout` creates or replaces: the files, the index, and the
     hidden partial, journal, stamp and lock files beside them."""
@@ -175,112 +164,6 @@ def written_paths(layout: OutputLayout) -> list[str]:
     hidden = [hidden_path(layout.final_path, s)
               for s in (JOURNAL_SUFFIX, STAMP_SUFFIX, LOCK_SUFFIX)]
     return finals + [hidden_path(p, PARTIAL_SUFFIX) for p in finals] + hidden
-
-
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
-
-
-def not_regular(path: str, span=None) -> Diagnostic | None:
-    """K0311 if `path` is something kmx must never replace (a directory, a device, a FIFO...);
-    None for a regular file, a symlink to one, or nothing (a dangling symlink is replaced by
-    the rename, not followed)."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return None
-    what = next((what for test, what in _KINDS if test(mode)), None)
-    if what is None:
-        return None
-    return error("K0311", f"`{path}` is {what}, not a regular file", span,
-                 label="this save" if span else "", help="kmx writes only regular files and "
-                 "never replaces anything else: save to another name")
-
-
-def atomic_write(path: str, data: bytes, mode: int | None = None) -> None:
-    """Replace `path` with `data` through a new temporary file in the same folder: the file
-    appears whole or not at all, and nothing already at a temporary name is followed."""
-    folder, name = os.path.split(path)
-    fd, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder or ".")
-    try:
-        try:
-            _write_all(fd, data)
-            if mode is not None:
-                os.fchmod(fd, mode)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
-        raise
-
-
-class OutputLock:
-    """One writer per output: an exclusive, non-blocking flock on `.NAME.kmx-lock` beside it,
-    which holds the owner's pid and start time for the refusal (K0409) of a second run.
-
-    The kernel drops the lock when its process dies, so a lock file left by a killed run
-    blocks nothing. release() removes the file while still holding the lock; a run that
-    locked the removed inode meanwhile sees it is no longer at the path and locks again."""
-
-    def __init__(self, final_path: str):
-        self.final_path = final_path
-        self.path = hidden_path(final_path, LOCK_SUFFIX)
-        self.fd: int | None = None
-        try:
-            os.makedirs(os.path.dirname(final_path) or ".", exist_ok=True)
-            while self.fd is None:
-                self.fd = self._try_lock()
-            owner = f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-            os.ftruncate(self.fd, 0)
-            _write_all(self.fd, owner.encode())
-        except OSError as e:
-            self.release()
-            too_many = e.errno in (errno.EMFILE, errno.ENFILE)
-            raise KmxError([error("K0402", f"cannot lock `{final_path}` for writing: "
-                                  f"{e.strerror or e} (at `{self.path}`)",
-                                  help=TOO_MANY_FILES_HELP if too_many else None)]) from e
-
-    def _try_lock(self) -> int | None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown pid"
-            os.close(fd)
-            raise KmxError([error(
-                "K0409", f"another kmx run ({owner}) is writing `{self.final_path}`",
-                help="wait for that run to finish or stop it; two runs never write one output "
-                     "at the same time")]) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        try:
-            same = _same_file(os.stat(self.path, follow_symlinks=False), os.fstat(fd))
-        except FileNotFoundError:
-            same = False
-        if not same:  # removed by the run we waited for: lock the file now at the path
-            os.close(fd)
-            return None
-        return fd
-
-    def release(self) -> None:
-        if self.fd is None:
-            return
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass  # a lock file left behind locks nothing
-        os.close(self.fd)
-        self.fd = None
-
-
-def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _create_new(path: str, mode: int) -> int:
@@ -299,12 +182,6 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         if n <= 0:  # the kernel made no progress: stop rather than spin
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         data, offset = data[n:], offset + n
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 class CheckpointWriter:
@@ -370,7 +247,7 @@ class CheckpointWriter:
             _pwrite_all(fd, memoryview(f.header), 0)
         self._journal_fd = _create_new(self._journal, os.O_WRONLY | os.O_APPEND)
         first = {"kmx_journal": JOURNAL_VERSION, "plan": self.layout.fingerprint}
-        _write_all(self._journal_fd, (json.dumps(first) + "\n").encode())
+        write_all(self._journal_fd, (json.dumps(first) + "\n").encode())
         os.fsync(self._journal_fd)
         self._fsync_folder()
 
@@ -466,7 +343,7 @@ class CheckpointWriter:
                     os.fsync(fd)
                 if batch:
                     lines = "".join(json.dumps(k) + "\n" for k in sorted(batch))
-                    _write_all(self._journal_fd, lines.encode())
+                    write_all(self._journal_fd, lines.encode())
                     os.fsync(self._journal_fd)
             except OSError as e:
                 self._fail_os(e, self._journal)
@@ -496,7 +373,7 @@ class CheckpointWriter:
                 temp = hidden_path(self.layout.index_path, PARTIAL_SUFFIX)
                 fd = _create_new(temp, os.O_WRONLY)
                 try:
-                    _write_all(fd, self.layout.index)
+                    write_all(fd, self.layout.index)
                     os.fsync(fd)
                 finally:
                     os.close(fd)
@@ -523,7 +400,7 @@ class CheckpointWriter:
                 now = os.stat(temp, follow_symlinks=False)
             except OSError as e:  # gone: removed, or renamed away (the folder, maybe)
                 self._fail_os(e, temp)
-            if not _same_file(now, ident):
+            if not same_file(now, ident):
                 raise KmxError([error(
                     "K0409", f"the partial file `{temp}` of `{self.layout.final_path}` was "
                     "moved or replaced by another process while this run wrote it; nothing "

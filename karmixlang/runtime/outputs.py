@@ -26,8 +26,9 @@ from karmixlang.diagnostics import KmxError, error, located
 from karmixlang.io.guard import changed, check_outputs, plan_save
 from karmixlang.io.header import (HASH_PLACEHOLDER, HASH_PREFIX, TOO_MANY_FILES_HELP,
                                   combine_hashes, hash_file)
-from karmixlang.io.writer import (JOURNAL_SUFFIX, RESTART_HELP, STAMP_SUFFIX, CheckpointWriter,
-                                  OutputLayout, OutputLock, atomic_write, hidden_path)
+from karmixlang.io.files import (JOURNAL_SUFFIX, STAMP_SUFFIX, OutputLock, atomic_write,
+                                 hidden_path)
+from karmixlang.io.writer import RESTART_HELP, CheckpointWriter, OutputLayout
 
 STAMP_VERSION = 2
 

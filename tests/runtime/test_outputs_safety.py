@@ -324,7 +324,7 @@ def test_a_second_run_on_the_same_output_refuses_at_once_naming_the_first(workdi
     tiny_models(workdir)
     path = one_save(workdir, "out/m.safetensors")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from karmixlang.io.writer import OutputLock; "
+        [sys.executable, "-c", "import sys; from karmixlang.io.files import OutputLock; "
          f"lock = OutputLock({str(workdir / 'out/m.safetensors')!r}); print('ready', "
          "flush=True); sys.stdin.read()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
