@@ -23,7 +23,7 @@ from karmixlang.io.writer import CheckpointWriter, layout_output
 from karmixlang.runtime.executor import RunOptions, execute
 
 from conftest import recipe, tiny_models
-from test_reliability import failing_after
+from test_reliability import failing_after, on_write
 
 FLAGS = [[], ["--force"], ["--resume"], ["--force", "--resume"]]
 
@@ -303,16 +303,8 @@ def test_resume_continues_the_same_run_under_another_spelling_of_the_recipe(work
 def test_an_input_changed_during_the_run_fails_it_and_nothing_is_published(workdir, shin,
                                                                            monkeypatch):
     path = merge_of_shin(workdir)
-    real = writer_mod._pwrite_all
-    calls = {"n": 0}
-
-    def touch_a_shard_midway(fd, data, offset):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            rewrite_shard(shin, same_size_and_mtime=False)
-        return real(fd, data, offset)
-
-    monkeypatch.setattr(writer_mod, "_pwrite_all", touch_a_shard_midway)
+    monkeypatch.setattr(writer_mod, "_pwrite_all", on_write(3, lambda: rewrite_shard(
+        shin, same_size_and_mtime=False)))
     d = refusal(path)
     assert d.code == "K0410" and "model-00002-of-00002.safetensors" in d.message
     assert [f for f in os.listdir(workdir) if f.startswith(("out", ".out"))] == []

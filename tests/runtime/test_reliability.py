@@ -46,6 +46,20 @@ def failing_after(n: int, err: int):
     return flaky
 
 
+def on_write(n: int, action):
+    """A stand-in for the writer's pwrite that runs `action()` before its n-th write."""
+    real = writer_mod._pwrite_all
+    calls = {"n": 0}
+
+    def write(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] == n:
+            action()
+        return real(fd, data, offset)
+
+    return write
+
+
 def test_disk_full_mid_run_leaves_no_final_file_and_resume_completes(workdir, monkeypatch):
     path = merge_recipe(workdir)
     execute(compile_recipe(path), RunOptions(threads=1))
@@ -67,16 +81,8 @@ def test_disk_full_mid_run_leaves_no_final_file_and_resume_completes(workdir, mo
 
 def test_output_folder_removed_mid_run_is_a_coded_error(workdir, monkeypatch, capsys):
     path = merge_recipe(workdir)
-    real = writer_mod._pwrite_all
-    state = {"n": 0}
-
-    def remove_folder_then_write(fd, data, offset):
-        state["n"] += 1
-        if state["n"] == 3:
-            shutil.rmtree(workdir / "out")
-        return real(fd, data, offset)
-
-    monkeypatch.setattr(writer_mod, "_pwrite_all", remove_folder_then_write)
+    monkeypatch.setattr(writer_mod, "_pwrite_all", on_write(3, lambda: shutil.rmtree(
+        workdir / "out")))
     assert main(["run", path, "-q", "--threads", "1"]) == 1
     captured = capsys.readouterr()
     assert "K0402" in captured.err and "Traceback" not in captured.err + captured.out
