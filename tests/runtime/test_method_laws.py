@@ -102,5 +102,7 @@ def test_translation_equivariance(cluster, data):
     xs, ws = cluster
     b = torch.from_numpy(data.draw(arrays(np.float64, xs[0].shape, elements=values)))
     moved = [x - b for x in xs]
-    for op in (ops.mean, ops.median, ops.geometric_median):
+    for op in (ops.mean, ops.median):
         close(b + op(moved, ws), op(xs, ws))
+    # Weiszfeld stops within its tolerance, and a translated start takes another path there.
+    close(b + ops.geometric_median(moved, ws), ops.geometric_median(xs, ws), rtol=1e-6)
