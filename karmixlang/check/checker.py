@@ -8,7 +8,7 @@ import os
 
 from karmixlang.syntax import ast
 from karmixlang.diagnostics import Diagnostic, Label, did_you_mean, error, warning
-from karmixlang.io.dtypes import parse_user_dtype
+from karmixlang.io.dtypes import USER_DTYPE_NAMES, parse_user_dtype
 from karmixlang.units import parse_size
 from karmixlang.limits import recursion_room
 from karmixlang.check.program import Program, Unit, Loader, resolve_params, dependency_order
@@ -50,7 +50,7 @@ def _check_save(ch: Checker, unit: Unit, s: ast.Save, paths: dict[str, ast.Save]
         elif name == "dtype" and ty is not None and ty.value is not None \
                 and parse_user_dtype(ty.value) is None:
             ch.err("K0208", f"cannot save as dtype \"{ty.value}\"", opts[name].value.span,
-                   help='dtypes: "fp16", "bf16", "fp32", "fp64", "fp8_e4m3fn", "fp8_e5m2"')
+                   help="dtypes: " + ", ".join(f'"{n}"' for n in USER_DTYPE_NAMES))
         elif name == "shard" and ty is not None and isinstance(ty.value, str) \
                 and not _valid_size(ty.value):
             ch.err("K0208", f"invalid shard size \"{ty.value}\"", opts[name].value.span,
