@@ -16,7 +16,10 @@ HEADER = re.compile(r"^-- (\S+) --$")
 def read_chunks(path: Path) -> dict[str, str]:
     chunks: dict[str, list[str]] = {}
     current = None
-    for line in path.read_bytes().decode("utf-8").split("\n")[:-1] if path.stat().st_size else []:
+    lines = path.read_bytes().decode("utf-8").split("\n")
+    if lines[-1] == "":  # the newline that ends the file starts no line
+        lines.pop()
+    for line in lines:
         m = HEADER.match(line)
         if m:
             current = m.group(1)
