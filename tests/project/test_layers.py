@@ -25,6 +25,7 @@ LAYER_OF = {
     "karmixlang.ops": "base",
     "karmixlang.blocks": "base",
     "karmixlang.io": "io",
+    "karmixlang.io.layouts": "io",  # naming detection and name tables: names and shapes only
     "karmixlang.syntax": "syntax",
     "karmixlang.check": "check",
     "karmixlang.ir": "ir",
