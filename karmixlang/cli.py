@@ -183,6 +183,19 @@ def cmd_inspect(args) -> int:
     return EXIT_OK
 
 
+def cmd_convert(args) -> int:
+    from karmixlang.io.dtypes import USER_DTYPE_NAMES, parse_user_dtype
+
+    dtype = parse_user_dtype(args.dtype) if args.dtype else None
+    if args.dtype and dtype is None:
+        raise UsageError(f"--dtype: {args.dtype!r} is not a dtype kmx writes; use one of "
+                         f"{', '.join(USER_DTYPE_NAMES)}")
+    from karmixlang.runtime.convert import convert  # torch: only now
+
+    console.converted(convert(args.input, args.output, dtype=dtype, force=args.force))
+    return EXIT_OK
+
+
 def cmd_demo(args) -> int:
     from karmixlang.demo import run_demo
 
@@ -287,6 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file", metavar="FILE")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_inspect)
+
+    s = sub.add_parser("convert", help="rewrite a PyTorch .ckpt/.pt/.pth/.bin as safetensors "
+                       "(runs none of the pickle's code)")
+    s.add_argument("input", metavar="IN")
+    s.add_argument("output", metavar="OUT")
+    s.add_argument("--dtype", metavar="DTYPE", help="cast float tensors (fp16, bf16, fp32, ...)")
+    s.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    s.set_defaults(fn=cmd_convert)
 
     s = sub.add_parser("demo", help="build synthetic SDXL-layout checkpoints and merge them")
     s.add_argument("dir", nargs="?", default=None,

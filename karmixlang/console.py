@@ -148,6 +148,19 @@ def checkpoint(h, as_json: bool) -> None:
                    f"{len(h.files)} file(s) · metadata: {meta_keys}"))
 
 
+def converted(result) -> None:
+    """`kmx convert`: a runtime.convert.Converted."""
+    out.print(Text(f"wrote {result.path}"))
+    inside = f" (the state dict under `{'.'.join(result.unwrapped)}`)" if result.unwrapped else ""
+    err.print(Text(f"{result.tensors:,} tensors{inside} · {human_bytes(result.nbytes)}",
+                   style="green"))
+    if result.skipped:
+        shown = ", ".join(map(str, result.skipped[:10]))
+        more = f" and {len(result.skipped) - 10} more" if len(result.skipped) > 10 else ""
+        err.print(Text(f"skipped {len(result.skipped)} value(s) that are not tensors: "
+                       f"{shown}{more}"))
+
+
 def heading(text: str, to_err: bool = False) -> None:
     (err if to_err else out).print(Text(text, style="bold"))
 

@@ -62,6 +62,9 @@ CODES: dict[str, str] = {
     "K0309": "invalid sharded index",
     "K0310": "non-float key without a fallback",
     "K0311": "output path is not a regular file",
+    "K0330": "pickle names code kmx does not run",
+    "K0331": "not a readable PyTorch checkpoint",
+    "K0332": "no state dict in the checkpoint",
     # K04xx: running
     "K0401": "non-finite values in an input",
     "K0402": "cannot write the output",

@@ -3,7 +3,8 @@
 Planning needs every input's keys, shapes and dtypes but none of its tensor data, so this reads
 the 8-byte length and the JSON header only, and validates them strictly: a bad file is reported
 here, as a diagnostic pointing at the recipe line that named it, not as a crash mid-run.
-Nothing is ever unpickled; pickle checkpoints are refused by name (K0308).
+Nothing is ever unpickled; pickle checkpoints are refused by name (K0308), with the
+`kmx convert` command that rewrites one as safetensors in the help line.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import gc
 import hashlib
 import json
 import os
+import shlex
 import stat
 from dataclasses import dataclass, replace
 from typing import NoReturn
@@ -27,8 +29,15 @@ HASH_CHUNK = 8 << 20
 _MAX_NUMEL = 2**63  # torch counts elements in int64
 
 _HELP_CORRUPT = "the file is truncated or corrupt; download or convert it again"
-_HELP_PICKLE = ("convert it to safetensors (load it once, in a trusted environment, and save it "
-                "with safetensors.torch.save_file); kmx never unpickles files")
+
+
+def _help_pickle(path: str) -> str:
+    """The exact command that converts `path` (beside it, `.safetensors` for its suffix)."""
+    stem, suffix = os.path.splitext(path)
+    out = stem + ".safetensors" if suffix.lower() in PICKLE_SUFFIXES else path + ".safetensors"
+    return (f"convert it to safetensors: `kmx convert {shlex.quote(path)} {shlex.quote(out)}` "
+            "(it rebuilds tensors only and runs none of the pickle's code), then name the "
+            ".safetensors file")
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +214,7 @@ def _parse_file(path: str, fd: int, size: int, span: Span | None) -> CheckpointH
     if (first.startswith(b"PK\x03\x04") or (first[0] == 0x80 and 2 <= first[1] <= 5)) and (
             _pread_exact(fd, 1, 8, path, span) != b"{"):
         _fail("K0308", f"`{path}` is a PyTorch pickle checkpoint, not safetensors", span,
-              help=_HELP_PICKLE)
+              help=_help_pickle(path))
     n = int.from_bytes(first, "little")
     if n > MAX_HEADER_BYTES or 8 + n > size:
         bad(f"header length {n} " + ("is absurdly large" if n > MAX_HEADER_BYTES
@@ -365,7 +374,7 @@ def read_checkpoint(path: str, span: Span | None = None) -> CheckpointHeader:
         path = _resolve_folder(path, span)
     elif path.lower().endswith(PICKLE_SUFFIXES):
         _fail("K0308", f"`{path}` is a pickle checkpoint; kmx reads only safetensors", span,
-              help=_HELP_PICKLE)
+              help=_help_pickle(path))
     if path.endswith(INDEX_SUFFIX):
         return _read_index(path, span)
     return _read_file(path, span)
@@ -389,7 +398,8 @@ def _resolve_folder(path: str, span: Span | None) -> str:
     pickles = [n for n in names if n.lower().endswith(PICKLE_SUFFIXES)]
     if pickles:
         _fail("K0308", f"folder `{path}` holds only pickle checkpoints "
-              f"({', '.join(pickles[:3])}); kmx reads only safetensors", span, help=_HELP_PICKLE)
+              f"({', '.join(pickles[:3])}); kmx reads only safetensors", span,
+              help=_help_pickle(os.path.join(path, pickles[0])))
     _fail("K0301", f"folder `{path}` holds no .safetensors file or {INDEX_SUFFIX}", span,
           help="name the checkpoint file itself, or the folder it was downloaded to")
 
