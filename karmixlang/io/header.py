@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import gc
-import hashlib
 import json
 import os
 import shlex
@@ -25,7 +24,6 @@ from karmixlang.io.dtypes import DTYPES
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit; a bigger length means a corrupt file
 INDEX_SUFFIX = ".safetensors.index.json"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-HASH_CHUNK = 8 << 20
 _MAX_NUMEL = 2**63  # torch counts elements in int64
 
 _HELP_CORRUPT = "the file is truncated or corrupt; download or convert it again"
@@ -135,6 +133,14 @@ def _open_regular(path: str, span: Span | None, st: os.stat_result) -> int:
     return fd
 
 
+def open_regular(path: str, span: Span | None = None) -> tuple[int, os.stat_result]:
+    """A descriptor on the regular file `path` and its stat (K0301/K0302 otherwise).
+    The caller closes it."""
+    st = _stat(path, span)
+    _check_regular(path, st, span)
+    return _open_regular(path, span, st), st
+
+
 def _check_regular(path: str, st: os.stat_result, span: Span | None) -> None:
     if stat.S_ISDIR(st.st_mode):
         _fail("K0302", f"`{path}` is a directory, not a safetensors file", span)
@@ -143,7 +149,7 @@ def _check_regular(path: str, st: os.stat_result, span: Span | None) -> None:
               help="name a .safetensors file on disk")
 
 
-def _pread_exact(fd: int, n: int, offset: int, path: str, span: Span | None) -> bytes:
+def pread_exact(fd: int, n: int, offset: int, path: str, span: Span | None) -> bytes:
     chunks, got = [], 0
     try:
         while got < n:
@@ -208,18 +214,18 @@ def _parse_file(path: str, fd: int, size: int, span: Span | None) -> CheckpointH
 
     if size < 8:
         bad(f"only {size} bytes long, shorter than the 8-byte header length")
-    first = _pread_exact(fd, 8, 0, path, span)
+    first = pread_exact(fd, 8, 0, path, span)
     # torch.save writes a zip ("PK\3\4") or, before torch 1.6, a bare pickle (\x80, protocol).
     # A real header always starts with "{", which tells a coincidental length apart.
     if (first.startswith(b"PK\x03\x04") or (first[0] == 0x80 and 2 <= first[1] <= 5)) and (
-            _pread_exact(fd, 1, 8, path, span) != b"{"):
+            pread_exact(fd, 1, 8, path, span) != b"{"):
         _fail("K0308", f"`{path}` is a PyTorch pickle checkpoint, not safetensors", span,
               help=_help_pickle(path))
     n = int.from_bytes(first, "little")
     if n > MAX_HEADER_BYTES or 8 + n > size:
         bad(f"header length {n} " + ("is absurdly large" if n > MAX_HEADER_BYTES
                                      else f"runs past the end of the file ({size} bytes)"))
-    obj = _load_json(_pread_exact(fd, n, 8, path, span), path, span, "K0302")
+    obj = _load_json(pread_exact(fd, n, 8, path, span), path, span, "K0302")
     if not isinstance(obj, dict):
         bad(f"the header is a JSON {type(obj).__name__}, not an object")
 
@@ -313,7 +319,7 @@ def _parse_index(path: str, st: os.stat_result, span: Span | None) -> Checkpoint
         bad(f"{st.st_size} bytes is far too large for an index")
     fd = _open_regular(path, span, st)
     try:
-        obj = _load_json(_pread_exact(fd, st.st_size, 0, path, span), path, span, "K0309")
+        obj = _load_json(pread_exact(fd, st.st_size, 0, path, span), path, span, "K0309")
     finally:
         os.close(fd)
     weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
@@ -402,52 +408,3 @@ def _resolve_folder(path: str, span: Span | None) -> str:
               help=_help_pickle(os.path.join(path, pickles[0])))
     _fail("K0301", f"folder `{path}` holds no .safetensors file or {INDEX_SUFFIX}", span,
           help="name the checkpoint file itself, or the folder it was downloaded to")
-
-
-def hash_data_region(path: str, span: Span | None = None) -> str:
-    """"sha256:" + hex digest of the tensor bytes after the header (sha256 rather than
-    blake2b: with the SHA extensions of current CPUs it is the faster of the two).
-
-    Only data is hashed, so a rewritten header (new metadata) keeps the hash. A sharded
-    checkpoint hashes each shard in `files` order and then hashes those digests together.
-    """
-    return combine_hashes([hash_file(f, span) for f in read_checkpoint(path, span).files])
-
-
-HASH_PREFIX = "sha256:"
-HASH_PLACEHOLDER = HASH_PREFIX + "0" * 64  # same length as a real hash
-
-
-def hash_file(path: str, span: Span | None = None) -> str:
-    """The hash of one file's data region ("sha256:" + hex)."""
-    return HASH_PREFIX + _hash_file(path, span).hex()
-
-
-def combine_hashes(hashes: list[str]) -> str:
-    """A checkpoint's hash from its files' hashes, in `CheckpointHeader.files` order."""
-    if len(hashes) == 1:
-        return hashes[0]
-    return HASH_PREFIX + hashlib.sha256(
-        b"".join(bytes.fromhex(h.removeprefix(HASH_PREFIX)) for h in hashes)).hexdigest()
-
-
-def _hash_file(path: str, span: Span | None) -> bytes:
-    st = _stat(path, span)
-    _check_regular(path, st, span)
-    h = hashlib.sha256()
-    buf = bytearray(HASH_CHUNK)
-    view = memoryview(buf)
-    fd = _open_regular(path, span, st)
-    try:
-        offset = 8 + int.from_bytes(_pread_exact(fd, 8, 0, path, span), "little")
-        while offset < st.st_size:
-            got = os.preadv(fd, [buf], offset)
-            if not got:
-                _fail("K0302", f"`{path}` shrank while it was being hashed", span)
-            h.update(view[:got])
-            offset += got
-    except OSError as e:
-        os_fail(e, path, span)
-    finally:
-        os.close(fd)
-    return h.digest()

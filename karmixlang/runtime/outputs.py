@@ -9,8 +9,8 @@ planned (K0410), so a file rewritten during the run is never mixed into a publis
 
 Metadata holds the recipe, the lowered graph, each input's path, size and content hash, the kmx
 version and the --set values — nothing that differs between two runs of the same recipe on the
-same inputs. Input hashes are computed on a background thread during the merge (and cached by
-path, size and mtime); the header is planned with fixed-length placeholders and the real
+same inputs. Input hashes are computed on a background thread during the merge (io/hashes.py:
+both SHA-256s of each file in one read, cached); the header is planned with fixed-length placeholders and the real
 hashes are written into it just before the files are published, so no offset moves.
 """
 
@@ -24,56 +24,13 @@ import threading
 from karmixlang import __version__
 from karmixlang.diagnostics import KmxError, error, located
 from karmixlang.io.guard import changed, check_outputs, plan_save
-from karmixlang.io.header import (HASH_PLACEHOLDER, HASH_PREFIX, TOO_MANY_FILES_HELP,
-                                  combine_hashes, hash_file)
+from karmixlang.io.hashes import HASH_PLACEHOLDER, FileHashes, HashCache, combine_hashes
+from karmixlang.io.header import TOO_MANY_FILES_HELP
 from karmixlang.io.files import (JOURNAL_SUFFIX, STAMP_SUFFIX, OutputLock, atomic_write,
                                  hidden_path)
 from karmixlang.io.writer import RESTART_HELP, CheckpointWriter, OutputLayout
 
 STAMP_VERSION = 2
-
-
-class _HashCache:
-    """Input file hashes by (real path, size, mtime, ctime, inode): rehashing a 7 GB input on
-    every run is waste. The change time is part of the key because no one can set it: a file
-    rewritten with its old size and mtime put back still misses the cache, so a stamp never
-    records a hash of data the run did not read. A resumed run hashes afresh (`fresh`)."""
-
-    def __init__(self):
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        self.path = os.path.join(base, "karmixlang", "hashes.json")
-        try:
-            with open(self.path) as f:
-                self.data = json.load(f)
-            if not isinstance(self.data, dict):
-                self.data = {}
-        except (OSError, ValueError):
-            self.data = {}
-
-    @staticmethod
-    def key(path: str) -> str:
-        st = os.stat(path)
-        return (f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|"
-                f"{st.st_ino}")
-
-    def get(self, path: str, fresh: bool = False) -> str:
-        k = self.key(path)
-        cached = self.data.get(k)
-        # An entry from another kmx version may use another algorithm: never trust its length.
-        if fresh or not (isinstance(cached, str) and cached.startswith(HASH_PREFIX)
-                         and len(cached) == len(HASH_PLACEHOLDER)):
-            self.data[k] = hash_file(path)
-        return self.data[k]
-
-    def save(self) -> None:
-        try:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            tmp = f"{self.path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(self.data, f)
-            os.replace(tmp, self.path)
-        except OSError:
-            pass  # a cache that cannot be written only costs time next run
 
 
 class _Kept:
@@ -105,7 +62,7 @@ class OutputSet:
         # Each input: its path and its files, sorted by path (the metadata's order).
         self.inputs = sorted((n.attr("path"), h.files) for n, h in headers.items())
         self.seen = compiled.inputs
-        self.hashes: dict[str, str] = {}  # by input file
+        self.hashes: dict[str, FileHashes] = {}  # by input file
         self._hashed = False  # every hash is in self.hashes
         self._hash_error: BaseException | None = None
         self._hasher = threading.Thread(target=self._hash_inputs, daemon=True, name="kmx-hash")
@@ -122,7 +79,7 @@ class OutputSet:
                       compiled.unused_inputs)
 
     # -- layout and metadata
-    def _metadata(self, index: int, hashes: dict[str, str] | None) -> dict[str, str]:
+    def _metadata(self, index: int, hashes: dict[str, FileHashes] | None) -> dict[str, str]:
         """`hashes` None: placeholders of the same length, for planning the layout."""
         save = self.c.graph.saves[index]
         plan = self.c.plan.data
@@ -130,7 +87,7 @@ class OutputSet:
                  "inputs": plan["inputs"], "nodes": plan["nodes"],
                  "save": plan["saves"][index]}
         inputs = [{"path": p, "size": sum(self.seen[f].st_size for f in files),
-                   "hash": combine_hashes([hashes[f] for f in files]) if hashes is not None
+                   "hash": combine_hashes([hashes[f].data_hash for f in files]) if hashes is not None
                    else HASH_PLACEHOLDER} for p, files in self.inputs]
         meta = dict(save.metadata)
         meta.update({
@@ -146,7 +103,7 @@ class OutputSet:
 
     def _hash_inputs(self) -> None:
         try:
-            cache = _HashCache()
+            cache = HashCache()
             for f in sorted(self.seen):
                 self.hashes[f] = cache.get(f, fresh=self._resuming)
             cache.save()
@@ -267,7 +224,7 @@ class OutputSet:
             "recipe": dict(self.c.recipes),
             "set": dict(sorted(self.c.program.overrides.items())),
             "inputs": {f: {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                           "hash": self.hashes[f] if self._hashed else None}
+                           "hash": self.hashes[f].data_hash if self._hashed else None}
                        for f, st in sorted(self.seen.items())},
         }
 
@@ -348,7 +305,7 @@ class OutputSet:
                     help="nothing was published and the partial output was discarded; run "
                          "again once no program is writing the input")])
         for f, (expected, output) in self._expected.items():
-            if self.hashes.get(f) != expected:
+            if f not in self.hashes or self.hashes[f].data_hash != expected:
                 raise KmxError([error(
                     "K0404", f"cannot resume `{output}`: the data of the input file `{f}` "
                     "differs from what the interrupted run read (its size and modification "

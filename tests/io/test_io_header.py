@@ -21,7 +21,8 @@ from safetensors.numpy import save_file
 from karmixlang.diagnostics import KmxError, Span
 from karmixlang.io import header as header_mod
 from karmixlang.io.dtypes import DTYPES, nbytes, parse_user_dtype
-from karmixlang.io.header import hash_data_region, read_checkpoint
+from karmixlang.io.hashes import hash_data_region
+from karmixlang.io.header import read_checkpoint
 from conftest import fuzz_examples
 
 SPAN = Span("merge.kmx", 3, 9, 3, 30)
@@ -131,7 +132,8 @@ def test_results_are_cached_until_the_file_changes(tmp_path):
     assert list(read_checkpoint(path).tensors) == ["y"]
 
 
-def test_hash_covers_data_only_and_combines_shards(tmp_path):
+def test_hash_covers_data_only_and_combines_shards(workdir):
+    tmp_path = workdir  # hash_data_region caches in the user cache: the test's own
     a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
     save_file({"x": np.arange(4, dtype=np.float32)}, a, metadata={"v": "1"})
     save_file({"x": np.arange(4, dtype=np.float32)}, b, metadata={"v": "2, a longer one"})

@@ -450,7 +450,7 @@ def test_an_input_rewritten_with_its_old_mtime_is_hashed_again(workdir, capsys):
     # a rewrite with the same size and the old mtime put back still changes the change time.
     from safetensors import safe_open
 
-    from karmixlang.io.header import hash_file
+    from karmixlang.io.hashes import compute_hashes
 
     tiny_models(workdir)
     path = one_save(workdir, "out.safetensors")
@@ -465,4 +465,4 @@ def test_an_input_rewritten_with_its_old_mtime_is_hashed_again(workdir, capsys):
     with safe_open(str(workdir / "out.safetensors"), "np") as f:
         inputs = json.loads(f.metadata()["kmx_inputs"])
     recorded = {os.path.basename(i["path"]): i["hash"] for i in inputs}
-    assert recorded["a.safetensors"] == hash_file(str(target))
+    assert recorded["a.safetensors"] == compute_hashes(str(target)).data_hash

@@ -252,9 +252,12 @@ def test_a_key_selection_fallback_copies_integer_buffers(workdir):
 
 
 def test_stale_hash_cache_entries_are_recomputed(workdir):
-    from karmixlang.runtime.outputs import _HashCache
+    from karmixlang.io.hashes import HashCache, compute_hashes
 
     tiny_models(workdir)
-    cache = _HashCache()
-    cache.data[cache.key(str(workdir / "a.safetensors"))] = "blake2b:" + "1" * 32
-    assert cache.get(str(workdir / "a.safetensors")).startswith("sha256:")
+    cache = HashCache()
+    a = str(workdir / "a.safetensors")
+    for stale in ("blake2b:" + "1" * 32, "sha256:" + "1" * 64, {"sha256": "1" * 63},
+                  {"sha256": "X" * 64, "data_sha256": "1" * 64}):
+        cache.data[cache.key(a)] = stale
+        assert cache.get(a) == compute_hashes(a)
