@@ -124,6 +124,65 @@ def cmd_run(args) -> int:
     return EXIT_OK
 
 
+EXIT_DIFF_ERROR = 2  # kmx diff: 0 no output changes, 1 some change, 2 error (git diff's codes)
+
+
+def cmd_diff(args) -> int:
+    from karmixlang.plan.diff import diff
+
+    want = 7 if args.git_driver else 2
+    if len(args.files) != want:
+        raise UsageError(f"kmx diff {'--git-driver ' if args.git_driver else ''}expects "
+                         f"{want} arguments, got {len(args.files)}")
+    if args.git_driver:  # path old-file old-hex old-mode new-file new-hex new-mode
+        path = args.files[0]
+        sides = [(f"a/{path}", path, args.files[1]), (f"b/{path}", path, args.files[4])]
+    else:
+        sides = [(f, f, None) for f in args.files]
+    try:
+        compiled = [_diff_side(name, path, given, parse_sets(args.set))
+                    for name, path, given in sides]
+    except _SideFailed:  # reported; a diff driver that fails stops `git diff`: let it go on
+        return EXIT_OK if args.git_driver else EXIT_DIFF_ERROR
+    result = diff(compiled[0], compiled[1], sides[0][0], sides[1][0])
+    if args.git_driver:
+        console.heading(f"kmx diff {sides[0][0]} {sides[1][0]}")
+    console.recipe_diff(result, args.json)
+    return EXIT_OK if args.git_driver or not result.changed else EXIT_ERRORS
+
+
+def _diff_side(name: str, path: str, given: str | None, sets: dict):
+    """One side of a diff compiled header-only: a recipe file, `REV:path` read through git,
+    or (the git driver) the file `given` read as if it were at `path`; None when that side
+    has no file (git's /dev/null: the recipe is new, or deleted)."""
+    from karmixlang.api import compile as compile_recipe, sources_for
+    from karmixlang.io.gitshow import is_revision, read_revision
+    from karmixlang.syntax.parser import read_source
+
+    source = None
+    if given is not None:
+        if given == os.devnull:
+            return None
+    try:
+        if given is not None:
+            source, problem = read_source(given)
+            if problem is not None:
+                raise KmxError([problem])
+            path = os.path.abspath(path)
+        elif is_revision(name):
+            path, source = read_revision(name)
+        return compile_recipe(path, sets, source=source)
+    except KmxError as exc:
+        # Diagnostics point into this side's text, which may not be the file's on disk.
+        known = {path: source.decode("utf-8", "replace")} if source is not None else {}
+        console.diagnostics(exc.diagnostics, sources_for(exc.diagnostics, known))
+        raise _SideFailed() from None
+
+
+class _SideFailed(Exception):
+    """One side of a diff could not be compiled (its diagnostics are printed)."""
+
+
 def cmd_fmt(args) -> int:
     from karmixlang.api import format_file, write_formatted
     from karmixlang.syntax.fmt import FormatterError
@@ -288,6 +347,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "dtype: stop (default) or copy the key from the fallback")
     s.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("diff", help="what a recipe edit changes in the merge: saves, keys, "
+                       "nodes (reads headers only; exit 0 no output changes, 1 some, 2 error)")
+    s.add_argument("files", nargs="+", metavar="OLD NEW",
+                   help="two recipes, each a file or REV:path read through git")
+    s.add_argument("--json", action="store_true", help="the changes as JSON (docs/cli.md)")
+    s.add_argument("--git-driver", action="store_true",
+                   help="take git's 7 diff-driver arguments (docs/recipes-in-git.md)")
+    recipe_opts(s, compute=False)
+    s.set_defaults(fn=cmd_diff)
 
     s = sub.add_parser("explain", help="explain a diagnostic code, e.g. kmx explain K0201")
     s.add_argument("code")

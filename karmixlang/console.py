@@ -109,6 +109,47 @@ def run_finished(result) -> None:
                    style="green"))
 
 
+# ------------------------------------------------------------------ kmx diff
+
+def recipe_diff(d, as_json: bool = False) -> None:
+    """`kmx diff`: a plan.diff.RecipeDiff, as text or as JSON (docs/cli.md)."""
+    if as_json:
+        out.print(json.dumps(d.to_dict(), indent=2, ensure_ascii=False), markup=False)
+        return
+    for s in d.saves:
+        _save_diff(s)
+    if d.inputs_added or d.inputs_removed:
+        shown = [f"+ {p}" for p in d.inputs_added] + [f"- {p}" for p in d.inputs_removed]
+        out.print(Text("inputs: " + "; ".join(shown)))
+    if not d.changed:
+        out.print(Text("no output changes", style="green"))
+
+
+def _save_diff(s) -> None:
+    if s.status == "unchanged":
+        out.print(Text(f"{s.written}: no change", style="dim"))
+        return
+    if s.status in ("added", "removed"):
+        what = "new save" if s.status == "added" else "no longer saved"
+        out.print(Text(f"{s.written}: {what} ({s.keys:,} keys)", style="bold"))
+        return
+    out.print(Text(f"{s.written}: {s.changed_keys:,} of {s.keys:,} keys change", style="bold"))
+    for g in s.groups:
+        texts = [c.text() for c in g.changes]
+        more = f"; and {len(texts) - 4} more" if len(texts) > 4 else ""
+        lines = sorted({c.line for c in g.changes if c.line})
+        at = f"  ({', '.join(lines)})" if lines else ""
+        out.print(Text(f"  {_keys(len(g.keys))} in {g.where}: {'; '.join(texts[:4])}{more}{at}"))
+    for label, keys in (("added", s.added_keys), ("removed", s.removed_keys)):
+        if keys:
+            shown = ", ".join(keys[:3]) + (f", and {len(keys) - 3} more" if len(keys) > 3 else "")
+            out.print(Text(f"  {_keys(len(keys))} {label}: {shown}"))
+
+
+def _keys(n: int) -> str:
+    return f"{n:,} key{'s' if n != 1 else ''}"
+
+
 # ------------------------------------------------------------------ the other commands
 
 def format_diff(path: str, text: str, formatted: str) -> None:

@@ -78,6 +78,7 @@ CODES: dict[str, str] = {
     "K0410": "an input changed during the run",
     "K0411": "non-finite values in a result",
     "K0412": "a result overflows its output dtype",
+    "K0501": "cannot read a recipe version through git",
 }
 
 

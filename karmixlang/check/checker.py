@@ -88,16 +88,18 @@ def _check_save(ch: Checker, unit: Unit, s: ast.Save, paths: dict[str, ast.Save]
         paths.setdefault(full, s)  # later duplicates point at the first save
 
 
-def check_program(path: str, overrides: dict[str, str] | None = None
-                  ) -> tuple[Program | None, list[Diagnostic]]:
-    """Load, resolve and type-check a recipe. Returns (program or None, all diagnostics)."""
+def check_program(path: str, overrides: dict[str, str] | None = None,
+                  source: bytes | None = None) -> tuple[Program | None, list[Diagnostic]]:
+    """Load, resolve and type-check a recipe. Returns (program or None, all diagnostics).
+    `source`: the recipe's bytes, checked as if they were the file at `path` (imports and
+    paths resolve from its folder)."""
     with recursion_room():  # the checker recurses over expressions and def calls
-        return _check_program(path, overrides)
+        return _check_program(path, overrides, source)
 
 
-def _check_program(path: str, overrides: dict[str, str] | None):
+def _check_program(path: str, overrides: dict[str, str] | None, source: bytes | None):
     diags: list[Diagnostic] = []
-    loader = Loader(diags)
+    loader = Loader(diags, None if source is None else {os.path.realpath(path): source})
     root = loader.load(path)
     if root is None:
         return None, _dedupe(diags)

@@ -52,8 +52,9 @@ def resolve_import(unit: Unit, path: str) -> str:
 
 
 class Loader:
-    def __init__(self, diags: list[Diagnostic]):
+    def __init__(self, diags: list[Diagnostic], given: dict[str, bytes] | None = None):
         self.diags = diags
+        self.given = given or {}  # real path -> the bytes to parse instead of the file's
         self.units: dict[str, Unit] = {}
         self.sources: dict[str, str] = {}
 
@@ -78,7 +79,7 @@ class Loader:
                                     help="`std/...` names the shipped stdlib; other paths are "
                                          "relative to the importing file"))
             return None
-        module, text, diags = parse_file(path)
+        module, text, diags = parse_file(path, self.given.get(key))
         if text is not None:
             self.sources[path] = text
         if diags:

@@ -37,11 +37,12 @@ class Compiled:
 
 def compile(path: str, overrides: dict[str, str] | None = None, *, threads: int = 1,
             compute_dtype: str = "fp32", strict: bool = False, memory_limit: int | None = None,
-            executor: str = "local") -> Compiled:
+            executor: str = "local", source: bytes | None = None) -> Compiled:
     """Check, lower, optimize and schedule a recipe. Raises KmxError with diagnostics.
     `memory_limit` (bytes; None: half of the available memory) decides which keys run out
-    of core; `executor` ("local" or "ray") how the plan groups keys."""
-    program, diags = check_program(path, overrides)
+    of core; `executor` ("local" or "ray") how the plan groups keys; `source` the recipe's
+    bytes, compiled as if they were the file at `path` (kmx diff REV:path)."""
+    program, diags = check_program(path, overrides, source)
     if program is None:
         raise KmxError(diags)
     lowered = lower(program)

@@ -526,11 +526,14 @@ def _file_kind(mode: int) -> str:
     return next((name for test, name in kinds if test(mode)), "a special file")
 
 
-def parse_file(path: str) -> tuple[ast.Module | None, str | None, list[Diagnostic]]:
-    """Read and parse a file; returns (module, text, diagnostics)."""
-    data, problem = read_source(path)
-    if problem is not None:
-        return None, None, [problem]
+def parse_file(path: str, data: bytes | None = None
+               ) -> tuple[ast.Module | None, str | None, list[Diagnostic]]:
+    """Read and parse a file; returns (module, text, diagnostics). `data`: the file's bytes
+    given instead of read (another version of it, as `kmx diff REV:path` reads from git)."""
+    if data is None:
+        data, problem = read_source(path)
+        if problem is not None:
+            return None, None, [problem]
     if len(data) > MAX_SOURCE_BYTES:  # before decoding: the cut may split a character
         return None, None, [error("K0004", f"recipe larger than {MAX_SOURCE_BYTES // 2**20} MiB",
                                   Span(path, 1, 1, 1, 2))]
