@@ -119,7 +119,7 @@ def cmd_run(args) -> int:
     result = execute(compiled, None if args.quiet else console.progress(),
                      threads=args.threads or 0, device=args.device, resume=args.resume,
                      force=args.force, nonfinite=args.nonfinite, executor=args.executor,
-                     address=args.address)
+                     address=args.address, reuse=not args.no_reuse)
     console.run_finished(result)
     return EXIT_OK
 
@@ -345,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nonfinite", choices=("error", "fallback"), default="error",
                    help="NaN/Inf in an input key or a result, or a result past its output "
                         "dtype: stop (default) or copy the key from the fallback")
+    s.add_argument("--no-reuse", action="store_true",
+                   help="compute every key, even those the output being replaced already "
+                        "holds (by default keys whose fingerprint is unchanged are copied)")
     s.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     s.set_defaults(fn=cmd_run)
 

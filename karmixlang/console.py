@@ -103,6 +103,8 @@ def run_finished(result) -> None:
         err.print(Text(f"{len(result.fallbacks)} key(s) with non-finite values were copied from "
                        f"the fallback (--nonfinite=fallback): {shown}{more}", style="yellow"))
     resumed = f" ({result.skipped} finished earlier)" if result.skipped else ""
+    if result.reused:
+        resumed += f" ({result.reused:,} reused unchanged from the output replaced)"
     err.print(Text(f"Done: {result.keys:,} keys{resumed} in {result.seconds:.1f} s · read "
                    f"{human_bytes(result.bytes_read)} · wrote {human_bytes(result.bytes_written)}"
                    f" · peak memory {human_bytes(result.peak_rss_delta)} (resident growth)",

@@ -27,6 +27,7 @@ from karmixlang.plan.executable import Executable, KeyJob
 from karmixlang.runtime.chunked import Streamed
 from karmixlang.runtime.evaluate import Evaluator, compute_key, prepare_process
 from karmixlang.runtime.outputs import OutputSet
+from karmixlang.runtime.reuse import Reuse
 from karmixlang.runtime.tensors import Reader
 
 CHECKPOINT_SECONDS = 2.0
@@ -45,6 +46,8 @@ class RunOptions:
     nonfinite: str = "error"  # or "fallback"
     executor: str = "local"  # or "ray"
     address: str | None = None  # the Ray cluster to join; None starts a local one
+    # Copy the keys whose fingerprint is unchanged from the output being replaced (reuse.py)
+    reuse: bool = True
 
 
 @dataclass
@@ -59,6 +62,7 @@ class RunResult:
     nothing_to_do: bool = False
     # keys copied from a fallback for non-finite values (--nonfinite=fallback)
     fallbacks: list[str] = field(default_factory=list)
+    reused: int = 0  # keys copied from the output this run replaced (unchanged fingerprint)
 
 
 class _RssSampler:
@@ -242,6 +246,11 @@ def _run(compiled, opts, executor, outputs, progress, start) -> RunResult:
     writers = outputs.open()
     done = outputs.done_keys(writers)
     jobs = [j for j in compiled.schedule.jobs if j.key not in done]
+    try:
+        reuse = Reuse(outputs, writers) if opts.reuse else None
+    except BaseException:
+        outputs.keep_partial(writers)
+        raise
     if progress:
         progress.start(len(compiled.schedule.jobs), len(done),
                        sum(j.read_bytes for j in compiled.schedule.jobs),
@@ -252,10 +261,12 @@ def _run(compiled, opts, executor, outputs, progress, start) -> RunResult:
     try:
         with _RssSampler() as rss:
             try:
-                executor.run(jobs, session)
+                reused = _copy_reused(jobs, reuse, session) if reuse else set()
+                executor.run([j for j in jobs if j.key not in reused], session)
             except BaseException:
                 _checkpoint_quietly(session)
                 raise
+        outputs.replaced = _replaced(session.fallbacks, {j.key for j in jobs})
         outputs.commit(writers)
     except (KeyboardInterrupt, _Interrupted):
         session.stop.set()
@@ -268,13 +279,40 @@ def _run(compiled, opts, executor, outputs, progress, start) -> RunResult:
         raise
     finally:
         session.close()
+        if reuse:
+            reuse.close()
         _restore_sigterm(old_term)
         if progress:
             progress.finish()
     return RunResult(outputs.final_paths(), len(compiled.schedule.jobs), len(done),
-                     time.monotonic() - start, sum(j.read_bytes for j in jobs),
+                     time.monotonic() - start,
+                     sum(j.read_bytes for j in jobs if j.key not in reused),
                      sum(compiled.schedule.bytes_written), rss.growth,
-                     fallbacks=session.fallbacks)
+                     fallbacks=session.fallbacks, reused=len(reused))
+
+
+def _copy_reused(jobs: list[KeyJob], reuse: Reuse, session: RunSession) -> set[str]:
+    """Copy every key the replaced outputs already hold, in this process (whatever the
+    executor); the keys copied. A key that cannot be read back is left to be computed (its
+    pieces already written are overwritten whole)."""
+    copied = set()
+    for job in jobs:
+        if not reuse.covers(job):
+            continue
+        try:
+            session.deliver(job, reuse.copy(job))
+        except OSError:
+            continue
+        copied.add(job.key)
+        session.finished(job)
+        session.tick()
+    return copied
+
+
+def _replaced(fallbacks: list[str], keys: set[str]) -> set[str]:
+    """The keys --nonfinite=fallback copied from a fallback (each entry is the key, or the
+    key followed by `` (`SAVE`: why)``): their bytes are not what the recipe computes."""
+    return {k for e in fallbacks for k in (e, e.split(" (`", 1)[0]) if k in keys}
 
 
 def _checkpoint_quietly(session: RunSession) -> None:

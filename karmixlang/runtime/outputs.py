@@ -29,8 +29,12 @@ from karmixlang.io.header import TOO_MANY_FILES_HELP
 from karmixlang.io.files import (JOURNAL_SUFFIX, STAMP_SUFFIX, OutputLock, atomic_write,
                                  hidden_path)
 from karmixlang.io.writer import RESTART_HELP, CheckpointWriter, OutputLayout
+from karmixlang.plan.fingerprint import (FP_HEX, NO_FINGERPRINT, content_identity,
+                                         key_fingerprints)
 
 STAMP_VERSION = 2
+FINGERPRINTS = "kmx_fingerprints"  # the metadata field (docs/plan-format.md)
+FINGERPRINTS_VERSION = 1
 
 
 class _Kept:
@@ -72,6 +76,9 @@ class OutputSet:
         self._stamps: list[str] = []  # of outputs being written; filled in once hashed
         self._expected: dict[str, tuple[str, str]] = {}  # file -> (hash, output) to resume
         self._locks: list[OutputLock] = []
+        self._fingerprints: list[dict[str, str]] | None = None  # once the inputs are hashed
+        self.replaced: set[str] = set()  # keys copied from a fallback (--nonfinite=fallback)
+        self._keys: dict[int, list[str]] = {}
         self.layouts = [plan_save(s, compiled.schedule, i, self._metadata(i, None))
                         for i, s in enumerate(compiled.graph.saves)]
         # Checked when compiling too; again here, as the files may have changed since.
@@ -97,9 +104,37 @@ class OutputSet:
             "kmx_inputs": json.dumps(inputs, separators=(",", ":")),
             "kmx_set": json.dumps(dict(sorted(self.c.program.overrides.items()))),
         })
+        meta[FINGERPRINTS] = self._fingerprint_field(index, hashes is not None)
         if save.delta:
             meta["kmx_delta"] = "true"
         return meta
+
+    def _fingerprint_field(self, index: int, hashed: bool) -> str:
+        """Each key's fingerprint, in sorted key order, FP_HEX hex digits each; zeros for
+        planning the layout (the same length), and for a key whose bytes are not what its
+        recipe computes (copied from a fallback for non-finite values): never reused."""
+        keys = self.save_keys(index)
+        fps = self.fingerprints()[index] if hashed else {}
+        digits = "".join(NO_FINGERPRINT if k in self.replaced else fps.get(k, NO_FINGERPRINT)
+                         for k in keys)
+        return json.dumps({"version": FINGERPRINTS_VERSION, "hex": FP_HEX, "keys": "sorted",
+                           "fingerprints": digits}, separators=(",", ":"))
+
+    def save_keys(self, index: int) -> list[str]:
+        """The keys output `index` holds, sorted."""
+        if index not in self._keys:
+            self._keys[index] = sorted(j.key for j in self.c.schedule.jobs
+                                       if any(o.save == index for o in j.outputs))
+        return self._keys[index]
+
+    def fingerprints(self) -> list[dict[str, str]]:
+        """Per save, key -> the fingerprint of what computes it (plan/fingerprint.py), with
+        inputs identified by content hash: waits for the inputs to be hashed."""
+        if self._fingerprints is None:
+            self._join_hasher()
+            self._fingerprints = key_fingerprints(self.c.schedule.executable,
+                                                  content_identity(self.hashes))
+        return self._fingerprints
 
     def _hash_inputs(self) -> None:
         try:

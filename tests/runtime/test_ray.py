@@ -204,3 +204,18 @@ def test_ray_out_of_core_key_gives_the_in_memory_bytes(local_ray, workdir):
     assert [j.key for j in compiled.schedule.jobs if j.ooc is not None] == ["big.w"]
     execute(compiled, RunOptions(executor="ray", memory_limit=limit, force=True))
     assert digests(workdir) == in_memory
+
+
+@needs_ray
+def test_ray_reuses_unchanged_keys_to_the_local_bytes(local_ray, workdir):
+    """Keys the replaced output holds are copied by the driver; Ray computes the rest."""
+    tiny_models(workdir)
+    path = recipe(workdir, TWO_SAVES)
+    run(path)
+    # One key's weight changes: the five others are copied from the outputs being replaced.
+    recipe(workdir, TWO_SAVES.replace("t=0.3", 't=by_key({"model.w": 0.5, "*": 0.3})'))
+    result = run(path, executor="ray")
+    assert result.keys == 6 and result.reused == 5
+    reused = digests(workdir)
+    assert run(path, reuse=False).reused == 0
+    assert digests(workdir) == reused
