@@ -149,6 +149,18 @@ def _check_regular(path: str, st: os.stat_result, span: Span | None) -> None:
               help="name a .safetensors file on disk")
 
 
+def read_tensor_bytes(info: TensorInfo, span: Span | None = None) -> bytes:
+    """The stored bytes of one tensor (for the few small buffers planning compares)."""
+    try:
+        fd = os.open(info.file, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        os_fail(e, info.file, span)
+    try:
+        return pread_exact(fd, info.nbytes, info.begin, info.file, span)
+    finally:
+        os.close(fd)
+
+
 def pread_exact(fd: int, n: int, offset: int, path: str, span: Span | None) -> bytes:
     chunks, got = [], 0
     try:

@@ -15,7 +15,7 @@ from karmixlang.plan.groups import group_keys
 from karmixlang.ir.graph import Graph, KeyMap
 from karmixlang.resources import data_dir
 from karmixlang.units import human_bytes
-from karmixlang.plan.schedule import COMPUTE_ITEMSIZE, HEAP_BLOCK_LIMIT, Schedule
+from karmixlang.plan.schedule import COMPUTE_ITEMSIZE, HEAP_BLOCK_LIMIT, IDENTICAL, Schedule
 
 SCHEMA_VERSION = 1
 
@@ -198,8 +198,9 @@ def render_text(plan: Plan) -> str:
         out.append(f"  {s['path']} = #{s['node']}  {fb}, dtype {s['dtype'] or 'as input'}"
                    + (f", shards of {s['shard']}" if s["shard"] else "")
                    + (", delta" if s["delta"] else ""))
-        out.append(f"    {s['keys']} keys: {s['computed']} computed, {s['copied']} copied from "
-                   f"the fallback; writes {human_bytes(s['bytes_written'])}")
+        source = "from the fallback" if s["fallback"] is not None else "as is"
+        out.append(f"    {s['keys']} keys: {s['computed']} computed, {s['copied']} copied "
+                   f"{source}; writes {human_bytes(s['bytes_written'])}")
         for reason, count in s["copied_reasons"].items():
             out.append(f"      {count} copied: {reason}")
         for ex in s["copied_examples"]:
@@ -260,11 +261,12 @@ def summary_line(plan: Plan, running: bool = False) -> str:
     if n == 0:
         return "Plan: the recipe has no save statement · nothing to read or write."
     keys = sorted({s["keys"] for s in d["saves"]})
-    copied = sum(s["copied"] for s in d["saves"])
+    as_is = sum(s["copied_reasons"].get(_reason_kind(IDENTICAL), 0) for s in d["saves"])
+    copied = sum(s["copied"] for s in d["saves"]) - as_is
     key_text = f"{keys[0]:,}" if len(keys) == 1 else f"{keys[0]:,}–{keys[-1]:,}"
     each = " each" if n > 1 else ""
     return (f"Plan: {n} file{'s' if n != 1 else ''} to write ({key_text} keys{each}; {copied:,} "
-            f"copied from fallback) · reads {human_bytes(t['bytes_read'])} · writes "
+            f"copied from fallback{f', {as_is:,} copied as is' if as_is else ''}) · reads {human_bytes(t['bytes_read'])} · writes "
             f"{human_bytes(t['bytes_written'])} · peak memory ~{human_bytes(t['peak_memory_bytes'])}"
             f" at {t['peak_memory_key']} · {'running.' if running else 'nothing executed.'}")
 

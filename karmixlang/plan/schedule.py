@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from karmixlang.diagnostics import Diagnostic, KmxError, error
 from karmixlang.io.dtypes import DTYPES, nbytes
-from karmixlang.io.header import CheckpointHeader, read_checkpoint
+from karmixlang.io.header import CheckpointHeader, read_checkpoint, read_tensor_bytes
 from karmixlang.ir.graph import Graph, KeyMap, Node, match_key, reachable
 from karmixlang.ops import OPS, RAW_READ
 from karmixlang.machine import available_memory
@@ -27,6 +27,11 @@ COMPUTE_ITEMSIZE = {"fp32": 4, "fp64": 8}
 # Blocks below this come from glibc's heap, which keeps them for reuse (the runtime raises the
 # mmap threshold to this maximum); larger ones are mapped and unmapped (runtime/executor.py).
 HEAP_BLOCK_LIMIT = 32 << 20
+# A non-float key every input holds is copied as is when its copies are identical; planning
+# reads and compares copies up to this size (position_ids, a few KB); a larger one is treated
+# as before (the fallback's, or K0310).
+IDENTICAL_READ_LIMIT = 1 << 20
+IDENTICAL = "identical non-float in every input"
 
 
 @dataclass(frozen=True)
@@ -258,6 +263,14 @@ def build_jobs(graph: Graph, headers, keys, jobs: Jobs, strict: bool = False):
             reason = describe_reason(ek.bad[k], graph, headers, k) if k in ek.bad else \
                 "not produced by the expression"
             src = _copy_source(fb, keys, headers, k)
+            same = _identical_nonfloat(save.expr, ek.bad.get(k), headers, k) if src is None \
+                else None
+            if same is not None:  # not a fallback copy: allowed under --strict too
+                node, t = same
+                per_key.setdefault(k, []).append(Output(si, jobs.index[node], t.dtype, t.shape,
+                                                        f"{IDENTICAL} ({t.dtype})"))
+                copied[si][k] = f"{IDENTICAL} ({t.dtype})"
+                continue
             if src is None or strict:
                 failures.append((k, reason))
                 continue
@@ -280,6 +293,30 @@ def _fallback_dtype(fb, headers, key):
         t = headers[fb].tensors.get(key)
         return t.dtype if t is not None else None
     return None
+
+
+def _identical_nonfloat(expr: Node, reason, headers, key: str):
+    """(input node, TensorInfo) when `key` is an integer/bool buffer that every input of
+    `expr` holds with one dtype, shape and content, so it can be copied as is; else None.
+    One input needs no reading; several are compared byte for byte up to
+    IDENTICAL_READ_LIMIT (copies at one file offset are the same bytes)."""
+    if reason is None or reason[0] != "dtype":
+        return None
+    loads = _loads(expr)
+    infos = [headers[n].tensors.get(key) for n in loads]
+    if not infos or any(t is None or (t.dtype, t.shape) != (infos[0].dtype, infos[0].shape)
+                        for t in infos):
+        return None
+    if DTYPES[infos[0].dtype].is_float:
+        return None
+    stored = {(t.file, t.begin): t for t in infos}
+    if len(stored) > 1:
+        if infos[0].nbytes > IDENTICAL_READ_LIMIT:
+            return None
+        data = {read_tensor_bytes(t) for t in stored.values()}
+        if len(data) > 1:
+            return None
+    return loads[0], infos[0]
 
 
 def _copy_source(fb, keys, headers, key):
