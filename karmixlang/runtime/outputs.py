@@ -25,7 +25,7 @@ from karmixlang import __version__
 from karmixlang.diagnostics import KmxError, error, located
 from karmixlang.io.guard import changed, check_outputs, plan_save
 from karmixlang.io.hashes import HASH_PLACEHOLDER, FileHashes, HashCache, combine_hashes
-from karmixlang.io.header import TOO_MANY_FILES_HELP
+from karmixlang.io.header import TOO_MANY_FILES_HELP, read_checkpoint
 from karmixlang.io.files import (JOURNAL_SUFFIX, STAMP_SUFFIX, OutputLock, atomic_write,
                                  hidden_path)
 from karmixlang.io.writer import RESTART_HELP, CheckpointWriter, OutputLayout
@@ -35,6 +35,19 @@ from karmixlang.plan.fingerprint import (FP_HEX, NO_FINGERPRINT, content_identit
 STAMP_VERSION = 2
 FINGERPRINTS = "kmx_fingerprints"  # the metadata field (docs/plan-format.md)
 FINGERPRINTS_VERSION = 1
+
+
+def recorded_fingerprints(header) -> dict[str, str]:
+    """key -> fingerprint, as a kmx output records them; {} when it records none."""
+    try:
+        doc = json.loads(header.metadata.get(FINGERPRINTS, ""))
+        digits, keys = doc["fingerprints"], sorted(header.tensors)
+        if doc.get("version") != FINGERPRINTS_VERSION or doc.get("hex") != FP_HEX or \
+                len(digits) != FP_HEX * len(keys):
+            return {}
+    except (ValueError, KeyError, TypeError):
+        return {}
+    return {k: digits[i * FP_HEX:(i + 1) * FP_HEX] for i, k in enumerate(keys)}
 
 
 class _Kept:
@@ -120,6 +133,18 @@ class OutputSet:
         return json.dumps({"version": FINGERPRINTS_VERSION, "hex": FP_HEX, "keys": "sorted",
                            "fingerprints": digits}, separators=(",", ":"))
 
+    def _adopt_replaced(self, layout: OutputLayout) -> set[str]:
+        """The keys a finished output holds from a fallback (a zero fingerprint; written with
+        --nonfinite=fallback): a kept output keeps them, so its header records them."""
+        try:
+            header = read_checkpoint(layout.index_path or layout.final_path)
+        except KmxError:
+            return set()
+        adopted = {k for k, fp in recorded_fingerprints(header).items()
+                   if fp == NO_FINGERPRINT} - self.replaced
+        self.replaced |= adopted
+        return adopted
+
     def save_keys(self, index: int) -> list[str]:
         """The keys output `index` holds, sorted."""
         if index not in self._keys:
@@ -181,6 +206,13 @@ class OutputSet:
         layout = self.layouts[index]
         if len(self._existing(layout)) != len(layout.files) + bool(layout.index_path):
             return False
+        adopted = self._adopt_replaced(layout)
+        if self._same_files(layout, index):
+            return True
+        self.replaced -= adopted
+        return False
+
+    def _same_files(self, layout: OutputLayout, index: int) -> bool:
         try:
             for f, header in zip(layout.files, self._final_headers(index)):
                 with open(f.path, "rb") as fh:

@@ -12,31 +12,17 @@ shape are the new ones. A key that cannot be read back is computed instead.
 
 from __future__ import annotations
 
-import json
 import os
 
 from karmixlang.diagnostics import KmxError
 from karmixlang.io.header import TensorInfo, read_checkpoint
 from karmixlang.io.writer import CheckpointWriter
 from karmixlang.plan.executable import KeyJob
-from karmixlang.plan.fingerprint import FP_HEX, NO_FINGERPRINT
+from karmixlang.plan.fingerprint import NO_FINGERPRINT
 from karmixlang.runtime.chunked import Streamed
-from karmixlang.runtime.outputs import FINGERPRINTS, FINGERPRINTS_VERSION, OutputSet
+from karmixlang.runtime.outputs import OutputSet, recorded_fingerprints
 
 PIECE_BYTES = 16 << 20  # a reused key is copied in pieces of at most this size
-
-
-def recorded(header) -> dict[str, str]:
-    """key -> fingerprint, as a kmx output records them; {} when it records none."""
-    try:
-        doc = json.loads(header.metadata.get(FINGERPRINTS, ""))
-        digits, keys = doc["fingerprints"], sorted(header.tensors)
-        if doc.get("version") != FINGERPRINTS_VERSION or doc.get("hex") != FP_HEX or \
-                len(digits) != FP_HEX * len(keys):
-            return {}
-    except (ValueError, KeyError, TypeError):
-        return {}
-    return {k: digits[i * FP_HEX:(i + 1) * FP_HEX] for i, k in enumerate(keys)}
 
 
 class Reuse:
@@ -53,7 +39,7 @@ class Reuse:
         for i, header in enumerate(earlier):
             if header is None:
                 continue
-            old = recorded(header)
+            old = recorded_fingerprints(header)
             for key, fp in fingerprints[i].items():
                 out = next(o for o in jobs[key].outputs if o.save == i)
                 t = header.tensors.get(key)
@@ -73,7 +59,7 @@ class Reuse:
                     header = read_checkpoint(path)
                 except KmxError:  # not a checkpoint kmx can read: nothing to reuse
                     return None
-                return header if recorded(header) else None
+                return header if recorded_fingerprints(header) else None
         return None
 
     def covers(self, job: KeyJob) -> bool:

@@ -19,7 +19,7 @@ from karmixlang.diagnostics import KmxError
 from karmixlang.io.header import read_checkpoint
 from karmixlang.plan.fingerprint import FP_HEX, NO_FINGERPRINT
 from karmixlang.runtime.executor import RunOptions, execute
-from karmixlang.runtime.reuse import recorded
+from karmixlang.runtime.outputs import recorded_fingerprints as recorded
 
 from conftest import recipe, tiny_models
 from vcs_models import write_sdxl_models
@@ -141,6 +141,10 @@ def test_a_key_copied_from_a_fallback_is_recorded_as_never_reusable(workdir):
     assert exc.value.diagnostics[0].code == "K0401"
     again = run(path, force=True, nonfinite="fallback")
     assert again.reused == again.keys - 1
+    # --resume keeps the finished file: its header records the key it took from the fallback.
+    before = sha(workdir / OUT)
+    assert run(path, resume=True, nonfinite="fallback").nothing_to_do
+    assert sha(workdir / OUT) == before
 
 
 def test_an_output_kmx_did_not_write_is_computed_whole(workdir):
