@@ -159,6 +159,9 @@ _NONE = Workspace()
 OPS: dict[str, OpSpec] = {s.name: s for s in [
     # ------------------------------------------------------------ structural
     _structural("load", workspace=Workspace(bytes=RAW_READ)),  # the read buffer
+    # a LoRA's delta of one key: the result, plus one product of a fused key's row slice
+    # (runtime/kernels/lora.py); its modules' factors are small beside the key
+    _structural("lora", workspace=ONE_TENSOR),
     _structural("lincomb", coefficients=_lincomb_coeffs),
     _structural("select", alias=True, broadcast=True, workspace=_NONE),
     _structural("exclude", alias=True, broadcast=True, workspace=_NONE),

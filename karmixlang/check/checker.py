@@ -15,7 +15,8 @@ from karmixlang.check.program import Program, Unit, Loader, resolve_params, depe
 from karmixlang.check.typecheck import Checker, Scope, TooDeep
 from karmixlang.check.values import Ty, affine
 
-SAVE_OPTIONS = ("dtype", "fallback", "metadata", "shard", "delta")
+SAVE_OPTIONS = ("dtype", "fallback", "metadata", "shard", "delta", "unmatched")
+UNMATCHED = ("error", "warn")  # what a LoRA module that matches no key is (docs/lora.md)
 
 
 def _valid_size(text: str) -> bool:
@@ -43,7 +44,7 @@ def _check_save(ch: Checker, unit: Unit, s: ast.Save, paths: dict[str, ast.Save]
                    "options: " + ", ".join(SAVE_OPTIONS))
     values = {n: ch.value(o.value, scope) for n, o in opts.items() if n in SAVE_OPTIONS}
     for name, want in (("dtype", "string"), ("metadata", "map"), ("shard", "string"),
-                       ("delta", "bool")):
+                       ("delta", "bool"), ("unmatched", "string")):
         ty = values.get(name)
         if ty is not None and ty.kind not in (want, "error"):
             ch.err("K0208", f"`{name}` must be a {want}", opts[name].value.span)
@@ -55,6 +56,10 @@ def _check_save(ch: Checker, unit: Unit, s: ast.Save, paths: dict[str, ast.Save]
                 and not _valid_size(ty.value):
             ch.err("K0208", f"invalid shard size \"{ty.value}\"", opts[name].value.span,
                    help='write a positive size such as "5GB" or "500MiB"')
+        elif name == "unmatched" and ty is not None and isinstance(ty.value, str) \
+                and ty.value not in UNMATCHED:
+            ch.err("K0208", f"`unmatched` must be \"error\" or \"warn\", not \"{ty.value}\"",
+                   opts[name].value.span)
     if "metadata" in opts and isinstance(opts["metadata"].value, ast.MapLit):
         for pair in opts["metadata"].value.pairs:
             if ch.value(pair.value, scope).kind not in ("string", "error"):
@@ -133,7 +138,8 @@ def _check_program(path: str, overrides: dict[str, str] | None, source: bytes | 
 def _unused(root: Unit, diags: list[Diagnostic]) -> None:
     referenced = _references(root)
     for name, d in root.decls.items():
-        if isinstance(d, (ast.Let, ast.ModelDecl, ast.ClusterDecl)) and name not in referenced:
+        if isinstance(d, (ast.Let, ast.ModelDecl, ast.LoraDecl, ast.ClusterDecl)) and \
+                name not in referenced:
             diags.append(warning("K0112", f"`{name}` is never used", d.name_span,
                                  label="defined here", help="remove it, or save it"))
 
@@ -148,7 +154,7 @@ def _references(unit: Unit) -> set[str]:
             roots += [s.expr, s.path] + [o.value for o in s.options]
         elif isinstance(s, ast.Def):
             roots += [s.body] + [let.expr for let in s.lets]
-        elif isinstance(s, ast.ModelDecl):
+        elif isinstance(s, (ast.ModelDecl, ast.LoraDecl)):
             roots.append(s.path)
     for r in roots:
         for node in ast.walk(r):

@@ -76,6 +76,9 @@ class Checker(BuiltinRules):
         if isinstance(d, ast.ModelDecl):
             self.string(d.path, scope)
             return MODEL
+        if isinstance(d, ast.LoraDecl):  # a LoRA's entries are its deltas: gain 1 (lora.md)
+            self.string(d.path, scope)
+            return DELTA
         if isinstance(d, ast.ClusterDecl):
             ty = self.value(d.expr, scope)
             if ty.kind not in ("cluster", "any", "error"):

@@ -79,6 +79,8 @@ class Lowerer:
             env = _Env(unit, {}, {}, {})
             if isinstance(d, ast.ModelDecl):
                 v = self.load(unit, self.string(d.path, env), d, "base" if d.is_base else "model")
+            elif isinstance(d, ast.LoraDecl):
+                v = self.load(unit, self.string(d.path, env), d, "lora", op="lora")
             elif isinstance(d, ast.Param):
                 v = unit.params[name]
                 v = PathText(v, unit.folder) if isinstance(v, str) else v
@@ -88,9 +90,9 @@ class Lowerer:
                 self.names.setdefault(v, name if unit is self.p.root else f"{_alias(self.p, unit)}.{name}")
             self.decl_memo[key] = v
 
-    def load(self, unit: Unit, path: str, at, role: str) -> Node:
+    def load(self, unit: Unit, path: str, at, role: str, op: str = "load") -> Node:
         full = os.path.abspath(os.path.join(_folder(path, unit), path))
-        node = self.b.node("load", (), {"path": full, "role": role}, at.span)
+        node = self.b.node(op, (), {"path": full, "role": role}, at.span)
         self.names.setdefault(node, getattr(at, "name", None) or os.path.basename(full))
         return node
 
@@ -299,7 +301,13 @@ class Lowerer:
             fallback=fallback, fallback_reason=reason,
             dtype=parse_user_dtype(dtype) if dtype else None,
             metadata=tuple(sorted((k, str(v)) for k, v in (opts.get("metadata") or {}).items())),
-            shard=opts.get("shard"), delta=bool(opts.get("delta", False)), span=s.span)
+            shard=opts.get("shard"), delta=bool(opts.get("delta", False)), span=s.span,
+            unmatched=opts.get("unmatched", "error"), lora=_rank(opts.get("lora")),
+            lora_conv=_rank(opts.get("lora_conv")))
+
+
+def _rank(v) -> int | None:
+    return None if v is None else int(v)
 
 
 def _alias(p: Program, unit: Unit) -> str:
@@ -339,7 +347,7 @@ def _lower(program: Program) -> Graph:
     saves = [lw.save(program.root, s) for s in program.root.module.stmts if isinstance(s, ast.Save)]
     extra = []
     for name, d in program.root.decls.items():
-        if isinstance(d, (ast.Let, ast.ClusterDecl, ast.ModelDecl)):
+        if isinstance(d, (ast.Let, ast.ClusterDecl, ast.ModelDecl, ast.LoraDecl)):
             v = lw.decl(program.root, name)
             extra.extend([v] if isinstance(v, Node) else
                          [m for m, _ in v.members] if isinstance(v, ClusterVal) else [])

@@ -89,7 +89,7 @@ def fold(graph: Graph) -> Graph:
 
 # ------------------------------------------------------------------ select pushdown
 
-_KEYWISE_BARRIERS = {"load", "select", "exclude"}
+_KEYWISE_BARRIERS = {"load", "lora", "select", "exclude"}
 
 
 def _pushdown_rule(memo: dict) -> Rewrite:

@@ -53,7 +53,8 @@ def compile(path: str, overrides: dict[str, str] | None = None, *, threads: int 
     layouts = [plan_save(s, sched, i, {}) for i, s in enumerate(graph.saves)]
     check_outputs(graph.saves, layouts, sched.headers, recipes, unused)
     plan = build_plan(path, graph, sched, threads, compute_dtype, executor=executor)
-    return Compiled(program, graph, sched, plan, diags + base_choice_warnings(graph),
+    return Compiled(program, graph, sched, plan,
+                    diags + sched.warnings + base_choice_warnings(graph),
                     input_files(sched.headers), recipes, unused)
 
 

@@ -49,6 +49,17 @@ class Output:
     copied: str | None  # None: computed; else why it is copied from the fallback
 
 
+@dataclass(frozen=True)
+class LoraTerm:
+    """One LoRA module's change to a key (docs/lora.md): its kind, its tensors by role, the
+    rank its `alpha` is divided by (None: scale 1), and the rows of the key it changes (None:
+    all of them)."""
+    kind: str
+    tensors: tuple[tuple[str, TensorInfo], ...]
+    rank: int | None
+    rows: tuple[int, int] | None = None
+
+
 @dataclass
 class KeyJob:
     """Everything one key needs: evaluation order, when to free, what to write."""
@@ -69,6 +80,13 @@ class KeyJob:
     # first save whose fallback does not.
     fallback: KeyJob | None = None
     no_fallback: int | None = None
+    # lora node -> the key's shape and the modules that change it (none: the delta is zero)
+    lora: dict[int, tuple[tuple[int, ...], tuple[LoraTerm, ...]]] = field(default_factory=dict)
+
+    def files(self) -> set[str]:
+        """Every file this job reads."""
+        return {t.file for t in self.tensors.values()} | \
+            {t.file for _, terms in self.lora.values() for term in terms for _, t in term.tensors}
 
     def reads(self, nodes: tuple[Step, ...], i: int) -> tuple[int, ...]:
         """The inputs node i reads for this key: a union only the side the key comes from."""
@@ -96,8 +114,7 @@ class Executable:
 
     def part(self, jobs: list[KeyJob]) -> Executable:
         """The same schedule for some of its jobs only (one Ray task's group of keys)."""
-        used = {t.file for j in jobs for job in (j, j.fallback) if job
-                for t in job.tensors.values()}
+        used = {f for j in jobs for job in (j, j.fallback) if job for f in job.files()}
         return Executable(self.nodes, self.labels, self.saves, self.compute, self.memory_limit,
                           {f: s for f, s in self.files.items() if f in used}, list(jobs),
                           self.origins)
@@ -210,11 +227,27 @@ def _job_dict(j: KeyJob) -> dict:
         "outputs": [[o.save, o.node, o.dtype, list(o.shape), o.copied] for o in j.outputs],
         "est_bytes": j.est_bytes, "read_bytes": j.read_bytes,
         "ooc": asdict(j.ooc) if j.ooc is not None else None, "mem_bytes": j.mem_bytes,
-        "tensors": [[i, t.name, t.dtype, list(t.shape), t.file, t.begin, t.end]
-                    for i, t in j.tensors.items()],
+        "tensors": [[i] + _info_list(t) for i, t in j.tensors.items()],
         "fallback": _job_dict(j.fallback) if j.fallback is not None else None,
         "no_fallback": j.no_fallback,
+        "lora": [[i, list(shape), [[t.kind, [[r, _info_list(x)] for r, x in t.tensors], t.rank,
+                                    list(t.rows) if t.rows else None] for t in terms]]
+                 for i, (shape, terms) in sorted(j.lora.items())],
     }
+
+
+def _info_list(t: TensorInfo) -> list:
+    return [t.name, t.dtype, list(t.shape), t.file, t.begin, t.end]
+
+
+def _info_from(v: list) -> TensorInfo:
+    name, dt, sh, f, b, e = v
+    return TensorInfo(name, dt, tuple(sh), f, b, e)
+
+
+def _terms_from(terms: list) -> tuple[LoraTerm, ...]:
+    return tuple(LoraTerm(kind, tuple((r, _info_from(x)) for r, x in ts), rank,
+                          tuple(rows) if rows else None) for kind, ts, rank, rows in terms)
 
 
 def _job_from(d: dict) -> KeyJob:
@@ -224,5 +257,6 @@ def _job_from(d: dict) -> KeyJob:
         [Output(s, n, dt, tuple(sh), c) for s, n, dt, sh, c in d["outputs"]],
         d["est_bytes"], d["read_bytes"],
         OutOfCore(**d["ooc"]) if d["ooc"] is not None else None, d["mem_bytes"],
-        {i: TensorInfo(name, dt, tuple(sh), f, b, e) for i, name, dt, sh, f, b, e in d["tensors"]},
-        _job_from(d["fallback"]) if d["fallback"] is not None else None, d["no_fallback"])
+        {t[0]: _info_from(t[1:]) for t in d["tensors"]},
+        _job_from(d["fallback"]) if d["fallback"] is not None else None, d["no_fallback"],
+        {i: (tuple(shape), _terms_from(terms)) for i, shape, terms in d["lora"]})

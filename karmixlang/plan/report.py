@@ -115,6 +115,10 @@ def build_plan(recipe: str, graph: Graph, sched: Schedule, threads: int = 1,
             "estimate": True,
         },
     }
+    if sched.loras:
+        data["loras"] = [{"node": ids[n], "name": graph.display_name(n),
+                          "path": _rel(n.attr("path"), base), **p.report()}
+                         for n, p in sched.loras.items()]
     ooc = out_of_core(sched)
     if ooc:
         data["totals"]["out_of_core"] = ooc
@@ -165,6 +169,21 @@ def _reason_kind(reason: str) -> str:
 
 # ------------------------------------------------------------------ text
 
+def _render_loras(loras: list[dict]) -> list[str]:
+    if not loras:
+        return []
+    out = ["", f"LoRAs ({len(loras)}):"]
+    for x in loras:
+        out.append(f"  #{x['node']:<3} lora  {x['name']:<18} {x['path']}  {x['format']}, "
+                   f"{x['arch']}: {x['matched']} of {x['modules']} modules onto {x['keys']} "
+                   f"keys, {human_bytes(x['bytes'])}")
+        if x["unmatched"]:
+            more = len(x["unmatched"]) - 10
+            out.append(f"       {len(x['unmatched'])} unmatched: " + ", ".join(x["unmatched"][:10])
+                       + (f" and {more} more" if more > 0 else ""))
+    return out
+
+
 def render_text(plan: Plan) -> str:
     """Plain text (the CLI prints it through rich with markup off)."""
     d = plan.data
@@ -177,6 +196,7 @@ def render_text(plan: Plan) -> str:
         shards = f", {i['files']} shards" if i["files"] > 1 else ""
         out.append(f"  #{i['node']:<3} {i['role']:<5} {i['name']:<18} {i['path']}  "
                    f"{i['keys']} keys ({dtypes}{shards}), {human_bytes(i['bytes'])}{flag}")
+    out += _render_loras(d.get("loras", []))
     out += ["", f"Graph ({t['nodes']} nodes after optimization; the recipe spells out "
                 f"{t['operations_written']} operations):"]
     for n in d["nodes"]:

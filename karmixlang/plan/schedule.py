@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from karmixlang.diagnostics import Diagnostic, KmxError, error
 from karmixlang.io.dtypes import DTYPES, nbytes
@@ -21,6 +21,7 @@ from karmixlang.ir.graph import Graph, KeyMap, Node, match_key, reachable
 from karmixlang.ops import OPS, RAW_READ
 from karmixlang.machine import available_memory
 from karmixlang.plan.executable import Executable, KeyJob, Output, SaveTarget, Step
+from karmixlang.plan.loras import PlannedLora, plan_loras
 from karmixlang.plan.outofcore import chunking_for
 
 COMPUTE_ITEMSIZE = {"fp32": 4, "fp64": 8}
@@ -60,6 +61,8 @@ class Schedule:
     bytes_written: list[int]
     peak_key: str | None
     peak_bytes: int
+    loras: dict[Node, PlannedLora] = field(default_factory=dict)
+    warnings: list[Diagnostic] = field(default_factory=list)
 
     @property
     def jobs(self) -> list[KeyJob]:
@@ -75,7 +78,7 @@ class Schedule:
 def read_inputs(graph: Graph) -> dict[Node, CheckpointHeader]:
     headers, diags = {}, []
     for n in graph.topo():
-        if n.op != "load":
+        if n.op not in ("load", "lora"):
             continue
         spans = graph.origins.get(n) or [None]
         try:
@@ -89,7 +92,8 @@ def read_inputs(graph: Graph) -> dict[Node, CheckpointHeader]:
 
 # ------------------------------------------------------------------ key sets per node
 
-def node_keys(graph: Graph, headers: dict[Node, CheckpointHeader]) -> dict[Node, NodeKeys]:
+def node_keys(graph: Graph, headers: dict[Node, CheckpointHeader],
+              loras: dict[Node, PlannedLora] | None = None) -> dict[Node, NodeKeys]:
     out: dict[Node, NodeKeys] = {}
     # Inputs with the same float keys, shapes and dtypes (fine-tunes of one model) share one
     # `ok` table, so combining them is a lookup rather than a walk over every key.
@@ -105,6 +109,9 @@ def node_keys(graph: Graph, headers: dict[Node, CheckpointHeader]) -> dict[Node,
             ok = tables.setdefault(tuple(sorted((k, v.shape, v.dtype) for k, v in ok.items())),
                                    ok)
             out[n] = NodeKeys(ok, bad)
+        elif n.op == "lora":  # every key of its partners: a key no module changes is zero
+            out[n] = NodeKeys({k: KeyInfo(shape, dtype) for k, (shape, dtype)
+                               in loras[n].shapes.items()}, {})
         elif n.op in ("select", "exclude"):
             src = out[n.inputs[0]]
             pats = n.attr("patterns")
@@ -201,8 +208,10 @@ class Jobs:
     """Makes the KeyJobs of one graph: nodes are referred to by their index in `order` (the
     graph's topological order, the executable's node table)."""
 
-    def __init__(self, order: list[Node], keys: dict[Node, NodeKeys], headers, item: int):
+    def __init__(self, order: list[Node], keys: dict[Node, NodeKeys], headers, item: int,
+                 loras: dict[Node, PlannedLora] | None = None):
         self.order, self.keys, self.headers, self.item = order, keys, headers, item
+        self.loras = loras or {}
         self.index = {n: i for i, n in enumerate(order)}
         self.unions = tuple(n for n in order if n.op == "union")
         self.cache: dict[tuple, _Template] = {}
@@ -220,10 +229,17 @@ class Jobs:
             if info is not None:
                 tensors[i] = info
                 read += info.nbytes
+        lora = {}
+        for i in t.steps:
+            planned = self.loras.get(self.order[i])
+            if planned is not None:
+                terms = planned.terms.get(key, ())
+                lora[i] = (planned.shapes[key][0], terms)
+                read += sum(x.nbytes for term in terms for _, x in term.tensors)
         out_bytes = sum(nbytes(o.dtype, o.shape) or 0 for o in outputs)
         peak = max(t.peak_per_element * numel, t.end_per_element * numel + out_bytes)
         return KeyJob(key, t.steps, t.choices, t.deferred, t.loads, t.free_after, outputs,
-                      int(peak), read, tensors=tensors)
+                      int(peak), read, tensors=tensors, lora=lora)
 
     def add_fallback(self, job: KeyJob, graph: Graph) -> None:
         """The job that copies the same key from each save's fallback that holds it (for
@@ -519,9 +535,9 @@ def executable(graph: Graph, order: list[Node], headers, jobs: list[KeyJob], com
     index = {n: i for i, n in enumerate(order)}
     nodes = tuple(Step(n.op, tuple(index[x] for x in n.inputs), n.attrs) for n in order)
     labels = {i: str(graph.names.get(n, n.attr("path"))) for i, n in enumerate(order)
-              if n.op == "load"}
+              if n.op in ("load", "lora")}
     origins = {i: graph.origins[n][0] for i, n in enumerate(order)
-               if n.op == "load" and graph.origins.get(n)}
+               if n.op in ("load", "lora") and graph.origins.get(n)}
     saves = tuple(SaveTarget(str(s.path), str(s.written), s.span) for s in graph.saves)
     return Executable(nodes, labels, saves, compute, limit, _file_sizes(headers), jobs, origins)
 
@@ -544,10 +560,12 @@ def schedule(graph: Graph, compute: str = "fp32", strict: bool = False,
     """`memory_limit`: bytes (None: half of the available memory), which decides the keys
     that run out of core."""
     headers = headers if headers is not None else read_inputs(graph)
-    keys = node_keys(graph, headers)
+    loras, warnings = plan_loras(graph, headers)
+    keys = node_keys(graph, headers, loras)
     order = graph.topo()
     jobs, copied = build_jobs(graph, headers, keys,
-                              Jobs(order, keys, headers, COMPUTE_ITEMSIZE[compute]), strict)
+                              Jobs(order, keys, headers, COMPUTE_ITEMSIZE[compute], loras),
+                              strict)
     check_keymaps(graph, order, jobs)
     limit = memory_limit or available_memory() // 2
     exe = executable(graph, order, headers, jobs, compute, limit)
@@ -556,6 +574,10 @@ def schedule(graph: Graph, compute: str = "fp32", strict: bool = False,
     for job in jobs:
         for t in job.tensors.values():
             read_once[(t.file, t.name)] = t.nbytes
+        for _, terms in job.lora.values():
+            for term in terms:
+                for _, t in term.tensors:
+                    read_once[(t.file, t.name)] = t.nbytes
     written = [0] * len(graph.saves)
     counts = [0] * len(graph.saves)
     for job in jobs:
@@ -564,4 +586,5 @@ def schedule(graph: Graph, compute: str = "fp32", strict: bool = False,
             counts[o.save] += 1
     peak_job = max(jobs, key=lambda j: j.est_bytes, default=None)
     return Schedule(headers, exe, copied, counts, sum(read_once.values()), written,
-                    peak_job.key if peak_job else None, peak_job.est_bytes if peak_job else 0)
+                    peak_job.key if peak_job else None, peak_job.est_bytes if peak_job else 0,
+                    loras, warnings)

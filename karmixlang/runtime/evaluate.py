@@ -19,6 +19,7 @@ from karmixlang.ir.graph import KeyMap
 from karmixlang.ops import OPS
 from karmixlang.plan.executable import Executable, KeyJob, Output, Step
 from karmixlang.runtime.chunked import Streamed, run_chunked
+from karmixlang.runtime.kernels.lora import lora_delta
 from karmixlang.runtime.kernels.table import KERNELS
 from karmixlang.runtime.nonfinite import (FALLBACK_TOO, BadResult, NonFinite, checked_bytes,
                                           copied_as_stored, fallback_inputs, on_input,
@@ -92,6 +93,8 @@ class Evaluator:
             return values[job.union_choice[i]]
         if n.op == "load":
             return self.load(i, job, raw, span)
+        if n.op == "lora":
+            return self.lora(i, job, span)
         spec = OPS[n.op]
         if spec.linear:
             return self.linear(i, key, values, job, into.get(i), span)
@@ -118,6 +121,18 @@ class Evaluator:
         t = t.to(device=self.device, dtype=self.compute)
         self.check_finite(t, i, job.key)
         return t
+
+    def lora(self, i: int, job: KeyJob, span=None) -> torch.Tensor:
+        """A LoRA's delta of the key, from the modules that change it (a chunk of it is cut
+        from the whole key's delta: LoRA targets are at most tens of megabytes)."""
+        shape, terms = job.lora[i]
+        like = torch.empty((), dtype=self.compute, device=self.device)
+        with located(self.exe.origins.get(i), "this input"):
+            tensors = [{r: self.reader.read(x).to(device=self.device, dtype=self.compute)
+                        for r, x in term.tensors} for term in terms]
+        t = lora_delta(tuple(shape), terms, tensors, like)
+        self.check_finite(t, i, job.key)
+        return t.reshape(-1)[span[0]:span[1]] if span else t
 
     def check_finite(self, t: torch.Tensor, i: int, key: str) -> None:
         if not finite(t):

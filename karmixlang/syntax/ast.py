@@ -139,6 +139,15 @@ class ModelDecl:
 
 
 @dataclass(frozen=True)
+class LoraDecl:
+    """`lora NAME = PATH`: a Delta read from a LoRA/LyCORIS file (docs/lora.md)."""
+    name: str
+    path: String
+    name_span: Span = _span()
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
 class ClusterDecl:
     name: str
     expr: Expr
@@ -196,8 +205,8 @@ class Save:
     span: Span = _span()
 
 
-Stmt = Union[ModelDecl, ClusterDecl, Let, Param, Def, Import, Save]
-Decl = Union[ModelDecl, ClusterDecl, Let, Param, Def, Import]
+Stmt = Union[ModelDecl, LoraDecl, ClusterDecl, Let, Param, Def, Import, Save]
+Decl = Union[ModelDecl, LoraDecl, ClusterDecl, Let, Param, Def, Import]
 
 
 @dataclass(frozen=True)

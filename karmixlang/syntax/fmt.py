@@ -357,6 +357,8 @@ class _Printer:
     def _segments(self, s) -> list:
         if isinstance(s, ast.ModelDecl):
             return [f"{'base' if s.is_base else 'model'} {s.name} = ", s.path]
+        if isinstance(s, ast.LoraDecl):
+            return [f"lora {s.name} = ", s.path]
         if isinstance(s, ast.ClusterDecl):
             return [f"cluster {s.name} = ", s.expr]
         if isinstance(s, ast.Let):

@@ -362,6 +362,10 @@ class _Build(Transformer_NonRecursive):
         return ast.ModelDecl(str(c[0]), self._string(c[1]), True, *self._decl_span(meta, c[0]))
 
     @v_args(meta=True)
+    def lora_decl(self, meta, c):
+        return ast.LoraDecl(str(c[0]), self._string(c[1]), *self._decl_span(meta, c[0]))
+
+    @v_args(meta=True)
     def cluster_decl(self, meta, c):
         return ast.ClusterDecl(str(c[0]), c[1], *self._decl_span(meta, c[0]))
 

@@ -284,6 +284,8 @@ class Writer:
         if isinstance(s, ast.ModelDecl):
             kind = "base" if s.is_base else "model"
             return f"{kind} {s.name}{g(False)}={g(True)}{self.string(s.path)}"
+        if isinstance(s, ast.LoraDecl):
+            return f"lora {s.name}{g(False)}={g(True)}{self.string(s.path)}"
         if isinstance(s, ast.ClusterDecl):
             return f"cluster {s.name} ={g(True)}{e(s.expr, False)}"
         if isinstance(s, ast.Let):
@@ -323,6 +325,7 @@ class Writer:
 DEF_PARAMS = st.lists(st.builds(ast.DefParam, NAMES, st.none() | LITERALS), max_size=3)
 STATEMENTS = st.one_of(
     st.builds(ast.ModelDecl, NAMES, STRINGS, st.booleans()),
+    st.builds(ast.LoraDecl, NAMES, STRINGS),
     st.builds(ast.ClusterDecl, NAMES, EXPRS),
     st.builds(ast.Let, NAMES, EXPRS),
     st.builds(ast.Param, NAMES, LITERALS),

@@ -30,7 +30,7 @@ CORPUS = {p.name: p.read_text(encoding="utf-8") for p in sorted(VALID.glob("*.km
 HELPERS = (VALID / "lib" / "helpers.kmx").read_text(encoding="utf-8")
 TOKEN = re.compile(r'"(?:[^"\\\n]|\\.)*"|#[^\n]*|[A-Za-z_][A-Za-z0-9_]*|[0-9.eE+-]+|\s+|.')
 
-KEYWORDS = ["model", "base", "cluster", "let", "param", "def", "return", "import", "as", "save",
+KEYWORDS = ["model", "base", "lora", "cluster", "let", "param", "def", "return", "import", "as", "save",
             "with", "true", "false"]
 WORDS = KEYWORDS + ["lerp", "mean", "select", "blocks", "std", "a", "o", "pool", "dtype",
                     "delta", "base", "default", "sdxl", "lib"]

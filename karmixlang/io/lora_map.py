@@ -1,0 +1,130 @@
+"""Which checkpoint key each LoRA module changes, from names and shapes only (docs/lora.md).
+
+Both sides are brought to one form, (component, name with `.` turned into `_`): a module
+`lora_unet_input_blocks_4_1_proj_in` and a key `model.diffusion_model.input_blocks.4.1.proj_in
+.weight` both become ("unet", "input_blocks_4_1_proj_in"). kohya's names are the single-file
+names with `.`→`_`, so building this form of every key of the other operands and looking each
+module up is exact; PEFT/diffusers names written in the checkpoint's own naming (a ComfyUI
+Flux LoRA: `diffusion_model.double_blocks.0.img_attn.qkv`) map the same way. Two keys with one
+form are ambiguous and match nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from karmixlang.io.lora import LoraFile, Module
+
+# The prefix of a checkpoint key -> its component. The empty prefix last: a Flux transformer
+# published by BFL has none.
+KEY_PREFIXES = (
+    ("model.diffusion_model.", "unet"),
+    ("conditioner.embedders.0.transformer.", "te1"),  # SDXL CLIP-L
+    ("cond_stage_model.transformer.", "te1"),  # SD1.x CLIP-L
+    ("text_encoders.clip_l.transformer.", "te1"),  # Flux (ComfyUI) CLIP-L
+    ("text_encoders.t5xxl.transformer.", "te3"),  # Flux (ComfyUI) T5
+    ("", "unet"),
+)
+# The prefix of a module name -> its component; `_` separates kohya's, `.` dotted ones.
+MODULE_PREFIXES = (
+    ("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te3_", "te3"),
+    ("lora_te_", "te1"),
+    ("base_model.model.", "unet"), ("model.diffusion_model.", "unet"),
+    ("diffusion_model.", "unet"), ("unet.", "unet"), ("transformer.", "unet"),
+    ("text_encoder_2.", "te2"), ("text_encoder.", "te1"),
+)
+
+
+@dataclass(frozen=True)
+class Match:
+    module: Module
+    key: str
+    rows: tuple[int, int] | None = None  # a row slice of a fused key (None: the whole key)
+
+
+@dataclass
+class Mapping:
+    matches: list[Match]
+    unmatched: list[Module]
+    misfits: list[tuple[Module, str, str]]  # (module, key, why its shape does not fit)
+
+    def by_key(self) -> dict[str, list[Match]]:
+        out: dict[str, list[Match]] = {}
+        for m in self.matches:
+            out.setdefault(m.key, []).append(m)
+        return out
+
+
+def key_form(key: str) -> tuple[str, str, str] | None:
+    """(component, `_`-joined name, "weight"|"bias") of a checkpoint key, or None."""
+    for suffix in ("weight", "bias"):
+        if key.endswith("." + suffix):
+            stem = key[: -len(suffix) - 1]
+            break
+    else:
+        return None
+    for prefix, comp in KEY_PREFIXES:
+        if stem.startswith(prefix):
+            return comp, stem[len(prefix):].replace(".", "_"), suffix
+    return None
+
+
+def module_form(name: str) -> tuple[str, str]:
+    """(component, `_`-joined name) of a module name."""
+    for prefix, comp in MODULE_PREFIXES:
+        if name.startswith(prefix):
+            return comp, name[len(prefix):].replace(".", "_")
+    return "unet", name.replace(".", "_")
+
+
+def index(keys) -> dict[tuple[str, str, str], str | None]:
+    """Every key by its form; None where two keys share one (ambiguous)."""
+    out: dict[tuple[str, str, str], str | None] = {}
+    for k in keys:
+        form = key_form(k)
+        if form is not None:
+            out[form] = None if form in out and out[form] != k else k
+    return out
+
+
+def fits(m: Module, shape: tuple[int, ...], rows: tuple[int, int] | None = None) -> str | None:
+    """Why the module's change does not fit a key of `shape` (None: it fits)."""
+    want_rows = rows[1] - rows[0] if rows else (shape[0] if shape else 1)
+    want_cols = math.prod(shape[1:]) if m.target == "weight" else 1
+    if m.target == "bias" and len(shape) != 1:
+        return f"a bias diff onto a key of shape {list(shape)}"
+    if (m.rows, m.cols) != (want_rows, want_cols):
+        return f"it changes {m.rows}×{m.cols}, the key is {list(shape)}"
+    return None
+
+
+def map_modules(lora: LoraFile, shapes: dict[str, tuple[int, ...]]) -> Mapping:
+    """Each module of `lora` onto a key of `shapes` (key -> shape: the other operands')."""
+    idx = index(shapes)
+    mapping = Mapping([], [], [])
+    for m in lora.modules:
+        comp, name = module_form(m.name)
+        key = idx.get((comp, name, m.target))
+        if key is None:
+            mapping.unmatched.append(m)
+            continue
+        why = fits(m, shapes[key])
+        if why is not None:
+            mapping.misfits.append((m, key, why))
+        else:
+            mapping.matches.append(Match(m, key))
+    return mapping
+
+
+def guess_arch(lora: LoraFile) -> str:
+    """The model family a LoRA's module names suggest (shown in the plan)."""
+    names = [module_form(m.name) for m in lora.modules]
+    if any(n.startswith(("double_blocks", "single_blocks")) for _, n in names):
+        return "flux"
+    if any(c == "te2" for c, _ in names) or \
+            any(n.startswith(("input_blocks", "output_blocks", "middle_block")) for _, n in names):
+        return "sdxl"
+    if any(n.startswith(("down_blocks", "up_blocks", "mid_block")) for _, n in names):
+        return "sd1"
+    return "unknown"
