@@ -116,6 +116,11 @@ class KeyDigests:
         step = self.exe.nodes[i]
         if step.op == "load":
             return f"load|{self.identity(i, self.job.tensors[i])}"
+        if step.op == "lora":  # the key's modules (none: a zero delta of the key's shape)
+            shape, terms = self.job.lora[i]
+            return repr(("lora", list(shape), [
+                (t.kind, t.rank, t.rows, [(r, self.identity(i, x)) for r, x in t.tensors])
+                for t in terms]))
         return repr((step.op, self.attrs(i), [self._memo[x] for x in ins]))
 
     def output(self, o: Output) -> str:

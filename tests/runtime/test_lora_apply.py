@@ -287,3 +287,25 @@ def test_the_lora_terms_survive_the_executables_serialization(workdir):
     ((shape, (term,)),) = job.lora.values()
     assert shape == L.SDXL_KEYS[CONV3] and term.kind == "lora" and term.rank == 2
     assert str(workdir / "s.safetensors") in back.part([job]).files
+
+
+def test_a_loras_modules_enter_the_fingerprints_of_the_keys_it_changes_only(workdir):
+    from karmixlang.plan.fingerprint import header_identity, key_fingerprints
+
+    rng = np.random.default_rng(13)
+    n1 = L.kohya_name(LINEAR)
+    write_model(workdir / "r3.safetensors", L.kohya_module(rng, n1, L.SDXL_KEYS[LINEAR], 3))
+    _, r = setup(workdir, L.SDXL_KEYS,
+                 {"s": L.kohya_module(rng, n1, L.SDXL_KEYS[LINEAR], rank=2)}, """
+        base b = "base.safetensors"
+        lora s = "${f}.safetensors"
+        param f = "s"
+        save "out.safetensors" = b + s
+    """)
+
+    def prints(f):
+        exe = compile_recipe(r, {"f": f}).schedule.executable
+        return key_fingerprints(exe, header_identity(exe))[0]
+
+    two, three = prints("s"), prints("r3")
+    assert {k for k in two if two[k] != three[k]} == {LINEAR}
