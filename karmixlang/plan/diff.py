@@ -294,9 +294,16 @@ def _runs(present: list[str], order: list[str]) -> list[str]:
     return [r[0] if len(r) == 1 else f"{r[0]}–{r[-1]}" for r in runs]
 
 
+SHOWN_PREFIXES = 4  # a line names at most this many key groups
+
+
 def _prefixes(keys: list[str]) -> list[str]:
     """Keys grouped by their first two dotted parts; a group of one key is the key."""
     groups: dict[str, list[str]] = defaultdict(list)
     for k in keys:
         groups[".".join(k.split(".")[:2])].append(k)
-    return [ks[0] if len(ks) == 1 else f"{prefix}.*" for prefix, ks in sorted(groups.items())]
+    named = [ks[0] if len(ks) == 1 else f"{prefix}.*" for prefix, ks in sorted(groups.items())]
+    if len(named) <= SHOWN_PREFIXES:
+        return named
+    hidden = sum(len(ks) for _, ks in sorted(groups.items())[SHOWN_PREFIXES - 1:])
+    return named[:SHOWN_PREFIXES - 1] + [f"{hidden} other keys"]

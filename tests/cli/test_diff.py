@@ -190,3 +190,11 @@ def test_git_diff_shows_what_an_edit_changes_through_the_driver(models, workdir)
     recipe(workdir, MERGE.format(in04=0.5, method="lerp").replace("out/m", "out/n"), "n.kmx")
     git(workdir, "add", "n.kmx")
     assert "out/n.safetensors: new save (60 keys)" in git(workdir, "diff", "--cached")
+
+
+def test_a_change_over_many_loose_keys_names_a_few_and_counts_the_rest():
+    from karmixlang.plan.diff import describe_keys
+
+    loose = [f"k{i}.w" for i in range(6)] + ["model.diffusion_model.out.0.weight"]
+    assert describe_keys(loose, None) == "k0.w, k1.w, k2.w, 4 other keys"
+    assert describe_keys(loose[:3], None) == "k0.w, k1.w, k2.w"
