@@ -16,12 +16,14 @@ SDXL_KEYS = {
     "model.diffusion_model.input_blocks.4.1.norm.bias": (6,),
     "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight": (5, 5),
     "conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight": (7, 5),
+    "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight": (12, 4),
+    "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.weight": (6, 4),
 }
 FLUX_KEYS = {
     "double_blocks.0.img_attn.qkv.weight": (9, 4),
     "double_blocks.0.img_attn.proj.weight": (4, 4),
-    "single_blocks.0.linear1.weight": (12, 4),
-    "single_blocks.0.linear1.bias": (12,),
+    "single_blocks.0.linear1.weight": (14, 4),  # q, k, v and a 4× wider MLP: 7 units of 2
+    "single_blocks.0.linear1.bias": (14,),
 }
 
 

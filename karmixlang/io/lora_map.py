@@ -7,13 +7,21 @@ names with `.`→`_`, so building this form of every key of the other operands a
 module up is exact; PEFT/diffusers names written in the checkpoint's own naming (a ComfyUI
 Flux LoRA: `diffusion_model.double_blocks.0.img_attn.qkv`) map the same way. Two keys with one
 form are ambiguous and match nothing.
+
+Modules named in a component's own naming — diffusers' UNet and Flux transformer, the Hugging
+Face names of SDXL's OpenCLIP encoder (kohya's `lora_te2_`), kohya's SD1.x UNet — are found
+through the name tables of io/layouts: each key's foreign names, in the same `_`-joined form,
+with the rows of a fused key (q, k, v of `in_proj_weight` or of Flux's `qkv`/`linear1`) that
+each one fills.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
+from karmixlang.io.layouts import PREFIX, Naming, detect, flux, pieces, sd
 from karmixlang.io.lora import LoraFile, Module
 
 # The prefix of a checkpoint key -> its component. The empty prefix last: a Flux transformer
@@ -28,7 +36,7 @@ KEY_PREFIXES = (
 )
 # The prefix of a module name -> its component; `_` separates kohya's, `.` dotted ones.
 MODULE_PREFIXES = (
-    ("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te3_", "te3"),
+    ("lora_unet_", "unet"), ("lora_transformer_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te3_", "te3"),
     ("lora_te_", "te1"),
     ("base_model.model.", "unet"), ("model.diffusion_model.", "unet"),
     ("diffusion_model.", "unet"), ("unet.", "unet"), ("transformer.", "unet"),
@@ -99,21 +107,89 @@ def fits(m: Module, shape: tuple[int, ...], rows: tuple[int, int] | None = None)
     return None
 
 
+# Foreign namings by architecture: (component of a module, naming, canonical prefix part)
+_FOREIGN = {
+    "sd1": (("unet", Naming("sd1", "component", "unet", "diffusers"), "unet"),),
+    "sdxl": (("unet", Naming("sdxl", "component", "unet", "diffusers"), "unet"),
+             ("te2", Naming("sdxl", "component", "clip_g", "hf"), "clip_g")),
+    "flux": (("unet", Naming("flux", "component", "unet", "diffusers"), "unet"),),
+}
+
+
+@lru_cache(maxsize=1)
+def _flux_fused() -> dict[str, list[str]]:
+    """Flux's fused keys -> the diffusers names of their parts."""
+    out: dict[str, list[str]] = {}
+    for name, (canon, _, _) in flux.FUSED.items():
+        out.setdefault(canon, []).append(name)
+    return out
+
+
+def _foreign_names(arch: str, comp: str, stem: str) -> list[str]:
+    """The names a canonical key (without its prefix) has in the component's foreign naming
+    (several for a fused key)."""
+    if arch == "flux":
+        back = flux.TRANSFORMER.backward(stem)
+        return _flux_fused().get(stem, []) + ([back] if back else [])
+    if comp == "clip_g":
+        head, _, tail = stem.rpartition(".in_proj_")
+        if tail and head.startswith("transformer.resblocks."):
+            layer = head.split(".")[2]
+            return [f"text_model.encoder.layers.{layer}.self_attn.{x}_proj.{tail}"
+                    for x in "qkv"]
+        back = sd.CLIP_G.backward(stem)
+        return [back] if back else []
+    back = sd.UNET[arch].backward(stem)
+    return [back] if back else []
+
+
+def foreign_index(shapes: dict[str, tuple[int, ...]]) -> dict[tuple, tuple[str, tuple | None]]:
+    """(component, `_`-joined foreign name, target) -> (key, rows or None), for every key of
+    `shapes` that a foreign naming of its architecture names."""
+    arch = detect(shapes).arch
+    out: dict[tuple, tuple[str, tuple | None]] = {}
+    for comp, naming, part in _FOREIGN.get(arch, ()):
+        prefix = PREFIX[arch][part]
+        for key, shape in shapes.items():
+            stem = key[len(prefix):] if key.startswith(prefix) else \
+                key if arch == "flux" and part == "unet" else None
+            if stem is None:
+                continue
+            for name in _foreign_names(arch, part, stem):
+                found = pieces(naming, name, arch)
+                if not found or found[0].key != prefix + stem or found[0].transpose:
+                    continue
+                piece = found[0]
+                try:
+                    rows = piece.rows(shape[0]) if piece.units != (1,) else None
+                except ValueError:  # rows that do not split: its modules cannot fit
+                    continue
+                for suffix in ("weight", "bias"):
+                    if name.endswith("." + suffix):
+                        form = (comp, name[: -len(suffix) - 1].replace(".", "_"), suffix)
+                        out[form] = (key, rows)
+    return out
+
+
 def map_modules(lora: LoraFile, shapes: dict[str, tuple[int, ...]]) -> Mapping:
     """Each module of `lora` onto a key of `shapes` (key -> shape: the other operands')."""
     idx = index(shapes)
+    foreign = None  # built only when some module is not in the checkpoint's own naming
     mapping = Mapping([], [], [])
     for m in lora.modules:
         comp, name = module_form(m.name)
-        key = idx.get((comp, name, m.target))
+        key, rows = idx.get((comp, name, m.target)), None
+        if key is None:
+            foreign = foreign_index(shapes) if foreign is None else foreign
+            key, rows = foreign.get((comp, name, m.target), (None, None))
         if key is None:
             mapping.unmatched.append(m)
             continue
-        why = fits(m, shapes[key])
+        why = fits(m, shapes[key], rows)
         if why is not None:
             mapping.misfits.append((m, key, why))
         else:
-            mapping.matches.append(Match(m, key))
+            mapping.matches.append(Match(m, key, rows))
     return mapping
 
 

@@ -111,3 +111,75 @@ def test_a_module_with_no_key_is_unmatched_not_dropped(tmp_path):
                              "lora_unet_nowhere.lora_down.weight": f32(1, 2)})
     mapping = map_modules(lora, {"model.diffusion_model.somewhere.weight": (2, 2)})
     assert [m.name for m in mapping.unmatched] == ["lora_unet_nowhere"] and not mapping.matches
+
+
+def _layout_keys(name: str, prefix: str) -> dict:
+    return {k: s.shape for k, s in load_layout(name).items()
+            if k.startswith(prefix) and "float" in s.dtype}
+
+
+def _matches(tmp_path, keys: dict, modules: dict[str, tuple[int, int]]):
+    """Each module (rank 1, sized rows × cols) mapped onto `keys`: {module: (key, rows)}."""
+    tensors = {}
+    for name, (rows, cols) in modules.items():
+        tensors[f"{name}.lora_up.weight"] = f32(rows, 1)
+        tensors[f"{name}.lora_down.weight"] = f32(1, cols)
+    mapping = map_modules(parsed(tmp_path, tensors), keys)
+    assert not mapping.unmatched and not mapping.misfits, (mapping.unmatched, mapping.misfits)
+    return {m.module.name: (m.key, m.rows) for m in mapping.matches}
+
+
+def test_kohya_sd1_unet_modules_in_diffusers_names_map_onto_ldm_keys(tmp_path):
+    keys = _layout_keys("sd1", "model.diffusion_model.")
+    got = _matches(tmp_path, keys, {
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (320, 320),
+        "lora_unet_up_blocks_3_attentions_2_proj_out": (320, 320),
+        "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_0_proj": (10240, 1280),
+        "lora_unet_down_blocks_1_resnets_0_conv1": (640, 320 * 9)})
+    assert got == {
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q":
+            ("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight", None),
+        "lora_unet_up_blocks_3_attentions_2_proj_out":
+            ("model.diffusion_model.output_blocks.11.1.proj_out.weight", None),
+        "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_0_proj":
+            ("model.diffusion_model.middle_block.1.transformer_blocks.0.ff.net.0.proj.weight", None),
+        "lora_unet_down_blocks_1_resnets_0_conv1":
+            ("model.diffusion_model.input_blocks.4.0.in_layers.2.weight", None)}
+
+
+def test_kohya_sdxl_te2_q_k_v_map_onto_thirds_of_the_fused_in_proj(tmp_path):
+    keys = _layout_keys("sdxl", "conditioner.embedders.")
+    fused = "conditioner.embedders.1.model.transformer.resblocks.5.attn.in_proj_weight"
+    got = _matches(tmp_path, keys, {
+        f"lora_te2_text_model_encoder_layers_5_self_attn_{x}_proj": (1280, 1280) for x in "qkv"} |
+        {"lora_te2_text_model_encoder_layers_5_mlp_fc1": (5120, 1280),
+         "lora_te1_text_model_encoder_layers_5_mlp_fc1": (3072, 768)})
+    assert {got[f"lora_te2_text_model_encoder_layers_5_self_attn_{x}_proj"] for x in "qkv"} == \
+        {(fused, (0, 1280)), (fused, (1280, 2560)), (fused, (2560, 3840))}
+    assert got["lora_te2_text_model_encoder_layers_5_mlp_fc1"] == (
+        "conditioner.embedders.1.model.transformer.resblocks.5.mlp.c_fc.weight", None)
+    assert got["lora_te1_text_model_encoder_layers_5_mlp_fc1"][0] == \
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.5.mlp.fc1.weight"
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_diffusers_flux_modules_map_onto_row_slices_of_qkv_and_linear1(tmp_path, prefix):
+    keys = {prefix + k[len("model.diffusion_model."):]: s
+            for k, s in _layout_keys("flux", "model.diffusion_model.").items()}
+    got = _matches(tmp_path, keys, {
+        "transformer.transformer_blocks.2.attn.to_k": (3072, 3072),
+        "transformer.transformer_blocks.2.attn.add_v_proj": (3072, 3072),
+        "transformer.single_transformer_blocks.7.proj_mlp": (12288, 3072),
+        "transformer.single_transformer_blocks.7.attn.to_q": (3072, 3072),
+        "lora_transformer_single_transformer_blocks_7_proj_out": (3072, 15360)})
+    assert got == {
+        "transformer.transformer_blocks.2.attn.to_k":
+            (prefix + "double_blocks.2.img_attn.qkv.weight", (3072, 6144)),
+        "transformer.transformer_blocks.2.attn.add_v_proj":
+            (prefix + "double_blocks.2.txt_attn.qkv.weight", (6144, 9216)),
+        "transformer.single_transformer_blocks.7.proj_mlp":
+            (prefix + "single_blocks.7.linear1.weight", (9216, 21504)),
+        "transformer.single_transformer_blocks.7.attn.to_q":
+            (prefix + "single_blocks.7.linear1.weight", (0, 3072)),
+        "lora_transformer_single_transformer_blocks_7_proj_out":
+            (prefix + "single_blocks.7.linear2.weight", None)}

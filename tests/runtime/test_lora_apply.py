@@ -90,7 +90,7 @@ def test_flux_kohya_and_peft_names_with_and_without_the_comfyui_prefix(workdir, 
     kohya = L.kohya_module(rng, "lora_unet_double_blocks_0_img_attn_qkv", (9, 4), rank=2,
                            alpha=1.0)
     peft = {"diffusion_model.single_blocks.0.linear1.lora_A.weight": L.rand(rng, 3, 4),
-            "diffusion_model.single_blocks.0.linear1.lora_B.weight": L.rand(rng, 12, 3)}
+            "diffusion_model.single_blocks.0.linear1.lora_B.weight": L.rand(rng, 14, 3)}
     base, r = setup(workdir, L.FLUX_KEYS, {"k": kohya, "p": peft}, """
         model b = "base.safetensors"
         lora k = "k.safetensors"
@@ -148,8 +148,8 @@ def test_loha_linear_and_conv_and_lokr_decomposed_and_full(workdir):
 def test_full_diff_of_a_weight_and_its_bias(workdir):
     rng = np.random.default_rng(5)
     w, b = "single_blocks.0.linear1.weight", "single_blocks.0.linear1.bias"
-    diff = {"lora_unet_single_blocks_0_linear1.diff": L.rand(rng, 12, 4),
-            "lora_unet_single_blocks_0_linear1.diff_b": L.rand(rng, 12)}
+    diff = {"lora_unet_single_blocks_0_linear1.diff": L.rand(rng, 14, 4),
+            "lora_unet_single_blocks_0_linear1.diff_b": L.rand(rng, 14)}
     base, r = setup(workdir, L.FLUX_KEYS, {"d": diff}, """
         base b = "base.safetensors"
         lora d = "d.safetensors"
@@ -309,3 +309,50 @@ def test_a_loras_modules_enter_the_fingerprints_of_the_keys_it_changes_only(work
 
     two, three = prints("s"), prints("r3")
     assert {k for k in two if two[k] != three[k]} == {LINEAR}
+
+
+def test_modules_onto_row_slices_of_fused_keys_sdxl_te2_and_diffusers_flux(workdir):
+    """q, k and v modules each change their third of OpenCLIP's in_proj_weight (kohya's
+    `lora_te2_` in Hugging Face names) and of Flux's qkv / linear1 (diffusers names)."""
+    rng = np.random.default_rng(14)
+    te2 = "lora_te2_text_model_encoder_layers_0_"
+    inproj = "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"
+    cfc = "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.weight"
+    lora = {}
+    for x in "qv":
+        lora.update(L.kohya_module(rng, f"{te2}self_attn_{x}_proj", (4, 4), rank=2, alpha=1.0))
+    lora.update(L.kohya_module(rng, f"{te2}mlp_fc1", (6, 4), rank=1))
+    base, r = setup(workdir, L.SDXL_KEYS, {"s": lora}, """
+        base b = "base.safetensors"
+        lora s = "s.safetensors"
+        save "out.safetensors" = b + s
+    """)
+    c = run(r)
+    want = np.zeros((12, 4))
+    want[0:4] = L.kohya_expected(lora, f"{te2}self_attn_q_proj", (4, 4))
+    want[8:12] = L.kohya_expected(lora, f"{te2}self_attn_v_proj", (4, 4))
+    expect(load_file(workdir / "out.safetensors"), base,
+           {inproj: want, cfc: L.kohya_expected(lora, f"{te2}mlp_fc1", (6, 4))})
+    assert c.plan.data["loras"][0]["keys"] == 2
+
+
+def test_diffusers_flux_q_and_mlp_onto_linear1(workdir):
+    rng = np.random.default_rng(15)
+    pre = "transformer.single_transformer_blocks.0."
+    peft = {f"{pre}attn.to_q.lora_A.weight": L.rand(rng, 2, 4),
+            f"{pre}attn.to_q.lora_B.weight": L.rand(rng, 2, 2),
+            f"{pre}proj_mlp.lora_A.weight": L.rand(rng, 1, 4),
+            f"{pre}proj_mlp.lora_B.weight": L.rand(rng, 8, 1),
+            f"{pre}proj_mlp.alpha": np.array(0.5, np.float32)}
+    base, r = setup(workdir, L.FLUX_KEYS, {"p": peft}, """
+        base b = "base.safetensors"
+        lora p = "p.safetensors"
+        save "out.safetensors" = b + p
+    """)
+    run(r)
+    want = np.zeros((14, 4))
+    want[0:2] = L.lora_delta(peft[f"{pre}attn.to_q.lora_B.weight"],
+                             peft[f"{pre}attn.to_q.lora_A.weight"])
+    want[6:14] = L.lora_delta(peft[f"{pre}proj_mlp.lora_B.weight"],
+                              peft[f"{pre}proj_mlp.lora_A.weight"], 0.5)
+    expect(load_file(workdir / "out.safetensors"), base, {"single_blocks.0.linear1.weight": want})
