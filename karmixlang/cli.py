@@ -238,7 +238,10 @@ def cmd_methods(args) -> int:
 def cmd_inspect(args) -> int:
     from karmixlang.io.header import read_checkpoint
 
-    console.checkpoint(read_checkpoint(args.file), args.json)
+    from karmixlang.io.hashes import file_hashes
+
+    h = read_checkpoint(args.file)
+    console.checkpoint(h, args.json, None if args.no_hash else file_hashes(list(h.files)))
     return EXIT_OK
 
 
@@ -371,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("inspect", help="list the tensors of a safetensors checkpoint")
     s.add_argument("file", metavar="FILE")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--no-hash", action="store_true",
+                   help="skip the hashes (read the header only)")
     s.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser("convert", help="rewrite a PyTorch .ckpt/.pt/.pth/.bin as safetensors "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import time
 
 from rich.console import Console
@@ -97,6 +98,8 @@ def run_finished(result) -> None:
         return
     for path in result.outputs:
         out.print(Text(f"wrote {path}"))
+    for path, h in result.hashes.items():
+        err.print(Text(f"  {os.path.basename(path)}: {hash_line(h)}"))
     if result.fallbacks:
         shown = "; ".join(result.fallbacks[:5])
         more = f"; and {len(result.fallbacks) - 5} more" if len(result.fallbacks) > 5 else ""
@@ -177,18 +180,28 @@ def methods(builtins) -> None:
         out.print(Text(f"  {b.signature():<58} {b.summary}"))
 
 
-def checkpoint(h, as_json: bool) -> None:
-    """`kmx inspect`: an io.header.CheckpointHeader."""
+def hash_line(h) -> str:
+    """An io.hashes.FileHashes as A1111 and Civitai show it."""
+    return f"SHA-256 {h.sha256} · AutoV2 {h.autov2} · AutoV3 {h.autov3}"
+
+
+def checkpoint(h, as_json: bool, hashes: dict | None = None) -> None:
+    """`kmx inspect`: an io.header.CheckpointHeader, and its files' io.hashes.FileHashes."""
     if as_json:
-        out.print(json.dumps({"path": h.path, "metadata": h.metadata, "tensors": {
-            k: {"dtype": t.dtype, "shape": list(t.shape)} for k, t in h.tensors.items()}},
-            indent=2), markup=False)
+        data = {"path": h.path, "metadata": h.metadata, "tensors": {
+            k: {"dtype": t.dtype, "shape": list(t.shape)} for k, t in h.tensors.items()}}
+        if hashes is not None:
+            data["hashes"] = {f: {"sha256": x.sha256, "autov2": x.autov2, "autov3": x.autov3,
+                                  "data_sha256": x.data_sha256} for f, x in hashes.items()}
+        out.print(json.dumps(data, indent=2), markup=False)
         return
     for k, t in h.tensors.items():
         out.print(Text(f"{k}  {t.dtype} {list(t.shape)}"))
     meta_keys = ", ".join(sorted(h.metadata)) or "none"
     out.print(Text(f"\n{len(h.tensors)} tensors · {human_bytes(h.total_bytes)} · "
                    f"{len(h.files)} file(s) · metadata: {meta_keys}"))
+    for f, x in (hashes or {}).items():
+        out.print(Text(f"{os.path.basename(f)}: {hash_line(x)}"))
 
 
 def converted(result) -> None:

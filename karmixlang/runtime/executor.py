@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from karmixlang.diagnostics import KmxError, error, located
+from karmixlang.io.hashes import FileHashes, file_hashes
 from karmixlang.machine import default_threads
 from karmixlang.plan.compile import Compiled
 from karmixlang.plan.executable import Executable, KeyJob
@@ -63,6 +64,8 @@ class RunResult:
     # keys copied from a fallback for non-finite values (--nonfinite=fallback)
     fallbacks: list[str] = field(default_factory=list)
     reused: int = 0  # keys copied from the output this run replaced (unchanged fingerprint)
+    # each written data file's hashes (SHA-256, AutoV2, AutoV3), hashed once published
+    hashes: dict[str, FileHashes] = field(default_factory=dict)
 
 
 class _RssSampler:
@@ -288,7 +291,9 @@ def _run(compiled, opts, executor, outputs, progress, start) -> RunResult:
                      time.monotonic() - start,
                      sum(j.read_bytes for j in jobs if j.key not in reused),
                      sum(compiled.schedule.bytes_written), rss.growth,
-                     fallbacks=session.fallbacks, reused=len(reused))
+                     fallbacks=session.fallbacks, reused=len(reused),
+                     hashes=file_hashes([f.path for layout in outputs.layouts
+                                         for f in layout.files]))
 
 
 def _copy_reused(jobs: list[KeyJob], reuse: Reuse, session: RunSession) -> set[str]:
