@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 
 from karmixlang.check.checker import check_program
 from karmixlang.check.program import Program
-from karmixlang.diagnostics import Diagnostic, KmxError
+from karmixlang.diagnostics import Diagnostic, KmxError, error
 from karmixlang.plan.compile import Compiled, compile
 
-__all__ = ["Checked", "Compiled", "Formatted", "check", "check_ray_address", "compile", "execute",
-           "format", "format_file", "run", "sources_for", "write_formatted"]
+__all__ = ["Checked", "Compiled", "Formatted", "LockResult", "check", "check_ray_address",
+           "compile", "execute", "format", "format_file", "run", "sources_for",
+           "write_formatted", "write_lock"]
 
 
 @dataclass
@@ -62,17 +63,17 @@ def _recipe_text(path: str) -> str | None:
 
 
 def run(path: str, overrides: dict[str, str] | None = None, strict: bool = False,
-        **options):
+        lock: bool = True, **options):
     """Compile and run a recipe; `options` are those of runtime.executor.RunOptions
     (threads, device, compute_dtype, memory_limit, resume, force, nonfinite, executor,
-    address). The options that shape the plan (and `strict`) are compiled in."""
+    address). The options that shape the plan (and `strict`, `lock`) are compiled in."""
     from karmixlang.machine import default_threads
     from karmixlang.runtime.executor import RunOptions
 
     opts = RunOptions(**options)
     compiled = compile(path, overrides, threads=opts.threads or default_threads(),
                        compute_dtype=opts.compute_dtype or "fp32", strict=strict,
-                       memory_limit=opts.memory_limit, executor=opts.executor)
+                       memory_limit=opts.memory_limit, executor=opts.executor, lock=lock)
     return execute(compiled, progress=None, **options)
 
 
@@ -81,6 +82,49 @@ def execute(compiled: Compiled, progress=None, **options):
     from karmixlang.runtime.executor import RunOptions, execute as run_compiled
 
     return run_compiled(compiled, RunOptions(**options), progress)
+
+
+@dataclass
+class LockResult:
+    path: str
+    status: str  # "written", "updated" or "up to date"
+    inputs: int
+
+
+def write_lock(path: str, overrides: dict[str, str] | None = None,
+               update: bool = False) -> LockResult:
+    """Write `path`.lock: every input the recipe reads, hashed in full (through the cache).
+    A lock that exists and differs is rewritten only with `update`; otherwise K0513 says
+    what differs and nothing is written."""
+    from karmixlang.io.files import atomic_write
+    from karmixlang.io.hashes import file_hashes
+    from karmixlang.plan.lock import build_lock, differences, lock_path, read_lock, render
+
+    compiled = compile(path, overrides, lock=False)
+    files = sorted({f for h in compiled.schedule.headers.values() for f in h.files})
+    entries = build_lock(compiled, path, file_hashes(files))
+    target = lock_path(path)
+    old = read_lock(target) if not update else None
+    text = render(entries)
+    existed = os.path.exists(target)
+    if existed:
+        try:
+            with open(target, encoding="utf-8") as f:
+                if f.read() == text:
+                    return LockResult(target, "up to date", len(entries))
+        except (OSError, UnicodeDecodeError):
+            pass
+    if old is not None and not update:
+        lines = differences(old, entries) or ["its layout or kmx version differs"]
+        raise KmxError([error("K0513", f"`{target}` differs from the inputs now: "
+                              + "; ".join(lines),
+                              help="if the change is deliberate, run `kmx lock --update "
+                                   f"{path}`; nothing was written")])
+    try:
+        atomic_write(target, text.encode())
+    except OSError as e:
+        raise KmxError([error("K0402", f"cannot write `{target}`: {e.strerror or e}")])
+    return LockResult(target, "updated" if existed else "written", len(entries))
 
 
 def check_ray_address(address: str | None) -> None:

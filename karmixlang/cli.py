@@ -85,12 +85,15 @@ def _compile(args):
     return compile_recipe(args.file, parse_sets(args.set), threads=args.threads or
                           default_threads(), compute_dtype=args.compute_dtype,
                           strict=args.strict, memory_limit=_memory_limit(args),
-                          executor=args.executor)
+                          executor=args.executor, lock=not args.no_lock)
 
 
 def cmd_plan(args) -> int:
     compiled = _compile(args)
     print_warnings(compiled)
+    if compiled.lock_file and not (args.json or args.dot):
+        console.status(f"lock: every input matches `{compiled.lock_file}` (sizes; hashes "
+                       "are compared while the run reads them)")
     console.plan(compiled.plan, "json" if args.json else "dot" if args.dot else "text")
     return EXIT_OK
 
@@ -171,7 +174,7 @@ def _diff_side(name: str, path: str, given: str | None, sets: dict):
             path = os.path.abspath(path)
         elif is_revision(name):
             path, source = read_revision(name)
-        return compile_recipe(path, sets, source=source)
+        return compile_recipe(path, sets, source=source, lock=False)  # no run: no lock
     except KmxError as exc:
         # Diagnostics point into this side's text, which may not be the file's on disk.
         known = {path: source.decode("utf-8", "replace")} if source is not None else {}
@@ -181,6 +184,14 @@ def _diff_side(name: str, path: str, given: str | None, sets: dict):
 
 class _SideFailed(Exception):
     """One side of a diff could not be compiled (its diagnostics are printed)."""
+
+
+def cmd_lock(args) -> int:
+    from karmixlang.api import write_lock
+
+    result = write_lock(args.file, parse_sets(args.set), update=args.update)
+    console.status(f"{result.path}: {result.status} ({result.inputs} inputs)")
+    return EXIT_OK
 
 
 def cmd_fmt(args) -> int:
@@ -313,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "cluster (pip install 'karmixlang[ray]')")
             sp.add_argument("--address", metavar="ADDR",
                             help="the Ray cluster to join (default: start a local one)")
+            sp.add_argument("--no-lock", action="store_true",
+                            help="ignore the lock file beside the recipe (RECIPE.lock)")
 
     s = sub.add_parser("check", help="report every problem in recipes (reads no checkpoint)")
     s.add_argument("files", nargs="+", metavar="FILE")
@@ -333,6 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--dot", action="store_true", help="the graph in Graphviz DOT")
     recipe_opts(s)
     s.set_defaults(fn=cmd_plan)
+
+    s = sub.add_parser("lock", help="pin every input of a recipe (size, SHA-256) in RECIPE.lock")
+    s.add_argument("file", metavar="FILE")
+    s.add_argument("--update", action="store_true",
+                   help="rewrite a lock that differs (after a deliberate change)")
+    recipe_opts(s, compute=False)
+    s.set_defaults(fn=cmd_lock)
 
     s = sub.add_parser("graph", help="the optimized graph in Graphviz DOT (plan --dot)")
     s.add_argument("file", metavar="FILE")

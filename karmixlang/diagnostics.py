@@ -85,6 +85,11 @@ CODES: dict[str, str] = {
     "K0411": "non-finite values in a result",
     "K0412": "a result overflows its output dtype",
     "K0501": "cannot read a recipe version through git",
+    # K0510-K0519: lock, verify, sweep
+    "K0510": "an input and the lock file disagree on what is read",
+    "K0511": "an input differs from the lock file",
+    "K0512": "unreadable lock file",
+    "K0513": "the lock file is out of date",
 }
 
 

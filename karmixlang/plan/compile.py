@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from karmixlang.check.checker import check_program
 from karmixlang.check.program import Program
@@ -15,6 +15,7 @@ from karmixlang.io.guard import check_outputs, input_files, plan_save
 from karmixlang.ir.graph import Graph, reachable
 from karmixlang.ir.lower import lower
 from karmixlang.ir.optimize import base_choice_warnings, optimize
+from karmixlang.plan.lock import LockedInput, check_lock, lock_path, read_lock
 from karmixlang.plan.report import Plan, build_plan
 from karmixlang.plan.schedule import Schedule, schedule
 
@@ -33,15 +34,21 @@ class Compiled:
     recipes: dict[str, str]
     # Checkpoints the recipe declares that no save reads: no save may overwrite them either.
     unused_inputs: tuple[str, ...] = ()
+    # The lock beside the recipe (plan/lock.py), if one is honoured: its path, and its entry
+    # for each input by resolved path, which the run compares the hashes it computes against.
+    lock_file: str | None = None
+    locked: dict[str, LockedInput] = field(default_factory=dict)
 
 
 def compile(path: str, overrides: dict[str, str] | None = None, *, threads: int = 1,
             compute_dtype: str = "fp32", strict: bool = False, memory_limit: int | None = None,
-            executor: str = "local", source: bytes | None = None) -> Compiled:
+            executor: str = "local", source: bytes | None = None, lock: bool = True) -> Compiled:
     """Check, lower, optimize and schedule a recipe. Raises KmxError with diagnostics.
     `memory_limit` (bytes; None: half of the available memory) decides which keys run out
     of core; `executor` ("local" or "ray") how the plan groups keys; `source` the recipe's
-    bytes, compiled as if they were the file at `path` (kmx diff REV:path)."""
+    bytes, compiled as if they were the file at `path` (kmx diff REV:path); `lock` False
+    ignores a lock file beside the recipe (else its inputs are checked against it:
+    K0510-K0512)."""
     program, diags = check_program(path, overrides, source)
     if program is None:
         raise KmxError(diags)
@@ -53,9 +60,14 @@ def compile(path: str, overrides: dict[str, str] | None = None, *, threads: int 
     layouts = [plan_save(s, sched, i, {}) for i, s in enumerate(graph.saves)]
     check_outputs(graph.saves, layouts, sched.headers, recipes, unused)
     plan = build_plan(path, graph, sched, threads, compute_dtype, executor=executor)
-    return Compiled(program, graph, sched, plan,
-                    diags + sched.warnings + base_choice_warnings(graph),
-                    input_files(sched.headers), recipes, unused)
+    compiled = Compiled(program, graph, sched, plan,
+                        diags + sched.warnings + base_choice_warnings(graph),
+                        input_files(sched.headers), recipes, unused)
+    entries = read_lock(lock_path(path)) if lock else None
+    if entries is not None:
+        compiled.lock_file = lock_path(path)
+        compiled.locked = check_lock(compiled, path, entries)
+    return compiled
 
 
 def _unused_inputs(lowered: Graph, optimized: Graph) -> tuple[str, ...]:

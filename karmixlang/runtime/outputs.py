@@ -31,6 +31,7 @@ from karmixlang.io.files import (JOURNAL_SUFFIX, STAMP_SUFFIX, OutputLock, atomi
 from karmixlang.io.writer import RESTART_HELP, CheckpointWriter, OutputLayout
 from karmixlang.plan.fingerprint import (FP_HEX, NO_FINGERPRINT, content_identity,
                                          key_fingerprints)
+from karmixlang.plan.lock import UPDATE_HELP, full_hash
 
 STAMP_VERSION = 2
 FINGERPRINTS = "kmx_fingerprints"  # the metadata field (docs/plan-format.md)
@@ -371,12 +372,24 @@ class OutputSet:
                     "K0410", f"the input `{f}` changed during the run: {why}",
                     help="nothing was published and the partial output was discarded; run "
                          "again once no program is writing the input")])
+        self._check_lock()
         for f, (expected, output) in self._expected.items():
             if f not in self.hashes or self.hashes[f].data_hash != expected:
                 raise KmxError([error(
                     "K0404", f"cannot resume `{output}`: the data of the input file `{f}` "
                     "differs from what the interrupted run read (its size and modification "
                     "time did not change); nothing was published", help=RESTART_HELP)])
+
+    def _check_lock(self) -> None:
+        """Every input locked beside the recipe has the locked SHA-256, computed by the
+        hasher during this run (no extra read)."""
+        for path, files in self.inputs:
+            entry = self.c.locked.get(path)
+            if entry is not None and (actual := full_hash(files, self.hashes)) != entry.sha256:
+                raise KmxError([error(
+                    "K0511", f"the input `{entry.path}` differs from `{self.c.lock_file}`: "
+                    f"SHA-256 {actual}, the lock says {entry.sha256}",
+                    help="nothing was published; " + UPDATE_HELP)])
 
     def keep_partial(self, writers: list) -> None:
         self._finish(writers, keep_partial=True)
