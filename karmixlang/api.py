@@ -21,7 +21,7 @@ from karmixlang.plan.compile import Compiled, compile
 
 __all__ = ["Checked", "Compiled", "Formatted", "LockResult", "check", "check_ray_address",
            "compile", "execute", "format", "format_file", "run", "sources_for",
-           "write_formatted", "write_lock"]
+           "verify", "write_formatted", "write_lock"]
 
 
 @dataclass
@@ -125,6 +125,15 @@ def write_lock(path: str, overrides: dict[str, str] | None = None,
     except OSError as e:
         raise KmxError([error("K0402", f"cannot write `{target}`: {e.strerror or e}")])
     return LockResult(target, "updated" if existed else "written", len(entries))
+
+
+def verify(path: str, overrides: dict[str, str] | None = None, hashes_only: bool = False,
+           threads: int = 0):
+    """Check that a kmx output is exactly what its embedded recipe makes (loads torch unless
+    `hashes_only`); see runtime/verify.py. Raises KmxError (K0514-K0516)."""
+    from karmixlang.runtime.verify import verify as verify_output
+
+    return verify_output(path, overrides, hashes_only, threads)
 
 
 def check_ray_address(address: str | None) -> None:

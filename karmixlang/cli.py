@@ -194,6 +194,17 @@ def cmd_lock(args) -> int:
     return EXIT_OK
 
 
+def cmd_verify(args) -> int:
+    from karmixlang.api import verify
+
+    result = verify(args.file, parse_sets(args.set), args.hashes_only, args.threads or 0)
+    what = (f"its {result.inputs} inputs have the recorded hashes" if args.hashes_only else
+            f"{result.keys} keys and the header are what its recipe makes from "
+            f"{result.inputs} inputs with the recorded hashes")
+    console.status(f"{args.file}: verified: {what}")
+    return EXIT_OK
+
+
 def cmd_fmt(args) -> int:
     from karmixlang.api import format_file, write_formatted
     from karmixlang.syntax.fmt import FormatterError
@@ -353,6 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rewrite a lock that differs (after a deliberate change)")
     recipe_opts(s, compute=False)
     s.set_defaults(fn=cmd_lock)
+
+    s = sub.add_parser("verify", help="check that a kmx output is exactly what its recipe makes")
+    s.add_argument("file", metavar="FILE")
+    s.add_argument("--hashes-only", action="store_true",
+                   help="only check that the inputs have the hashes the output records")
+    s.add_argument("--threads", type=threads_arg, default=0, metavar="N")
+    recipe_opts(s, compute=False)
+    s.set_defaults(fn=cmd_verify)
 
     s = sub.add_parser("graph", help="the optimized graph in Graphviz DOT (plan --dot)")
     s.add_argument("file", metavar="FILE")

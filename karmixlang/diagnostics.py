@@ -90,6 +90,9 @@ CODES: dict[str, str] = {
     "K0511": "an input differs from the lock file",
     "K0512": "unreadable lock file",
     "K0513": "the lock file is out of date",
+    "K0514": "an input differs from what the output records",
+    "K0515": "the output differs from what its recipe makes",
+    "K0516": "not a kmx output",
 }
 
 
