@@ -50,6 +50,8 @@ CODES: dict[str, str] = {
     "K0211": "invalid --set override",
     "K0212": "two saves write the same path",
     "K0213": "base choice cannot matter",
+    "K0217": "LoRA extraction of a Model",
+    "K0218": "invalid LoRA extraction option",
     # K03xx: checkpoints and planning
     "K0301": "input file not found",
     "K0302": "not a valid safetensors file",

@@ -15,7 +15,9 @@ from karmixlang.check.program import Program, Unit, Loader, resolve_params, depe
 from karmixlang.check.typecheck import Checker, Scope, TooDeep
 from karmixlang.check.values import Ty, affine
 
-SAVE_OPTIONS = ("dtype", "fallback", "metadata", "shard", "delta", "unmatched")
+SAVE_OPTIONS = ("dtype", "fallback", "metadata", "shard", "delta", "unmatched", "lora",
+                "lora_conv")
+MAX_RANK = 1 << 16  # a LoRA rank past every real key's width
 UNMATCHED = ("error", "warn")  # what a LoRA module that matches no key is (docs/lora.md)
 
 
@@ -28,6 +30,31 @@ def _valid_size(text: str) -> bool:
 
 
 # ------------------------------------------------------------------ save statements and driver
+
+def _check_extraction(ch: Checker, s: ast.Save, opts: dict, values: dict, ty: Ty) -> None:
+    """`with lora=RANK [, lora_conv=RANK]`: the save writes a LoRA of its Delta (lora.md)."""
+    for name in ("lora", "lora_conv"):
+        v = values.get(name)
+        if v is None or v.kind == "error":
+            continue
+        ok = v.kind == "number" and (v.value is None or (
+            float(v.value).is_integer() and 1 <= v.value <= MAX_RANK))
+        if not ok:
+            ch.err("K0218", f"`{name}` must be a whole number from 1 to {MAX_RANK}",
+                   opts[name].value.span, help="a rank such as 16, 32 or 64")
+    if "lora" not in values:
+        ch.err("K0218", "`lora_conv` without `lora`", opts["lora_conv"].span,
+               help="`with lora=RANK, lora_conv=RANK` extracts a LoRA with 3×3 convs")
+    for name in ("shard", "delta"):
+        if name in values and "lora" in values:
+            ch.err("K0218", f"`{name}` does not apply to a LoRA extraction", opts[name].span,
+                   help="a LoRA is one file of changes: drop the option")
+    if "lora" in values and ty.kind == "space" and affine(ty.weight) != 0:
+        ch.err("K0217", "`lora=` extracts a LoRA from a Delta, but the expression is a "
+               f"{ty.describe()}", s.expr.span, label="not a Delta",
+               help="extract the difference to a base: `save \"x.safetensors\" = "
+                    "tuned - base with lora=32`")
+
 
 def _check_save(ch: Checker, unit: Unit, s: ast.Save, paths: dict[str, ast.Save]) -> None:
     scope = Scope(unit)
@@ -69,7 +96,10 @@ def _check_save(ch: Checker, unit: Unit, s: ast.Save, paths: dict[str, ast.Save]
         ch.err("K0208", f"`fallback` must be a Model, got {fb.describe()}",
                opts["fallback"].value.span)
     ty = ch.value(s.expr, scope)
-    is_delta = values.get("delta", Ty("bool", value=False)).value is True
+    extract = "lora" in values
+    if extract or "lora_conv" in values:
+        _check_extraction(ch, s, opts, values, ty)
+    is_delta = extract or values.get("delta", Ty("bool", value=False)).value is True
     if ty.kind == "cluster":
         ch.err("K0202", "a save writes one checkpoint, not a cluster", s.expr.span,
                help="reduce it first: `mean(...)`, `geometric_median(...)`, ...")
@@ -79,7 +109,7 @@ def _check_save(ch: Checker, unit: Unit, s: ast.Save, paths: dict[str, ast.Save]
             ch.err("K0203", "this save writes a Delta (a task vector)", s.expr.span,
                    label="a Delta", help="add a base (`base + ...`) to save a model, or "
                    "`with delta=true` to save the task vector itself")
-        elif w == 1 and is_delta:
+        elif w == 1 and is_delta and not extract:
             ch.err("K0203", "`delta=true` but the expression is a Model", s.expr.span)
     elif ty.kind not in ("error", "any"):
         ch.err("K0202", f"a save writes a Model, not a {ty.describe()}", s.expr.span)

@@ -20,7 +20,7 @@ from karmixlang.units import parse_size
 
 def save_tensors(schedule, index: int) -> list[tuple[str, str, tuple[int, ...]]]:
     """(key, dtype, shape) of every tensor save `index` writes."""
-    return [(job.key, o.dtype, o.shape) for job in schedule.jobs
+    return [(o.written_as(job.key), o.dtype, o.shape) for job in schedule.jobs
             for o in job.outputs if o.save == index]
 
 

@@ -204,3 +204,38 @@ def guess_arch(lora: LoraFile) -> str:
     if any(n.startswith(("down_blocks", "up_blocks", "mid_block")) for _, n in names):
         return "sd1"
     return "unknown"
+
+
+# Extraction: the kohya module names of a checkpoint key (the reverse of the mapping above).
+KOHYA_PREFIXES = (
+    ("model.diffusion_model.", "lora_unet_"),
+    ("conditioner.embedders.0.transformer.", "lora_te1_"),
+    ("cond_stage_model.transformer.", "lora_te_"),
+    ("text_encoders.clip_l.transformer.", "lora_te1_"),
+    ("text_encoders.t5xxl.transformer.", "lora_te3_"),
+)
+_CLIP_G = PREFIX["sdxl"]["clip_g"]
+_FLUX_BARE = ("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "time_in.",
+              "vector_in.", "guidance_in.", "final_layer.")
+
+
+def kohya_modules(key: str) -> list[tuple[str, int, int]] | None:
+    """The kohya modules a LoRA holding `key`'s change has: (name, part, parts) each — a
+    fused OpenCLIP in_proj_weight is three modules, its q, k and v thirds — or None when
+    kohya has no name for the key (a VAE, a bias, an unknown model)."""
+    if key.startswith(_CLIP_G):
+        stem = key[len(_CLIP_G):]
+        names = _foreign_names("sdxl", "clip_g", stem)
+        if not names or not all(n.endswith(".weight") for n in names):
+            return None
+        return [("lora_te2_" + n[: -len(".weight")].replace(".", "_"), i, len(names))
+                for i, n in enumerate(names)]
+    if not key.endswith(".weight"):
+        return None
+    stem = key[: -len(".weight")]
+    for prefix, lora in KOHYA_PREFIXES:
+        if stem.startswith(prefix):
+            return [(lora + stem[len(prefix):].replace(".", "_"), 0, 1)]
+    if stem.startswith(_FLUX_BARE):  # a Flux transformer as BFL publishes it
+        return [("lora_unet_" + stem.replace(".", "_"), 0, 1)]
+    return None

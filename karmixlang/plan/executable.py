@@ -47,6 +47,13 @@ class Output:
     dtype: str  # output safetensors dtype
     shape: tuple[int, ...]
     copied: str | None  # None: computed; else why it is copied from the fallback
+    # LoRA extraction (docs/lora.md): the tensor written (None: the key itself), and which
+    # factor of the key's delta it is: (part "up" | "down" | "alpha", rank, rows or None)
+    name: str | None = None
+    factor: tuple | None = None
+
+    def written_as(self, key: str) -> str:
+        return self.name or key
 
 
 @dataclass(frozen=True)
@@ -224,7 +231,8 @@ def _job_dict(j: KeyJob) -> dict:
         "union_choice": sorted([u, c] for u, c in j.union_choice.items()),
         "deferred": sorted(j.deferred), "loads": list(j.loads),
         "free_after": [list(f) for f in j.free_after],
-        "outputs": [[o.save, o.node, o.dtype, list(o.shape), o.copied] for o in j.outputs],
+        "outputs": [[o.save, o.node, o.dtype, list(o.shape), o.copied, o.name,
+                     _encode(o.factor)] for o in j.outputs],
         "est_bytes": j.est_bytes, "read_bytes": j.read_bytes,
         "ooc": asdict(j.ooc) if j.ooc is not None else None, "mem_bytes": j.mem_bytes,
         "tensors": [[i] + _info_list(t) for i, t in j.tensors.items()],
@@ -254,7 +262,8 @@ def _job_from(d: dict) -> KeyJob:
     return KeyJob(
         d["key"], tuple(d["steps"]), {u: c for u, c in d["union_choice"]},
         frozenset(d["deferred"]), tuple(d["loads"]), tuple(tuple(f) for f in d["free_after"]),
-        [Output(s, n, dt, tuple(sh), c) for s, n, dt, sh, c in d["outputs"]],
+        [Output(s, n, dt, tuple(sh), c, name, _decode(f))
+         for s, n, dt, sh, c, name, f in d["outputs"]],
         d["est_bytes"], d["read_bytes"],
         OutOfCore(**d["ooc"]) if d["ooc"] is not None else None, d["mem_bytes"],
         {t[0]: _info_from(t[1:]) for t in d["tensors"]},

@@ -135,7 +135,8 @@ def key_fingerprints(exe: Executable, identity: Identity) -> list[dict[str, str]
     for job in exe.jobs:
         digests = KeyDigests(exe, job, identity)
         for o in job.outputs:
-            out[o.save][job.key] = digests.output(o)
+            if o.factor is None:  # a LoRA's factors are never reused: no fingerprint
+                out[o.save][job.key] = digests.output(o)
     return out
 
 

@@ -94,6 +94,7 @@ def build_plan(recipe: str, graph: Graph, sched: Schedule, threads: int = 1,
             "copied_examples": [{"key": k, "reason": r}
                                 for k, r in list(sched.copied[i].items())[:5]],
             "bytes_written": sched.bytes_written[i],
+            "lora": sched.extractions[i].report() if i in sched.extractions else None,
         })
     data = {
         "schema_version": SCHEMA_VERSION,
@@ -169,6 +170,17 @@ def _reason_kind(reason: str) -> str:
 
 # ------------------------------------------------------------------ text
 
+def _extraction_text(x: dict, tensors: int, size: int) -> list[str]:
+    conv = f", 3×3 convs rank {x['conv_rank']}" if x["conv_rank"] else ", no 3×3 convs"
+    out = [f"    a LoRA ({x['arch']}, kohya names), rank {x['rank']}{conv}: {x['modules']} "
+           f"modules, {tensors} tensors; writes {human_bytes(size)}"]
+    if x["left_out"]:
+        out.append(f"      {len(x['left_out'])} key(s) left out")
+    for ex in x["left_out"][:5]:
+        out.append(f"      e.g. {ex['key']}: {ex['reason']}")
+    return out
+
+
 def _render_loras(loras: list[dict]) -> list[str]:
     if not loras:
         return []
@@ -218,6 +230,9 @@ def render_text(plan: Plan) -> str:
         out.append(f"  {s['path']} = #{s['node']}  {fb}, dtype {s['dtype'] or 'as input'}"
                    + (f", shards of {s['shard']}" if s["shard"] else "")
                    + (", delta" if s["delta"] else ""))
+        if s.get("lora"):
+            out += _extraction_text(s["lora"], s["keys"], s["bytes_written"])
+            continue
         source = "from the fallback" if s["fallback"] is not None else "as is"
         out.append(f"    {s['keys']} keys: {s['computed']} computed, {s['copied']} copied "
                    f"{source}; writes {human_bytes(s['bytes_written'])}")

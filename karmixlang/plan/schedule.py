@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from karmixlang.diagnostics import Diagnostic, KmxError, error
 from karmixlang.io.dtypes import DTYPES, nbytes
 from karmixlang.io.header import CheckpointHeader, read_checkpoint, read_tensor_bytes
+from karmixlang.io.layouts import detect
 from karmixlang.ir.graph import Graph, KeyMap, Node, match_key, reachable
 from karmixlang.ops import OPS, RAW_READ
 from karmixlang.machine import available_memory
 from karmixlang.plan.executable import Executable, KeyJob, Output, SaveTarget, Step
+from karmixlang.plan.extract import Extraction, factor_outputs
 from karmixlang.plan.loras import PlannedLora, plan_loras
 from karmixlang.plan.outofcore import chunking_for
 
@@ -63,6 +65,7 @@ class Schedule:
     peak_bytes: int
     loras: dict[Node, PlannedLora] = field(default_factory=dict)
     warnings: list[Diagnostic] = field(default_factory=list)
+    extractions: dict[int, Extraction] = field(default_factory=dict)  # save -> its LoRA
 
     @property
     def jobs(self) -> list[KeyJob]:
@@ -216,13 +219,15 @@ class Jobs:
         self.unions = tuple(n for n in order if n.op == "union")
         self.cache: dict[tuple, _Template] = {}
 
-    def make(self, key: str, outputs: list[Output]) -> KeyJob:
+    def make(self, key: str, outputs: list[Output], shape: tuple[int, ...] | None = None
+             ) -> KeyJob:
+        """`shape`: the key's (when the outputs are not the key itself: LoRA factors)."""
         sig = (tuple(o.node for o in outputs),
                tuple(self.keys[u.inputs[1]].has(key) for u in self.unions))
         t = self.cache.get(sig)
         if t is None:
             t = self.cache[sig] = _template(outputs, key, self)
-        numel = math.prod(outputs[0].shape)
+        numel = math.prod(shape or outputs[0].shape)
         read, tensors = 0, {}
         for i in t.loads:
             info = self.headers[self.order[i]].tensors.get(key)
@@ -237,6 +242,8 @@ class Jobs:
                 lora[i] = (planned.shapes[key][0], terms)
                 read += sum(x.nbytes for term in terms for _, x in term.tensors)
         out_bytes = sum(nbytes(o.dtype, o.shape) or 0 for o in outputs)
+        if any(o.factor for o in outputs):  # the SVD: the key, U and Vh, in fp64
+            out_bytes += 3 * numel * 8
         peak = max(t.peak_per_element * numel, t.end_per_element * numel + out_bytes)
         return KeyJob(key, t.steps, t.choices, t.deferred, t.loads, t.free_after, outputs,
                       int(peak), read, tensors=tensors, lora=lora)
@@ -248,7 +255,7 @@ class Jobs:
         outputs = []
         for o in job.outputs:
             fb = graph.saves[o.save].fallback
-            if fb is None or not self.keys[fb].has(job.key):
+            if fb is None or o.factor is not None or not self.keys[fb].has(job.key):
                 if job.no_fallback is None:
                     job.no_fallback = o.save
                 continue
@@ -257,27 +264,44 @@ class Jobs:
             job.fallback = self.make(job.key, outputs)
 
 
-def build_jobs(graph: Graph, headers, keys, jobs: Jobs, strict: bool = False):
+def build_jobs(graph: Graph, headers, keys, jobs: Jobs, strict: bool = False,
+               extractions: dict[int, Extraction] | None = None):
     per_key: dict[str, list[Output]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     copied: list[dict[str, str]] = []
     diags: list[Diagnostic] = []
+    extractions = {} if extractions is None else extractions
     for si, save in enumerate(graph.saves):
+        if save.lora is not None:
+            extractions[si] = Extraction(save.lora, save.lora_conv)
         ek = keys[save.expr]
         fb = save.fallback
         fk = keys[fb] if fb is not None else None
         universe = set(ek.ok) | set(ek.bad) | (set(fk.ok) | set(fk.bad) if fk else set())
         copied.append({})
+        if si in extractions:
+            extractions[si].arch = detect(dict.fromkeys(universe, ())).arch
         failures = []
         for k in sorted(universe):
             if k in ek.ok:
                 info = ek.ok[k]
                 stored = _fallback_dtype(fb, headers, k) or info.dtype
                 dtype = save.dtype or stored
-                per_key.setdefault(k, []).append(Output(si, jobs.index[save.expr], dtype,
-                                                        info.shape, None))
+                shapes[k] = info.shape
+                got = [Output(si, jobs.index[save.expr], dtype, info.shape, None)] \
+                    if si not in extractions else \
+                    factor_outputs(si, jobs.index[save.expr], k, info.shape, dtype,
+                                   extractions[si])
+                if isinstance(got, str):
+                    extractions[si].left_out[k] = got
+                else:
+                    per_key.setdefault(k, []).extend(got)
                 continue
             reason = describe_reason(ek.bad[k], graph, headers, k) if k in ek.bad else \
                 "not produced by the expression"
+            if si in extractions:  # a LoRA holds changes: nothing is copied into it
+                extractions[si].left_out[k] = "not computed: " + reason
+                continue
             src = _copy_source(fb, keys, headers, k)
             same = _identical_nonfloat(save.expr, ek.bad.get(k), headers, k) if src is None \
                 else None
@@ -298,7 +322,7 @@ def build_jobs(graph: Graph, headers, keys, jobs: Jobs, strict: bool = False):
             diags.append(_fallback_error(save, failures, strict))
     if diags:
         raise KmxError(diags)
-    out = [jobs.make(k, per_key[k]) for k in sorted(per_key)]
+    out = [jobs.make(k, per_key[k], shapes.get(k)) for k in sorted(per_key)]
     for job in out:
         jobs.add_fallback(job, graph)
     return out, copied
@@ -508,6 +532,8 @@ def chunk_large_keys(graph: Graph, nodes: tuple[Step, ...], jobs: list[KeyJob], 
     for job in jobs:
         job.mem_bytes = job.mem_bytes or job.est_bytes
         job.ooc, job.est_bytes = None, job.mem_bytes
+        if any(o.factor for o in job.outputs):  # an SVD needs the whole key: never chunked
+            continue
         per_element = job.mem_bytes / max(1, math.prod(job.outputs[0].shape))
         ooc = chunking_for(job, nodes, per_element, limit, item, whole_per_element)
         if ooc is None:
@@ -563,9 +589,10 @@ def schedule(graph: Graph, compute: str = "fp32", strict: bool = False,
     loras, warnings = plan_loras(graph, headers)
     keys = node_keys(graph, headers, loras)
     order = graph.topo()
+    extractions: dict[int, Extraction] = {}
     jobs, copied = build_jobs(graph, headers, keys,
                               Jobs(order, keys, headers, COMPUTE_ITEMSIZE[compute], loras),
-                              strict)
+                              strict, extractions)
     check_keymaps(graph, order, jobs)
     limit = memory_limit or available_memory() // 2
     exe = executable(graph, order, headers, jobs, compute, limit)
@@ -587,4 +614,4 @@ def schedule(graph: Graph, compute: str = "fp32", strict: bool = False,
     peak_job = max(jobs, key=lambda j: j.est_bytes, default=None)
     return Schedule(headers, exe, copied, counts, sum(read_once.values()), written,
                     peak_job.key if peak_job else None, peak_job.est_bytes if peak_job else 0,
-                    loras, warnings)
+                    loras, warnings, extractions)

@@ -19,7 +19,7 @@ from karmixlang.ir.graph import KeyMap
 from karmixlang.ops import OPS
 from karmixlang.plan.executable import Executable, KeyJob, Output, Step
 from karmixlang.runtime.chunked import Streamed, run_chunked
-from karmixlang.runtime.kernels.lora import lora_delta
+from karmixlang.runtime.kernels.lora import factor, lora_delta
 from karmixlang.runtime.kernels.table import KERNELS
 from karmixlang.runtime.nonfinite import (FALLBACK_TOO, BadResult, NonFinite, checked_bytes,
                                           copied_as_stored, fallback_inputs, on_input,
@@ -82,7 +82,9 @@ class Evaluator:
             values[i] = self.step(i, job.key, values, i in raw_ok, job, into)
             for m in job.free_after[k]:
                 values.pop(m, None)
-        return [(o, values[o.node]) for o in job.outputs]
+        svd: dict = {}
+        return [(o, values[o.node] if o.factor is None else
+                 factor(values[o.node], o.factor, o.shape, svd)) for o in job.outputs]
 
     def step(self, i: int, key: str, values: dict, raw: bool, job: KeyJob, into: dict,
              span: tuple[int, int] | None = None):

@@ -129,11 +129,12 @@ class RunSession:
             with self.at(job.outputs[0].save):
                 for k, start, data in results:
                     with self.at(job.outputs[k].save):
-                        self.writers[job.outputs[k].save].write(job.key, data, start)
+                        out = job.outputs[k]
+                        self.writers[out.save].write(out.written_as(job.key), data, start)
             return
         for out, data in results:
             with self.at(out.save):
-                self.writers[out.save].write(job.key, data)
+                self.writers[out.save].write(out.written_as(job.key), data)
 
     def at(self, save: int):
         """Errors about output `save` point at its recipe line."""

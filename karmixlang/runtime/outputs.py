@@ -121,6 +121,9 @@ class OutputSet:
         meta[FINGERPRINTS] = self._fingerprint_field(index, hashes is not None)
         if save.delta:
             meta["kmx_delta"] = "true"
+        extraction = self.c.schedule.extractions.get(index)
+        if extraction is not None:
+            meta.update(extraction.metadata(save.path))
         return meta
 
     def _fingerprint_field(self, index: int, hashed: bool) -> str:
@@ -149,8 +152,8 @@ class OutputSet:
     def save_keys(self, index: int) -> list[str]:
         """The keys output `index` holds, sorted."""
         if index not in self._keys:
-            self._keys[index] = sorted(j.key for j in self.c.schedule.jobs
-                                       if any(o.save == index for o in j.outputs))
+            self._keys[index] = sorted(o.written_as(j.key) for j in self.c.schedule.jobs
+                                       for o in j.outputs if o.save == index)
         return self._keys[index]
 
     def fingerprints(self) -> list[dict[str, str]]:
@@ -346,7 +349,7 @@ class OutputSet:
         """Keys every output that holds them has already journaled (an earlier run's work)."""
         done = set()
         for job in self.c.schedule.jobs:
-            if all(job.key in writers[o.save].done_keys for o in job.outputs):
+            if all(o.written_as(job.key) in writers[o.save].done_keys for o in job.outputs):
                 done.add(job.key)
         return done
 

@@ -86,3 +86,24 @@ def lora_delta(shape: tuple[int, ...], terms: tuple[LoraTerm, ...],
             a, b = term.rows
             rows[a:b].add_(d.reshape(b - a, rows.shape[1]))
     return out
+
+
+def svd_factors(value: Tensor, rank: int, rows: tuple[int, int] | None) -> tuple[Tensor, Tensor]:
+    """up = U·S and down = Vh of the rank-`rank` truncated SVD of the key's delta (its rows
+    `rows` of a fused key), as rows × rest, formed in fp64 whatever the compute dtype."""
+    m = value if rows is None else value[rows[0]:rows[1]]
+    u, s, vh = torch.linalg.svd(m.reshape(m.shape[0], -1).double(), full_matrices=False)
+    return (u[:, :rank] * s[:rank]).to(value.dtype), vh[:rank].to(value.dtype)
+
+
+def factor(value: Tensor, spec: tuple, shape: tuple[int, ...], cache: dict) -> Tensor:
+    """One factor of an extracted module: `spec` is (part, rank, rows) (plan/extract.py);
+    `cache` shares one SVD between a module's up and down."""
+    part, rank, rows = spec
+    if part == "alpha":  # alpha = rank: the scale alpha/rank is 1
+        return torch.tensor(float(rank), dtype=value.dtype, device=value.device)
+    key = (id(value), rank, tuple(rows) if rows else None)
+    if key not in cache:
+        cache[key] = svd_factors(value, rank, rows)
+    up, down = cache[key]
+    return (up if part == "up" else down).reshape(shape)
