@@ -68,7 +68,7 @@ CODES: dict[str, str] = {
     "K0321": "unreadable LoRA module",
     "K0322": "LoRA module matches no key",
     "K0323": "LoRA module does not fit its key",
-    "K0324": "DoRA is not supported",
+    "K0324": "DoRA without one base",
     "K0325": "LoRA combined with no checkpoint",
     "K0330": "pickle names code kmx does not run",
     "K0331": "not a readable PyTorch checkpoint",

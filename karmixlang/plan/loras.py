@@ -59,7 +59,9 @@ def plan_loras(graph: Graph, headers: dict[Node, CheckpointHeader]
     for n in nodes:
         span = (graph.origins.get(n) or [None])[0]
         try:
-            planned[n] = _plan_one(graph, n, headers, partners[n], span)
+            bases = {graph.saves[si].fallback for si in users[n]}
+            planned[n] = _plan_one(graph, n, headers, partners[n], span,
+                                   bases.pop() if len(bases) == 1 else None)
         except KmxError as exc:
             diags += exc.diagnostics
             continue
@@ -81,7 +83,10 @@ def plan_loras(graph: Graph, headers: dict[Node, CheckpointHeader]
     return planned, warns
 
 
-def _plan_one(graph: Graph, n: Node, headers, partners: list[Node], span) -> PlannedLora:
+def _plan_one(graph: Graph, n: Node, headers, partners: list[Node], span,
+              base: Node | None) -> PlannedLora:
+    """`base`: the fallback of every save that uses the LoRA (None: none, or not one), the
+    weight a DoRA's modules are normalised against."""
     lora = parse_lora(headers[n], n.attr("path"), span)
     if not partners:
         raise KmxError([error("K0325", f"lora `{graph.display_name(n)}` is not combined with "
@@ -90,12 +95,14 @@ def _plan_one(graph: Graph, n: Node, headers, partners: list[Node], span) -> Pla
                               help="add it to a model (`base + lora`), or give the save a "
                                    "`fallback=` model")])
     dora = [m.name for m in lora.modules if "dora_scale" in m.roles]
-    if dora:
+    if dora and (base is None or base.op != "load"):
         raise KmxError([error("K0324", f"lora `{graph.display_name(n)}` is a DoRA "
                               f"({len(dora)} module(s) with `dora_scale`: {_shown(dora)}), "
-                              "which this version cannot apply", span, label="this lora",
-                              help="a DoRA's change depends on the weight it is applied to; "
-                                   "merge it with the tool that trained it")])
+                              "and its saves do not name one base checkpoint to apply it to",
+                              span, label="this lora",
+                              help="a DoRA's change depends on the weight it is applied to: "
+                                   "use it in saves with one `base` (or the same "
+                                   "`fallback=MODEL`)")])
     shapes: dict[str, tuple] = {}
     for p in partners:
         for k, t in headers[p].tensors.items():
@@ -112,6 +119,17 @@ def _plan_one(graph: Graph, n: Node, headers, partners: list[Node], span) -> Pla
                                    "(another width or depth)")])
     terms: dict[str, list[LoraTerm]] = {}
     for key, matches in mapping.by_key().items():
-        terms[key] = tuple(LoraTerm(m.module.kind, m.module.tensors, rank_of(m.module), m.rows)
-                           for m in matches)
+        terms[key] = tuple(LoraTerm(m.module.kind, _with_base(m.module, headers, base, key),
+                                    rank_of(m.module), m.rows) for m in matches)
     return PlannedLora(lora, guess_arch(lora), mapping, shapes, terms)
+
+
+def _with_base(m, headers, base: Node | None, key: str) -> tuple:
+    """A DoRA module's tensors with the base weight it is normalised against (role `base`)."""
+    if "dora_scale" not in m.roles:
+        return m.tensors
+    if key not in headers[base].tensors:
+        raise KmxError([error("K0324", f"DoRA module `{m.name}` changes `{key}`, which its "
+                              "base lacks", None, help="apply the DoRA to the model it was "
+                              "trained for")])
+    return tuple(sorted(m.tensors + (("base", headers[base].tensors[key]),)))

@@ -225,13 +225,37 @@ def test_a_module_of_another_width_is_an_error(workdir):
     assert "8×5" in e.value.diagnostics[0].message
 
 
-def test_a_dora_is_refused_before_anything_runs(workdir):
-    rng = np.random.default_rng(9)
+def _dora_file(workdir, rng, axis_rows: bool):
     name = L.kohya_name(LINEAR)
-    t = L.kohya_module(rng, name, L.SDXL_KEYS[LINEAR], rank=2)
-    t[f"{name}.dora_scale"] = L.rand(rng, 1, 6)
-    _, r = setup(workdir, L.SDXL_KEYS, {"s": t}, """
+    t = L.kohya_module(rng, name, L.SDXL_KEYS[LINEAR], rank=2, alpha=1.0)
+    t[f"{name}.dora_scale"] = np.abs(L.rand(rng, 8, 1) if axis_rows else L.rand(rng, 1, 6))
+    return name, t
+
+
+@pytest.mark.parametrize("axis_rows", [True, False])
+def test_a_dora_is_normalised_against_the_base(workdir, axis_rows):
+    """ΔW = m·(W + s·up·down)/‖W + s·up·down‖ − W, the norm per output row (m: [out, 1]) or
+    per input column (m: [1, in]), scaled like any delta."""
+    rng = np.random.default_rng(9)
+    name, t = _dora_file(workdir, rng, axis_rows)
+    base, r = setup(workdir, L.SDXL_KEYS, {"s": t}, """
         base b = "base.safetensors"
+        lora s = "s.safetensors"
+        save "out.safetensors" = b + 0.7*s
+    """)
+    run(r)
+    w = base[LINEAR].astype(np.float64)
+    new = w + L.kohya_expected(t, name, L.SDXL_KEYS[LINEAR])
+    m = t[f"{name}.dora_scale"].astype(np.float64)
+    norm = np.sqrt((new ** 2).sum(axis=1 if axis_rows else 0, keepdims=True))
+    expect(load_file(workdir / "out.safetensors"), base, {LINEAR: 0.7 * (m * new / norm - w)})
+
+
+def test_a_dora_with_no_base_is_refused_before_anything_runs(workdir):
+    rng = np.random.default_rng(9)
+    _, t = _dora_file(workdir, rng, True)
+    _, r = setup(workdir, L.SDXL_KEYS, {"s": t}, """
+        model b = "base.safetensors"
         lora s = "s.safetensors"
         save "out.safetensors" = b + s
     """)

@@ -65,11 +65,24 @@ def _diff(t: dict[str, Tensor]) -> Tensor:
 FORMS = {"lora": _lora, "loha": _loha, "lokr": _lokr, "diff": _diff}
 
 
+def _dora(d: Tensor, t: dict[str, Tensor], rows: tuple[int, int] | None) -> Tensor:
+    """DoRA: the weight W + ΔW rescaled to norm `dora_scale` (per output row, or per input
+    column when dora_scale has one entry per column), minus W."""
+    w = t["base"].reshape(t["base"].shape[0], -1)
+    w = w if rows is None else w[rows[0]:rows[1]]
+    new = w + d
+    m = t["dora_scale"].reshape(-1)
+    axis = 1 if m.numel() == new.shape[0] else 0
+    m = m.reshape(-1, 1) if axis == 1 else m.reshape(1, -1)
+    return new * (m / new.norm(dim=axis, keepdim=True)) - w
+
+
 def module_delta(term: LoraTerm, tensors: dict[str, Tensor]) -> Tensor:
-    """One module's change, rows × cols, scaled by alpha/rank."""
+    """One module's change, rows × cols, scaled by alpha/rank (a DoRA's: normalised)."""
     d = FORMS[term.kind](tensors)
     s = _scale(tensors, term.rank)
-    return d if s == 1.0 else d * s
+    d = d if s == 1.0 else d * s
+    return _dora(d, tensors, term.rows) if "dora_scale" in tensors else d
 
 
 def lora_delta(shape: tuple[int, ...], terms: tuple[LoraTerm, ...],
