@@ -22,6 +22,7 @@ import hashlib
 from collections.abc import Callable
 
 from karmixlang import __version__
+from karmixlang.io.hashes import FileHashes
 from karmixlang.io.header import TensorInfo
 from karmixlang.ir.graph import KeyMap
 from karmixlang.plan.executable import Executable, KeyJob, Output
@@ -45,10 +46,12 @@ def header_identity(exe: Executable) -> Identity:
     return identity
 
 
-def content_identity(file_hashes: dict[str, str]) -> Identity:
-    """What a re-merge trusts: the data hash of the file holding the tensor and its place."""
+def content_identity(file_hashes: dict[str, FileHashes]) -> Identity:
+    """What a re-merge trusts: the data hash of the file holding the tensor (not the whole
+    file's: metadata edits change no tensor) and its place."""
     def identity(i: int, t: TensorInfo) -> str:
-        return f"{file_hashes[t.file]}|{t.name}|{t.dtype}|{list(t.shape)}|{t.begin}|{t.end}"
+        return (f"{file_hashes[t.file].data_hash}|{t.name}|{t.dtype}|{list(t.shape)}|"
+                f"{t.begin}|{t.end}")
     return identity
 
 

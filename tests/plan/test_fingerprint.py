@@ -135,3 +135,16 @@ def test_random_edits_change_exactly_the_keys_whose_numbers_change(workdir, x, y
     fy = fingerprints(write_merge(workdir, y, "y.kmx"))[0]
     for key in fx:
         assert (fx[key] == fy[key]) == (effective(x, key) == effective(y, key)), key
+
+
+def test_a_reuse_identity_depends_on_the_tensor_data_not_the_whole_file():
+    from karmixlang.io.hashes import FileHashes
+    from karmixlang.io.header import TensorInfo
+    from karmixlang.plan.fingerprint import content_identity
+
+    t = TensorInfo("w", "F32", (2, 3), "f.safetensors", 100, 124)
+    data = "1" * 64
+    same_data = content_identity({"f.safetensors": FileHashes("a" * 64, data)})(0, t)
+    assert same_data == content_identity({"f.safetensors": FileHashes("b" * 64, data)})(0, t)
+    other = content_identity({"f.safetensors": FileHashes("a" * 64, "2" * 64)})
+    assert other(0, t) != same_data
