@@ -259,12 +259,17 @@ def test_ctrl_c_at_any_early_moment_exits_130_without_a_traceback(workdir):
     tiny_models(workdir)
     path = recipe(workdir, 'base o = "base.safetensors"\nmodel a = "a.safetensors"\n'
                   'save "out/x.safetensors" = lerp(o, a, t=0.5)\n')
+    command = [sys.executable, "-m", "karmixlang", "check", path]
+    # The moments are drawn over one whole run as timed here, so a slow or busy machine
+    # spreads them over the same stages as a fast one.
+    start = time.monotonic()
+    subprocess.run(command, capture_output=True, timeout=60)
+    whole = time.monotonic() - start
     rng = random.Random(7)
     ours = 0
     for _ in range(10):
-        proc = subprocess.Popen([sys.executable, "-m", "karmixlang", "check", path],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(rng.uniform(0.0, 0.25))
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(rng.uniform(0.0, whole))
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
         if "Traceback" in err or (proc.returncode == -signal.SIGINT and not err):
@@ -272,6 +277,8 @@ def test_ctrl_c_at_any_early_moment_exits_130_without_a_traceback(workdir):
             # site, before kmx's first line: no kmx frame.
             assert "karmixlang" not in err.replace("__editable___karmixlang", ""), err
             continue
+        if proc.returncode == -signal.SIGINT and err.endswith(": ok\n"):
+            continue  # after kmx's last line, in the interpreter's shutdown
         assert proc.returncode in (0, 130), (proc.returncode, err)
         if proc.returncode == 130:
             assert err.strip().splitlines()[-1] == "interrupted", err
