@@ -199,7 +199,7 @@ def cmd_verify(args) -> int:
 
     result = verify(args.file, parse_sets(args.set), args.hashes_only, args.threads or 0)
     what = (f"its {result.inputs} inputs have the recorded hashes" if args.hashes_only else
-            f"{result.keys} keys and the header are what its recipe makes from "
+            f"{result.keys:,} keys and the header are what its recipe makes from "
             f"{result.inputs} inputs with the recorded hashes")
     console.status(f"{args.file}: verified: {what}")
     return EXIT_OK
