@@ -238,6 +238,14 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in [
     Builtin("exclude", "keys", (P("x", "space"),), "first",
             "remove the keys that match a pattern", "fnmatch glob or `re:REGEX`", "—",
             "", op="exclude", varargs=P("patterns", "string")),
+    Builtin("rename", "keys", (P("x", "space"), P("pattern", "string"),
+                               P("replacement", "string")), "first",
+            "rename keys with a regular expression",
+            "each key k becomes re.sub(pattern, replacement, k): every match replaced, `\\1` "
+            "or `\\g<name>` for groups", "Python `re`",
+            "keys the pattern does not match keep their names; two keys renamed onto one is "
+            "an error (K0314). Applied to the inputs' headers at plan time: no tensor is "
+            "copied.", op="rename"),
     Builtin("by_key", "keys", (P("weights", "map"),), "keymap",
             "a number chosen per key by pattern (first match wins)",
             '{ "pattern": number, "*": number }', "—",

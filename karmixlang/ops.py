@@ -165,6 +165,8 @@ OPS: dict[str, OpSpec] = {s.name: s for s in [
     _structural("lincomb", coefficients=_lincomb_coeffs),
     _structural("select", alias=True, broadcast=True, workspace=_NONE),
     _structural("exclude", alias=True, broadcast=True, workspace=_NONE),
+    # key-wise: the optimizer's `views` pass moves it into the loads below it (ir/optimize.py)
+    _structural("rename", alias=True, broadcast=True, workspace=_NONE),
     _structural("union", alias=True, workspace=_NONE),
     _structural("pick", alias=True, workspace=_NONE),
     # ------------------------------------------------------------ interpolation

@@ -80,6 +80,26 @@ class BuiltinRules:
 
     _check_exclude = _check_select
 
+    def _check_rename(self, b, bound, tys, kw, e, scope):
+        pattern, repl = tys.get("pattern"), tys.get("replacement")
+        if pattern is None or not isinstance(pattern.value, str):
+            return
+        try:
+            if _group_depth(pattern.value) > MAX_REGEX_DEPTH:
+                raise re.error(f"groups nested more than {MAX_REGEX_DEPTH} levels")
+            rx = re.compile(pattern.value)
+        except (re.error, OverflowError) as exc:
+            self.err("K0214", f"invalid regular expression: {exc}", bound["pattern"].span,
+                     help="rename's pattern is a Python regular expression (no `re:` prefix)")
+            return
+        if repl is not None and isinstance(repl.value, str):
+            try:  # Python checks a replacement's group references before any match
+                rx.sub(repl.value, "")
+            except (re.error, IndexError) as exc:
+                self.err("K0215", f"invalid replacement: {exc}", bound["replacement"].span,
+                         help=f"the pattern has {rx.groups} group(s); in a recipe string a "
+                              "backslash is written twice: \"\\\\1\" is group 1")
+
     def _check_by_key(self, b, bound, tys, kw, e, scope):
         m = bound.get("weights")
         values = []

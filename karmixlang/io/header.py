@@ -40,16 +40,33 @@ def _help_pickle(path: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class TensorInfo:
-    name: str
+    """One tensor an input presents. A stored tensor is `file[begin:end]` read as `shape`
+    (a view may give it another name, or another shape of the same size). A virtual one
+    (io/views.py) is the bytes of `parts` (stored tensors of this dtype) concatenated — a
+    concatenation along dim 0 — read as `shape`, or, with `transpose`, as the transpose of
+    the 2-D tensor of shape `shape[::-1]` they hold."""
+
+    name: str  # the key's name in its file
     dtype: str  # a key of dtypes.DTYPES
     shape: tuple[int, ...]
     file: str  # the file holding the data (a shard, for a sharded checkpoint)
     begin: int  # absolute byte offsets in `file`
     end: int
+    parts: tuple["TensorInfo", ...] = ()
+    transpose: bool = False
 
     @property
     def nbytes(self) -> int:
-        return self.end - self.begin
+        return sum(p.nbytes for p in self.parts) if self.parts else self.end - self.begin
+
+    @property
+    def segments(self) -> tuple["TensorInfo", ...]:
+        """The stored byte ranges to read, in order."""
+        return self.parts or (self,)
+
+    @property
+    def virtual(self) -> bool:
+        return bool(self.parts) or self.transpose
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,8 @@
 """Optimizer passes, each Graph -> Graph, each idempotent, each recording what it did:
 
+  views     move each rename(x, pattern, replacement) into the loads below it: a load's
+            `view` attribute lists the renames (and the selects they must follow) that the
+            plan applies to its header, so no rename node is left for the schedule
   fold      flatten nested linear combinations, merge repeated terms, drop zero terms,
             `x - x` -> zeros_like(x), `1·x` -> x
   pushdown  move select/exclude down to the inputs, so a key nobody saves is never read
@@ -15,6 +18,7 @@ from typing import Callable
 import networkx as nx
 
 from karmixlang.diagnostics import Diagnostic, warning
+from karmixlang.limits import recursion_room
 from karmixlang.ops import OPS
 from karmixlang.ir.graph import Builder, Graph, KeyMap, Node
 
@@ -154,7 +158,53 @@ def dce(graph: Graph) -> Graph:
     return out
 
 
-PASSES = (("fold", fold), ("pushdown", pushdown), ("cse", cse), ("dce", dce))
+# ------------------------------------------------------------------ views (rename)
+
+def _absorb(x: Node, step: tuple, b: Builder, memo: dict) -> Node:
+    """`step` applied to x's key names, moved down into the loads below x. Every op but
+    select/exclude is key-wise and commutes with a rename; a select below a rename matches
+    the names before it, so it moves into the loads' views too, ahead of the rename."""
+    key = (step, id(x))
+    if key in memo:
+        return memo[key]
+    if x.op == "load":
+        out = b.node("load", (), dict(x.attrs) | {"view": x.attr("view", ()) + (step,)})
+        spans = b.origins.setdefault(out, [])
+        spans += [s for s in b.origins.get(x, ()) if s not in spans]
+        memo.setdefault("sources", {})[out] = x
+    elif x.op in ("select", "exclude"):
+        out = _absorb(_absorb(x.inputs[0], (x.op, x.attr("patterns")), b, memo), step, b, memo)
+    else:
+        out = b.node(x.op, tuple(_absorb(i, step, b, memo) for i in x.inputs), dict(x.attrs))
+    memo[key] = out
+    return out
+
+
+def views(graph: Graph) -> Graph:
+    memo: dict = {}
+
+    def rule(n: Node, inputs: tuple, b: Builder) -> Node:
+        if n.op != "rename":
+            return _same(n, inputs, b)
+        step = ("rename", n.attr("pattern"), n.attr("replacement"))
+        return _absorb(inputs[0], step, b, memo)
+
+    with recursion_room():
+        out, _ = _rebuild(graph, rule)
+    sources = memo.get("sources", {})
+    for viewed, x in sources.items():  # a renamed input keeps its recipe name in messages
+        if x in out.names:
+            out.names.setdefault(viewed, out.names[x])
+    # an input used only renamed is used, not unused
+    used = set(sources.values())
+    out.extra_roots = [n for n in out.extra_roots if n not in used]
+    count = sum(1 for n in graph.nx() if n.op == "rename")
+    if count:
+        out.notes.append(f"views: {count} rename(s) applied to the inputs' key names")
+    return out
+
+
+PASSES = (("views", views), ("fold", fold), ("pushdown", pushdown), ("cse", cse), ("dce", dce))
 
 
 def optimize(graph: Graph) -> Graph:

@@ -245,12 +245,17 @@ def _job_dict(j: KeyJob) -> dict:
 
 
 def _info_list(t: TensorInfo) -> list:
-    return [t.name, t.dtype, list(t.shape), t.file, t.begin, t.end]
+    out = [t.name, t.dtype, list(t.shape), t.file, t.begin, t.end]
+    if t.virtual:  # views only: a stored tensor keeps the short form
+        out += [[_info_list(p) for p in t.parts], t.transpose]
+    return out
 
 
 def _info_from(v: list) -> TensorInfo:
-    name, dt, sh, f, b, e = v
-    return TensorInfo(name, dt, tuple(sh), f, b, e)
+    name, dt, sh, f, b, e = v[:6]
+    parts, transpose = v[6:] or ([], False)
+    return TensorInfo(name, dt, tuple(sh), f, b, e, tuple(_info_from(p) for p in parts),
+                      transpose)
 
 
 def _terms_from(terms: list) -> tuple[LoraTerm, ...]:

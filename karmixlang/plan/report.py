@@ -51,6 +51,25 @@ def _rel(path: str, base: str) -> str:
     return path if rel.startswith("..") else rel
 
 
+def _view(v) -> dict:
+    """An input read through a view (plan/views.py): how, for `inputs[].view`."""
+    if v is None:
+        return {}
+    return {"view": {"naming": v.source, "read_as": v.target, "renamed": v.renamed,
+                     "fused": v.fused, "reshaped": v.reshaped, "transposed": v.transposed,
+                     "dropped": len(v.dropped), "dropped_examples": list(v.dropped[:5])}}
+
+
+def _renames(n) -> dict:
+    """The recipe's renames of an input, for `inputs[].renamed_by` ([pattern, replacement])."""
+    steps = [list(s[1:]) for s in n.attr("view", ()) if s[0] == "rename"]
+    return {"renamed_by": steps} if steps else {}
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def build_plan(recipe: str, graph: Graph, sched: Schedule, threads: int = 1,
                compute: str = "fp32", executor: str = "local") -> Plan:
     base = os.path.dirname(os.path.abspath(recipe))
@@ -68,7 +87,7 @@ def build_plan(recipe: str, graph: Graph, sched: Schedule, threads: int = 1,
             "dtypes": dict(sorted(Counter(t.dtype for t in h.tensors.values()).items())),
             "bytes": h.total_bytes,
             "outside_recipe_folder": os.path.relpath(n.attr("path"), base).startswith(".."),
-        })
+        } | _view(sched.views.get(n)) | _renames(n))
     nodes = []
     for n in order:
         spans = graph.origins.get(n, [])
@@ -196,6 +215,16 @@ def _render_loras(loras: list[dict]) -> list[str]:
     return out
 
 
+def _view_line(v: dict) -> str:
+    done = [f"{v[k]} {k}" for k in ("renamed", "fused", "reshaped", "transposed") if v[k]]
+    line = f"read as {v['read_as']} from {v['naming']}: " + (", ".join(done) or "as is")
+    if v["dropped"]:
+        line += (f"; {v['dropped']} key(s) with no place there not read ("
+                 + ", ".join(f"`{k}`" for k in v["dropped_examples"])
+                 + (", ..." if v["dropped"] > len(v["dropped_examples"]) else "") + ")")
+    return line
+
+
 def render_text(plan: Plan) -> str:
     """Plain text (the CLI prints it through rich with markup off)."""
     d = plan.data
@@ -208,6 +237,10 @@ def render_text(plan: Plan) -> str:
         shards = f", {i['files']} shards" if i["files"] > 1 else ""
         out.append(f"  #{i['node']:<3} {i['role']:<5} {i['name']:<18} {i['path']}  "
                    f"{i['keys']} keys ({dtypes}{shards}), {human_bytes(i['bytes'])}{flag}")
+        for step in i.get("renamed_by", ()):
+            out.append(f"       renamed by rename({_quote(step[0])}, {_quote(step[1])})")
+        if "view" in i:
+            out.append("       " + _view_line(i["view"]))
     out += _render_loras(d.get("loras", []))
     out += ["", f"Graph ({t['nodes']} nodes after optimization; the recipe spells out "
                 f"{t['operations_written']} operations):"]

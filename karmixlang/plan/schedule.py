@@ -18,6 +18,7 @@ from karmixlang.diagnostics import Diagnostic, KmxError, error
 from karmixlang.io.dtypes import DTYPES, nbytes
 from karmixlang.io.header import CheckpointHeader, read_checkpoint, read_tensor_bytes
 from karmixlang.io.layouts import detect
+from karmixlang.io.views import ViewReport
 from karmixlang.ir.graph import Graph, KeyMap, Node, match_key, reachable
 from karmixlang.ops import OPS, RAW_READ
 from karmixlang.machine import available_memory
@@ -25,6 +26,7 @@ from karmixlang.plan.executable import Executable, KeyJob, Output, SaveTarget, S
 from karmixlang.plan.extract import Extraction, factor_outputs
 from karmixlang.plan.loras import PlannedLora, plan_loras
 from karmixlang.plan.outofcore import chunking_for
+from karmixlang.plan.views import apply_views
 
 COMPUTE_ITEMSIZE = {"fp32": 4, "fp64": 8}
 # Blocks below this come from glibc's heap, which keeps them for reuse (the runtime raises the
@@ -66,6 +68,7 @@ class Schedule:
     loras: dict[Node, PlannedLora] = field(default_factory=dict)
     warnings: list[Diagnostic] = field(default_factory=list)
     extractions: dict[int, Extraction] = field(default_factory=dict)  # save -> its LoRA
+    views: dict[Node, ViewReport] = field(default_factory=dict)  # loads read through a view
 
     @property
     def jobs(self) -> list[KeyJob]:
@@ -585,7 +588,7 @@ def schedule(graph: Graph, compute: str = "fp32", strict: bool = False,
              memory_limit: int | None = None) -> Schedule:
     """`memory_limit`: bytes (None: half of the available memory), which decides the keys
     that run out of core."""
-    headers = headers if headers is not None else read_inputs(graph)
+    headers, views = apply_views(graph, headers if headers is not None else read_inputs(graph))
     loras, warnings = plan_loras(graph, headers)
     keys = node_keys(graph, headers, loras)
     order = graph.topo()
@@ -614,4 +617,4 @@ def schedule(graph: Graph, compute: str = "fp32", strict: bool = False,
     peak_job = max(jobs, key=lambda j: j.est_bytes, default=None)
     return Schedule(headers, exe, copied, counts, sum(read_once.values()), written,
                     peak_job.key if peak_job else None, peak_job.est_bytes if peak_job else 0,
-                    loras, warnings, extractions)
+                    loras, warnings, extractions, views)

@@ -53,26 +53,34 @@ class Reader:
 
     def read(self, info: TensorInfo, into: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor's bytes read into a fresh buffer, or into `into` (a uint8 scratch buffer
-        of exactly info.nbytes that the caller reuses)."""
+        of exactly info.nbytes that the caller reuses). A virtual tensor's parts are read one
+        after the other into the same buffer: a concatenation along dim 0 is one of bytes."""
         dtype = TORCH_DTYPES.get(info.dtype)
         if dtype is None:
             raise KmxError([error("K0302", f"`{info.file}`: key `{info.name}` has dtype "
                                   f"{info.dtype}, which this torch cannot hold")])
         buf = into if into is not None else torch.empty(info.nbytes, dtype=torch.uint8)
         if info.nbytes:
-            view = memoryview(buf.numpy())
-            fd, done = self._fd(info.file), 0
-            while done < info.nbytes:
-                try:
-                    n = os.preadv(fd, [view[done:]], info.begin + done)
-                except OSError as exc:
-                    raise KmxError([error("K0302", f"cannot read `{info.file}` (key "
-                                          f"`{info.name}`): {exc.strerror}")])
-                if n == 0:
-                    raise KmxError([error("K0302", f"`{info.file}` ended early while reading "
-                                          f"`{info.name}`: was it truncated during the run?")])
-                done += n
+            view, at = memoryview(buf.numpy()), 0
+            for seg in info.segments:
+                self._read_into(seg, view[at:at + seg.nbytes])
+                at += seg.nbytes
+        if info.transpose:  # a copy: the transpose of the stored 2-D tensor, contiguous
+            return buf.view(dtype).reshape(info.shape[::-1]).t().contiguous()
         return buf.view(dtype).reshape(info.shape)
+
+    def _read_into(self, seg: TensorInfo, view: memoryview) -> None:
+        fd, done = self._fd(seg.file), 0
+        while done < seg.nbytes:
+            try:
+                n = os.preadv(fd, [view[done:]], seg.begin + done)
+            except OSError as exc:
+                raise KmxError([error("K0302", f"cannot read `{seg.file}` (key "
+                                      f"`{seg.name}`): {exc.strerror}")])
+            if n == 0:
+                raise KmxError([error("K0302", f"`{seg.file}` ended early while reading "
+                                      f"`{seg.name}`: was it truncated during the run?")])
+            done += n
 
     def close(self) -> None:
         with self._lock:
@@ -82,11 +90,25 @@ class Reader:
 
 
 def part(info: TensorInfo, span: tuple[int, int]) -> TensorInfo:
-    """Flat elements [a, b) of a stored tensor, as a 1-D tensor of its own."""
+    """Flat elements [a, b) of a tensor, as a 1-D tensor of its own. A concatenation's
+    elements are its parts' in order; a transposed tensor has no flat byte range (the plan
+    never chunks one: plan/outofcore.py)."""
+    if info.transpose:
+        raise ValueError(f"`{info.name}` is read transposed and cannot be read in pieces")
     a, b = span
     item = DTYPES[info.dtype].itemsize
-    return TensorInfo(info.name, info.dtype, (b - a,), info.file, info.begin + a * item,
-                      info.begin + b * item)
+    pieces, at = [], 0
+    for seg in info.segments:
+        n = seg.nbytes // item
+        lo, hi = max(a, at), min(b, at + n)
+        if lo < hi:
+            pieces.append(TensorInfo(seg.name, seg.dtype, (hi - lo,), seg.file,
+                                     seg.begin + (lo - at) * item, seg.begin + (hi - at) * item))
+        at += n
+    if len(pieces) == 1:
+        return pieces[0]
+    first = pieces[0] if pieces else info
+    return TensorInfo(info.name, info.dtype, (b - a,), first.file, 0, 0, tuple(pieces))
 
 
 class Scratch:

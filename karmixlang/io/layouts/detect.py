@@ -6,12 +6,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+# `vae.` (Flux's VAE in ComfyUI files) is too common a prefix to say "Flux" on its own
 SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.",
-                        "conditioner.embedders.", "text_encoders.", "vae.")
+                        "conditioner.embedders.", "text_encoders.")
 _FITS = {"sd": ("sd1", "sdxl"), "any": ("sd1", "sdxl", "flux")}
 _COMPONENT_TEXT = {"unet": "UNet", "vae": "VAE", "clip_l": "CLIP-L text encoder",
                    "clip_g": "OpenCLIP-G text encoder", "t5": "T5 text encoder"}
-_ARCH_TEXT = {"sd1": "SD1.x", "sdxl": "SDXL", "flux": "Flux", "sd2": "SD2.x"}
+_ARCH_TEXT = {"sd1": "SD1.x", "sdxl": "SDXL", "flux": "Flux", "sd2": "SD2.x",
+              "sd": "SD1.x/SDXL"}
 FLUX_LATENT_CHANNELS = 16
 
 
@@ -83,7 +85,7 @@ def detect(shapes: Mapping[str, tuple[int, ...]]) -> Naming:
 
 
 def _single_file_arch(has) -> str:
-    if has("model.diffusion_model.double_blocks.") or has("text_encoders.") or has("vae."):
+    if has("model.diffusion_model.double_blocks.") or has("text_encoders."):
         return "flux"
     if has("cond_stage_model.model."):
         return "sd2"
