@@ -158,3 +158,23 @@ def test_blocks_give_keys_outside_every_slot_the_base_weight():
     assert km.at("conditioner.embedders.0.transformer.text_model.final_layer_norm.bias") == 0.25
     assert km.at("alphas_cumprod") == 0.25  # no slot: the BASE weight
     assert KeyMap("blocks", (("IN00", 0.5),), "sdxl", 0.9).at("alphas_cumprod") == 0.9
+
+
+def test_flux_blocks_follow_supermerger_slots_with_or_without_prefix():
+    from karmixlang.blocks import SLOTS, slot_of
+    from karmixlang.ir.graph import KeyMap
+
+    assert len(SLOTS["flux"]) == 61 and SLOTS["flux"][:4] == ("CLIP", "T5", "IN", "D00")
+    assert SLOTS["flux"][-2:] == ("S37", "OUT")
+    for key, slot in [("model.diffusion_model.double_blocks.7.img_attn.qkv.weight", "D07"),
+                      ("single_blocks.12.linear1.weight", "S12"),
+                      ("model.diffusion_model.txt_in.bias", "IN"),
+                      ("guidance_in.out_layer.weight", "IN"),
+                      ("model.diffusion_model.final_layer.linear.weight", "OUT"),
+                      ("text_encoders.clip_l.transformer.text_model.final_layer_norm.bias", "CLIP"),
+                      ("text_encoders.t5xxl.transformer.shared.weight", "T5"),
+                      ("vae.decoder.conv_in.weight", None)]:
+        assert slot_of("flux", key) == slot, key
+    km = KeyMap("blocks", (("D07", 0.25),), "flux", 0.5)
+    assert km.at("model.diffusion_model.double_blocks.7.txt_mlp.0.bias") == 0.25
+    assert km.at("vae.decoder.conv_in.weight") == 0.5  # no slot: the default

@@ -97,7 +97,7 @@ def _section(text: str, heading: str) -> str:
     return text[start:end if end >= 0 else None]
 
 
-@pytest.mark.parametrize("arch", ["sdxl", "sd1"])
+@pytest.mark.parametrize("arch", ["sdxl", "sd1", "flux"])
 def test_every_slot_is_in_blocks_md_with_its_key_count(arch):
     text = read("blocks.md")
     for slot in all_slots(arch):
