@@ -1,4 +1,5 @@
-"""Shared helpers: tiny checkpoints written by the tests themselves."""
+"""Shared helpers: tiny checkpoints written by the tests themselves, and kmx's command line
+run in this process."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from karmixlang.cli import main
 from karmixlang.demo.synth import write_model
 
 
@@ -48,3 +50,15 @@ def fuzz_examples(default: int) -> int:
     """Hypothesis examples for a fuzz test: bounded in CI, raised for a release run with
     KMX_FUZZ_EXAMPLES (docs/reliability.md)."""
     return int(os.environ.get("KMX_FUZZ_EXAMPLES", default))
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    """`kmx ARGV` in this process -> (exit code, stdout, stderr). argparse's own exits count as
+    codes; no output may hold a traceback or an internal error."""
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err and "internal error" not in out + err
+    return code, out, err

@@ -12,7 +12,7 @@ import pytest
 from chunkfile import cases
 
 from karmixlang.check.checker import check_program
-from karmixlang.cli import main
+from conftest import cli
 from karmixlang.diagnostics import CODES
 
 DATA = Path(__file__).parents[1] / "data"
@@ -33,15 +33,7 @@ save "out/lib.safetensors" = lerp(o, a, lib.ratio)
 LIB = 'param root = "/ckpt"\nparam ratio = 0.25\nparam flag = false\n'
 
 
-def run(capsys, *argv) -> tuple[int, str, str]:
-    """main(argv) -> (exit code, stdout, stderr); argparse's own exits count as codes."""
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err and "internal error" not in out + err
-    return code, out, err
+run = cli
 
 
 @pytest.fixture

@@ -14,9 +14,8 @@ import sys
 import pytest
 
 from karmixlang.blocks import slot_of
-from karmixlang.cli import main
 
-from conftest import recipe
+from conftest import cli, recipe
 from vcs_models import write_sdxl_models
 
 MERGE = """
@@ -28,14 +27,7 @@ save "out/m.safetensors" = {method}(sdxl, a, 0.3) + (b - sdxl) * w
 """
 
 
-def kmx(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err and "internal error" not in out + err
-    return code, out, err
+kmx = cli
 
 
 @pytest.fixture

@@ -9,8 +9,7 @@ import json
 import os
 
 from karmixlang import __version__
-from karmixlang.cli import main
-from conftest import recipe, tiny_models
+from conftest import cli, recipe, tiny_models
 
 TEXT = """
     base o = "models/base.safetensors"
@@ -20,9 +19,8 @@ TEXT = """
 
 
 def kmx(capsys, *argv) -> tuple[int, str]:
-    code = main(list(argv))
-    out = capsys.readouterr()
-    return code, out.out + out.err
+    code, out, err = cli(capsys, *argv)
+    return code, out + err
 
 
 def project(workdir) -> str:

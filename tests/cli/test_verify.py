@@ -11,8 +11,7 @@ import shutil
 from safetensors.numpy import save_file
 import numpy as np
 
-from karmixlang.cli import main
-from conftest import recipe, tiny_models
+from conftest import cli, recipe, tiny_models
 
 TEXT = """
     param models = "models"
@@ -23,9 +22,8 @@ TEXT = """
 
 
 def kmx(capsys, *argv) -> tuple[int, str]:
-    code = main(list(argv))
-    out = capsys.readouterr()
-    return code, out.out + out.err
+    code, out, err = cli(capsys, *argv)
+    return code, out + err
 
 
 def made(workdir, capsys, *flags) -> str:
