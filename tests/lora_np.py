@@ -19,6 +19,12 @@ SDXL_KEYS = {
     "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight": (12, 4),
     "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.weight": (6, 4),
 }
+SD1_KEYS = {
+    "model.diffusion_model.input_blocks.1.1.proj_in.weight": (6, 6, 1, 1),
+    "model.diffusion_model.input_blocks.1.0.in_layers.2.weight": (6, 4, 3, 3),
+    "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.attn2.to_k.weight": (6, 5),
+    "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight": (5, 5),
+}
 FLUX_KEYS = {
     "double_blocks.0.img_attn.qkv.weight": (9, 4),
     "double_blocks.0.img_attn.proj.weight": (4, 4),

@@ -219,10 +219,11 @@ _FLUX_BARE = ("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "time_in
               "vector_in.", "guidance_in.", "final_layer.")
 
 
-def kohya_modules(key: str) -> list[tuple[str, int, int]] | None:
+def kohya_modules(key: str, arch: str = "unknown") -> list[tuple[str, int, int]] | None:
     """The kohya modules a LoRA holding `key`'s change has: (name, part, parts) each — a
     fused OpenCLIP in_proj_weight is three modules, its q, k and v thirds — or None when
-    kohya has no name for the key (a VAE, a bias, an unknown model)."""
+    kohya has no name for the key (a VAE, a bias, an unknown model). kohya names an SD1.x
+    UNet in diffusers' names (sd-scripts loads it from diffusers), SDXL's in its own."""
     if key.startswith(_CLIP_G):
         stem = key[len(_CLIP_G):]
         names = _foreign_names("sdxl", "clip_g", stem)
@@ -233,6 +234,11 @@ def kohya_modules(key: str) -> list[tuple[str, int, int]] | None:
     if not key.endswith(".weight"):
         return None
     stem = key[: -len(".weight")]
+    unet = KOHYA_PREFIXES[0][0]
+    if arch == "sd1" and stem.startswith(unet):
+        name = sd.UNET["sd1"].backward(key[len(unet):])  # with `.weight`: inner tables need it
+        return None if name is None else \
+            [("lora_unet_" + name[: -len(".weight")].replace(".", "_"), 0, 1)]
     for prefix, lora in KOHYA_PREFIXES:
         if stem.startswith(prefix):
             return [(lora + stem[len(prefix):].replace(".", "_"), 0, 1)]

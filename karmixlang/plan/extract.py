@@ -55,7 +55,7 @@ def factor_outputs(save_index: int, node: int, key: str, shape: tuple[int, ...],
     rank = ex.conv_rank if conv else ex.rank
     if rank is None:
         return f"a {'×'.join(map(str, kernel))} conv: add lora_conv=RANK to extract it"
-    modules = kohya_modules(key)
+    modules = kohya_modules(key, ex.arch)
     if modules is None:
         return "kohya names no module for this key"
     rows, rest = divmod(shape[0], len(modules))

@@ -156,3 +156,28 @@ def test_extracting_from_a_model_is_an_error(tmp_path):
         save "x.safetensors" = t with lora=8
     """))
     assert [d.code for d in diags if d.is_error] == ["K0217"]
+
+
+def test_sd1_extraction_names_the_unet_as_kohya_does_and_round_trips(workdir):
+    """sd-scripts names an SD1.x UNet in diffusers' names, its text encoder `lora_te_`."""
+    base, tuned = models(workdir, L.SD1_KEYS)
+    run(recipe(workdir, """
+        base b = "base.safetensors"
+        model t = "tuned.safetensors"
+        save "x.safetensors" = t - b with lora=8, lora_conv=64
+    """))
+    with safe_open(workdir / "x.safetensors", "np") as f:
+        modules = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0]
+                   for k in f.keys()}
+    assert modules == {"lora_unet_down_blocks_0_attentions_0_proj_in",
+                       "lora_unet_down_blocks_0_resnets_0_conv1",
+                       "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_k",
+                       "lora_te_text_model_encoder_layers_0_self_attn_q_proj"}
+    run(recipe(workdir, """
+        base b = "base.safetensors"
+        lora x = "x.safetensors"
+        save "back.safetensors" = b + x
+    """, "back.kmx"))
+    back = load_file(workdir / "back.safetensors")
+    for k, v in tuned.items():
+        np.testing.assert_allclose(back[k], v, atol=2e-5, err_msg=k)
