@@ -2,6 +2,7 @@
 
     check(path)            -> Checked (program, diagnostics, sources to show them with)
     compile(path)          -> Compiled (graph, schedule, plan), reading headers only
+    compile_sweep(path, overrides, sweeps) -> one Compiled for every point of a grid
     run(path, ...)         -> RunResult (imports torch); execute(compiled, ...) the same for a
                               compiled recipe
     format(text)           -> canonical text
@@ -18,9 +19,10 @@ from karmixlang.check.checker import check_program
 from karmixlang.check.program import Program
 from karmixlang.diagnostics import Diagnostic, KmxError, error
 from karmixlang.plan.compile import Compiled, compile
+from karmixlang.plan.sweep import compile_sweep
 
 __all__ = ["Checked", "Compiled", "Formatted", "LockResult", "check", "check_ray_address",
-           "compile", "execute", "format", "format_file", "run", "sources_for",
+           "compile", "compile_sweep", "execute", "format", "format_file", "run", "sources_for",
            "verify", "write_formatted", "write_lock"]
 
 

@@ -31,6 +31,17 @@ def parse_sets(values: list[str] | None) -> dict[str, str]:
     return sets
 
 
+def parse_sweeps(values: list[str] | None) -> list[tuple[str, list[str]]]:
+    """--sweep NAME=V1,V2,... (repeatable: a grid), in the order given."""
+    sweeps = []
+    for v in values or []:
+        name, eq, text = v.partition("=")
+        if not eq or not name.strip():
+            raise UsageError(f"--sweep expects NAME=VALUE,VALUE,..., got {v!r}")
+        sweeps.append((name.strip(), text.split(",")))
+    return sweeps
+
+
 class UsageError(Exception):
     pass
 
@@ -79,13 +90,16 @@ def _memory_limit(args) -> int | None:
 
 
 def _compile(args):
-    from karmixlang.api import compile as compile_recipe
+    from karmixlang.api import compile as compile_recipe, compile_sweep
     from karmixlang.machine import default_threads
 
-    return compile_recipe(args.file, parse_sets(args.set), threads=args.threads or
-                          default_threads(), compute_dtype=args.compute_dtype,
-                          strict=args.strict, memory_limit=_memory_limit(args),
-                          executor=args.executor, lock=not args.no_lock)
+    options = dict(threads=args.threads or default_threads(), compute_dtype=args.compute_dtype,
+                   strict=args.strict, memory_limit=_memory_limit(args),
+                   executor=args.executor, lock=not args.no_lock)
+    if args.sweep:
+        return compile_sweep(args.file, parse_sets(args.set), parse_sweeps(args.sweep),
+                             **options)
+    return compile_recipe(args.file, parse_sets(args.set), **options)
 
 
 def cmd_plan(args) -> int:
@@ -322,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", action="append", metavar="NAME=VALUE",
                         help="override a param (repeatable); NAME may be lib.param")
         if compute:
+            sp.add_argument("--sweep", action="append", metavar="NAME=V1,V2,...",
+                            help="one output per value (repeatable: a grid), reading every "
+                                 "input once (docs/recipes-in-git.md#sweeps)")
             sp.add_argument("--compute-dtype", choices=("fp32", "fp64"), default="fp32")
             sp.add_argument("--strict", action="store_true",
                             help="treat every key that would be copied from a fallback as an error")

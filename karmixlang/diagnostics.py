@@ -102,6 +102,9 @@ CODES: dict[str, str] = {
     "K0514": "an input differs from what the output records",
     "K0515": "the output differs from what its recipe makes",
     "K0516": "not a kmx output",
+    "K0517": "two points of a sweep write one file",
+    "K0518": "a swept name is not a param of the recipe",
+    "K0519": "a param swept twice, or also given with --set",
 }
 
 

@@ -219,9 +219,7 @@ def resolve_params(root: Unit, overrides: dict[str, str], diags: list[Diagnostic
     for key, text in overrides.items():
         lib, _, name = key.rpartition(".")
         unit = root.imports.get(lib) if lib else root
-        candidates = [n for n, d in root.decls.items() if isinstance(d, ast.Param)]
-        candidates += [f"{alias}.{n}" for alias, u in root.imports.items() if u is not None
-                       for n, d in u.decls.items() if isinstance(d, ast.Param)]
+        candidates = param_names(root)
         if unit is None or name not in unit.params:
             hint = did_you_mean(key, candidates)
             diags.append(error("K0211", f"--set {key}: no param `{key}` in the recipe",
@@ -235,6 +233,21 @@ def resolve_params(root: Unit, overrides: dict[str, str], diags: list[Diagnostic
             kind = type(unit.params[name]).__name__.replace("float", "number")
             diags.append(error("K0211", f"--set {key}={text}: {exc}",
                                unit.decls[name].span, label=f"`{name}` is a {kind} param"))
+
+
+def param_names(root: Unit) -> list[str]:
+    """The params `--set` can give: the recipe's own, and `alias.name` for its imports'."""
+    names = [n for n, d in root.decls.items() if isinstance(d, ast.Param)]
+    return names + [f"{alias}.{n}" for alias, u in root.imports.items() if u is not None
+                    for n, d in u.decls.items() if isinstance(d, ast.Param)]
+
+
+def save_interpolations(root: Unit) -> list[frozenset[str]]:
+    """For each save of the recipe, in order: the params its path interpolates, as `--set`
+    names them (`name`, `alias.name`)."""
+    return [frozenset(f"{p.lib}.{p.name}" if p.lib else p.name for p in s.path.parts
+                      if isinstance(p, ast.Interp))
+            for s in root.module.stmts if isinstance(s, ast.Save)]
 
 
 def _all_imported(unit: Unit) -> list[Unit]:

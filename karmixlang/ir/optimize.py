@@ -25,9 +25,11 @@ from karmixlang.ir.graph import Builder, Graph, KeyMap, Node
 Rewrite = Callable[[Node, tuple, Builder], Node]
 
 
-def _rebuild(graph: Graph, rule: Rewrite, keep_extra: bool = True) -> tuple[Graph, Builder]:
-    """Rebuild every node bottom-up through a fresh Builder, applying `rule` to each."""
-    b = Builder()
+def _rebuild(graph: Graph, rule: Rewrite, keep_extra: bool = True,
+             b: Builder | None = None) -> tuple[Graph, Builder]:
+    """Rebuild every node bottom-up through a Builder (a fresh one by default), applying
+    `rule` to each."""
+    b = b or Builder()
     new: dict[int, Node] = {}
     order = graph.nx(include_extra=keep_extra)
     for n in nx.topological_sort(order):
@@ -51,6 +53,21 @@ def _rebuild(graph: Graph, rule: Rewrite, keep_extra: bool = True) -> tuple[Grap
 
 def _same(n: Node, inputs: tuple, b: Builder) -> Node:
     return b.node(n.op, inputs, dict(n.attrs))
+
+
+def merge(graphs: list[Graph]) -> Graph:
+    """Several optimized graphs as one (the points of a sweep): every node re-interned
+    through one Builder, so the loads and subexpressions they share are computed once; the
+    saves of each graph in turn."""
+    b = Builder()
+    parts = [_rebuild(g, _same, keep_extra=False, b=b)[0] for g in graphs]
+    names: dict[Node, str] = {}
+    for part in parts:
+        for n, name in part.names.items():
+            names.setdefault(n, name)
+    notes = list(dict.fromkeys(note for g in graphs for note in g.notes))
+    return Graph([s for part in parts for s in part.saves], b.origins, names, notes,
+                 sum(g.built for g in graphs))
 
 
 # ------------------------------------------------------------------ fold

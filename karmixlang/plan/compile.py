@@ -38,6 +38,13 @@ class Compiled:
     # for each input by resolved path, which the run compares the hashes it computes against.
     lock_file: str | None = None
     locked: dict[str, LockedInput] = field(default_factory=dict)
+    # A sweep (plan/sweep.py): per save, the single run it stands for — that run's Compiled
+    # and the save's index in it, whose metadata the output carries. None: this one's own.
+    save_sources: list[tuple[Compiled, int]] | None = None
+
+    def source(self, index: int) -> tuple[Compiled, int]:
+        """The compiled run whose save `index` is, and its index there."""
+        return self.save_sources[index] if self.save_sources is not None else (self, index)
 
 
 def compile(path: str, overrides: dict[str, str] | None = None, *, threads: int = 1,

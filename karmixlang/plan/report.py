@@ -273,6 +273,8 @@ def render_text(plan: Plan) -> str:
             out.append(f"      {count} copied: {reason}")
         for ex in s["copied_examples"]:
             out.append(f"      e.g. {ex['key']}: {ex['reason']}")
+    if "sweep" in d:
+        out += [""] + _sweep_text(d["sweep"], d["saves"], t["bytes_read"])
     if "out_of_core" in t:
         out += [""] + _out_of_core_text(t["out_of_core"])
     out += ["", f"Reads {human_bytes(t['bytes_read'])}, writes {human_bytes(t['bytes_written'])}, "
@@ -283,6 +285,20 @@ def render_text(plan: Plan) -> str:
         out += _groups_text(d["groups"]) + [""]
     out.append(summary_line(plan))
     return "\n".join(out)
+
+
+def _sweep_text(sweep: dict, saves: list[dict], bytes_read: int) -> list[str]:
+    """The grid: each point's --set values and the files it writes; what reading once saves."""
+    points = sweep["points"]
+    grid = " × ".join(f"{p['name']} ({len(p['values'])})" for p in sweep["params"])
+    files = sum(len(p["saves"]) for p in points)
+    out = [f"Sweep ({grid}: {len(points)} points, {files} files):"]
+    for p in points:
+        values = " ".join(f"{k}={v}" for k, v in p["set"].items())
+        out.append(f"  {values}  " + ", ".join(saves[i]["path"] for i in p["saves"]))
+    out.append(f"  every input read once for all points: {human_bytes(bytes_read)} (as "
+               f"{len(points)} single runs: {human_bytes(sweep['bytes_read_separately'])})")
+    return out
 
 
 def _out_of_core_text(ooc: dict) -> list[str]:

@@ -77,8 +77,7 @@ class OutputSet:
         self.c = compiled
         self.opts = opts
         headers = compiled.schedule.headers
-        # Each input: its path and its files, sorted by path (the metadata's order).
-        self.inputs = sorted((n.attr("path"), h.files) for n, h in headers.items())
+        self.inputs = _inputs(compiled)
         self.seen = compiled.inputs
         self.hashes: dict[str, FileHashes] = {}  # by input file
         self._hashed = False  # every hash is in self.hashes
@@ -87,7 +86,7 @@ class OutputSet:
         self._resuming = opts.resume and not opts.force and any(
             os.path.exists(hidden_path(s.path, JOURNAL_SUFFIX)) for s in compiled.graph.saves)
         self._stamp_lock = threading.Lock()  # the stamps below, written by two threads
-        self._stamps: list[str] = []  # of outputs being written; filled in once hashed
+        self._stamps: list[tuple[str, int]] = []  # (stamp, save) being written; hashes later
         self._expected: dict[str, tuple[str, str]] = {}  # file -> (hash, output) to resume
         self._locks: list[OutputLock] = []
         self._fingerprints: list[dict[str, str]] | None = None  # once the inputs are hashed
@@ -101,27 +100,29 @@ class OutputSet:
 
     # -- layout and metadata
     def _metadata(self, index: int, hashes: dict[str, FileHashes] | None) -> dict[str, str]:
-        """`hashes` None: placeholders of the same length, for planning the layout."""
-        save = self.c.graph.saves[index]
-        plan = self.c.plan.data
+        """`hashes` None: placeholders of the same length, for planning the layout. A swept
+        output records its own point (its single run's Compiled): the same bytes."""
+        src, j = self.c.source(index)
+        save = src.graph.saves[j]
+        plan = src.plan.data
         graph = {"schema_version": plan["schema_version"], "compute_dtype": plan["compute_dtype"],
                  "inputs": plan["inputs"], "nodes": plan["nodes"],
-                 "save": plan["saves"][index]}
+                 "save": plan["saves"][j]}
         inputs = [{"path": p, "size": sum(self.seen[f].st_size for f in files),
                    "hash": combine_hashes([hashes[f].data_hash for f in files]) if hashes is not None
-                   else HASH_PLACEHOLDER} for p, files in self.inputs]
+                   else HASH_PLACEHOLDER} for p, files in _inputs(src)]
         meta = dict(save.metadata)
         meta.update({
             "kmx_version": __version__,
-            "kmx_recipe": self.c.program.sources.get(self.c.program.root.path, ""),
+            "kmx_recipe": src.program.sources.get(src.program.root.path, ""),
             "kmx_graph": json.dumps(graph, sort_keys=True, separators=(",", ":")),
             "kmx_inputs": json.dumps(inputs, separators=(",", ":")),
-            "kmx_set": json.dumps(dict(sorted(self.c.program.overrides.items()))),
+            "kmx_set": json.dumps(dict(sorted(src.program.overrides.items()))),
         })
         meta[FINGERPRINTS] = self._fingerprint_field(index, hashes is not None)
         if save.delta:
             meta["kmx_delta"] = "true"
-        extraction = self.c.schedule.extractions.get(index)
+        extraction = src.schedule.extractions.get(j)
         if extraction is not None:
             meta.update(extraction.metadata(save.path))
         return meta
@@ -173,8 +174,8 @@ class OutputSet:
             cache.save()
             with self._stamp_lock:
                 self._hashed = True
-                for path in self._stamps:
-                    self._write_stamp(path)
+                for path, index in self._stamps:
+                    self._write_stamp(path, index)
         except BaseException as exc:  # reported by the thread that publishes
             self._hash_error = exc
 
@@ -247,21 +248,22 @@ class OutputSet:
                     modes.append(self._mode(i))
             if self._hasher.ident is None:
                 self._hasher.start()
-            for i, (layout, lock, mode) in enumerate(zip(self.layouts, self._locks, modes)):
+            for i, (lock, mode) in enumerate(zip(self._locks, modes)):
                 with self.at(i):
-                    writers.append(self._writer(layout, lock, mode))
+                    writers.append(self._writer(i, lock, mode))
         except BaseException:
             self.keep_partial(writers)
             raise
         return writers
 
-    def _writer(self, layout: OutputLayout, lock: OutputLock, mode: str):
+    def _writer(self, index: int, lock: OutputLock, mode: str):
+        layout = self.layouts[index]
         if mode == "keep":
             return _Kept(layout)
         if mode == "fresh":
             with self._stamp_lock:
-                self._stamps.append(hidden_path(layout.final_path, STAMP_SUFFIX))
-                self._write_stamp(self._stamps[-1])
+                self._stamps.append((hidden_path(layout.final_path, STAMP_SUFFIX), index))
+                self._write_stamp(*self._stamps[-1])
         return CheckpointWriter(layout, resume=mode == "resume", lock=lock)
 
     def _mode(self, index: int) -> str:
@@ -275,7 +277,7 @@ class OutputSet:
                     "K0306", f"an interrupted run of `{layout.final_path}` left its finished "
                     "keys behind", help="pass --resume to continue it, or --force to start "
                     "over")])
-            self._check_stamp(layout)
+            self._check_stamp(index)
             return "resume"
         existing = self._existing(layout)
         if not existing:
@@ -289,19 +291,20 @@ class OutputSet:
             "pass --force to replace it, or save to another name")])
 
     # -- the resume stamp
-    def _stamp_data(self) -> dict:
+    def _stamp_data(self, index: int) -> dict:
+        """What output `index` is being written from (a swept output: its point's --set)."""
         return {
             "kmx_stamp": STAMP_VERSION,
             "recipe": dict(self.c.recipes),
-            "set": dict(sorted(self.c.program.overrides.items())),
+            "set": dict(sorted(self.c.source(index)[0].program.overrides.items())),
             "inputs": {f: {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
                            "hash": self.hashes[f].data_hash if self._hashed else None}
                        for f, st in sorted(self.seen.items())},
         }
 
-    def _write_stamp(self, path: str) -> None:
+    def _write_stamp(self, path: str, index: int) -> None:
         try:
-            atomic_write(path, json.dumps(self._stamp_data(), indent=1).encode())
+            atomic_write(path, json.dumps(self._stamp_data(index), indent=1).encode())
         except OSError as e:  # the output's folder, removed or full: not a hashing failure
             too_many = e.errno in (errno.EMFILE, errno.ENFILE)
             raise KmxError([error("K0402", f"cannot write `{path}`: {e.strerror or e}",
@@ -309,9 +312,10 @@ class OutputSet:
                                   "check that the output's folder exists and is "
                                   "writable")]) from e
 
-    def _check_stamp(self, layout: OutputLayout) -> None:
+    def _check_stamp(self, index: int) -> None:
         """Resume only the run this one is: same recipe files, --set values and input files
         (by size and mtime now, by data hash before publishing)."""
+        layout = self.layouts[index]
         def refuse(why: str):
             raise KmxError([error("K0404", f"cannot resume `{layout.final_path}`: {why}",
                                   help=RESTART_HELP)])
@@ -324,7 +328,7 @@ class OutputSet:
             refuse(f"the record of its inputs `{path}` is missing or unreadable")
         if not isinstance(old, dict) or old.get("kmx_stamp") != STAMP_VERSION:
             refuse(f"the record of its inputs `{path}` was written by another kmx version")
-        now = self._stamp_data()
+        now = self._stamp_data(index)
         for p in sorted(set(old.get("recipe", {})) | set(now["recipe"])):
             if old.get("recipe", {}).get(p) != now["recipe"].get(p):
                 refuse(f"the recipe file `{p}` changed since the interrupted run")
@@ -412,6 +416,11 @@ class OutputSet:
                     pass
         for lock in self._locks:
             lock.release()
+
+
+def _inputs(compiled) -> list[tuple[str, tuple[str, ...]]]:
+    """Each input: its path and its files, sorted by path (the metadata's order)."""
+    return sorted((n.attr("path"), h.files) for n, h in compiled.schedule.headers.items())
 
 
 def _sets(values) -> str:
