@@ -148,3 +148,18 @@ def test_namings_that_cannot_be_read_together_are_one_coded_error(workdir, model
     if code == "K0312":
         msg = e.value.diagnostics[0].message
         assert "SDXL single-file" in msg and "SD1.x single-file" in msg and "s.safetensors" in msg
+
+
+def test_a_diffusers_component_folder_is_an_input(workdir, models):
+    # the layout of a diffusers repository's unet/ folder, named by the folder
+    (workdir / "unet").mkdir()
+    write_model(workdir / "unet" / "diffusion_pytorch_model.safetensors",
+                component(models["sdxl"], "sdxl", "unet", "diffusers"))
+    write_model(workdir / "x.safetensors", models["sdxl"])
+    path = recipe(workdir, '''
+        base x = "x.safetensors"
+        model u = "unet"
+        save "out.safetensors" = 0.5*x + 0.5*u
+        ''')
+    view = compile(path).plan.data["inputs"][1]["view"]
+    assert view["naming"] == "diffusers UNet (SDXL)" and view["renamed"] == 1680
