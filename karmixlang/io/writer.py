@@ -27,6 +27,7 @@ from karmixlang.diagnostics import KmxError, error
 from karmixlang.io.dtypes import DTYPES, nbytes
 from karmixlang.io.files import (JOURNAL_SUFFIX, LOCK_SUFFIX, PARTIAL_SUFFIX, STAMP_SUFFIX,
                                  OutputLock, hidden_path, not_regular, same_file, write_all)
+from karmixlang.io.hashes import compute_hashes
 from karmixlang.io.header import TOO_MANY_FILES_HELP
 
 RESTART_HELP = ("to start this output over, run again with --force (the interrupted run's "
@@ -351,6 +352,13 @@ class CheckpointWriter:
                 self._leave(None)
             with self._state:
                 self.done_keys |= batch
+
+    def data_hashes(self) -> list[str]:
+        """The SHA-256 (hex) of each partial file's tensor data as written so far: once every
+        key is written, what its header's modelspec.hash_sha256 records. Read by path after
+        checking each is still this writer's file (commit() checks again before publishing)."""
+        self._check_own_files()
+        return [compute_hashes(temp).data_sha256 for temp in self._temps]
 
     def commit(self, headers: list[bytes] | None = None) -> None:
         """Publish: fsync, rename every temp file to its final name (index last), fsync the

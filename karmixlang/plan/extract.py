@@ -7,15 +7,10 @@ no name for) are left out, and the plan lists them."""
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 from karmixlang.io.lora_map import kohya_modules
 from karmixlang.plan.executable import Output
-
-# modelspec.architecture of a LoRA, by the family its keys show (the Stability AI model spec)
-ARCHITECTURES = {"sdxl": "stable-diffusion-xl-v1-base/lora", "sd1": "stable-diffusion-v1/lora",
-                 "flux": "flux-1-dev/lora"}
 
 
 @dataclass
@@ -27,13 +22,11 @@ class Extraction:
     modules: set[str] = field(default_factory=set)
     left_out: dict[str, str] = field(default_factory=dict)  # key -> why
 
-    def metadata(self, path: str) -> dict[str, str]:
-        """What kohya's tools write about a LoRA (ss_*) and the model spec's fields."""
+    def metadata(self) -> dict[str, str]:
+        """What kohya's tools write about a LoRA (ss_*); the model spec's fields are every
+        output's (runtime/outputs.py, io/modelspec.py)."""
         meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(self.rank),
-                "ss_network_alpha": str(self.rank),
-                "modelspec.sai_model_spec": "1.0.0",
-                "modelspec.architecture": ARCHITECTURES.get(self.arch, "unknown/lora"),
-                "modelspec.title": os.path.splitext(os.path.basename(path))[0]}
+                "ss_network_alpha": str(self.rank)}
         if self.conv_rank is not None:
             meta["ss_network_args"] = (f'{{"conv_dim": "{self.conv_rank}", '
                                        f'"conv_alpha": "{self.conv_rank}"}}')

@@ -49,6 +49,8 @@ class RunOptions:
     address: str | None = None  # the Ray cluster to join; None starts a local one
     # Copy the keys whose fingerprint is unchanged from the output being replaced (reuse.py)
     reuse: bool = True
+    # modelspec.date of the outputs: None from SOURCE_DATE_EPOCH (none if unset), "" none
+    date: str | None = None
 
 
 @dataclass

@@ -23,12 +23,14 @@ import threading
 
 from karmixlang import __version__
 from karmixlang.diagnostics import KmxError, error, located
-from karmixlang.io.guard import changed, check_outputs, plan_save
+from karmixlang.io import modelspec
+from karmixlang.io.guard import changed, check_outputs, plan_save, save_tensors
 from karmixlang.io.hashes import HASH_PLACEHOLDER, FileHashes, HashCache, combine_hashes
 from karmixlang.io.header import TOO_MANY_FILES_HELP, read_checkpoint
 from karmixlang.io.files import (JOURNAL_SUFFIX, STAMP_SUFFIX, OutputLock, atomic_write,
                                  hidden_path)
 from karmixlang.io.writer import RESTART_HELP, CheckpointWriter, OutputLayout
+from karmixlang.ir.graph import reachable
 from karmixlang.plan.fingerprint import (FP_HEX, NO_FINGERPRINT, content_identity,
                                          key_fingerprints)
 from karmixlang.plan.lock import UPDATE_HELP, full_hash
@@ -92,6 +94,7 @@ class OutputSet:
         self._fingerprints: list[dict[str, str]] | None = None  # once the inputs are hashed
         self.replaced: set[str] = set()  # keys copied from a fallback (--nonfinite=fallback)
         self._keys: dict[int, list[str]] = {}
+        self.date = _modelspec_date(opts.date)
         self.layouts = [plan_save(s, compiled.schedule, i, self._metadata(i, None))
                         for i, s in enumerate(compiled.graph.saves)]
         # Checked when compiling too; again here, as the files may have changed since.
@@ -111,7 +114,7 @@ class OutputSet:
         inputs = [{"path": p, "size": sum(self.seen[f].st_size for f in files),
                    "hash": combine_hashes([hashes[f].data_hash for f in files]) if hashes is not None
                    else HASH_PLACEHOLDER} for p, files in _inputs(src)]
-        meta = dict(save.metadata)
+        meta = {**self._modelspec(index), **dict(save.metadata)}  # what the recipe says wins
         meta.update({
             "kmx_version": __version__,
             "kmx_recipe": src.program.sources.get(src.program.root.path, ""),
@@ -124,8 +127,25 @@ class OutputSet:
             meta["kmx_delta"] = "true"
         extraction = src.schedule.extractions.get(j)
         if extraction is not None:
-            meta.update(extraction.metadata(save.path))
+            meta.update(extraction.metadata())
+        meta[modelspec.HASH_FIELD] = modelspec.HASH_PLACEHOLDER  # filled in from the data
         return meta
+
+    def _modelspec(self, index: int) -> dict[str, str]:
+        """The output's modelspec.* fields (io/modelspec.py): its architecture from its keys
+        (a LoRA's from the keys it was extracted from; none for a delta), its title from its
+        file name, the inputs it is made from."""
+        src, j = self.c.source(index)
+        save = src.graph.saves[j]
+        extraction = src.schedule.extractions.get(j)
+        if extraction is not None:
+            arch = modelspec.lora_architecture(extraction.arch)
+        elif save.delta:
+            arch = None
+        else:
+            arch = modelspec.architecture({k: shape for k, _, shape in
+                                           save_tensors(self.c.schedule, index)})
+        return modelspec.fields(arch, _stem(save.path), _sources(src, save), self.date)
 
     def _fingerprint_field(self, index: int, hashed: bool) -> str:
         """Each key's fingerprint, in sorted key order, FP_HEX hex digits each; zeros for
@@ -188,11 +208,13 @@ class OutputSet:
             raise err if isinstance(err, KmxError) else KmxError([error(
                 "K0302", f"cannot hash the inputs: {err}")])
 
-    def _final_headers(self, index: int) -> list[bytes]:
+    def _final_headers(self, index: int, data_hashes: list[str]) -> list[bytes]:
+        """Each file's header as published: the inputs' hashes, and each file's own data
+        hash (`data_hashes`, hex, in file order) as its modelspec.hash_sha256."""
         self._join_hasher()
         layout = plan_save(self.c.graph.saves[index], self.c.schedule, index,
                            self._metadata(index, self.hashes))
-        return [f.header for f in layout.files]
+        return [modelspec.with_hash(f.header, h) for f, h in zip(layout.files, data_hashes)]
 
     def at(self, index: int):
         """Errors about output `index` point at its save."""
@@ -218,11 +240,18 @@ class OutputSet:
         return False
 
     def _same_files(self, layout: OutputLayout, index: int) -> bool:
+        """The output's files have the headers and sizes this run would write, taking the data
+        hash each records as its data's (the data itself is not read again)."""
         try:
-            for f, header in zip(layout.files, self._final_headers(index)):
+            found = []
+            for f in layout.files:
                 with open(f.path, "rb") as fh:
-                    if os.fstat(fh.fileno()).st_size != f.size or fh.read(len(header)) != header:
+                    found.append(fh.read(len(f.header)))
+                    if os.fstat(fh.fileno()).st_size != f.size:
                         return False
+            recorded = [modelspec.recorded_hash(h) for h in found]
+            if None in recorded or found != self._final_headers(index, recorded):
+                return False
             if layout.index_path:
                 with open(layout.index_path, "rb") as fh:
                     return fh.read(len(layout.index) + 1) == layout.index
@@ -358,7 +387,10 @@ class OutputSet:
         return done
 
     def commit(self, writers: list) -> None:
-        headers = [self._final_headers(i) for i in range(len(writers))]
+        """Publish every output: its header filled in (the inputs' hashes, its own data's),
+        once every input is checked to be what was planned."""
+        headers = [self._final_headers(i, w.data_hashes()) if isinstance(w, CheckpointWriter)
+                   else None for i, w in enumerate(writers)]
         try:
             self._check_inputs()
         except KmxError:
@@ -421,6 +453,44 @@ class OutputSet:
 def _inputs(compiled) -> list[tuple[str, tuple[str, ...]]]:
     """Each input: its path and its files, sorted by path (the metadata's order)."""
     return sorted((n.attr("path"), h.files) for n, h in compiled.schedule.headers.items())
+
+
+def _sources(compiled, save) -> list[str]:
+    """The inputs `save` reads, as modelspec's merged_from names them, in recipe order."""
+    roots = [save.expr] + ([save.fallback] if save.fallback is not None else [])
+    names, seen = [], set()
+    for n in reachable(roots):
+        header = compiled.schedule.headers.get(n)
+        if header is not None and n.attr("path") not in seen:
+            seen.add(n.attr("path"))
+            names.append(modelspec.source_title(header.metadata, _stem(n.attr("path"))))
+    return names
+
+
+def _stem(path: str) -> str:
+    name = os.path.basename(path)
+    for suffix in (".safetensors.index.json", ".safetensors"):
+        if name.endswith(suffix):
+            return name[:-len(suffix)]
+    return os.path.splitext(name)[0]
+
+
+def _modelspec_date(given: str | None) -> str | None:
+    """modelspec.date: `given` ("" for none), else SOURCE_DATE_EPOCH's date (the
+    reproducible-builds convention), else none: the run's own time would make two runs of
+    one recipe differ."""
+    if given is not None:
+        return given or None
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch is None:
+        return None
+    try:
+        return modelspec.date_from_epoch(epoch.strip())
+    except ValueError:
+        raise KmxError([error("K0333", f"SOURCE_DATE_EPOCH is `{epoch}`, not a number of "
+                              "seconds since 1970-01-01 UTC", help="set it to a whole number "
+                              "(e.g. `date +%s`), or unset it: outputs then carry no "
+                              "modelspec.date")]) from None
 
 
 def _sets(values) -> str:

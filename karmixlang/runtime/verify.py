@@ -60,8 +60,10 @@ def verify(path: str, overrides: dict[str, str] | None = None, hashes_only: bool
         return Verified(path, len(recorded), 0)
     save = _which_save(compiled, graph, path)
     ignore = REMAPPED if overrides else ()
+    # The recomputed output must carry the recorded date, whatever SOURCE_DATE_EPOCH says now.
+    options = {"threads": threads, "date": meta.get("modelspec.date", "")}
     return Verified(path, len(recorded),
-                    _recompute_and_compare(compiled, save, path, threads, ignore))
+                    _recompute_and_compare(compiled, save, path, options, ignore))
 
 
 def _recipe_path(path: str, graph: dict, recorded: list[dict]) -> str:
@@ -119,7 +121,7 @@ def _which_save(compiled: Compiled, graph: dict, path: str) -> int:
                           f"`{graph['save']['path']}`")])
 
 
-def _recompute_and_compare(compiled: Compiled, save: int, path: str, threads: int,
+def _recompute_and_compare(compiled: Compiled, save: int, path: str, options: dict,
                            ignore: tuple[str, ...]) -> int:
     """Every save written into a temporary folder beside `path`; returns the keys compared."""
     from karmixlang.runtime.executor import RunOptions, execute  # torch: not for --hashes-only
@@ -131,7 +133,7 @@ def _recompute_and_compare(compiled: Compiled, save: int, path: str, threads: in
                                 for i, s in enumerate(compiled.graph.saves)]
         for s in compiled.graph.saves:
             os.mkdir(os.path.dirname(s.path))
-        execute(compiled, RunOptions(threads=threads))
+        execute(compiled, RunOptions(**options))
         made = compiled.graph.saves[save].path
         if path.endswith(INDEX_SUFFIX) and not made.endswith(INDEX_SUFFIX):
             made = made.removesuffix(".safetensors") + INDEX_SUFFIX

@@ -1,0 +1,190 @@
+"""modelspec.* metadata on outputs (the Stability AI model spec, as A1111, ComfyUI and Civitai
+read it): fields present and well-formed on SDXL- and SD1.5-layout outputs, the hash equal to
+hashlib's SHA-256 of the bytes after the header (file by file when sharded), what the recipe's
+metadata may set, reproducible bytes, the date from SOURCE_DATE_EPOCH."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+import pytest
+from safetensors import safe_open
+
+import lora_np as L
+from karmixlang.api import compile as compile_recipe
+from karmixlang.demo.synth import load_layout, make_model, write_model
+from karmixlang.diagnostics import KmxError
+from karmixlang.io import modelspec
+from karmixlang.runtime.executor import RunOptions, execute
+
+from conftest import recipe
+from vcs_models import write_sdxl_models
+
+MERGE = """
+    model a = "a.safetensors"
+    model b = "b.safetensors"
+    save "out/merge.safetensors" = 0.5*a + 0.5*b{with_}
+"""
+ISO_8601 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+
+
+def run(path, **kw):
+    execute(compile_recipe(path, threads=1), RunOptions(threads=1, **kw))
+
+
+def metadata(path) -> dict[str, str]:
+    with safe_open(path, "np") as f:
+        return f.metadata()
+
+
+def data_sha256(path) -> str:
+    """hashlib's SHA-256 of a safetensors file's bytes after its header."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    return hashlib.sha256(raw[8 + int.from_bytes(raw[:8], "little"):]).hexdigest()
+
+
+def write_sd1_models(folder) -> None:
+    """Two SD1.5-layout checkpoints: the first keys of each component, shrunk."""
+    keys, counts = {}, {}
+    for key, spec in load_layout("sd1").items():
+        if spec.dtype.startswith("float") and counts.get(spec.component, 0) < 4:
+            counts[spec.component] = counts.get(spec.component, 0) + 1
+            keys[key] = spec
+    for seed, name in enumerate(("a", "b")):
+        write_model(folder / f"{name}.safetensors", make_model(keys, 1 / 64, seed=seed))
+
+
+@pytest.mark.parametrize("layout,arch,resolution", [
+    ("sdxl", "stable-diffusion-xl-v1-base", "1024x1024"),
+    ("sd1", "stable-diffusion-v1", "512x512"),
+])
+def test_a_merge_carries_the_spec_fields(workdir, layout, arch, resolution):
+    write_sdxl_models(workdir, ("a", "b")) if layout == "sdxl" else write_sd1_models(workdir)
+    run(recipe(workdir, MERGE.format(with_="")))
+    out = workdir / "out" / "merge.safetensors"
+    meta = metadata(out)
+    assert {k: v for k, v in meta.items() if k.startswith("modelspec.")} == {
+        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": arch,
+        "modelspec.implementation": "sgm", "modelspec.resolution": resolution,
+        "modelspec.title": "merge", "modelspec.merged_from": "a, b",
+        "modelspec.hash_sha256": "0x" + data_sha256(out)}
+    assert "kmx_recipe" in meta and "kmx_inputs" in meta  # kmx's own provenance stays
+
+
+def test_the_recipes_metadata_wins_but_not_over_the_hash(workdir):
+    write_sdxl_models(workdir, ("a", "b"))
+    run(recipe(workdir, MERGE.format(with_=' with metadata={"modelspec.title": "My Merge", '
+                                     '"modelspec.hash_sha256": "0x12", '
+                                     '"modelspec.date": "2024-05-01"}')))
+    out = workdir / "out" / "merge.safetensors"
+    meta = metadata(out)
+    assert (meta["modelspec.title"], meta["modelspec.date"]) == ("My Merge", "2024-05-01")
+    assert meta["modelspec.hash_sha256"] == "0x" + data_sha256(out)
+
+
+def test_two_runs_write_identical_bytes_and_the_date_comes_from_source_date_epoch(
+        workdir, monkeypatch):
+    write_sdxl_models(workdir, ("a", "b"))
+    path = recipe(workdir, MERGE.format(with_=""))
+    out = workdir / "out" / "merge.safetensors"
+    run(path)
+    first = out.read_bytes()
+    assert "modelspec.date" not in metadata(out)
+    run(path, force=True, reuse=False)
+    assert out.read_bytes() == first
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1714521600")
+    run(path, force=True)
+    assert metadata(out)["modelspec.date"] == "2024-05-01T00:00:00Z"
+    assert ISO_8601.fullmatch(metadata(out)["modelspec.date"])
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    with pytest.raises(KmxError) as e:
+        run(path, force=True)
+    assert e.value.diagnostics[0].code == "K0333"
+
+
+def test_each_shard_records_the_hash_of_its_own_data(workdir):
+    write_sdxl_models(workdir, ("a", "b"))
+    run(recipe(workdir, MERGE.format(with_=' with shard="8KB"')))
+    shards = sorted((workdir / "out").glob("merge-*-of-*.safetensors"))
+    assert len(shards) > 1
+    hashes = [metadata(s)["modelspec.hash_sha256"] for s in shards]
+    assert hashes == ["0x" + data_sha256(s) for s in shards]
+    assert len(set(hashes)) == len(hashes)
+
+
+def test_resume_keeps_a_finished_output_with_its_recorded_hash(workdir):
+    write_sdxl_models(workdir, ("a", "b"))
+    path = recipe(workdir, MERGE.format(with_=""))
+    out = workdir / "out" / "merge.safetensors"
+    run(path)
+    before = out.stat().st_mtime_ns, out.read_bytes()
+    compiled = compile_recipe(path, threads=1)
+    assert execute(compiled, RunOptions(threads=1, resume=True)).nothing_to_do
+    assert (out.stat().st_mtime_ns, out.read_bytes()) == before
+
+
+def test_a_delta_and_unknown_keys_carry_no_architecture(workdir, tiny_models_here):
+    run(recipe(workdir, """
+        model a = "a.safetensors"
+        base o = "base.safetensors"
+        save "d.safetensors" = a - o with delta=true
+        save "m.safetensors" = 0.5*a + 0.5*o
+    """))
+    for name in ("d", "m"):
+        meta = metadata(workdir / f"{name}.safetensors")
+        assert "modelspec.architecture" not in meta and "modelspec.sai_model_spec" not in meta
+        assert meta["modelspec.title"] == name
+        assert meta["modelspec.hash_sha256"] == "0x" + data_sha256(workdir / f"{name}.safetensors")
+
+
+def test_an_extracted_lora_is_filed_under_its_base_architecture(workdir):
+    write_model(workdir / "base.safetensors", L.base_model(L.SDXL_KEYS, 0, ""))
+    write_model(workdir / "tuned.safetensors", L.base_model(L.SDXL_KEYS, 1, ""))
+    run(recipe(workdir, """
+        base b = "base.safetensors"
+        model t = "tuned.safetensors"
+        save "style.safetensors" = t - b with lora=4
+    """))
+    meta = metadata(workdir / "style.safetensors")
+    assert (meta["modelspec.architecture"], meta["modelspec.implementation"],
+            meta["modelspec.title"], meta["modelspec.merged_from"]) == (
+        "stable-diffusion-xl-v1-base/lora", "https://github.com/Stability-AI/generative-models",
+        "style", "tuned, base")
+    assert meta["modelspec.hash_sha256"] == "0x" + data_sha256(workdir / "style.safetensors")
+
+
+@pytest.mark.parametrize("layout,drop,want", [
+    ("sd1", None, "stable-diffusion-v1"),
+    ("sdxl", None, "stable-diffusion-xl-v1-base"),
+    ("flux", None, "flux-1-dev"),
+    ("flux", "guidance_in.", "flux-1-schnell"),
+])
+def test_architecture_of_the_real_layouts(layout, drop, want):
+    shapes = {k: s.shape for k, s in load_layout(layout).items() if not (drop and drop in k)}
+    arch = modelspec.architecture(shapes)
+    assert arch is not None and arch.id == want
+    unet_only = {k.removeprefix("model.diffusion_model."): s for k, s in shapes.items()
+                 if k.startswith("model.diffusion_model.")}
+    assert modelspec.architecture(unet_only).id == want  # a UNet / transformer alone
+    vae_only = {k: s for k, s in shapes.items() if k.startswith(("first_stage_model.", "vae."))}
+    assert modelspec.architecture(vae_only) is None
+
+
+def test_with_hash_keeps_the_header_length_and_recorded_hash_reads_it_back():
+    header = json.dumps({"__metadata__": {modelspec.HASH_FIELD: modelspec.HASH_PLACEHOLDER}},
+                        separators=(",", ":")).encode()
+    header = len(header).to_bytes(8, "little") + header
+    filled = modelspec.with_hash(header, "ab" * 32)
+    assert len(filled) == len(header) and modelspec.recorded_hash(filled) == "ab" * 32
+    with pytest.raises(ValueError):
+        modelspec.with_hash(filled, "cd" * 32)  # no placeholder left
+    assert modelspec.recorded_hash(header[:8] + b"{}") is None
+
+
+@pytest.fixture
+def tiny_models_here(workdir):
+    from conftest import tiny_models
+    return tiny_models(workdir)
