@@ -10,8 +10,6 @@ import errno
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
@@ -23,7 +21,7 @@ from karmixlang.io.header import read_checkpoint
 from karmixlang.runtime import tensors
 from karmixlang.runtime.executor import RunOptions, execute
 
-from conftest import recipe, tiny_models
+from conftest import cli, recipe, tiny_models
 from test_reliability import failing_after
 
 MERGE = """
@@ -102,6 +100,24 @@ def test_a_2x2_grid_names_by_interpolation_and_by_suffix(workdir):
             assert sha(workdir / f"out/s-{beta}.safetensors") == \
                 swept[f"s-{beta}.alpha={alpha}.safetensors"]
             os.unlink(workdir / f"out/s-{beta}.safetensors")
+
+
+def test_a_swept_input_records_its_own_points_inputs(workdir):
+    tiny_models(workdir)
+    path = recipe(workdir, """
+        param donor = "a"
+        base bm = "base.safetensors"
+        model x = "${donor}.safetensors"
+        save "out/m.safetensors" = lerp(bm, x, 0.4)
+    """, "donor.kmx")
+    sweep(path, [("donor", ["a", "c"])])
+    swept = {v: sha(workdir / f"out/m.donor={v}.safetensors") for v in ("a", "c")}
+    for v, digest in swept.items():
+        assert single_run(workdir, path, {"donor": v}, "out/m.safetensors") == digest
+    inputs = json.loads(read_checkpoint(str(workdir / "out/m.donor=c.safetensors"))
+                        .metadata["kmx_inputs"])
+    assert [os.path.basename(i["path"]) for i in inputs] == ["base.safetensors",
+                                                             "c.safetensors"]
 
 
 def test_the_grid_suffix_joins_the_params_in_sweep_order(merge, workdir):
@@ -183,12 +199,11 @@ def test_an_interrupted_sweep_resumes_each_output_from_its_own_point(merge, work
         == clean
 
 
-def test_the_plan_shows_the_grid_bytes_and_memory(merge, workdir):
-    out = subprocess.run([sys.executable, "-m", "karmixlang", "plan", merge, "--json",
-                          "--sweep", "alpha=0.3,0.7", "--sweep", "seed=1,2"],
-                         capture_output=True, text=True, cwd=workdir)
-    assert out.returncode == 0, out.stderr
-    data = json.loads(out.stdout)
+def test_the_plan_shows_the_grid_bytes_and_memory(merge, workdir, capsys):
+    code, out, err = cli(capsys, "plan", merge, "--json", "--sweep", "alpha=0.3,0.7",
+                         "--sweep", "seed=1,2")
+    assert code == 0, err
+    data = json.loads(out)
     grid = data["sweep"]
     assert grid["params"] == [{"name": "alpha", "values": ["0.3", "0.7"]},
                               {"name": "seed", "values": ["1", "2"]}]
@@ -200,9 +215,10 @@ def test_the_plan_shows_the_grid_bytes_and_memory(merge, workdir):
     assert data["totals"]["bytes_read"] == single["bytes_read"]
     assert grid["bytes_read_separately"] == 4 * single["bytes_read"]
     assert data["totals"]["peak_memory_bytes"] >= single["peak_memory_bytes"]
-    text = subprocess.run([sys.executable, "-m", "karmixlang", "plan", merge,
-                           "--sweep", "alpha=0.3,0.7"], capture_output=True, text=True,
-                          cwd=workdir).stdout
+    code, text, err = cli(capsys, "plan", merge, "--sweep", "alpha=0.3,0.7")
+    assert code == 0, err
     assert "Sweep (alpha (2): 2 points, 2 files):" in text
     assert "  alpha=0.7  out/m.alpha=0.7.safetensors" in text
     assert "as 2 single runs:" in text
+    code, _, err = cli(capsys, "run", merge, "--sweep", "alpha")
+    assert code == 2 and "--sweep expects NAME=VALUE,VALUE,..." in err
