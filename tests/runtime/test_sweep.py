@@ -79,6 +79,7 @@ def test_a_3_point_sweep_writes_the_files_of_3_single_runs(merge, workdir):
     meta = read_checkpoint(str(workdir / names[0])).metadata
     assert json.loads(meta["kmx_set"]) == {"alpha": "0.3"}
     assert json.loads(meta["kmx_graph"])["save"]["path"] == "out/m.safetensors"
+    assert meta["modelspec.title"] == "m"  # the single run's: the recipe's name for the save
     # what the output records is its own point: kmx verify recomputes it from that
     assert verify(str(workdir / names[0]), threads=1).keys
 
