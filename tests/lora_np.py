@@ -32,6 +32,22 @@ FLUX_KEYS = {
     "single_blocks.0.linear1.bias": (14,),
 }
 
+# A Flux checkpoint as ComfyUI saves it whole (flux-flux.json): the transformer under
+# `model.diffusion_model.`, CLIP-L in Hugging Face names under `text_encoders.clip_l.transformer.`,
+# T5-XXL (T5EncoderModel names) under `text_encoders.t5xxl.transformer.`.
+FLUX_AIO_KEYS = {
+    **{"model.diffusion_model." + k: s for k, s in FLUX_KEYS.items()},
+    "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight": (5, 5),
+    "text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight": (7, 5),
+    "text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.bias": (7,),
+    "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.weight": (6, 6),
+    "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.relative_attention_bias"
+    ".weight": (4, 3),
+    "text_encoders.t5xxl.transformer.encoder.block.0.layer.1.DenseReluDense.wi_0.weight": (10, 6),
+    "text_encoders.t5xxl.transformer.encoder.block.0.layer.1.DenseReluDense.wo.weight": (6, 10),
+    "text_encoders.t5xxl.transformer.encoder.block.0.layer.1.layer_norm.weight": (6,),
+}
+
 
 def base_model(keys: dict, seed: int = 0, prefix: str = "") -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -76,6 +92,22 @@ def loha_delta(w1a, w1b, w2a, w2b, alpha, shape):
     w1 = np.asarray(w1a, np.float64) @ np.asarray(w1b, np.float64).reshape(len(w1b), -1)
     w2 = np.asarray(w2a, np.float64) @ np.asarray(w2b, np.float64).reshape(len(w2b), -1)
     return (w1 * w2 * float(alpha) / w1b.shape[0]).reshape(shape)
+
+
+def tucker_factor(t, a, b):
+    """LyCORIS's Tucker ("CP") rebuild of one factor: W[p, r, h, w] = Σ_ij t[i, j, h, w]·a[i, p]·
+    b[j, r], t [R, R, kh, kw], a [R, out] (the `_a`/up side), b [R, in] (the `_b`/down side)."""
+    t, a, b = (np.asarray(x, np.float64) for x in (t, a, b))
+    out = np.zeros((a.shape[1], b.shape[1]) + t.shape[2:])
+    for i in range(t.shape[0]):
+        for j in range(t.shape[1]):
+            out += np.multiply.outer(np.outer(a[i], b[j]), t[i, j])
+    return out
+
+
+def loha_tucker_delta(t1, w1a, w1b, t2, w2a, w2b, alpha):
+    """ΔW = T(t1, w1a, w1b) ⊙ T(t2, w2a, w2b) · alpha/rank, rank = w1b's rows (hada_w1_b)."""
+    return tucker_factor(t1, w1a, w1b) * tucker_factor(t2, w2a, w2b) * float(alpha) / len(w1b)
 
 
 def lokr_delta(w1, w2, shape, scale=1.0):

@@ -44,15 +44,40 @@ def expect(out, base, deltas: dict, atol=1e-5):
         np.testing.assert_allclose(out[k], want, atol=atol, rtol=1e-5, err_msg=k)
 
 
-def test_kohya_linear_conv3x3_conv1x1_and_text_encoder_with_alpha(workdir):
+_CLIP_L, _T5 = "text_encoders.clip_l.transformer.", "text_encoders.t5xxl.transformer."
+# kohya module -> the key it changes. sd-scripts' lora_flux.py names Flux's text encoders
+# `lora_te1_` + CLIP-L's Hugging Face module name and `lora_te3_` + T5EncoderModel's (case
+# kept: `SelfAttention`, `DenseReluDense`), `.`→`_`; ComfyUI's whole checkpoint holds them
+# under text_encoders.clip_l/t5xxl.transformer.
+FLUX_TE_MODULES = {
+    "lora_unet_double_blocks_0_img_attn_proj":
+        "model.diffusion_model.double_blocks.0.img_attn.proj.weight",
+    "lora_te1_text_model_encoder_layers_0_self_attn_q_proj":
+        _CLIP_L + "text_model.encoder.layers.0.self_attn.q_proj.weight",
+    "lora_te1_text_model_encoder_layers_0_mlp_fc1":
+        _CLIP_L + "text_model.encoder.layers.0.mlp.fc1.weight",
+    "lora_te3_encoder_block_0_layer_0_SelfAttention_q":
+        _T5 + "encoder.block.0.layer.0.SelfAttention.q.weight",
+    "lora_te3_encoder_block_0_layer_1_DenseReluDense_wi_0":
+        _T5 + "encoder.block.0.layer.1.DenseReluDense.wi_0.weight",
+    "lora_te3_encoder_block_0_layer_1_DenseReluDense_wo":
+        _T5 + "encoder.block.0.layer.1.DenseReluDense.wo.weight",
+}
+
+
+@pytest.mark.parametrize("keys, modules, alphas, arch", [
+    (L.SDXL_KEYS, {L.kohya_name(k): k for k in (LINEAR, CONV3, CONV1, TE)},
+     (1.0, 4.0, None, 0.5), "sdxl"),  # linear, 3×3 and 1×1 conv, CLIP-L
+    (L.FLUX_AIO_KEYS, FLUX_TE_MODULES, (0.5, 1.5, 2.5, None, 4.5, 5.5), "flux"),
+], ids=["sdxl-unet-te1", "flux-te1-clip_l-te3-t5"])
+def test_kohya_modules_with_alpha_onto_their_keys(workdir, keys, modules, alphas, arch):
     rng = np.random.default_rng(1)
     lora, deltas = {}, {}
-    for key, alpha in ((LINEAR, 1.0), (CONV3, 4.0), (CONV1, None), (TE, 0.5)):
-        name = L.kohya_name(key)
-        t = L.kohya_module(rng, name, L.SDXL_KEYS[key], rank=2, alpha=alpha)
+    for (name, key), alpha in zip(modules.items(), alphas):
+        t = L.kohya_module(rng, name, keys[key], rank=2, alpha=alpha)
         lora.update(t)
-        deltas[key] = 0.8 * L.kohya_expected(t, name, L.SDXL_KEYS[key])
-    base, r = setup(workdir, L.SDXL_KEYS, {"style": lora}, """
+        deltas[key] = 0.8 * L.kohya_expected(t, name, keys[key])
+    base, r = setup(workdir, keys, {"style": lora}, """
         base b = "base.safetensors"
         lora style = "style.safetensors"
         save "out.safetensors" = b + 0.8*style
@@ -60,8 +85,9 @@ def test_kohya_linear_conv3x3_conv1x1_and_text_encoder_with_alpha(workdir):
     c = run(r)
     expect(load_file(workdir / "out.safetensors"), base, deltas)
     (info,) = c.plan.data["loras"]
+    n = len(modules)
     assert (info["format"], info["arch"], info["matched"], info["keys"], info["unmatched"]) == \
-        ("kohya", "sdxl", 4, 4, [])
+        ("kohya", arch, n, n, [])
 
 
 def test_two_loras_scaled_and_a_locon_tucker_module(workdir):
@@ -145,6 +171,54 @@ def test_loha_linear_and_conv_and_lokr_decomposed_and_full(workdir):
     assert sorted(x["format"] for x in c.plan.data["loras"]) == ["lycoris-loha", "lycoris-lokr"]
 
 
+def _tucker_loha(rng, n):
+    """LyCORIS's Tucker LoHa of a [8, 6, 3, 3] conv: t [R, R, 3, 3], _a [R, out], _b [R, in]."""
+    t = {f"{n}.hada_t1": L.rand(rng, 3, 3, 3, 3), f"{n}.hada_w1_a": L.rand(rng, 3, 8),
+         f"{n}.hada_w1_b": L.rand(rng, 3, 6), f"{n}.hada_t2": L.rand(rng, 3, 3, 3, 3),
+         f"{n}.hada_w2_a": L.rand(rng, 3, 8), f"{n}.hada_w2_b": L.rand(rng, 3, 6),
+         f"{n}.alpha": np.array(5.0, np.float32)}
+    want = L.loha_tucker_delta(*(t[f"{n}.hada_{w}"] for w in
+                                 ("t1", "w1_a", "w1_b", "t2", "w2_a", "w2_b")), 5.0)
+    return t, want
+
+
+def _tucker_lokr(rng, n):
+    """A whole w1 [2, 2] ⊗ a Tucker w2 [4, 3, 3, 3] of rank 2: scale alpha/2."""
+    t = {f"{n}.lokr_w1": L.rand(rng, 2, 2), f"{n}.lokr_t2": L.rand(rng, 2, 2, 3, 3),
+         f"{n}.lokr_w2_a": L.rand(rng, 2, 4), f"{n}.lokr_w2_b": L.rand(rng, 2, 3),
+         f"{n}.alpha": np.array(1.5, np.float32)}
+    w2 = L.tucker_factor(t[f"{n}.lokr_t2"], t[f"{n}.lokr_w2_a"], t[f"{n}.lokr_w2_b"])
+    return t, L.lokr_delta(t[f"{n}.lokr_w1"], w2, (8, 6, 3, 3), scale=1.5 / 2)
+
+
+def _tucker_lokr_both_decomposed(rng, n):
+    """w1 = w1_a·w1_b (rank 1) ⊗ a Tucker w2 of rank 4: the rank alpha divides is w2_b's."""
+    t = {f"{n}.lokr_w1_a": L.rand(rng, 2, 1), f"{n}.lokr_w1_b": L.rand(rng, 1, 2),
+         f"{n}.lokr_t2": L.rand(rng, 4, 4, 3, 3),
+         f"{n}.lokr_w2_a": L.rand(rng, 4, 4), f"{n}.lokr_w2_b": L.rand(rng, 4, 3),
+         f"{n}.alpha": np.array(3.0, np.float32)}
+    w1 = t[f"{n}.lokr_w1_a"].astype(np.float64) @ t[f"{n}.lokr_w1_b"]
+    w2 = L.tucker_factor(t[f"{n}.lokr_t2"], t[f"{n}.lokr_w2_a"], t[f"{n}.lokr_w2_b"])
+    return t, L.lokr_delta(w1, w2, (8, 6, 3, 3), scale=3.0 / 4)
+
+
+@pytest.mark.parametrize("make, fmt", [(_tucker_loha, "lycoris-loha"),
+                                       (_tucker_lokr, "lycoris-lokr"),
+                                       (_tucker_lokr_both_decomposed, "lycoris-lokr")])
+def test_tucker_loha_and_lokr_of_a_3x3_conv(workdir, make, fmt):
+    keys = {**L.SDXL_KEYS, CONV3: (8, 6, 3, 3)}
+    t, want = make(np.random.default_rng(16), L.kohya_name(CONV3))
+    base, r = setup(workdir, keys, {"s": t}, """
+        base b = "base.safetensors"
+        lora s = "s.safetensors"
+        save "out.safetensors" = b + 0.6*s
+    """)
+    c = run(r)
+    expect(load_file(workdir / "out.safetensors"), base, {CONV3: 0.6 * want}, atol=1e-4)
+    (info,) = c.plan.data["loras"]
+    assert (info["format"], info["matched"]) == (fmt, 1)
+
+
 def test_full_diff_of_a_weight_and_its_bias(workdir):
     rng = np.random.default_rng(5)
     w, b = "single_blocks.0.linear1.weight", "single_blocks.0.linear1.bias"
@@ -176,31 +250,41 @@ def test_a_lora_in_a_cluster_and_through_a_filter(workdir):
            {LINEAR: 0.25 * d + np.clip(d, -0.1, 0.1)})
 
 
-def _unmatched_lora(workdir, option: str):
+APPLY = """
+    base b = "base.safetensors"
+    lora s = "s.safetensors"
+    save "out.safetensors" = b + s
+"""
+
+
+def refused(workdir, tensors: dict, text: str = APPLY) -> list:
+    """The diagnostics of a recipe that applies lora `s` (tensors) to an SDXL base and is
+    refused at plan time: nothing is written."""
+    _, r = setup(workdir, L.SDXL_KEYS, {"s": tensors}, text)
+    with pytest.raises(KmxError) as e:
+        compile_recipe(r)
+    assert not (workdir / "out.safetensors").exists()
+    return e.value.diagnostics
+
+
+def _unmatched_lora() -> dict:
     rng = np.random.default_rng(7)
     t = L.kohya_module(rng, L.kohya_name(LINEAR), L.SDXL_KEYS[LINEAR], rank=2)
     for i in range(4):
         t.update(L.kohya_module(rng, f"lora_unet_no_such_block_{i}", (3, 3), rank=1))
-    return setup(workdir, L.SDXL_KEYS, {"s": t}, f"""
-        base b = "base.safetensors"
-        lora s = "s.safetensors"
-        save "out.safetensors" = b + s{option}
-    """)
+    return t
 
 
 def test_an_unmatched_module_is_an_error_naming_it(workdir):
-    _, r = _unmatched_lora(workdir, "")
-    with pytest.raises(KmxError) as e:
-        compile_recipe(r)
-    (d,) = e.value.diagnostics
+    (d,) = refused(workdir, _unmatched_lora())
     assert d.code == "K0322" and d.span.line == 3
     assert "4 of 5 module(s) of lora `s`" in d.message
     assert "`lora_unet_no_such_block_0`" in d.message and "and 1 more" in d.message
-    assert not (workdir / "out.safetensors").exists()
 
 
 def test_unmatched_warn_merges_what_matches_and_the_plan_lists_the_rest(workdir):
-    base, r = _unmatched_lora(workdir, ' with unmatched="warn"')
+    base, r = setup(workdir, L.SDXL_KEYS, {"s": _unmatched_lora()},
+                    APPLY.replace("b + s", 'b + s with unmatched="warn"'))
     c = run(r)
     assert [w.code for w in c.warnings] == ["K0322"]
     (info,) = c.plan.data["loras"]
@@ -213,19 +297,11 @@ def test_unmatched_warn_merges_what_matches_and_the_plan_lists_the_rest(workdir)
 
 def test_a_module_of_another_width_is_an_error(workdir):
     rng = np.random.default_rng(8)
-    t = L.kohya_module(rng, L.kohya_name(LINEAR), (8, 5), rank=2)  # the key is 8×6
-    _, r = setup(workdir, L.SDXL_KEYS, {"s": t}, """
-        base b = "base.safetensors"
-        lora s = "s.safetensors"
-        save "out.safetensors" = b + s
-    """)
-    with pytest.raises(KmxError) as e:
-        compile_recipe(r)
-    assert [d.code for d in e.value.diagnostics] == ["K0323"]
-    assert "8×5" in e.value.diagnostics[0].message
+    (d,) = refused(workdir, L.kohya_module(rng, L.kohya_name(LINEAR), (8, 5), rank=2))
+    assert d.code == "K0323" and "8×5" in d.message  # the key is 8×6
 
 
-def _dora_file(workdir, rng, axis_rows: bool):
+def _dora_file(rng, axis_rows: bool):
     name = L.kohya_name(LINEAR)
     t = L.kohya_module(rng, name, L.SDXL_KEYS[LINEAR], rank=2, alpha=1.0)
     t[f"{name}.dora_scale"] = np.abs(L.rand(rng, 8, 1) if axis_rows else L.rand(rng, 1, 6))
@@ -237,12 +313,8 @@ def test_a_dora_is_normalised_against_the_base(workdir, axis_rows):
     """ΔW = m·(W + s·up·down)/‖W + s·up·down‖ − W, the norm per output row (m: [out, 1]) or
     per input column (m: [1, in]), scaled like any delta."""
     rng = np.random.default_rng(9)
-    name, t = _dora_file(workdir, rng, axis_rows)
-    base, r = setup(workdir, L.SDXL_KEYS, {"s": t}, """
-        base b = "base.safetensors"
-        lora s = "s.safetensors"
-        save "out.safetensors" = b + 0.7*s
-    """)
+    name, t = _dora_file(rng, axis_rows)
+    base, r = setup(workdir, L.SDXL_KEYS, {"s": t}, APPLY.replace("b + s", "b + 0.7*s"))
     run(r)
     w = base[LINEAR].astype(np.float64)
     new = w + L.kohya_expected(t, name, L.SDXL_KEYS[LINEAR])
@@ -252,28 +324,18 @@ def test_a_dora_is_normalised_against_the_base(workdir, axis_rows):
 
 
 def test_a_dora_with_no_base_is_refused_before_anything_runs(workdir):
-    rng = np.random.default_rng(9)
-    _, t = _dora_file(workdir, rng, True)
-    _, r = setup(workdir, L.SDXL_KEYS, {"s": t}, """
-        model b = "base.safetensors"
-        lora s = "s.safetensors"
-        save "out.safetensors" = b + s
-    """)
-    with pytest.raises(KmxError) as e:
-        compile_recipe(r)
-    assert [d.code for d in e.value.diagnostics] == ["K0324"]
+    _, t = _dora_file(np.random.default_rng(9), True)
+    (d,) = refused(workdir, t, APPLY.replace("base b", "model b"))
+    assert d.code == "K0324"
 
 
 def test_a_lora_alone_has_nothing_to_map_onto(workdir):
     rng = np.random.default_rng(10)
-    _, r = setup(workdir, L.SDXL_KEYS,
-                 {"s": L.kohya_module(rng, L.kohya_name(LINEAR), (8, 6), rank=2)}, """
+    (d,) = refused(workdir, L.kohya_module(rng, L.kohya_name(LINEAR), (8, 6), rank=2), """
         lora s = "s.safetensors"
         save "out.safetensors" = 2*s with delta=true
     """)
-    with pytest.raises(KmxError) as e:
-        compile_recipe(r)
-    assert [d.code for d in e.value.diagnostics] == ["K0325"]
+    assert d.code == "K0325"
 
 
 def test_a_lora_key_out_of_core_gives_the_same_result(workdir):

@@ -28,38 +28,42 @@ def run(path):
     return compiled
 
 
-def models(workdir, keys, prefix=""):
-    base, tuned = L.base_model(keys, 0, prefix), L.base_model(keys, 1, prefix)
+def extract(workdir, keys, save: str):
+    """Writes two models of `keys`, base b and tuned t, and runs `save "x.safetensors" = SAVE`:
+    (base, tuned, the compiled recipe)."""
+    base, tuned = L.base_model(keys, 0), L.base_model(keys, 1)
     write_model(workdir / "base.safetensors", base)
     write_model(workdir / "tuned.safetensors", tuned)
-    return base, tuned
-
-
-def test_full_rank_extraction_applied_gives_the_delta_back(workdir):
-    base, tuned = models(workdir, L.SDXL_KEYS)
-    run(recipe(workdir, """
+    c = run(recipe(workdir, f"""
         base b = "base.safetensors"
         model t = "tuned.safetensors"
-        save "x.safetensors" = t - b with lora=64, lora_conv=64
+        save "x.safetensors" = {save}
     """))
+    return base, tuned, c
+
+
+def assert_applied_back(workdir, base, tuned, atol=2e-5):
+    """Applying x.safetensors to base gives tuned back, keys a LoRA leaves out (1-D: norms,
+    biases) unchanged."""
     run(recipe(workdir, """
         base b = "base.safetensors"
         lora x = "x.safetensors"
         save "back.safetensors" = b + x
     """, "back.kmx"))
     back = load_file(workdir / "back.safetensors")
+    assert set(back) == set(tuned)
     for k, v in tuned.items():
-        want = v if v.ndim > 1 else base[k]  # norms are left out of a LoRA
-        np.testing.assert_allclose(back[k], want, atol=2e-5, err_msg=k)
+        np.testing.assert_allclose(back[k], v if v.ndim > 1 else base[k], atol=atol, err_msg=k)
+
+
+def test_full_rank_extraction_applied_gives_the_delta_back(workdir):
+    base, tuned, _ = extract(workdir, L.SDXL_KEYS, "t - b with lora=64, lora_conv=64")
+    assert_applied_back(workdir, base, tuned)
 
 
 def test_truncated_factors_are_numpys_best_rank_r_approximation(workdir):
-    base, tuned = models(workdir, L.SDXL_KEYS)
-    c = run(recipe(workdir, """
-        base b = "base.safetensors"
-        model t = "tuned.safetensors"
-        save "x.safetensors" = 0.5*(t - b) with lora=2, lora_conv=1, dtype="fp32"
-    """))
+    base, tuned, c = extract(workdir, L.SDXL_KEYS,
+                             '0.5*(t - b) with lora=2, lora_conv=1, dtype="fp32"')
     x = load_file(workdir / "x.safetensors")
     for key, rank in (("model.diffusion_model.input_blocks.4.1.proj_in.weight", 2),
                       (CONV3, 1),
@@ -77,12 +81,7 @@ def test_truncated_factors_are_numpys_best_rank_r_approximation(workdir):
 
 
 def test_openclip_in_proj_becomes_kohyas_q_k_v_modules(workdir):
-    base, tuned = models(workdir, L.SDXL_KEYS)
-    run(recipe(workdir, """
-        base b = "base.safetensors"
-        model t = "tuned.safetensors"
-        save "x.safetensors" = t - b with lora=4
-    """))
+    base, tuned, _ = extract(workdir, L.SDXL_KEYS, "t - b with lora=4")
     x = load_file(workdir / "x.safetensors")
     delta = tuned[INPROJ].astype(np.float64) - base[INPROJ]
     for i, part in enumerate("qkv"):
@@ -92,12 +91,7 @@ def test_openclip_in_proj_becomes_kohyas_q_k_v_modules(workdir):
 
 
 def test_what_a_lora_cannot_hold_is_left_out_and_listed(workdir):
-    models(workdir, L.SDXL_KEYS)
-    c = run(recipe(workdir, """
-        base b = "base.safetensors"
-        model t = "tuned.safetensors"
-        save "x.safetensors" = t - b with lora=8
-    """))
+    _, _, c = extract(workdir, L.SDXL_KEYS, "t - b with lora=8")
     info = c.plan.data["saves"][0]["lora"]
     left = {x["key"]: x["reason"] for x in info["left_out"]}
     assert set(left) == {CONV3, "model.diffusion_model.input_blocks.4.1.norm.weight",
@@ -115,24 +109,17 @@ def test_what_a_lora_cannot_hold_is_left_out_and_listed(workdir):
     assert "3 key(s) left out" in text
 
 
-@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
-def test_flux_extraction_round_trips_in_kohya_names(workdir, prefix):
-    base, tuned = models(workdir, L.FLUX_KEYS, prefix)
-    run(recipe(workdir, """
-        base b = "base.safetensors"
-        model t = "tuned.safetensors"
-        save "x.safetensors" = t - b with lora=16
-    """))
+@pytest.mark.parametrize("keys, names", [
+    (L.FLUX_KEYS, {"lora_unet_double_blocks_0_img_attn_qkv"}),  # BFL's transformer alone
+    (L.FLUX_AIO_KEYS, {"lora_unet_double_blocks_0_img_attn_qkv",  # ComfyUI's whole checkpoint
+                       "lora_te1_text_model_encoder_layers_0_mlp_fc1",
+                       "lora_te3_encoder_block_0_layer_1_DenseReluDense_wi_0"}),
+])
+def test_flux_extraction_round_trips_in_kohya_names(workdir, keys, names):
+    base, tuned, _ = extract(workdir, keys, "t - b with lora=16")
     with safe_open(workdir / "x.safetensors", "np") as f:
-        assert "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight" in set(f.keys())
-    run(recipe(workdir, """
-        base b = "base.safetensors"
-        lora x = "x.safetensors"
-        save "back.safetensors" = b + x
-    """, "back.kmx"))
-    back = load_file(workdir / "back.safetensors")
-    for k, v in tuned.items():
-        np.testing.assert_allclose(back[k], v if v.ndim > 1 else base[k], atol=2e-5)
+        assert {n + ".lora_up.weight" for n in names} <= set(f.keys())
+    assert_applied_back(workdir, base, tuned)
 
 
 @pytest.mark.parametrize("opts, code", [
@@ -160,12 +147,7 @@ def test_extracting_from_a_model_is_an_error(tmp_path):
 
 def test_sd1_extraction_names_the_unet_as_kohya_does_and_round_trips(workdir):
     """sd-scripts names an SD1.x UNet in diffusers' names, its text encoder `lora_te_`."""
-    base, tuned = models(workdir, L.SD1_KEYS)
-    run(recipe(workdir, """
-        base b = "base.safetensors"
-        model t = "tuned.safetensors"
-        save "x.safetensors" = t - b with lora=8, lora_conv=64
-    """))
+    base, tuned, _ = extract(workdir, L.SD1_KEYS, "t - b with lora=8, lora_conv=64")
     with safe_open(workdir / "x.safetensors", "np") as f:
         modules = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0]
                    for k in f.keys()}
@@ -173,11 +155,4 @@ def test_sd1_extraction_names_the_unet_as_kohya_does_and_round_trips(workdir):
                        "lora_unet_down_blocks_0_resnets_0_conv1",
                        "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_k",
                        "lora_te_text_model_encoder_layers_0_self_attn_q_proj"}
-    run(recipe(workdir, """
-        base b = "base.safetensors"
-        lora x = "x.safetensors"
-        save "back.safetensors" = b + x
-    """, "back.kmx"))
-    back = load_file(workdir / "back.safetensors")
-    for k, v in tuned.items():
-        np.testing.assert_allclose(back[k], v, atol=2e-5, err_msg=k)
+    assert_applied_back(workdir, base, tuned)

@@ -53,8 +53,10 @@ def _lokr_factor(t: dict[str, Tensor], n: str) -> Tensor:
 
 
 def _lokr(t: dict[str, Tensor]) -> Tensor:
-    # kron of w1 (o1 × i1) with w2 (o2 × i2·kh·kw) is the conv kernel's kron, flattened
-    return torch.kron(_lokr_factor(t, "1"), _lokr_factor(t, "2"))
+    # kron of w1 (o1 × i1) with w2 (o2 × i2·kh·kw) is the conv kernel's kron, flattened.
+    # torch.kron views its operands: a Tucker factor (an einsum's permuted result) must be
+    # made contiguous first.
+    return torch.kron(_lokr_factor(t, "1").contiguous(), _lokr_factor(t, "2").contiguous())
 
 
 def _diff(t: dict[str, Tensor]) -> Tensor:
