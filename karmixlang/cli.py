@@ -136,7 +136,8 @@ def cmd_run(args) -> int:
     result = execute(compiled, None if args.quiet else console.progress(),
                      threads=args.threads or 0, device=args.device, resume=args.resume,
                      force=args.force, nonfinite=args.nonfinite, executor=args.executor,
-                     address=args.address, reuse=not args.no_reuse)
+                     address=args.address, reuse=not args.no_reuse,
+                     provenance=not args.no_provenance)
     console.run_finished(result)
     return EXIT_OK
 
@@ -407,6 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-reuse", action="store_true",
                    help="compute every key, even those the output being replaced already "
                         "holds (by default keys whose fingerprint is unchanged are copied)")
+    s.add_argument("--no-provenance", action="store_true",
+                   help="keep local paths (inputs, recipe, output, absolute --set values) out "
+                        "of the outputs' metadata, for files to share; hashes, sizes and the "
+                        "recipe text stay")
     s.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     s.set_defaults(fn=cmd_run)
 

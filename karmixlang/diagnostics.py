@@ -81,6 +81,7 @@ CODES: dict[str, str] = {
     "K0331": "not a readable PyTorch checkpoint",
     "K0332": "no state dict in the checkpoint",
     "K0333": "SOURCE_DATE_EPOCH is not a date",
+    "K0334": "--no-provenance cannot keep a path out",
     # K04xx: running
     "K0401": "non-finite values in an input",
     "K0402": "cannot write the output",

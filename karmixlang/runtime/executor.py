@@ -51,6 +51,8 @@ class RunOptions:
     reuse: bool = True
     # modelspec.date of the outputs: None from SOURCE_DATE_EPOCH (none if unset), "" none
     date: str | None = None
+    # False: no local path in the outputs' metadata (io/provenance.py, --no-provenance)
+    provenance: bool = True
 
 
 @dataclass

@@ -23,7 +23,7 @@ import threading
 
 from karmixlang import __version__
 from karmixlang.diagnostics import KmxError, error, located
-from karmixlang.io import modelspec
+from karmixlang.io import modelspec, provenance
 from karmixlang.io.guard import changed, check_outputs, plan_save, save_tensors
 from karmixlang.io.hashes import HASH_PLACEHOLDER, FileHashes, HashCache, combine_hashes
 from karmixlang.io.header import TOO_MANY_FILES_HELP, read_checkpoint
@@ -114,13 +114,19 @@ class OutputSet:
         inputs = [{"path": p, "size": sum(self.seen[f].st_size for f in files),
                    "hash": combine_hashes([hashes[f].data_hash for f in files]) if hashes is not None
                    else HASH_PLACEHOLDER} for p, files in _inputs(src)]
+        sets = dict(sorted(src.program.overrides.items()))
+        if not self.opts.provenance:  # io/provenance.py: paths go, the rest stays
+            folder = _recipe_folder(src)
+            graph = provenance.strip_paths(graph)
+            inputs = [{**i, "path": provenance.shared_path(i["path"], folder)} for i in inputs]
+            sets = provenance.strip_sets(sets)
         meta = {**self._modelspec(index), **dict(save.metadata)}  # what the recipe says wins
         meta.update({
             "kmx_version": __version__,
             "kmx_recipe": src.program.sources.get(src.program.root.path, ""),
             "kmx_graph": json.dumps(graph, sort_keys=True, separators=(",", ":")),
             "kmx_inputs": json.dumps(inputs, separators=(",", ":")),
-            "kmx_set": json.dumps(dict(sorted(src.program.overrides.items()))),
+            "kmx_set": json.dumps(sets),
         })
         meta[FINGERPRINTS] = self._fingerprint_field(index, hashes is not None)
         if save.delta:
@@ -129,6 +135,9 @@ class OutputSet:
         if extraction is not None:
             meta.update(extraction.metadata())
         meta[modelspec.HASH_FIELD] = modelspec.HASH_PLACEHOLDER  # filled in from the data
+        if not self.opts.provenance:
+            meta[provenance.MARK] = "omitted"
+            _refuse_leaks(meta, src, save)
         return meta
 
     def _modelspec(self, index: int) -> dict[str, str]:
@@ -453,6 +462,27 @@ class OutputSet:
 def _inputs(compiled) -> list[tuple[str, tuple[str, ...]]]:
     """Each input: its path and its files, sorted by path (the metadata's order)."""
     return sorted((n.attr("path"), h.files) for n, h in compiled.schedule.headers.items())
+
+
+def _recipe_folder(compiled) -> str:
+    return os.path.dirname(os.path.abspath(compiled.program.root.path))
+
+
+def _refuse_leaks(meta: dict[str, str], compiled, save) -> None:
+    """K0334 when --no-provenance metadata still holds the recipe's, an input's or the
+    output's folder: the recipe text names it literally."""
+    folders = [_recipe_folder(compiled), os.path.dirname(os.path.abspath(save.path))]
+    for path, files in _inputs(compiled):
+        folders += [os.path.dirname(f) for f in (path, os.path.realpath(path), *files)]
+    found = provenance.leak(meta, folders)
+    if found:
+        field, folder = found
+        raise KmxError([error(
+            "K0334", f"--no-provenance: the metadata of `{save.written}` would still hold the "
+            f"local path `{folder}` (in `{field}`)", save.span,
+            help="the recipe text is kept in the output: name the inputs through a param "
+                 "(`param models = \"models\"`, `\"${models}/a.safetensors\"`) and pass "
+                 "`--set models=/your/folder`, or run without --no-provenance")])
 
 
 def _sources(compiled, save) -> list[str]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from karmixlang.diagnostics import KmxError, error
 from karmixlang.io.hashes import combine_hashes, file_hashes
 from karmixlang.io.header import INDEX_SUFFIX, CheckpointHeader, pread_exact, read_checkpoint
+from karmixlang.io.provenance import MARK
 from karmixlang.plan.compile import Compiled, compile
 
 SHOWN = 5  # differing keys named in a diagnostic
@@ -61,7 +62,8 @@ def verify(path: str, overrides: dict[str, str] | None = None, hashes_only: bool
     save = _which_save(compiled, graph, path)
     ignore = REMAPPED if overrides else ()
     # The recomputed output must carry the recorded date, whatever SOURCE_DATE_EPOCH says now.
-    options = {"threads": threads, "date": meta.get("modelspec.date", "")}
+    options = {"threads": threads, "date": meta.get("modelspec.date", ""),
+               "provenance": meta.get(MARK) != "omitted"}
     return Verified(path, len(recorded),
                     _recompute_and_compare(compiled, save, path, options, ignore))
 

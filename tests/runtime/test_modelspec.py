@@ -7,19 +7,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 
 import pytest
 from safetensors import safe_open
 
 import lora_np as L
-from karmixlang.api import compile as compile_recipe
+from karmixlang.api import compile as compile_recipe, verify
 from karmixlang.demo.synth import load_layout, make_model, write_model
 from karmixlang.diagnostics import KmxError
 from karmixlang.io import modelspec
+from karmixlang.io.provenance import OMITTED
 from karmixlang.runtime.executor import RunOptions, execute
 
-from conftest import recipe
+from conftest import recipe, tiny_models
 from vcs_models import write_sdxl_models
 
 MERGE = """
@@ -186,5 +188,60 @@ def test_with_hash_keeps_the_header_length_and_recorded_hash_reads_it_back():
 
 @pytest.fixture
 def tiny_models_here(workdir):
-    from conftest import tiny_models
     return tiny_models(workdir)
+
+
+# -- --no-provenance
+
+SHARED = """
+    param models = "models"
+    model a = "${models}/a.safetensors"
+    model b = "${models}/b.safetensors"
+    save "../out/m.safetensors" = 0.5*a + 0.5*b
+"""
+
+
+def shared_run(workdir, **kw):
+    (workdir / "models").mkdir()
+    (workdir / "recipes").mkdir()
+    tiny_models(workdir / "models", names=("a", "b"))
+    path = recipe(workdir / "recipes", SHARED)
+    sets = {"models": str(workdir / "models")}
+    compiled = compile_recipe(path, sets, threads=1)
+    return path, sets, execute(compiled, RunOptions(threads=1, provenance=False, **kw))
+
+
+def test_no_provenance_keeps_every_local_path_out_of_the_header(workdir):
+    path, sets, _ = shared_run(workdir)
+    out = workdir / "out" / "m.safetensors"
+    raw = out.read_bytes()
+    header = raw[8:8 + int.from_bytes(raw[:8], "little")].decode()
+    for local in {str(workdir), os.path.realpath(workdir)}:
+        assert local not in header
+    meta = metadata(out)
+    inputs = json.loads(meta["kmx_inputs"])
+    assert [i["path"] for i in inputs] == ["a.safetensors", "b.safetensors"]
+    assert all(i["hash"].startswith("sha256:") and i["size"] > 0 for i in inputs)
+    assert json.loads(meta["kmx_set"]) == {"models": OMITTED}
+    assert meta["kmx_recipe"] == open(path).read() and meta["kmx_provenance"] == "omitted"
+    assert meta["modelspec.hash_sha256"] == "0x" + data_sha256(out)
+
+
+def test_no_provenance_output_verifies_with_set_and_is_reused(workdir):
+    path, sets, _ = shared_run(workdir)
+    out = workdir / "out" / "m.safetensors"
+    assert verify(str(out), sets, threads=1).keys == 6
+    again = execute(compile_recipe(path, sets, threads=1),
+                    RunOptions(threads=1, provenance=False, force=True))
+    assert again.reused == 6  # fingerprints name no path
+
+
+def test_no_provenance_refuses_a_recipe_that_names_a_local_path(workdir, tiny_models_here):
+    path = recipe(workdir, f"""
+        model a = "{workdir}/a.safetensors"
+        save "m.safetensors" = a with dtype="fp16"
+    """)
+    with pytest.raises(KmxError) as e:
+        execute(compile_recipe(path, threads=1), RunOptions(threads=1, provenance=False))
+    assert e.value.diagnostics[0].code == "K0334"
+    assert not (workdir / "m.safetensors").exists()
