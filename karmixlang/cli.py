@@ -138,7 +138,7 @@ def cmd_run(args) -> int:
                      force=args.force, nonfinite=args.nonfinite, executor=args.executor,
                      address=args.address, reuse=not args.no_reuse,
                      provenance=not args.no_provenance)
-    console.run_finished(result)
+    console.run_finished(result, inputs=not args.quiet)
     return EXIT_OK
 
 

@@ -90,8 +90,8 @@ def run_starting(p) -> None:
     err.print(Text(summary_line(p, running=True)))
 
 
-def run_finished(result) -> None:
-    """What a run did (runtime.executor.RunResult)."""
+def run_finished(result, inputs: bool = True) -> None:
+    """What a run did (runtime.executor.RunResult); `inputs`: the inputs' hashes too."""
     if result.nothing_to_do:
         err.print(Text("Nothing to do: every output is complete and matches the plan.",
                        style="green"))
@@ -100,6 +100,8 @@ def run_finished(result) -> None:
         out.print(Text(f"wrote {path}"))
     for path, h in result.hashes.items():
         err.print(Text(f"  {os.path.basename(path)}: {hash_line(h)}"))
+    for path, h in result.input_hashes.items() if inputs else ():
+        err.print(Text(f"  input {_shown_path(path)}: {hash_line(h)}"))
     if result.fallbacks:
         shown = "; ".join(result.fallbacks[:5])
         more = f"; and {len(result.fallbacks) - 5} more" if len(result.fallbacks) > 5 else ""
@@ -178,6 +180,12 @@ def methods(builtins) -> None:
             group = b.group
             out.print(Text(f"\n{group}", style="bold"))
         out.print(Text(f"  {b.signature():<58} {b.summary}"))
+
+
+def _shown_path(path: str) -> str:
+    """Relative to the current folder when inside it, else as it is."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
 
 
 def hash_line(h) -> str:

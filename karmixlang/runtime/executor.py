@@ -70,6 +70,8 @@ class RunResult:
     reused: int = 0  # keys copied from the output this run replaced (unchanged fingerprint)
     # each written data file's hashes (SHA-256, AutoV2, AutoV3), hashed once published
     hashes: dict[str, FileHashes] = field(default_factory=dict)
+    # each input file's hashes, as the background hasher computed them during the run
+    input_hashes: dict[str, FileHashes] = field(default_factory=dict)
 
 
 class _RssSampler:
@@ -298,7 +300,8 @@ def _run(compiled, opts, executor, outputs, progress, start) -> RunResult:
                      sum(compiled.schedule.bytes_written), rss.growth,
                      fallbacks=session.fallbacks, reused=len(reused),
                      hashes=file_hashes([f.path for layout in outputs.layouts
-                                         for f in layout.files]))
+                                         for f in layout.files]),
+                     input_hashes=dict(sorted(outputs.hashes.items())))
 
 
 def _copy_reused(jobs: list[KeyJob], reuse: Reuse, session: RunSession) -> set[str]:

@@ -21,7 +21,7 @@ from karmixlang.io import modelspec
 from karmixlang.io.provenance import OMITTED
 from karmixlang.runtime.executor import RunOptions, execute
 
-from conftest import recipe, tiny_models
+from conftest import cli, recipe, tiny_models
 from vcs_models import write_sdxl_models
 
 MERGE = """
@@ -245,3 +245,22 @@ def test_no_provenance_refuses_a_recipe_that_names_a_local_path(workdir, tiny_mo
         execute(compile_recipe(path, threads=1), RunOptions(threads=1, provenance=False))
     assert e.value.diagnostics[0].code == "K0334"
     assert not (workdir / "m.safetensors").exists()
+
+
+# -- the run summary
+
+def test_the_summary_prints_the_inputs_hashes_unless_quiet(workdir, capsys):
+    tiny_models(workdir, names=("a", "b"))
+    path = recipe(workdir, MERGE.format(with_=""))
+    code, out, err = cli(capsys, "run", path, "--threads", "1")
+    assert code == 0
+    for name in ("a", "b"):
+        raw = (workdir / f"{name}.safetensors").read_bytes()
+        full = hashlib.sha256(raw).hexdigest()
+        line = next(x for x in err.splitlines() if f"input {workdir}/{name}.safetensors" in x
+                    or f"input {name}.safetensors" in x)
+        assert line.endswith(f"SHA-256 {full} · AutoV2 {full[:10]} · AutoV3 "
+                             f"{data_sha256(workdir / f'{name}.safetensors')[:12]}")
+    assert "input" not in out  # hashes go to stderr, stdout keeps its `wrote` lines
+    code, out, err = cli(capsys, "run", path, "--threads", "1", "--force", "-q")
+    assert code == 0 and "input " not in err and "SHA-256" in err  # the output's line stays
