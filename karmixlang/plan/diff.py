@@ -14,6 +14,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 from karmixlang.blocks import SLOTS, OPTIONAL_SLOTS, slot_of
+from karmixlang.io.layouts.detect import detect
 from karmixlang.plan.compile import Compiled
 from karmixlang.plan.executable import KeyJob, Output
 from karmixlang.plan.fingerprint import KeyDigests, header_identity, key_fingerprints
@@ -152,7 +153,7 @@ def _save_diff(a: _Side, b: _Side, path: str) -> SaveDiff:
     for key in sorted(set(fa) & set(fb)):
         if fa[key] != fb[key]:
             by_change[tuple(explain(a, b, key, i, j))].append(key)
-    arch = _arch(fb)
+    arch = _arch(b, j)
     groups = [Group(keys, describe_keys(keys, arch), list(changes))
               for changes, keys in sorted(by_change.items(), key=lambda kv: _order(kv[1], arch))]
     added, removed = sorted(set(fb) - set(fa)), sorted(set(fa) - set(fb))
@@ -250,14 +251,11 @@ def _show(v) -> str:
 
 # -- describing a set of keys
 
-def _arch(keys) -> str | None:
-    """The block layout the keys follow, if any (SDXL's text encoders live under
-    `conditioner.`, SD1's under `cond_stage_model.`)."""
-    if any(k.startswith("conditioner.") for k in keys):
-        return "sdxl"
-    if any(k.startswith("cond_stage_model.") for k in keys):
-        return "sd1"
-    return None
+def _arch(side: _Side, save: int) -> str | None:
+    """The block layout a save's keys follow (io/layouts' detection), if blocks.py has one."""
+    shapes = {k: side.output(k, save)[1].shape for k in side.fps[save]}
+    arch = detect(shapes).arch
+    return arch if arch in SLOTS else None
 
 
 def _slots(arch: str) -> list[str]:
