@@ -47,11 +47,13 @@ def header_identity(exe: Executable) -> Identity:
 
 
 def content_identity(file_hashes: dict[str, FileHashes]) -> Identity:
-    """What a re-merge trusts: the data hash of the file holding the tensor (not the whole
-    file's: metadata edits change no tensor) and its place."""
+    """What a re-merge trusts: for each stored range the tensor is read from (one, or the
+    parts of a view's virtual tensor), the data hash of its file (not the whole file's:
+    metadata edits change no tensor) and its place; and how the bytes are read."""
     def identity(i: int, t: TensorInfo) -> str:
-        return (f"{file_hashes[t.file].data_hash}|{t.name}|{t.dtype}|{list(t.shape)}|"
-                f"{t.begin}|{t.end}")
+        where = ";".join(f"{file_hashes[s.file].data_hash}|{s.begin}|{s.end}"
+                         for s in t.segments)
+        return f"{t.name}|{t.dtype}|{list(t.shape)}|{t.transpose}|{where}"
     return identity
 
 

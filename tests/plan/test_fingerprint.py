@@ -148,3 +148,20 @@ def test_a_reuse_identity_depends_on_the_tensor_data_not_the_whole_file():
     assert same_data == content_identity({"f.safetensors": FileHashes("b" * 64, data)})(0, t)
     other = content_identity({"f.safetensors": FileHashes("a" * 64, "2" * 64)})
     assert other(0, t) != same_data
+
+
+def test_a_reuse_identity_covers_every_part_of_a_virtual_tensor():
+    from karmixlang.io.hashes import FileHashes
+    from karmixlang.io.header import TensorInfo
+    from karmixlang.plan.fingerprint import content_identity
+
+    q = TensorInfo("q.weight", "F32", (2, 3), "q.safetensors", 8, 32)
+    k = TensorInfo("k.weight", "F32", (2, 3), "k.safetensors", 8, 32)
+    fused = TensorInfo("qk.weight", "F32", (4, 3), "q.safetensors", 8, 32, parts=(q, k))
+    hashes = {f: FileHashes("a" * 64, "1" * 64) for f in ("q.safetensors", "k.safetensors")}
+    before = content_identity(hashes)(0, fused)
+    hashes["k.safetensors"] = FileHashes("a" * 64, "2" * 64)  # only the second part changed
+    assert content_identity(hashes)(0, fused) != before
+    turned = TensorInfo("qk.weight", "F32", (4, 3), "q.safetensors", 8, 32, parts=(q, k),
+                        transpose=True)
+    assert content_identity(hashes)(0, turned) != content_identity(hashes)(0, fused)
