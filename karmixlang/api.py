@@ -86,6 +86,41 @@ def execute(compiled: Compiled, progress=None, **options):
     return run_compiled(compiled, RunOptions(**options), progress)
 
 
+class VersionError(Exception):
+    """A version of a recipe that does not compile: its diagnostics, and the texts they point
+    into (which may not be the files on disk)."""
+
+    def __init__(self, diagnostics: list[Diagnostic], sources: dict[str, str]):
+        super().__init__(diagnostics)
+        self.diagnostics, self.sources = diagnostics, sources
+
+
+def compile_version(name: str, path: str, given: str | None,
+                    overrides: dict[str, str] | None = None) -> Compiled | None:
+    """One side of `kmx diff`, compiled header-only: the recipe file `name`, `REV:path` read
+    through git, or (the git driver) the file `given` read as if it were at `path`; None when
+    that side has no file (git's /dev/null: the recipe is new, or deleted). A lock beside
+    the recipe is ignored: nothing runs."""
+    from karmixlang.io.gitshow import is_revision, read_revision
+    from karmixlang.syntax.parser import read_source
+
+    if given == os.devnull:
+        return None
+    source = None
+    try:
+        if given is not None:
+            source, problem = read_source(given)
+            if problem is not None:
+                raise KmxError([problem])
+            path = os.path.abspath(path)
+        elif is_revision(name):
+            path, source = read_revision(name)
+        return compile(path, overrides, source=source, lock=False)
+    except KmxError as exc:
+        known = {path: source.decode("utf-8", "replace")} if source is not None else {}
+        raise VersionError(exc.diagnostics, sources_for(exc.diagnostics, known)) from None
+
+
 @dataclass
 class LockResult:
     path: str

@@ -146,6 +146,7 @@ EXIT_DIFF_ERROR = 2  # kmx diff: 0 no output changes, 1 some change, 2 error (gi
 
 
 def cmd_diff(args) -> int:
+    from karmixlang.api import VersionError, compile_version
     from karmixlang.plan.diff import diff
 
     want = 7 if args.git_driver else 2
@@ -158,47 +159,16 @@ def cmd_diff(args) -> int:
     else:
         sides = [(f, f, None) for f in args.files]
     try:
-        compiled = [_diff_side(name, path, given, parse_sets(args.set))
+        compiled = [compile_version(name, path, given, parse_sets(args.set))
                     for name, path, given in sides]
-    except _SideFailed:  # reported; a diff driver that fails stops `git diff`: let it go on
+    except VersionError as exc:  # a diff driver that fails stops `git diff`: let it go on
+        console.diagnostics(exc.diagnostics, exc.sources)
         return EXIT_OK if args.git_driver else EXIT_DIFF_ERROR
     result = diff(compiled[0], compiled[1], sides[0][0], sides[1][0])
     if args.git_driver:
         console.heading(f"kmx diff {sides[0][0]} {sides[1][0]}")
     console.recipe_diff(result, args.json)
     return EXIT_OK if args.git_driver or not result.changed else EXIT_ERRORS
-
-
-def _diff_side(name: str, path: str, given: str | None, sets: dict):
-    """One side of a diff compiled header-only: a recipe file, `REV:path` read through git,
-    or (the git driver) the file `given` read as if it were at `path`; None when that side
-    has no file (git's /dev/null: the recipe is new, or deleted)."""
-    from karmixlang.api import compile as compile_recipe, sources_for
-    from karmixlang.io.gitshow import is_revision, read_revision
-    from karmixlang.syntax.parser import read_source
-
-    source = None
-    if given is not None:
-        if given == os.devnull:
-            return None
-    try:
-        if given is not None:
-            source, problem = read_source(given)
-            if problem is not None:
-                raise KmxError([problem])
-            path = os.path.abspath(path)
-        elif is_revision(name):
-            path, source = read_revision(name)
-        return compile_recipe(path, sets, source=source, lock=False)  # no run: no lock
-    except KmxError as exc:
-        # Diagnostics point into this side's text, which may not be the file's on disk.
-        known = {path: source.decode("utf-8", "replace")} if source is not None else {}
-        console.diagnostics(exc.diagnostics, sources_for(exc.diagnostics, known))
-        raise _SideFailed() from None
-
-
-class _SideFailed(Exception):
-    """One side of a diff could not be compiled (its diagnostics are printed)."""
 
 
 def cmd_lock(args) -> int:
