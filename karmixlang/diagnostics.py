@@ -36,6 +36,7 @@ CODES: dict[str, str] = {
     "K0113": "save in an imported file",
     "K0114": "not callable",
     "K0115": "unknown member",
+    "K0116": "unknown re-basin spec",
     # K02xx: types and values
     "K0201": "coefficients of models do not sum to 1 or 0",
     "K0202": "wrong type",
@@ -54,6 +55,7 @@ CODES: dict[str, str] = {
     "K0215": "invalid rename replacement",
     "K0217": "LoRA extraction of a Model",
     "K0218": "invalid LoRA extraction option",
+    "K0223": "invalid re-basin spec",
     # K03xx: checkpoints and planning
     "K0301": "input file not found",
     "K0302": "not a valid safetensors file",
@@ -82,6 +84,11 @@ CODES: dict[str, str] = {
     "K0332": "no state dict in the checkpoint",
     "K0333": "SOURCE_DATE_EPOCH is not a date",
     "K0334": "--no-provenance cannot keep a path out",
+    "K0360": "re-basin spec names a key the model lacks",
+    "K0361": "re-basin spec axis out of range",
+    "K0362": "axes of one permutation differ in size",
+    "K0363": "permutation blocks do not divide its size",
+    "K0364": "spec=\"auto\" needs a chain of linear layers",
     # K04xx: running
     "K0401": "non-finite values in an input",
     "K0402": "cannot write the output",
