@@ -16,8 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 HERE = Path(__file__).resolve().parent
 SPLIT_SEED = 0
@@ -48,6 +46,10 @@ class MLP(torch.nn.Module):
 
 
 def data():
+    # imported here so that the tests can import MLP without scikit-learn
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     digits = load_digits()
     x = (digits.data / 16.0).astype(np.float32)
     y = digits.target.astype(np.int64)

@@ -71,3 +71,11 @@ def test_merges_on_one_base_beat_their_finetunes(out):
 
 def test_unaligned_cross_base_merge_collapses(out):
     assert acc(out / "unaligned-mean.safetensors") <= 0.70
+
+
+def test_written_spec_is_what_auto_derives():
+    from karmixlang.io.rebasin_spec import auto_spec, load_spec, to_json
+
+    shapes = {k: v.shape for k, v in load_file(str(MODELS / "base-1.safetensors")).items()}
+    written = to_json(load_spec(str(EXAMPLE / "mlp-spec.json"), EXAMPLE))
+    assert written["permutations"] == to_json(auto_spec(shapes))["permutations"]
