@@ -24,10 +24,31 @@ _TOP_FIELDS = ("permutations", "constraints", "description")
 _BUILTIN_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
 
+LAYER = "{layer}"  # in a permutation's name and keys: one permutation per layer of the model
+
+
 @dataclass(frozen=True)
 class Axis:
+    """An axis of a key, or the range [start, stop) of it (a fused tensor's part)."""
+
     key: str
     axis: int
+    start: int | None = None
+    stop: int | None = None
+
+    def bounds(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        return (self.start or 0, shape[self.axis] if self.stop is None else self.stop)
+
+    def overlaps(self, other: "Axis") -> bool:
+        if (self.key, self.axis) != (other.key, other.axis):
+            return False
+        if self.start is None or other.start is None:
+            return True
+        return self.start < other.stop and other.start < self.stop
+
+    def text(self) -> str:
+        where = "" if self.start is None else f" [{self.start}:{self.stop}]"
+        return f"axis {self.axis}{where} of \"{self.key}\""
 
 
 @dataclass(frozen=True)
@@ -141,15 +162,21 @@ def parse_spec(data: object, source: str, span: Span | None = None) -> Spec:
     for name in constraints:
         if name not in perms:
             bad(f"constraints name \"{name}\", which is not a permutation")
-    owner: dict[tuple[str, int], str] = {}
+    owner: dict[tuple[str, int], list[tuple[Axis, str]]] = {}
     groups = []
     for name, entries in perms.items():
         axes = _axes(name, entries, bad)
+        if any(LAYER in a.key for a in axes) != (LAYER in name):
+            bad(f"permutation \"{name}\": {LAYER} must be in its name and its keys, or in "
+                "neither", help=f"\"mlp.{LAYER}\": [[\"layers.{LAYER}.fc1.weight\", 0], ...]")
         for a in axes:
-            seen = owner.setdefault((a.key, a.axis), name)
-            if seen != name:
-                bad(f"axis {a.axis} of \"{a.key}\" is in two permutations, \"{seen}\" and "
-                    f"\"{name}\"", help="an axis can be permuted by one permutation only")
+            listed = owner.setdefault((a.key, a.axis), [])
+            for b, seen in listed:
+                if a.overlaps(b):
+                    bad(f"{a.text()} is permuted twice, by \"{seen}\" and \"{name}\""
+                        if seen != name else f"permutation \"{name}\" lists {a.text()} twice",
+                        help="an axis (or a range of it) can be permuted by one permutation only")
+            listed.append((a, name))
         groups.append(Group(name, axes, *_constraint(name, constraints.get(name, {}), bad)))
     return Spec(source, tuple(groups), description)
 
@@ -159,15 +186,17 @@ def _axes(name: str, entries: object, bad) -> tuple[Axis, ...]:
         bad(f"permutation \"{name}\" must be a non-empty list of [KEY, AXIS] pairs")
     axes = []
     for entry in entries:
-        if (not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], str)
-                or not isinstance(entry[1], int) or isinstance(entry[1], bool) or entry[1] < 0):
-            bad(f"permutation \"{name}\": {json.dumps(entry)[:80]} is not a [KEY, AXIS] pair "
-                "with AXIS a whole number from 0")
-        axis = Axis(entry[0], entry[1])
-        if axis in axes:
-            bad(f"permutation \"{name}\" lists [\"{axis.key}\", {axis.axis}] twice")
-        axes.append(axis)
+        if (not isinstance(entry, list) or len(entry) not in (2, 4)
+                or not isinstance(entry[0], str) or not all(_whole(v) for v in entry[1:])
+                or (len(entry) == 4 and not entry[2] < entry[3])):
+            bad(f"permutation \"{name}\": {json.dumps(entry)[:80]} is not [KEY, AXIS] or "
+                "[KEY, AXIS, START, STOP] with whole numbers from 0 and START < STOP")
+        axes.append(Axis(*entry))
     return tuple(axes)
+
+
+def _whole(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def _constraint(name: str, c: object, bad) -> tuple[int, str]:
@@ -185,20 +214,46 @@ def _constraint(name: str, c: object, bad) -> tuple[int, str]:
 
 @dataclass(frozen=True)
 class Sized:
-    """A group whose keys all exist: its size (units) and the shapes it reads."""
+    """A group whose keys all exist, in `blocks` blocks (a group without constraint: one
+    block per unit) of `inner` units each on its first axis. With `"inner": "fixed"` another
+    axis may have blocks of another length (grouped-query attention: a query block holds
+    several heads, a key block one); every other group has one length on every axis."""
 
     group: Group
-    size: int
+    size: int  # units on the first axis
+    blocks: int
+
+    @property
+    def free_inner(self) -> bool:
+        return self.group.blocks > 1 and self.group.inner == "free"
+
+
+def expand_layers(spec: Spec, keys) -> Spec:
+    """Each permutation written with {layer} made concrete for every layer number its first
+    key has in the model (`mlp.{layer}` -> `mlp.0`, `mlp.1`, ...)."""
+    out = []
+    for g in spec.groups:
+        if LAYER not in g.name:
+            out.append(g)
+            continue
+        pattern = re.compile(re.escape(g.axes[0].key).replace(re.escape(LAYER), r"(\d+)"))
+        layers = sorted({int(m[1]) for k in keys if (m := pattern.fullmatch(k))})
+        for n in layers:
+            axes = tuple(Axis(a.key.replace(LAYER, str(n)), a.axis, a.start, a.stop)
+                         for a in g.axes)
+            out.append(Group(g.name.replace(LAYER, str(n)), axes, g.blocks, g.inner))
+    return Spec(spec.source, tuple(out), spec.description)
 
 
 def check_shapes(spec: Spec, shapes: Mapping[str, tuple[int, ...]],
                  span: Span | None = None) -> tuple[list[Sized], list[str]]:
-    """Each group's size from the shapes of the model it is matched on; (sized groups, names of
-    groups none of whose keys the model has). A group some of whose keys are missing is K0360
-    (permuting the rest would change the function); an axis past the key's rank K0361; keys
-    whose axes disagree on the size K0362; blocks that do not divide the size K0363."""
+    """Each group sized from the shapes of the model it is matched on ({layer} expanded);
+    (sized groups, names of groups none of whose keys the model has). A group some of whose
+    keys are missing is K0360 (permuting the rest would change the function); an axis past
+    the key's rank, or a range past the axis's end, K0361; axes that disagree on the size
+    K0362; blocks that do not divide it K0363."""
     sized, absent = [], []
-    for g in spec.groups:
+    for g in expand_layers(spec, shapes).groups:
         missing = [k for k in g.keys if k not in shapes]
         if len(missing) == len(g.keys):
             absent.append(g.name)
@@ -210,26 +265,30 @@ def check_shapes(spec: Spec, shapes: Mapping[str, tuple[int, ...]],
                   + (f" ({len(missing)} keys missing)" if len(missing) > 1 else ""), span,
                   help=f"did you mean \"{hint}\"?" if hint else
                   "every key of a permutation must exist, or none (the group is then skipped)")
-        sizes = {}
-        for a in g.axes:
-            shape = tuple(shapes[a.key])
-            if a.axis >= len(shape):
-                _fail("K0361", f"re-basin spec {spec.source}: \"{a.key}\" has {len(shape)} "
-                      f"axes (shape {list(shape)}), so it has no axis {a.axis}", span,
-                      help="axes count from 0")
-            sizes.setdefault(shape[a.axis], a)
-        if len(sizes) > 1:
-            (n1, a1), (n2, a2) = list(sizes.items())[:2]
-            _fail("K0362", f"re-basin spec {spec.source}: permutation \"{g.name}\" moves "
-                  f"{n1} units on axis {a1.axis} of \"{a1.key}\" but {n2} on axis {a2.axis} "
-                  f"of \"{a2.key}\"", span,
-                  help="the axes of one permutation must have the same size")
-        size = next(iter(sizes))
-        if size % g.blocks:
-            _fail("K0363", f"re-basin spec {spec.source}: permutation \"{g.name}\" has "
-                  f"{size} units, which {g.blocks} blocks do not divide", span)
-        sized.append(Sized(g, size))
+        lengths = [_length(spec, a, tuple(shapes[a.key]), span) for a in g.axes]
+        varied = g.blocks > 1 and g.inner == "fixed"
+        for a, n in zip(g.axes, lengths):
+            if n != lengths[0] and not varied:
+                _fail("K0362", f"re-basin spec {spec.source}: permutation \"{g.name}\" moves "
+                      f"{lengths[0]} units on {g.axes[0].text()} but {n} on {a.text()}", span,
+                      help="the axes of one permutation must have the same size")
+            if n % g.blocks:
+                _fail("K0363", f"re-basin spec {spec.source}: permutation \"{g.name}\" has "
+                      f"{n} units on {a.text()}, which {g.blocks} blocks do not divide", span)
+        sized.append(Sized(g, lengths[0], g.blocks if g.blocks > 1 else lengths[0]))
     return sized, absent
+
+
+def _length(spec: Spec, a: Axis, shape: tuple[int, ...], span) -> int:
+    if a.axis >= len(shape):
+        _fail("K0361", f"re-basin spec {spec.source}: \"{a.key}\" has {len(shape)} "
+              f"axes (shape {list(shape)}), so it has no axis {a.axis}", span,
+              help="axes count from 0")
+    start, stop = a.bounds(shape)
+    if stop > shape[a.axis]:
+        _fail("K0361", f"re-basin spec {spec.source}: the range [{start}:{stop}] of axis "
+              f"{a.axis} of \"{a.key}\" goes past its length {shape[a.axis]}", span)
+    return stop - start
 
 
 # ------------------------------------------------------------------ spec="auto"
@@ -274,7 +333,9 @@ def _natural(text: str) -> list:
 
 def to_json(spec: Spec) -> dict:
     """The spec in its file format (what `auto` derived, or a spec as read)."""
-    out: dict = {"permutations": {g.name: [[a.key, a.axis] for a in g.axes] for g in spec.groups}}
+    out: dict = {"permutations": {g.name: [[a.key, a.axis] + ([] if a.start is None else
+                                                             [a.start, a.stop]) for a in g.axes]
+                                  for g in spec.groups}}
     constraints = {g.name: {"blocks": g.blocks, "inner": g.inner}
                    for g in spec.groups if g.blocks > 1 or g.inner != "free"}
     if constraints:

@@ -110,3 +110,40 @@ def test_auto_spec_couples_each_layer_to_the_next_in_natural_order():
 ])
 def test_auto_spec_refuses_what_is_not_a_chain(shapes):
     assert code_of(lambda: auto_spec(shapes)) == "K0364"
+
+
+def test_ranges_of_a_fused_axis_may_go_to_different_permutations_but_never_overlap():
+    qkv = {"permutations": {"heads": [["qkv.weight", 0, 0, 8], ["qkv.weight", 0, 8, 16]],
+                            "v": [["qkv.weight", 0, 16, 24], ["proj.weight", 1]]},
+           "constraints": {"heads": {"blocks": 2, "inner": "fixed"}}}
+    sized, _ = check_shapes(parse_spec(qkv, "x"), {"qkv.weight": (24, 4), "proj.weight": (4, 8)})
+    assert [(s.group.name, s.size, s.blocks) for s in sized] == [("heads", 8, 2), ("v", 8, 8)]
+    assert to_json(parse_spec(qkv, "x")) == qkv
+    overlap = {"permutations": {"a": [["qkv.weight", 0, 0, 8]], "b": [["qkv.weight", 0, 4, 12]]}}
+    assert code_of(lambda: parse_spec(overlap, "x")) == "K0223"
+    whole = {"permutations": {"a": [["qkv.weight", 0]], "b": [["qkv.weight", 0, 4, 12]]}}
+    assert code_of(lambda: parse_spec(whole, "x")) == "K0223"
+    past = {"permutations": {"a": [["qkv.weight", 0, 16, 32]]}}
+    assert code_of(lambda: check_shapes(parse_spec(past, "x"), {"qkv.weight": (24, 4)})) == "K0361"
+
+
+def test_fixed_head_blocks_may_differ_in_length_across_axes_grouped_query_attention():
+    gqa = {"permutations": {"kv": [["q.weight", 0], ["k.weight", 0]]},
+           "constraints": {"kv": {"blocks": 2, "inner": "fixed"}}}
+    sized, _ = check_shapes(parse_spec(gqa, "x"), {"q.weight": (16, 4), "k.weight": (8, 4)})
+    assert (sized[0].size, sized[0].blocks) == (16, 2)
+    gqa["constraints"]["kv"]["inner"] = "free"
+    assert code_of(lambda: check_shapes(parse_spec(gqa, "x"),
+                                        {"q.weight": (16, 4), "k.weight": (8, 4)})) == "K0362"
+
+
+def test_layer_placeholder_makes_one_permutation_per_layer_of_the_model():
+    spec = parse_spec({"permutations": {"mlp.{layer}": [["l.{layer}.up.weight", 0],
+                                                        ["l.{layer}.down.weight", 1]]}}, "x")
+    shapes = {f"l.{i}.{n}.weight": s for i in (0, 1, 10) for n, s in (("up", (8, 4)),
+                                                                     ("down", (4, 8)))}
+    sized, _ = check_shapes(spec, shapes)
+    assert [s.group.name for s in sized] == ["mlp.0", "mlp.1", "mlp.10"]
+    assert sized[2].group.axes[1].key == "l.10.down.weight"
+    bad = {"permutations": {"mlp": [["l.{layer}.up.weight", 0]]}}
+    assert code_of(lambda: parse_spec(bad, "x")) == "K0223"
