@@ -16,7 +16,7 @@ from karmixlang.check.typecheck import Checker, Scope, TooDeep
 from karmixlang.check.values import Ty, affine
 
 SAVE_OPTIONS = ("dtype", "fallback", "metadata", "shard", "delta", "unmatched", "lora",
-                "lora_conv")
+                "lora_conv", "tokenizer")
 MAX_RANK = 1 << 16  # a LoRA rank past every real key's width
 UNMATCHED = ("error", "warn")  # what a LoRA module that matches no key is (docs/lora.md)
 
@@ -54,6 +54,19 @@ def _check_extraction(ch: Checker, s: ast.Save, opts: dict, values: dict, ty: Ty
                f"{ty.describe()}", s.expr.span, label="not a Delta",
                help="extract the difference to a base: `save \"x.safetensors\" = "
                     "tuned - base with lora=32`")
+
+
+def _check_tokenizer(ch: Checker, unit: Unit, e, ty: Ty) -> None:
+    """`tokenizer=` names a declared model (its vocabulary and tokenizer files) or is
+    "union" (docs/language.md, "Vocabularies")."""
+    if ty.kind == "error" or (ty.kind == "string" and ty.value in ("union", None)):
+        return
+    decl = unit.decls.get(e.name) if isinstance(e, ast.Name) else None
+    if not isinstance(decl, ast.ModelDecl):
+        ch.err("K0349", "`tokenizer` must name a model declared with `model` or `base`, or be "
+               "\"union\"", e.span, label="not a model's name",
+               help="`with tokenizer=chat` keeps the model `chat`'s vocabulary; "
+                    "`with tokenizer=\"union\"` merges every input's")
 
 
 def _check_save(ch: Checker, unit: Unit, s: ast.Save, paths: dict[str, ast.Save]) -> None:
@@ -95,6 +108,8 @@ def _check_save(ch: Checker, unit: Unit, s: ast.Save, paths: dict[str, ast.Save]
     if fb is not None and fb.kind != "error" and not (fb.kind == "space" and affine(fb.weight) == 1):
         ch.err("K0208", f"`fallback` must be a Model, got {fb.describe()}",
                opts["fallback"].value.span)
+    if "tokenizer" in opts:
+        _check_tokenizer(ch, unit, opts["tokenizer"].value, values["tokenizer"])
     ty = ch.value(s.expr, scope)
     extract = "lora" in values
     if extract or "lora_conv" in values:

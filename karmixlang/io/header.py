@@ -44,7 +44,9 @@ class TensorInfo:
     (a view may give it another name, or another shape of the same size). A virtual one
     (io/views.py) is the bytes of `parts` (stored tensors of this dtype) concatenated — a
     concatenation along dim 0 — read as `shape`, or, with `transpose`, as the transpose of
-    the 2-D tensor of shape `shape[::-1]` they hold."""
+    the 2-D tensor of shape `shape[::-1]` they hold. A row gather (plan/vocab.py) is the
+    tensor of `parts` read whole and its rows picked: `gather` lists runs `(first source row,
+    count)`, a run from row -1 repeating the mean of the source rows that `mean`'s runs list."""
 
     name: str  # the key's name in its file
     dtype: str  # a key of dtypes.DTYPES
@@ -54,6 +56,8 @@ class TensorInfo:
     end: int
     parts: tuple["TensorInfo", ...] = ()
     transpose: bool = False
+    gather: tuple[tuple[int, int], ...] = ()
+    mean: tuple[tuple[int, int], ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -67,6 +71,12 @@ class TensorInfo:
     @property
     def virtual(self) -> bool:
         return bool(self.parts) or self.transpose
+
+    @property
+    def flat(self) -> bool:
+        """Whether its elements are its stored bytes in order (so a flat range of them can be
+        read alone: out-of-core chunks); a transpose or a row gather is not."""
+        return not (self.transpose or self.gather)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """Views: an input's header as another naming presents it, without touching its data.
 
 A view maps every stored key to the key it is read as: renamed, reshaped (same bytes), several
-stored tensors concatenated along dim 0 (fused q/k/v), or a 2-D tensor transposed — a
-`TensorInfo` with `parts`/`transpose` that runtime/tensors.Reader reads. Views are built at
+stored tensors concatenated along dim 0 (fused q/k/v), a 2-D tensor transposed, or its rows
+gathered in another vocabulary's order — a `TensorInfo` with `parts`/`transpose`/`gather`
+that runtime/tensors.Reader reads. Views are built at
 plan time from headers (plan/views.py decides which input is read through which).
 """
 
@@ -53,6 +54,20 @@ def rename(header: CheckpointHeader, pattern: str, replacement: str,
 
 def keep(header: CheckpointHeader, test: Callable[[str], bool]) -> CheckpointHeader:
     return _with(header, {k: t for k, t in header.tensors.items() if test(k)})
+
+
+def gather_rows(header: CheckpointHeader, keys: list[str], gather: tuple[tuple[int, int], ...],
+                mean: tuple[tuple[int, int], ...]) -> CheckpointHeader:
+    """The keys read as the rows `gather` picks (TensorInfo's row gather): each becomes a
+    tensor of sum(count) rows, the rest of its shape kept."""
+    rows = sum(n for _, n in gather)
+    out = dict(header.tensors)
+    for key in keys:
+        info = out[key]
+        out[key] = TensorInfo(info.name, info.dtype, (rows,) + info.shape[1:], info.file, 0, 0,
+                              info.segments, gather=gather,
+                              mean=mean if any(first < 0 for first, _ in gather) else ())
+    return _with(header, out)
 
 
 def canonical(header: CheckpointHeader, naming: Naming, arch: str, span: Span | None,

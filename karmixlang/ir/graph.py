@@ -133,6 +133,7 @@ class SaveSpec:
     unmatched: str = "error"  # a LoRA module that matches no key: "error" or "warn"
     lora: int | None = None  # extraction: write a LoRA of this rank instead of a checkpoint
     lora_conv: int | None = None  # its rank for 3×3 convs (None: they are left out)
+    tokenizer: str | None = None  # `tokenizer=`: "union", or the named model's path
 
 
 @dataclass

@@ -303,7 +303,13 @@ class Lowerer:
             metadata=tuple(sorted((k, str(v)) for k, v in (opts.get("metadata") or {}).items())),
             shard=opts.get("shard"), delta=bool(opts.get("delta", False)), span=s.span,
             unmatched=opts.get("unmatched", "error"), lora=_rank(opts.get("lora")),
-            lora_conv=_rank(opts.get("lora_conv")))
+            lora_conv=_rank(opts.get("lora_conv")),
+            tokenizer=_tokenizer(opts.get("tokenizer")))
+
+
+def _tokenizer(v) -> str | None:
+    """`tokenizer=`: "union", or the named model's path (the checker allows only these)."""
+    return v.attr("path") if isinstance(v, Node) else v
 
 
 def _rank(v) -> int | None:

@@ -248,14 +248,16 @@ def _info_list(t: TensorInfo) -> list:
     out = [t.name, t.dtype, list(t.shape), t.file, t.begin, t.end]
     if t.virtual:  # views only: a stored tensor keeps the short form
         out += [[_info_list(p) for p in t.parts], t.transpose]
+    if t.gather:
+        out += [[list(r) for r in t.gather], [list(r) for r in t.mean]]
     return out
 
 
 def _info_from(v: list) -> TensorInfo:
     name, dt, sh, f, b, e = v[:6]
-    parts, transpose = v[6:] or ([], False)
+    parts, transpose, gather, mean = (v[6:] + [[], False, [], []][len(v) - 6:])[:4]
     return TensorInfo(name, dt, tuple(sh), f, b, e, tuple(_info_from(p) for p in parts),
-                      transpose)
+                      transpose, tuple(map(tuple, gather)), tuple(map(tuple, mean)))
 
 
 def _terms_from(terms: list) -> tuple[LoraTerm, ...]:

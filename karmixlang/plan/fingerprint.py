@@ -42,7 +42,7 @@ def header_identity(exe: Executable) -> Identity:
     """What `kmx diff` can know without reading tensor data: the path as planned and the
     header entry."""
     def identity(i: int, t: TensorInfo) -> str:
-        return f"{exe.nodes[i].attr('path')}|{t.name}|{t.dtype}|{list(t.shape)}"
+        return f"{exe.nodes[i].attr('path')}|{t.name}|{t.dtype}|{list(t.shape)}{_rows(t)}"
     return identity
 
 
@@ -53,8 +53,15 @@ def content_identity(file_hashes: dict[str, FileHashes]) -> Identity:
     def identity(i: int, t: TensorInfo) -> str:
         where = ";".join(f"{file_hashes[s.file].data_hash}|{s.begin}|{s.end}"
                          for s in t.segments)
-        return f"{t.name}|{t.dtype}|{list(t.shape)}|{t.transpose}|{where}"
+        return f"{t.name}|{t.dtype}|{list(t.shape)}|{t.transpose}|{where}{_rows(t)}"
     return identity
+
+
+def _rows(t: TensorInfo) -> str:
+    """A row gather's rows (which token each row is), hashed: empty for every other read."""
+    if not t.gather:
+        return ""
+    return "|" + hashlib.sha256(repr((t.gather, t.mean)).encode()).hexdigest()[:16]
 
 
 def at_key(value, key: str):

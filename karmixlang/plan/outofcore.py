@@ -105,8 +105,8 @@ def chunking_for(job, nodes, per_element: float, limit: int, item: int,
     over = per_element * numel > limit
     if any(DTYPES[t.dtype].bits % 8 for t in job.tensors.values()):
         return None  # packed sub-byte elements (F4, F6) cannot be cut at any element
-    if any(t.transpose for t in job.tensors.values()):
-        return None  # a transposed view has no flat byte ranges; only small projections are
+    if not all(t.flat for t in job.tensors.values()):
+        return None  # a transposed view or a row gather has no flat byte ranges: read whole
     if not over and (per_element * numel <= CHUNK_ABOVE_BYTES or
                      not all(_gram(n) for n in walls)):
         return None

@@ -60,6 +60,32 @@ def _view(v) -> dict:
                      "dropped": len(v.dropped), "dropped_examples": list(v.dropped[:5])}}
 
 
+def _vocabulary(v, base: str) -> dict:
+    """A save that matches embedding rows by token (plan/vocab.py), for `saves[].vocabulary`."""
+    if v is None:
+        return {}
+    return {"vocabulary": {
+        "mode": v.mode, "source": _rel(v.file, base), "tokens": v.tokens, "rows": v.rows,
+        "added": len(v.added), "files": [name for name, _ in v.files],
+        "inputs": [{"path": _rel(i.path, base), "vocabulary": _rel(i.file, base),
+                    "tokens": i.tokens, "rows": i.rows, "lacking": i.lacking,
+                    "keys": list(i.keys)} for i in v.inputs]}}
+
+
+def _vocabulary_text(v: dict) -> list[str]:
+    what = "the union vocabulary" if v["mode"] == "union" else "the vocabulary"
+    added = f" + {v['added']} added" if v["added"] else ""
+    out = [f"    rows matched by token: {what} of {v['source']}{added}, {v['tokens']} tokens "
+           f"in {v['rows']} rows"]
+    for i in v["inputs"]:
+        keys = ", ".join(i["keys"]) or "no key"
+        out.append(f"      {i['path']}: {i['tokens']} tokens in {i['rows']} rows, lacks "
+                   f"{i['lacking']} (its mean row there); {keys}")
+    if v["files"]:
+        out.append(f"      tokenizer files generated: {', '.join(v['files'])}")
+    return out
+
+
 def _renames(n) -> dict:
     """The recipe's renames of an input, for `inputs[].renamed_by` ([pattern, replacement])."""
     steps = [list(s[1:]) for s in n.attr("view", ()) if s[0] == "rename"]
@@ -114,7 +140,7 @@ def build_plan(recipe: str, graph: Graph, sched: Schedule, threads: int = 1,
                                 for k, r in list(sched.copied[i].items())[:5]],
             "bytes_written": sched.bytes_written[i],
             "lora": sched.extractions[i].report() if i in sched.extractions else None,
-        })
+        } | _vocabulary(sched.vocab.get(i), base))
     data = {
         "schema_version": SCHEMA_VERSION,
         "recipe": os.path.basename(recipe),
@@ -266,6 +292,8 @@ def render_text(plan: Plan) -> str:
         if s.get("lora"):
             out += _extraction_text(s["lora"], s["keys"], s["bytes_written"])
             continue
+        if "vocabulary" in s:
+            out += _vocabulary_text(s["vocabulary"])
         source = "from the fallback" if s["fallback"] is not None else "as is"
         out.append(f"    {s['keys']} keys: {s['computed']} computed, {s['copied']} copied "
                    f"{source}; writes {human_bytes(s['bytes_written'])}")

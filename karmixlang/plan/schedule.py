@@ -27,6 +27,7 @@ from karmixlang.plan.extract import Extraction, factor_outputs
 from karmixlang.plan.loras import PlannedLora, plan_loras
 from karmixlang.plan.outofcore import chunking_for
 from karmixlang.plan.views import apply_views
+from karmixlang.plan.vocab import SaveVocab, plan_vocabularies
 
 COMPUTE_ITEMSIZE = {"fp32": 4, "fp64": 8}
 # Blocks below this come from glibc's heap, which keeps them for reuse (the runtime raises the
@@ -69,6 +70,7 @@ class Schedule:
     warnings: list[Diagnostic] = field(default_factory=list)
     extractions: dict[int, Extraction] = field(default_factory=dict)  # save -> its LoRA
     views: dict[Node, ViewReport] = field(default_factory=dict)  # loads read through a view
+    vocab: dict[int, SaveVocab] = field(default_factory=dict)  # saves matching rows by token
 
     @property
     def jobs(self) -> list[KeyJob]:
@@ -589,6 +591,7 @@ def schedule(graph: Graph, compute: str = "fp32", strict: bool = False,
     """`memory_limit`: bytes (None: half of the available memory), which decides the keys
     that run out of core."""
     headers, views = apply_views(graph, headers if headers is not None else read_inputs(graph))
+    headers, vocab = plan_vocabularies(graph, headers)
     loras, warnings = plan_loras(graph, headers)
     keys = node_keys(graph, headers, loras)
     order = graph.topo()
@@ -617,4 +620,4 @@ def schedule(graph: Graph, compute: str = "fp32", strict: bool = False,
     peak_job = max(jobs, key=lambda j: j.est_bytes, default=None)
     return Schedule(headers, exe, copied, counts, sum(read_once.values()), written,
                     peak_job.key if peak_job else None, peak_job.est_bytes if peak_job else 0,
-                    loras, warnings, extractions, views)
+                    loras, warnings, extractions, views, vocab)

@@ -35,7 +35,7 @@ def apply_views(graph: Graph, headers: dict[Node, CheckpointHeader]
     namings = {n: naming_of(h) for n, h in headers.items()}
     targets: dict[Node, tuple[tuple[str, str] | None, int]] = {}
     for i, save in enumerate(graph.saves):
-        loads = _loads(graph, save)
+        loads = save_loads(graph, save)
         if not loads:
             continue
         arch = _arch(loads, namings, headers, save.span)
@@ -75,7 +75,7 @@ def _text(target: tuple[str, str] | None) -> str:
     return "it is" if target is None else naming_text(*target)
 
 
-def _loads(graph: Graph, save) -> list[Node]:
+def save_loads(graph: Graph, save) -> list[Node]:
     """The save's loads, the reference first: its fallback's, else its expression's."""
     roots = ([save.fallback] if save.fallback is not None else []) + [save.expr]
     order = {n: i for i, n in enumerate(graph.topo())}

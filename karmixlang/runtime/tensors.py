@@ -67,6 +67,9 @@ class Reader:
                 at += seg.nbytes
         if info.transpose:  # a copy: the transpose of the stored 2-D tensor, contiguous
             return buf.view(dtype).reshape(info.shape[::-1]).t().contiguous()
+        if info.gather:
+            rows = info.nbytes // (DTYPES[info.dtype].itemsize * math.prod(info.shape[1:]) or 1)
+            return gather_rows(buf.view(dtype).reshape((rows,) + info.shape[1:]), info)
         return buf.view(dtype).reshape(info.shape)
 
     def _read_into(self, seg: TensorInfo, view: memoryview) -> None:
@@ -89,12 +92,29 @@ class Reader:
             self._fds.clear()
 
 
+def _indices(runs: tuple[tuple[int, int], ...], mean_row: int) -> torch.Tensor:
+    return torch.cat([torch.arange(first, first + n) if first >= 0
+                      else torch.full((n,), mean_row, dtype=torch.int64)
+                      for first, n in runs])
+
+
+def gather_rows(source: torch.Tensor, info: TensorInfo) -> torch.Tensor:
+    """A row gather's tensor (a copy): the source rows its runs name, and the mean of the
+    `mean` rows where a run says -1. The mean is taken in fp64 and stored in the source's
+    dtype, like every row read."""
+    if info.mean:
+        mean = source.index_select(0, _indices(info.mean, 0)).to(torch.float64).mean(0)
+        source = torch.cat([source, mean.to(source.dtype)[None]])
+    return source.index_select(0, _indices(info.gather, source.shape[0] - 1))
+
+
 def part(info: TensorInfo, span: tuple[int, int]) -> TensorInfo:
     """Flat elements [a, b) of a tensor, as a 1-D tensor of its own. A concatenation's
-    elements are its parts' in order; a transposed tensor has no flat byte range (the plan
-    never chunks one: plan/outofcore.py)."""
-    if info.transpose:
-        raise ValueError(f"`{info.name}` is read transposed and cannot be read in pieces")
+    elements are its parts' in order; a transposed tensor or a row gather has no flat byte
+    range (the plan never chunks one: plan/outofcore.py)."""
+    if not info.flat:
+        raise ValueError(f"`{info.name}` is read transposed or by rows and cannot be read in "
+                         "pieces")
     a, b = span
     item = DTYPES[info.dtype].itemsize
     pieces, at = [], 0
