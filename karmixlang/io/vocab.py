@@ -53,11 +53,6 @@ class Vocabulary:
         return out
 
 
-def folder_of(path: str) -> str:
-    """The folder a checkpoint path names: itself if a folder, else the one holding the file."""
-    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-
-
 def vocabulary_file(folder: str) -> str | None:
     for name in VOCAB_FILES:
         path = os.path.join(folder, name)

@@ -27,7 +27,8 @@ from karmixlang.io.header import CheckpointHeader
 from karmixlang.io.layouts.llm import split_layer_key
 from karmixlang.io.union_tokenizer import added_entry, union_files
 from karmixlang.io.views import gather_rows
-from karmixlang.io.vocab import Vocabulary, folder_of, read_vocabulary
+from karmixlang.io.hffolder import source_folder
+from karmixlang.io.vocab import Vocabulary, read_vocabulary
 from karmixlang.ir.graph import Graph, Node
 from karmixlang.plan.views import save_loads
 
@@ -69,7 +70,7 @@ def plan_vocabularies(graph: Graph, headers: dict[Node, CheckpointHeader]
     vocabs: dict[str, Vocabulary | None] = {}
 
     def vocab(path: str, span: Span | None) -> Vocabulary | None:
-        folder = folder_of(path)
+        folder = source_folder(path)
         if folder not in vocabs:
             vocabs[folder] = read_vocabulary(folder, span)
         return vocabs[folder]
@@ -105,8 +106,8 @@ def plan_vocabularies(graph: Graph, headers: dict[Node, CheckpointHeader]
             inputs.append(InputVocab(path, v.source, len(v.ids), v.rows, target.lacking(v),
                                      tuple(keys)))
         added = target.added_entries()
-        files = union_files(folder_of(source), list(added), save.span) if added else {}
-        plans[i] = SaveVocab(UNION if choice == UNION else "model", folder_of(source),
+        files = union_files(source_folder(source), list(added), save.span) if added else {}
+        plans[i] = SaveVocab(UNION if choice == UNION else "model", source_folder(source),
                              target.vocab.source, target.rows, target.tokens, added,
                              tuple(inputs), tuple(sorted(files.items())))
     return out, plans
