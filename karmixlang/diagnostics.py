@@ -55,6 +55,7 @@ CODES: dict[str, str] = {
     "K0215": "invalid rename replacement",
     "K0217": "LoRA extraction of a Model",
     "K0218": "invalid LoRA extraction option",
+    "K0219": "option that does not apply to a save into a folder",
     "K0223": "invalid re-basin spec",
     # K03xx: checkpoints and planning
     "K0301": "input file not found",
@@ -84,6 +85,10 @@ CODES: dict[str, str] = {
     "K0332": "no state dict in the checkpoint",
     "K0333": "SOURCE_DATE_EPOCH is not a date",
     "K0334": "--no-provenance cannot keep a path out",
+    "K0340": "a folder save's config source is not a Hugging Face folder",
+    "K0341": "a folder save has no model to take its config from",
+    "K0342": "a folder save's path is not a folder",
+    "K0343": "the folder to replace holds files kmx does not write",
     "K0345": "input has no readable vocabulary",
     "K0346": "vocabulary does not fit the embedding",
     "K0347": "union vocabulary without tokenizer.json",
@@ -119,6 +124,8 @@ CODES: dict[str, str] = {
     "K0517": "two points of a sweep write one file",
     "K0518": "a swept name is not a param of the recipe",
     "K0519": "a param swept twice, or also given with --set",
+    # K0520-K0522: Hugging Face model folders
+    "K0520": "cannot publish a model folder",
 }
 
 

@@ -9,6 +9,7 @@ import os
 from karmixlang.syntax import ast
 from karmixlang.diagnostics import Diagnostic, Label, did_you_mean, error, warning
 from karmixlang.io.dtypes import USER_DTYPE_NAMES, parse_user_dtype
+from karmixlang.io.hffolder import is_folder_path
 from karmixlang.units import parse_size
 from karmixlang.limits import recursion_room
 from karmixlang.check.program import Program, Unit, Loader, resolve_params, dependency_order
@@ -69,6 +70,17 @@ def _check_tokenizer(ch: Checker, unit: Unit, e, ty: Ty) -> None:
                     "`with tokenizer=\"union\"` merges every input's")
 
 
+def _check_folder(ch: Checker, opts: dict, values: dict, path: str | None) -> None:
+    """A save into a folder writes a loadable model (io/hffolder.py): a LoRA or a Delta is
+    not a model folder."""
+    if path is None or not is_folder_path(path):
+        return
+    for name, what in (("lora", "a LoRA is one file"), ("delta", "a Delta is not a model")):
+        if name in opts and values[name].value not in (None, False):
+            ch.err("K0219", f"`{name}` does not apply to a save into a folder", opts[name].span,
+                   help=f"{what}: save to a `.safetensors` path")
+
+
 def _check_save(ch: Checker, unit: Unit, s: ast.Save, paths: dict[str, ast.Save]) -> None:
     scope = Scope(unit)
     path_ty = ch.string(s.path, scope)
@@ -110,6 +122,7 @@ def _check_save(ch: Checker, unit: Unit, s: ast.Save, paths: dict[str, ast.Save]
                opts["fallback"].value.span)
     if "tokenizer" in opts:
         _check_tokenizer(ch, unit, opts["tokenizer"].value, values["tokenizer"])
+    _check_folder(ch, opts, values, path_ty.value if isinstance(path_ty.value, str) else None)
     ty = ch.value(s.expr, scope)
     extract = "lora" in values
     if extract or "lora_conv" in values:

@@ -13,7 +13,9 @@ import os
 
 from karmixlang.diagnostics import Diagnostic, KmxError, Label, error
 from karmixlang.io.header import read_checkpoint
-from karmixlang.io.files import not_regular
+from karmixlang.io.files import hidden_path, not_regular
+from karmixlang.io.hffolder import (DEFAULT_SHARD, OLD_SUFFIX, FolderSave, is_folder_path,
+                                    staging_path, tensor_path)
 from karmixlang.io.writer import OutputLayout, layout_output, written_paths
 from karmixlang.units import parse_size
 
@@ -25,8 +27,15 @@ def save_tensors(schedule, index: int) -> list[tuple[str, str, tuple[int, ...]]]
 
 
 def plan_save(save, schedule, index: int, metadata: dict[str, str]) -> OutputLayout:
-    shard = parse_size(save.shard) if save.shard else None
-    return layout_output(save.path, save_tensors(schedule, index), metadata, shard)
+    """The files of a save: at its path, or for a save into a folder (io/hffolder.py) as
+    `model.safetensors` (5GB shards by default) in its hidden staging folder, with the
+    `format` metadata transformers' loaders expect."""
+    shard = save.shard
+    if is_folder_path(save.path):
+        shard = shard or DEFAULT_SHARD
+        metadata = {"format": "pt", **metadata}
+    return layout_output(tensor_path(save.path), save_tensors(schedule, index), metadata,
+                         parse_size(shard) if shard else None)
 
 
 class _Protected:
@@ -74,13 +83,23 @@ def _checkpoint_files(path: str) -> tuple[str, ...]:
 
 
 def check_outputs(saves, layouts: list[OutputLayout], headers, recipe_files,
-                  unused_inputs=()) -> None:
-    """Raise KmxError (K0305, K0311, K0212) unless every file the saves write is safe to write.
-    `unused_inputs`: paths of checkpoints the recipe declares but no save reads."""
+                  unused_inputs=(), folders: dict[int, FolderSave] | None = None) -> None:
+    """Raise KmxError (K0305, K0311, K0212, K0342) unless every file the saves write is safe
+    to write. `unused_inputs`: paths of checkpoints the recipe declares but no save reads;
+    `folders`: the side files of saves into folders, whose copied files are inputs too."""
     protected = _Protected(headers, recipe_files, unused_inputs)
+    for folder in (folders or {}).values():
+        for f in folder.files:
+            if f.copy_from:
+                protected._add(f.copy_from, ("the input", f.copy_from))
     writers: dict[str, object] = {}  # directory entry (real folder + name) -> the save
     diags = []
     for save, layout in zip(saves, layouts):
+        if is_folder_path(save.path):
+            d = _check_folder(save, protected, writers)
+            if d is not None:
+                diags.append(d)
+                continue
         for path in written_paths(layout):
             d = _check_path(save, path, protected, writers)
             if d is not None:
@@ -108,6 +127,33 @@ def _check_path(save, path: str, protected: _Protected, writers: dict) -> Diagno
     if first is not save:
         return error("K0212", f"`{save.written}` and `{first.written}` both write "
                      f"`{entry}`", save.span, label="this save",
+                     notes=(Label(first.span, "also written here"),) if first.span else ())
+    return None
+
+
+def _check_folder(save, protected: _Protected, writers: dict) -> Diagnostic | None:
+    """A folder save replaces its folder whole: the folder and its hidden siblings must not be
+    or hold an input or recipe file, and must be a folder or a new name."""
+    folder = os.path.realpath(save.path)
+    for path in (save.path, staging_path(save.path), hidden_path(save.path, OLD_SUFFIX)):
+        real = os.path.realpath(path)
+        inside = [(w, p) for r, (w, p) in protected.by_real.items()
+                  if r == real or r.startswith(real.rstrip(os.sep) + os.sep)]
+        if inside:
+            what, other = min(inside, key=lambda t: t[1])
+            return error("K0305", f"`{save.written}` would replace a folder holding {what} "
+                         f"`{other}`", save.span, label="this save",
+                         help="save to a new folder: a folder save writes the whole folder")
+    if os.path.lexists(save.path) and not os.path.isdir(save.path):
+        return error("K0342", f"`{save.written}` is a folder save, but `{save.path}` is not a "
+                     "folder", save.span, label="this save",
+                     help="a path that does not end in `.safetensors` writes a model folder: "
+                          "save to another name, or end the path in `.safetensors` to write "
+                          "one file")
+    first = writers.setdefault(folder, save)
+    if first is not save:
+        return error("K0212", f"`{save.written}` and `{first.written}` both write "
+                     f"`{folder}`", save.span, label="this save",
                      notes=(Label(first.span, "also written here"),) if first.span else ())
     return None
 

@@ -75,6 +75,11 @@ def weights_path(folder: str) -> str:
     return os.path.join(staging_path(folder), WEIGHTS_NAME)
 
 
+def tensor_path(save_path: str) -> str:
+    """Where a save's tensors are written: its path, or a folder save's staging file."""
+    return weights_path(save_path) if is_folder_path(save_path) else save_path
+
+
 def published_path(path: str, folder: str) -> str:
     """A file's name once its staging folder has become `folder`."""
     staging = staging_path(folder)
@@ -145,7 +150,8 @@ def _json_bytes(doc: dict) -> bytes:
     return (json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
 
 
-def true_config(config: dict, tensors: list[tuple[str, str, tuple[int, ...]]]) -> tuple[dict, list[str]]:
+def true_config(config: dict, tensors: list[tuple[str, str, tuple[int, ...]]]
+                ) -> tuple[dict, list[str]]:
     """The source's config with the fields that describe the tensors made true for the
     written ones: the layer count (whichever of LAYER_FIELDS the config has), `vocab_size`
     (the embedding's rows) and the dtype (`torch_dtype` and/or `dtype`, whichever it has;
@@ -252,6 +258,14 @@ def publish(staging: str, folder: str) -> None:
     _fsync_dir(os.path.dirname(os.path.abspath(folder)))
     if replacing:
         shutil.rmtree(old)
+
+
+def foreign_files(folder: str) -> list[str]:
+    """What an existing folder holds besides the files a folder save writes (tensor files,
+    the index, the side files): a folder holding anything else is not replaced."""
+    known = {CONFIG, CARD, WEIGHTS_NAME, WEIGHTS_NAME + ".index.json", *COPIED}
+    return sorted(n for n in os.listdir(folder) if n not in known and not (
+        n.startswith("model-") and n.endswith(".safetensors")))
 
 
 def discard(staging: str) -> None:

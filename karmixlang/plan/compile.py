@@ -16,6 +16,7 @@ from karmixlang.ir.graph import Graph, reachable
 from karmixlang.ir.lower import lower
 from karmixlang.ir.optimize import base_choice_warnings, optimize
 from karmixlang.plan.lock import LockedInput, check_lock, lock_path, read_lock
+from karmixlang.plan.folders import plan_folders
 from karmixlang.plan.report import Plan, build_plan
 from karmixlang.plan.schedule import Schedule, schedule
 
@@ -64,8 +65,9 @@ def compile(path: str, overrides: dict[str, str] | None = None, *, threads: int 
     sched = schedule(graph, compute_dtype, strict, memory_limit=memory_limit)
     recipes = recipe_hashes(program.sources)
     unused = _unused_inputs(lowered, graph)
+    sched.folders = plan_folders(graph, sched, program.sources.get(program.root.path, ""))
     layouts = [plan_save(s, sched, i, {}) for i, s in enumerate(graph.saves)]
-    check_outputs(graph.saves, layouts, sched.headers, recipes, unused)
+    check_outputs(graph.saves, layouts, sched.headers, recipes, unused, sched.folders)
     plan = build_plan(path, graph, sched, threads, compute_dtype, executor=executor)
     compiled = Compiled(program, graph, sched, plan,
                         diags + sched.warnings + base_choice_warnings(graph),

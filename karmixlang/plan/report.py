@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 
+from karmixlang.io.hffolder import DEFAULT_SHARD
 from karmixlang.plan.groups import group_keys
 from karmixlang.ir.graph import Graph, KeyMap
 from karmixlang.resources import data_dir
@@ -140,7 +141,7 @@ def build_plan(recipe: str, graph: Graph, sched: Schedule, threads: int = 1,
                                 for k, r in list(sched.copied[i].items())[:5]],
             "bytes_written": sched.bytes_written[i],
             "lora": sched.extractions[i].report() if i in sched.extractions else None,
-        } | _vocabulary(sched.vocab.get(i), base))
+        } | _vocabulary(sched.vocab.get(i), base) | _folder(sched.folders.get(i), s.shard, base))
     data = {
         "schema_version": SCHEMA_VERSION,
         "recipe": os.path.basename(recipe),
@@ -214,6 +215,22 @@ def _reason_kind(reason: str) -> str:
 
 
 # ------------------------------------------------------------------ text
+
+def _folder(folder, shard: str | None, base: str) -> dict:
+    """A save into a folder: its shard size, where its side files come from
+    (plan-format.md)."""
+    if folder is None:
+        return {}
+    return {"folder": {"source": _rel(folder.source, base), "shard": shard or DEFAULT_SHARD,
+                       "files": [{"name": f.name, "from": f.origin} for f in folder.files]}}
+
+
+def _folder_text(folder: dict) -> list[str]:
+    out = [f"    a Hugging Face model folder: model.safetensors in shards of {folder['shard']} "
+           f"at most, config and tokenizer from {folder['source']}, and:"]
+    width = max(len(f["name"]) for f in folder["files"])
+    return out + [f"      {f['name']:<{width}}  {f['from']}" for f in folder["files"]]
+
 
 def _extraction_text(x: dict, tensors: int, size: int) -> list[str]:
     conv = f", 3×3 convs rank {x['conv_rank']}" if x["conv_rank"] else ", no 3×3 convs"
@@ -301,6 +318,8 @@ def render_text(plan: Plan) -> str:
             out.append(f"      {count} copied: {reason}")
         for ex in s["copied_examples"]:
             out.append(f"      e.g. {ex['key']}: {ex['reason']}")
+        if s.get("folder"):
+            out += _folder_text(s["folder"])
     if "sweep" in d:
         out += [""] + _sweep_text(d["sweep"], d["saves"], t["bytes_read"])
     if "out_of_core" in t:

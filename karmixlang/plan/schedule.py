@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from karmixlang.diagnostics import Diagnostic, KmxError, error
 from karmixlang.io.dtypes import DTYPES, nbytes
+from karmixlang.io.hffolder import FolderSave
 from karmixlang.io.header import CheckpointHeader, read_checkpoint, read_tensor_bytes
 from karmixlang.io.layouts import detect
 from karmixlang.io.views import ViewReport
@@ -71,6 +72,8 @@ class Schedule:
     extractions: dict[int, Extraction] = field(default_factory=dict)  # save -> its LoRA
     views: dict[Node, ViewReport] = field(default_factory=dict)  # loads read through a view
     vocab: dict[int, SaveVocab] = field(default_factory=dict)  # saves matching rows by token
+    # save -> the side files of a save into a folder (plan/folders.py; set when compiling)
+    folders: dict[int, FolderSave] = field(default_factory=dict)
 
     @property
     def jobs(self) -> list[KeyJob]:

@@ -23,6 +23,7 @@ from karmixlang.diagnostics import Diagnostic, KmxError, Label, did_you_mean, er
 from karmixlang.io.guard import check_outputs, input_files, plan_save
 from karmixlang.ir.optimize import merge
 from karmixlang.plan.compile import Compiled, compile
+from karmixlang.plan.folders import plan_folders
 from karmixlang.plan.report import build_plan
 from karmixlang.plan.schedule import schedule
 
@@ -59,10 +60,13 @@ def compile_sweep(path: str, overrides: dict[str, str] | None, sweeps: Sweeps, *
     graph.saves = [replace(s, path=target, written=written) for s, (target, written) in
                    zip(graph.saves, [t for p in points for t in p.paths])]
     sched = schedule(graph, compute_dtype, strict, memory_limit=memory_limit)
-    first = points[0].compiled
     unused = tuple(sorted({u for p in points for u in p.compiled.unused_inputs}))
+    first = points[0].compiled
+    sched.folders = plan_folders(graph, sched,
+                                 first.program.sources.get(first.program.root.path, ""))
     layouts = [plan_save(s, sched, i, {}) for i, s in enumerate(graph.saves)]
-    check_outputs(graph.saves, layouts, sched.headers, first.recipes, unused)
+    check_outputs(graph.saves, layouts, sched.headers, first.recipes, unused,
+                  sched.folders)
     plan = build_plan(path, graph, sched, threads, compute_dtype, executor=executor)
     plan.data["sweep"] = _grid(sweeps, points)
     locked = {k: v for p in points for k, v in p.compiled.locked.items()}

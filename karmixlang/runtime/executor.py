@@ -299,8 +299,7 @@ def _run(compiled, opts, executor, outputs, progress, start) -> RunResult:
                      sum(j.read_bytes for j in jobs if j.key not in reused),
                      sum(compiled.schedule.bytes_written), rss.growth,
                      fallbacks=session.fallbacks, reused=len(reused),
-                     hashes=file_hashes([f.path for layout in outputs.layouts
-                                         for f in layout.files]),
+                     hashes=file_hashes(outputs.written_files()),
                      input_hashes=dict(sorted(outputs.hashes.items())))
 
 

@@ -29,6 +29,9 @@ from karmixlang.io.hashes import HASH_PLACEHOLDER, FileHashes, HashCache, combin
 from karmixlang.io.header import TOO_MANY_FILES_HELP, read_checkpoint
 from karmixlang.io.files import (JOURNAL_SUFFIX, STAMP_SUFFIX, OutputLock, atomic_write,
                                  hidden_path)
+from karmixlang.io.hffolder import (discard, foreign_files, is_folder_path, publish,
+                                    published_path, staging_path, tensor_path,
+                                    write_side_files)
 from karmixlang.io.writer import RESTART_HELP, CheckpointWriter, OutputLayout
 from karmixlang.ir.graph import reachable
 from karmixlang.plan.fingerprint import (FP_HEX, NO_FINGERPRINT, content_identity,
@@ -86,7 +89,8 @@ class OutputSet:
         self._hash_error: BaseException | None = None
         self._hasher = threading.Thread(target=self._hash_inputs, daemon=True, name="kmx-hash")
         self._resuming = opts.resume and not opts.force and any(
-            os.path.exists(hidden_path(s.path, JOURNAL_SUFFIX)) for s in compiled.graph.saves)
+            os.path.exists(hidden_path(tensor_path(s.path), JOURNAL_SUFFIX))
+            for s in compiled.graph.saves)
         self._stamp_lock = threading.Lock()  # the stamps below, written by two threads
         self._stamps: list[tuple[str, int]] = []  # (stamp, save) being written; hashes later
         self._expected: dict[str, tuple[str, str]] = {}  # file -> (hash, output) to resume
@@ -270,7 +274,8 @@ class OutputSet:
 
     def complete(self) -> bool:
         """With --resume: every output already exists with exactly the planned header."""
-        return self.opts.resume and all(self._matches(i) for i in range(len(self.layouts)))
+        return self.opts.resume and all(not is_folder_path(s.path) and self._matches(i)
+                                        for i, s in enumerate(self.c.graph.saves))
 
     def open(self) -> list:
         """Lock every output, decide what to do with each (write it fresh, resume it, or keep
@@ -279,7 +284,8 @@ class OutputSet:
         try:
             for i, layout in enumerate(self.layouts):
                 with self.at(i):
-                    self._locks.append(OutputLock(layout.final_path))
+                    # beside the save's path: a folder save's own folder is renamed into place
+                    self._locks.append(OutputLock(self.c.graph.saves[i].path))
             modes = []
             for i in range(len(self.layouts)):
                 with self.at(i):
@@ -305,6 +311,33 @@ class OutputSet:
         return CheckpointWriter(layout, resume=mode == "resume", lock=lock)
 
     def _mode(self, index: int) -> str:
+        path = self.c.graph.saves[index].path
+        if not is_folder_path(path):
+            return self._file_mode(index)
+        if os.path.lexists(path):
+            if not self.opts.force:
+                raise KmxError([error("K0306", f"the folder `{path}` already exists",
+                                      help="pass --force to replace it whole, or save to "
+                                           "another name")])
+            foreign = foreign_files(path)
+            if foreign:
+                raise KmxError([error(
+                    "K0343", f"`{path}` holds files a folder save does not write, e.g. "
+                    f"`{foreign[0]}`: --force replaces a model folder whole, so kmx leaves "
+                    "this one alone", help="save to a new folder, or move those files away")])
+        journal = hidden_path(self.layouts[index].final_path, JOURNAL_SUFFIX)
+        if os.path.exists(journal) and not self.opts.force:
+            return self._file_mode(index)  # resume the tensors, or K0306
+        staging = staging_path(path)
+        try:
+            discard(staging)  # a fresh start publishes nothing of an earlier run
+            os.mkdir(staging)
+        except OSError as e:
+            raise KmxError([error("K0402", f"cannot write `{staging}`: {e.strerror or e}",
+                                  help="check that the output's folder is writable")]) from e
+        return "fresh"
+
+    def _file_mode(self, index: int) -> str:
         layout = self.layouts[index]
         if self.opts.force:
             return "fresh"
@@ -408,7 +441,33 @@ class OutputSet:
         for i, (w, h) in enumerate(zip(writers, headers)):
             with self.at(i):
                 w.commit(h)
+        self._publish_folders()
         self._finish(writers, keep_partial=False)
+
+    def _publish_folders(self) -> None:
+        """Each folder save's side files written beside its committed tensors, and the
+        folder renamed into place whole (io/hffolder.py)."""
+        for i, folder in sorted(self.c.schedule.folders.items()):
+            staging = staging_path(folder.path)
+            try:
+                os.unlink(hidden_path(self.layouts[i].final_path, STAMP_SUFFIX))
+            except FileNotFoundError:
+                pass
+            try:
+                write_side_files(staging, folder)
+                publish(staging, folder.path)
+            except OSError as e:
+                raise KmxError([error(
+                    "K0520", f"cannot publish the folder `{folder.path}`: {e.strerror or e}"
+                    + (f" (at `{e.filename}`)" if e.filename else ""),
+                    self.c.graph.saves[i].span, label="this save",
+                    help=f"its tensors are complete in `{staging}`; fix the cause and run "
+                         "again")]) from e
+
+    def written_files(self) -> list[str]:
+        """Every tensor file the outputs hold, where it is once published."""
+        return [published_path(f.path, s.path) for s, layout in
+                zip(self.c.graph.saves, self.layouts) for f in layout.files]
 
     def _check_inputs(self) -> None:
         """Every input file is still what was planned, and on resume holds the data the

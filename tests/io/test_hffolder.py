@@ -76,7 +76,8 @@ def test_publish_replaces_a_folder_whole(tmp_path):
 
 
 def test_the_model_card_has_hub_front_matter():
-    card = model_card("m", ["base", "a"], ["ties", "lerp"], "save \"m\" = a\n```x```", "1.0").decode()
+    recipe = "save \"m\" = a\n```x```"
+    card = model_card("m", ["base", "a"], ["ties", "lerp"], recipe, "1.0").decode()
     front = card.split("---\n")[1]
     assert front.splitlines() == ['base_model:', '- "base"', '- "a"',
                                   "library_name: transformers", "tags:", "- merge", "- kmx"]
