@@ -29,9 +29,13 @@ def hf_folder(path, seed: int, layers: int = 3, vocab: int = 10) -> None:
             np.float32)
     save_file(tensors, os.path.join(path, "model.safetensors"))
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump({"model_type": "llama", "num_hidden_layers": 32, "vocab_size": 99,
+        json.dump({"model_type": "llama", "num_hidden_layers": 32, "vocab_size": vocab,
                    "torch_dtype": "bfloat16"}, f)
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+    with open(os.path.join(path, "tokenizer.json"), "w") as f:
+        json.dump({"model": {"type": "WordLevel", "unk_token": "t0",
+                             "vocab": {f"t{i}": i for i in range(vocab)}},
+                   "added_tokens": []}, f)
+    for name in ("tokenizer_config.json", "generation_config.json"):
         with open(os.path.join(path, name), "w") as f:
             f.write(json.dumps({"from": os.path.basename(path)}))
 
@@ -75,8 +79,7 @@ def test_the_plan_lists_the_folders_files_and_their_sources(folders, capsys):
     assert [f["name"] for f in data["files"]] == [
         "README.md", "config.json", "generation_config.json", "tokenizer.json",
         "tokenizer_config.json"]
-    assert data["files"][1]["from"] == ("from `a`, with num_hidden_layers=3, vocab_size=10, "
-                                        "torch_dtype=float16")
+    assert data["files"][1]["from"] == "from `a`, with num_hidden_layers=3, torch_dtype=float16"
 
 
 def test_a_folder_save_writes_the_folder_and_force_replaces_it_whole(folders, capsys):
@@ -86,7 +89,7 @@ def test_a_folder_save_writes_the_folder_and_force_replaces_it_whole(folders, ca
     assert sorted(os.listdir(out)) == ["README.md", "config.json", "generation_config.json",
                                        "model.safetensors", "tokenizer.json",
                                        "tokenizer_config.json"]
-    assert json.loads((out / "tokenizer.json").read_text()) == {"from": "base"}
+    assert json.loads((out / "tokenizer_config.json").read_text()) == {"from": "base"}
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["num_hidden_layers"], cfg["vocab_size"], cfg["torch_dtype"]) == (3, 10, "float32")
     rc, err = run(capsys, path)
