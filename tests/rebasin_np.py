@@ -26,6 +26,7 @@ All arithmetic is float64.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -203,14 +204,14 @@ def _rows(x: np.ndarray, e: Entry) -> np.ndarray:
     return x.reshape(stop - start, -1)
 
 
-def _costs(group, a, b, groups, perms) -> np.ndarray:
+def _costs(group, a, b, by_key, perms) -> np.ndarray:
     """The group's (G, b, G, b) cost tensor: sum over entries of <A unit, B unit> with B's
     other axes permuted as far as known (for inner="fixed" and no constraint b = 1)."""
     g, bsize = group_shape(group, a)
     free = group.blocks is not None and group.inner == "free"
     cost = np.zeros((g, bsize, g, bsize) if free else (g, 1, g, 1))
     for e in group.entries:
-        other = apply({e.key: b[e.key]}, _touching(groups, e.key), perms, skip=(e.key, e.axis))
+        other = apply({e.key: b[e.key]}, by_key[e.key], perms, skip=(e.key, e.axis))
         m = _rows(a[e.key], e) @ _rows(other[e.key], e).T
         eb = m.shape[0] // g
         m = m.reshape(g, eb, g, eb)
@@ -221,20 +222,23 @@ def _costs(group, a, b, groups, perms) -> np.ndarray:
     return cost
 
 
-def _touching(groups, key):
-    return [
-        Group(gr.name, tuple(e for e in gr.entries if e.key == key), gr.blocks, gr.inner)
-        for gr in groups
-        if any(e.key == key for e in gr.entries)
-    ]
+def _by_key(groups: list[Group]) -> dict[str, list[Group]]:
+    """For each key, the groups that permute it, each cut down to its entries on that key."""
+    out: dict[str, list[Group]] = {}
+    for gr in groups:
+        for key in dict.fromkeys(e.key for e in gr.entries):
+            entries = tuple(e for e in gr.entries if e.key == key)
+            out.setdefault(key, []).append(Group(gr.name, entries, gr.blocks, gr.inner))
+    return out
 
 
 def _solve(cost: np.ndarray, free: bool) -> tuple[Perm, float]:
     """The best permutation for a cost tensor and its value."""
     g, bsize = cost.shape[0], cost.shape[1]
-    if not free:
+    if not free or bsize == 1:
         _, col = linear_sum_assignment(cost[:, 0, :, 0], maximize=True)
-        return Perm(col, None), float(cost[np.arange(g), 0, col, 0].sum())
+        inner = np.zeros((g, 1), dtype=np.int64) if free else None
+        return Perm(col, inner), float(cost[np.arange(g), 0, col, 0].sum())
     value = np.empty((g, g))
     inner = np.empty((g, g, bsize), dtype=np.int64)
     for i in range(g):
@@ -253,6 +257,16 @@ def _value(cost: np.ndarray, p: Perm) -> float:
     return float(cost[rows, np.arange(bsize)[None, :], p.block[:, None], inner].sum())
 
 
+def _one_blas_thread():
+    """The cost matrices are many small products, for which BLAS threads only contend (30x
+    slower on a loaded 2-core machine)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
 def weight_matching(
     a: Mapping[str, np.ndarray],
     b: Mapping[str, np.ndarray],
@@ -264,13 +278,19 @@ def weight_matching(
     """The permutations that bring B's units in line with A's (apply(b, groups, result) ~ a),
     and the number of sweeps made. A group's permutation changes only where the assignment
     improves the objective (by more than rounding), so the descent ends."""
+    with _one_blas_thread():
+        return _descend(a, b, groups, iterations, seed, init)
+
+
+def _descend(a, b, groups, iterations, seed, init):
     perms = dict(init) if init else {gr.name: identity(gr, b) for gr in groups}
+    by_key = _by_key(groups)
     rng = np.random.default_rng(seed)
     for sweep in range(1, iterations + 1):
         changed = False
         for i in rng.permutation(len(groups)):
             group = groups[i]
-            cost = _costs(group, a, b, groups, perms)
+            cost = _costs(group, a, b, by_key, perms)
             free = group.blocks is not None and group.inner == "free"
             best, new = _solve(cost, free)
             old = _value(cost, perms[group.name])
