@@ -78,7 +78,7 @@ def test_residual_streams_and_skip_connections_stay(name):
 # ---------------------------------------------------------------- exact recovery
 
 
-@pytest.mark.parametrize("name", ["sd1", "sdxl"])
+@pytest.mark.parametrize("name", ["sd1", "sdxl", "flux"])
 def test_random_permutation_of_every_group_is_recovered_exactly(name):
     a = S.model(name)
     groups = R.parse_spec(S.spec(name))
@@ -234,3 +234,89 @@ def test_group_counts():
     assert counts["llama"] == {"mlp": 1}
     assert math.prod(counts["sdxl"].values()) > 0 and counts["sdxl"]["mlp"] == 12 + 32
     assert counts["flux"]["heads"] == 19 + 38 and counts["flux"]["mlp"] == 38 + 12 + 24
+
+
+# ---------------------------------------------------------------- Flux (BFL's double and single blocks)
+
+
+def _rms_heads(p, name, x):
+    """Flux's QK norm: an RMSNorm over each head's dimensions, one scale for all heads."""
+    return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + 1e-6) * _t(p, f"{name}.scale")
+
+
+def _rope(x):
+    """Rotation of each head's (even, odd) dimension pairs by a position-dependent angle."""
+    n, d = x.shape[-2], x.shape[-1]
+    angle = torch.arange(n, dtype=x.dtype)[:, None] * (1.0 + torch.arange(d // 2, dtype=x.dtype))[None, :]
+    c, s = torch.cos(angle), torch.sin(angle)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack([even * c - odd * s, even * s + odd * c], dim=-1).flatten(-2)
+
+
+def _qk_norm(p, norm, q, k, v):
+    return _rms_heads(p, f"{norm}.query_norm", q), _rms_heads(p, f"{norm}.key_norm", k), v
+
+
+def _flux_attention(q, k, v):
+    o = F.scaled_dot_product_attention(_rope(q), _rope(k), v)
+    return o.transpose(1, 2).flatten(2)
+
+
+def _heads(x, heads):
+    """B L (K H D) -> K B H L D."""
+    b, n, _ = x.shape
+    return x.reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+
+
+def _modulated(x, shift, scale):
+    return (1 + scale[:, None]) * F.layer_norm(x, x.shape[-1:], eps=1e-6) + shift[:, None]
+
+
+def _double_block(p, d, img, txt, vec, heads):
+    streams = {"img": img, "txt": txt}
+    mods, qkv = {}, {}
+    for s, x in streams.items():
+        mods[s] = _linear(p, f"{d}.{s}_mod.lin", F.silu(vec)).chunk(6, dim=-1)
+        fused = _linear(p, f"{d}.{s}_attn.qkv", _modulated(x, mods[s][0], mods[s][1]))
+        qkv[s] = _qk_norm(p, f"{d}.{s}_attn.norm", *_heads(fused, heads))
+    n_txt = txt.shape[1]
+    o = _flux_attention(*(torch.cat([qkv["txt"][i], qkv["img"][i]], dim=2) for i in range(3)))
+    out = {"txt": o[:, :n_txt], "img": o[:, n_txt:]}
+    for s, x in streams.items():
+        shift1, scale1, gate1, shift2, scale2, gate2 = mods[s]
+        x = x + gate1[:, None] * _linear(p, f"{d}.{s}_attn.proj", out[s])
+        h = F.gelu(_linear(p, f"{d}.{s}_mlp.0", _modulated(x, shift2, scale2)), approximate="tanh")
+        streams[s] = x + gate2[:, None] * _linear(p, f"{d}.{s}_mlp.2", h)
+    return streams["img"], streams["txt"]
+
+
+def _single_block(p, s, x, vec, heads):
+    shift, scale, gate = _linear(p, f"{s}.modulation.lin", F.silu(vec)).chunk(3, dim=-1)
+    width = x.shape[-1]
+    qkv, mlp = _linear(p, f"{s}.linear1", _modulated(x, shift, scale)).split([3 * width, p[f"{s}.linear1.weight"].shape[0] - 3 * width], dim=-1)
+    o = _flux_attention(*_qk_norm(p, f"{s}.norm", *_heads(qkv, heads)))
+    return x + gate[:, None] * _linear(p, f"{s}.linear2", torch.cat([o, F.gelu(mlp, approximate="tanh")], dim=-1))
+
+
+def test_permuted_flux_blocks_compute_the_same_function():
+    """A double block (joint attention of the image and text streams, fused qkv, RoPE and QK
+    norm) then a single block (fused linear1/linear2): a random permutation of every group of
+    the Flux spec that touches them leaves the output unchanged."""
+    a = S.model("flux")
+    dit = "model.diffusion_model."
+    d, s = f"{dit}double_blocks.3", f"{dit}single_blocks.5"
+    groups = [g for g in R.parse_spec(S.spec("flux")) if any(e.key.startswith((d + ".", s + ".")) for e in g.entries)]
+    assert sorted(g.name.rsplit(".", 1)[-1] for g in groups) == ["heads", "heads", "img_mlp", "mlp", "txt_mlp"]
+    rng = np.random.default_rng(8)
+    b = R.apply(a, groups, {g.name: R.random_perm(g, a, rng) for g in groups})
+    width = a[f"{d}.img_attn.proj.weight"].shape[0]
+    heads = width // S.HEAD_DIM
+    gen = torch.Generator().manual_seed(1)
+    img, txt, vec = (torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((2, 5, width), (2, 3, width), (2, width)))
+
+    def forward(p):
+        i, t = _double_block(p, d, img, txt, vec, heads)
+        return _single_block(p, s, torch.cat([t, i], dim=1), vec, heads)
+
+    assert not np.array_equal(b[f"{s}.linear1.weight"], a[f"{s}.linear1.weight"])
+    torch.testing.assert_close(forward(b), forward(a), rtol=1e-9, atol=1e-9)
