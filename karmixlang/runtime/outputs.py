@@ -448,17 +448,18 @@ class OutputSet:
         """Each folder save's side files written beside its committed tensors, and the
         folder renamed into place whole (io/hffolder.py)."""
         for i, folder in sorted(self.c.schedule.folders.items()):
-            staging = staging_path(folder.path)
+            path = self.c.graph.saves[i].path  # where this run writes it (kmx verify moves it)
+            staging = staging_path(path)
             try:
                 os.unlink(hidden_path(self.layouts[i].final_path, STAMP_SUFFIX))
             except FileNotFoundError:
                 pass
             try:
                 write_side_files(staging, folder)
-                publish(staging, folder.path)
+                publish(staging, path)
             except OSError as e:
                 raise KmxError([error(
-                    "K0520", f"cannot publish the folder `{folder.path}`: {e.strerror or e}"
+                    "K0520", f"cannot publish the folder `{path}`: {e.strerror or e}"
                     + (f" (at `{e.filename}`)" if e.filename else ""),
                     self.c.graph.saves[i].span, label="this save",
                     help=f"its tensors are complete in `{staging}`; fix the cause and run "

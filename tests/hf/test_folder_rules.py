@@ -146,3 +146,12 @@ def test_a_side_file_gone_by_publishing_time_publishes_nothing(folders):
     d = exc.value.diagnostics[0]
     assert d.code == "K0520" and "tokenizer.json" in d.message and d.span.line == 3
     assert not os.path.lexists(folders / "out" / "merged")
+
+
+def test_kmx_verify_recomputes_a_folder_saves_tensors(folders, capsys):
+    path = one(folders)
+    assert run(capsys, path)[0] == 0
+    for target in ("out/merged", "out/merged/model.safetensors"):
+        assert main(["verify", str(folders / target)]) == 0, capsys.readouterr().err
+        assert "verified" in capsys.readouterr().err
+    assert sorted(os.listdir(folders / "out")) == ["merged"]
