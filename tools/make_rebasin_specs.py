@@ -2,6 +2,8 @@
 
     python tools/make_rebasin_specs.py          # rewrite the files
     python tools/make_rebasin_specs.py --check  # exit 1 if a file differs from what it makes
+    python tools/make_rebasin_specs.py sdxl --from small.safetensors --heads 4 -o spec.json
+    python tools/make_rebasin_specs.py llama --config config.json -o spec.json
 
 SD1, SDXL and Flux are read off the key names and shapes of the packaged layouts
 (karmixlang/data/*.json.gz), so every key a spec names is a key the real checkpoints have;
@@ -12,6 +14,7 @@ a permuted model computes the same function.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Callable, Mapping
@@ -54,6 +57,15 @@ class Spec:
 def _prefixes(shapes: Mapping[str, tuple], suffix: str) -> list[str]:
     """The prefixes P of every key `P + suffix`, in the layout's order."""
     return [k[: -len(suffix)] for k in shapes if k.endswith(suffix)]
+
+
+def _heads(heads: Callable[[int], int], width: int, where: str) -> int:
+    """The number of heads of an attention `width` wide; refused unless whole heads (a wrong
+    count would permute parts of heads, which is no symmetry)."""
+    n = heads(width)
+    if n < 1 or width % n:
+        raise ValueError(f"{where}: {n} heads do not divide its width {width}; give --heads")
+    return n
 
 
 def _mlp(spec: Spec, name: str, up: list[str], down: str, bias: bool):
@@ -106,7 +118,7 @@ def _transformers(spec: Spec, shapes, unet: str, short: str, heads: Callable[[in
                 spec.add(
                     f"{short(a)}.heads",
                     [[f"{a}.to_{x}.weight", 0] for x in "qkv"] + [[f"{a}.to_out.0.weight", 1]],
-                    blocks=heads(width),
+                    blocks=_heads(heads, width, a),
                 )
             hidden = shapes[f"{b}.ff.net.2.weight"][1]
             proj = f"{b}.ff.net.0.proj"
@@ -205,7 +217,7 @@ def flux(shapes: Mapping[str, tuple] | None = None, heads: Callable[[int], int] 
             f"flux.{n}.heads",
             _flux_attention(shapes, p, ".img_attn.qkv", width) + _flux_attention(shapes, p, ".txt_attn.qkv", width)
             + [[f"{p}.img_attn.proj.weight", 1], [f"{p}.txt_attn.proj.weight", 1]],
-            blocks=heads(width), inner="fixed",
+            blocks=_heads(heads, width, p), inner="fixed",
         )
         for s in ("img", "txt"):
             _mlp(spec, f"flux.{n}.{s}_mlp", [f"{p}.{s}_mlp.0"], f"{p}.{s}_mlp.2", bias=True)
@@ -215,7 +227,7 @@ def flux(shapes: Mapping[str, tuple] | None = None, heads: Callable[[int], int] 
         spec.add(
             f"flux.{n}.heads",
             _flux_attention(shapes, p, ".linear1", width) + [[f"{p}.linear2.weight", 1, 0, width]],
-            blocks=heads(width), inner="fixed",
+            blocks=_heads(heads, width, p), inner="fixed",
         )
         spec.add(
             f"flux.{n}.mlp",
@@ -236,7 +248,10 @@ def flux(shapes: Mapping[str, tuple] | None = None, heads: Callable[[int], int] 
 # ---------------------------------------------------------------- LLaMA (HF names)
 
 
-def llama(shapes=None, heads=None) -> Spec:
+def llama(shapes=None, heads=None, config: Mapping | None = None) -> Spec:
+    """Every layer's MLP units; with a model's `config` (config.json) also its attention heads:
+    blocks = num_key_value_heads on q/k/v rows and o_proj columns, each q block holding the
+    query heads that share a key/value head, inner order fixed (RoPE)."""
     spec = Spec(
         "LLaMA-family decoders (Hugging Face names: LLaMA, Mistral, Qwen2, Gemma): each layer's "
         "gated-MLP intermediate units, for any depth. Attention heads are not in it: their count "
@@ -248,15 +263,35 @@ def llama(shapes=None, heads=None) -> Spec:
         "layers.{layer}.mlp",
         [[f"{m}.gate_proj.weight", 0], [f"{m}.up_proj.weight", 0], [f"{m}.down_proj.weight", 1]],
     )
+    if config is not None:
+        spec.description = (
+            f"{config.get('model_type', 'LLaMA-family')} decoder with "
+            f"{config['num_attention_heads']} query and {_kv_heads(config)} key/value heads: each "
+            "layer's MLP units and attention heads (whole key/value heads with their query heads, "
+            "inner order fixed by RoPE). Made by tools/make_rebasin_specs.py llama --config."
+        )
+        a = "model.layers.{layer}.self_attn"
+        biases = config.get("attention_bias", config.get("model_type") == "qwen2")
+        spec.add(
+            "layers.{layer}.heads",
+            [[f"{a}.{x}_proj.weight", 0] for x in "qkv"]
+            + ([[f"{a}.{x}_proj.bias", 0] for x in "qkv"] if biases else [])
+            + [[f"{a}.o_proj.weight", 1]],
+            blocks=_kv_heads(config), inner="fixed",
+        )
     return spec
+
+
+def _kv_heads(config: Mapping) -> int:
+    return int(config.get("num_key_value_heads") or config["num_attention_heads"])
 
 
 SPECS = {"sd1": sd1, "sdxl": sdxl, "flux": flux, "llama": llama}
 
 
-def render(name: str) -> str:
+def render(spec: Spec) -> str:
     """The spec as JSON text, one entry a line (diffs of a regenerated spec stay readable)."""
-    spec = SPECS[name]().to_json()
+    spec = spec.to_json()
     dump = json.dumps
     lines = ["{", f' "description": {dump(spec["description"])},', ' "permutations": {']
     perms = list(spec["permutations"].items())
@@ -273,13 +308,20 @@ def render(name: str) -> str:
     return "\n".join(lines + ["}", ""])
 
 
-def main(argv: list[str]) -> int:
-    check = "--check" in argv
+def header_shapes(path: str) -> dict[str, tuple]:
+    """Key -> shape from a .safetensors file's header (no tensor is read)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def builtins(check: bool) -> int:
     stale = []
     OUT.mkdir(parents=True, exist_ok=True)
-    for name in SPECS:
+    for name, make in SPECS.items():
         path = OUT / f"{name}.json"
-        text = render(name)
+        text = render(make())
         if check:
             if not path.is_file() or path.read_text(encoding="utf-8") != text:
                 stale.append(path)
@@ -288,6 +330,32 @@ def main(argv: list[str]) -> int:
     for path in stale:
         print(f"{path} is not what tools/make_rebasin_specs.py makes", file=sys.stderr)
     return 1 if stale else 0
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("name", nargs="?", choices=sorted(SPECS),
+                        help="write one spec to -o instead of the built-in files")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a built-in file is stale")
+    parser.add_argument("--from", dest="source", metavar="CHECKPOINT",
+                        help="take the shapes from this .safetensors file (a model of other sizes)")
+    parser.add_argument("--heads", type=int, help="attention heads per attention (default: the architecture's)")
+    parser.add_argument("--config", help="llama: the model's config.json, for its attention heads")
+    parser.add_argument("-o", "--output", help="where to write the spec (with NAME)")
+    args = parser.parse_args(argv)
+    if args.name is None:
+        return builtins(args.check)
+    if not args.output:
+        parser.error("NAME needs -o OUTPUT")
+    if args.name == "llama":
+        config = json.loads(Path(args.config).read_text()) if args.config else None
+        spec = llama(config=config)
+    else:
+        shapes = header_shapes(args.source) if args.source else None
+        heads = (lambda width: args.heads) if args.heads else None
+        spec = SPECS[args.name](shapes, heads)
+    Path(args.output).write_text(render(spec), encoding="utf-8")
+    return 0
 
 
 if __name__ == "__main__":

@@ -320,3 +320,49 @@ def test_permuted_flux_blocks_compute_the_same_function():
 
     assert not np.array_equal(b[f"{s}.linear1.weight"], a[f"{s}.linear1.weight"])
     torch.testing.assert_close(forward(b), forward(a), rtol=1e-9, atol=1e-9)
+
+
+# ---------------------------------------------------------------- the generator for other models
+
+
+def test_generator_writes_the_spec_of_a_checkpoint_of_other_sizes(tmp_path):
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "small.safetensors"
+    save_file(dict(S.model("sd1")), str(path))
+    out = tmp_path / "spec.json"
+    assert make.main(["sd1", "--from", str(path), "-o", str(out)]) == 0
+    assert json.loads(out.read_text()) == S.spec("sd1")
+    # SDXL's rule (heads of 64 channels) does not fit a 20-wide attention: refused, not guessed
+    save_file(dict(S.model("sdxl")), str(path))
+    with pytest.raises(ValueError, match="give --heads"):
+        make.main(["sdxl", "--from", str(path), "-o", str(out)])
+    assert make.main(["sdxl", "--from", str(path), "--heads", "10", "-o", str(out)]) == 0
+
+
+def test_llama_heads_from_a_config_are_a_symmetry_of_the_real_model(tmp_path):
+    """`llama --config` adds grouped-query attention heads: a random permutation of every
+    group leaves transformers' LlamaForCausalLM logits unchanged, and matching recovers it."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=40, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).double().eval()
+    a = {k: v.numpy().copy() for k, v in model.state_dict().items()}  # load_state_dict writes in place
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    out = tmp_path / "spec.json"
+    assert make.main(["llama", "--config", str(tmp_path / "config.json"), "-o", str(out)]) == 0
+    groups = R.parse_spec(R.expand_layers(json.loads(out.read_text()), a))
+    assert sorted(g.name for g in groups) == ["layers.0.heads", "layers.0.mlp", "layers.1.heads", "layers.1.mlp"]
+    rng = np.random.default_rng(9)
+    truth = {g.name: R.random_perm(g, a, rng) for g in groups}
+    b = R.apply(a, groups, truth)
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.no_grad():
+        before = model(ids).logits
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in b.items()})
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, rtol=1e-9, atol=1e-9)
+    found, _ = R.weight_matching(a, b, groups, seed=2)
+    assert all(R.same(found[g.name], R.inverse(truth[g.name])) for g in groups)
