@@ -8,6 +8,10 @@
   pushdown  move select/exclude down to the inputs, so a key nobody saves is never read
   cse       re-intern every node: subexpressions that became equal are computed once
   dce       drop named values that no save uses
+  laws      algebraic rewrites that need the inputs' key sets (run by plan/compile.py after
+            the others, with `covers` from the headers): re-election, `base + F(c − base)`
+            for translation-equivariant F, zero delta terms (docs/architecture.md, "The
+            algebraic rewrites", says which are bit-exact)
 """
 
 from __future__ import annotations
@@ -72,16 +76,39 @@ def merge(graphs: list[Graph]) -> Graph:
 
 # ------------------------------------------------------------------ fold
 
-def _fold_rule(n: Node, inputs: tuple, b: Builder) -> Node:
-    if n.op != "lincomb":
-        return _same(n, inputs, b)
-    terms: list[list] = []  # [node, coefficient]
+def _fold_rule(counts: dict[str, int]) -> Rewrite:
+    def rule(n: Node, inputs: tuple, b: Builder) -> Node:
+        if n.op != "lincomb":
+            return _same(n, inputs, b)
+        terms, flattened, parts = _terms(inputs, n.attr("coeffs"))
+        counts["flattened"] += flattened
+        counts["merged"] += parts - len(terms)
+        kept = [(x, c) for x, c in terms if isinstance(c, KeyMap) or c != 0.0]
+        counts["zero"] += len(terms) - len(kept)
+        if not kept:
+            return b.node("zeros_like", (inputs[0],))
+        if len(kept) == 1 and kept[0][1] == 1.0:
+            counts["one"] += 1
+            return kept[0][0]
+        return b.node("lincomb", tuple(x for x, _ in kept),
+                      {"coeffs": tuple(c for _, c in kept)})
+    return rule
+
+
+def _terms(inputs: tuple, coeffs: tuple) -> tuple[list[list], int, int]:
+    """The [node, coefficient] terms of Σ cᵢxᵢ with nested float combinations flattened and
+    repeated nodes merged; how many nested combinations were flattened, and how many terms
+    there were before merging."""
+    terms: list[list] = []
     index: dict[int, int] = {}  # id(node) -> its float-coefficient term
-    for x, c in zip(inputs, n.attr("coeffs")):
+    flattened = parts_seen = 0
+    for x, c in zip(inputs, coeffs):
         parts = [(x, c)]
         if x.op == "lincomb" and not isinstance(c, KeyMap) and \
                 not any(isinstance(cc, KeyMap) for cc in x.attr("coeffs")):
             parts = [(xx, c * cc) for xx, cc in zip(x.inputs, x.attr("coeffs"))]
+            flattened += 1
+        parts_seen += len(parts)
         for xx, cc in parts:
             if isinstance(cc, KeyMap):  # per-key coefficients are kept as separate terms
                 terms.append([xx, cc])
@@ -90,21 +117,26 @@ def _fold_rule(n: Node, inputs: tuple, b: Builder) -> Node:
             else:
                 index[id(xx)] = len(terms)
                 terms.append([xx, cc])
-    kept = [(x, c) for x, c in terms if isinstance(c, KeyMap) or c != 0.0]
-    if not kept:
-        return b.node("zeros_like", (inputs[0],))
-    if len(kept) == 1 and kept[0][1] == 1.0:
-        return kept[0][0]
-    return b.node("lincomb", tuple(x for x, _ in kept), {"coeffs": tuple(c for _, c in kept)})
+    return terms, flattened, parts_seen
+
+
+_FOLD_NOTES = {
+    "flattened": "{k} nested linear combination(s) flattened into one",
+    "merged": "{k} repeated term(s) merged",
+    "zero": "{k} zero term(s) dropped",
+    "one": "{k} `1·x` turned into `x`",
+}
 
 
 def fold(graph: Graph) -> Graph:
     before = len(graph.nx(include_extra=True))
-    out, _ = _rebuild(graph, _fold_rule)
+    counts = dict.fromkeys(_FOLD_NOTES, 0)
+    out, _ = _rebuild(graph, _fold_rule(counts))
     after = len(out.nx(include_extra=True))
     if after != before:
+        done = [text.format(k=counts[name]) for name, text in _FOLD_NOTES.items() if counts[name]]
         out.notes.append(f"fold: {before - after} node(s) removed by constant folding of "
-                         "linear combinations")
+                         "linear combinations" + (f" ({'; '.join(done)})" if done else ""))
     return out
 
 
@@ -251,4 +283,165 @@ def base_choice_warnings(graph: Graph) -> list[Diagnostic]:
                     f"`{name} + {center.op}(c - {name})` equals `{center.op}(c)`", s.span,
                     help="only base-dependent steps (trim, dare, della, breadcrumbs, elect, "
                          "ties, model_stock, iso, or the base as a zero vote) make it matter"))
+    return out
+
+
+# ------------------------------------------------------------------ laws
+
+# covers(ref, x): every key x computes, ref computes too, with the same shape and stored dtype
+# (plan/keyscope.py answers it from the inputs' headers). A rewrite that drops `ref` from a
+# combination asks it first: what a key set (and a key's dtype) was is what it stays.
+Covers = Callable[[Node, Node], bool]
+
+_ELECTIONS = ("ties", "elect")
+
+
+def _elected_source(n: Node) -> Node | None:
+    """The `ties`/`elect` node whose every member, in order and with its weights, is n's
+    cluster; None if n's inputs are anything else."""
+    if not n.inputs or any(x.op != "pick" for x in n.inputs):
+        return None
+    source = n.inputs[0].inputs[0]
+    if source.op not in _ELECTIONS or len(n.inputs) != len(source.inputs) or \
+            n.attr("weights") != source.attr("weights"):
+        return None
+    same = all(x.inputs[0] is source and x.attr("index") == i for i, x in enumerate(n.inputs))
+    return source if same else None
+
+
+def _reelections(graph: Graph, nodes: list[Node]) -> set[int]:
+    """ids of the ties/elect nodes read only by ties_merge of all their members: those the
+    re-election law may remove (another reader would keep them computed, and the trims
+    too: the rewrite would then cost more, not less)."""
+    users: dict[int, set[Node]] = {}
+    for n in nodes:
+        for x in n.inputs:
+            if x.op == "pick":
+                users.setdefault(id(x.inputs[0]), set()).add(n)
+    roots = {id(r) for r in graph.roots()}
+    out = set()
+    for n in nodes:
+        if n.op in _ELECTIONS and users.get(id(n)) and not any(
+                id(p) in roots for p in users[id(n)] if p.op == "pick"):
+            if all(u.op == "ties_merge" and _elected_source(u) is n for u in users[id(n)]):
+                out.add(id(n))
+    return out
+
+
+def _reelect(n: Node, inputs: tuple, b: Builder, removable: set[int],
+             origins: dict) -> Node | None:
+    """`ties_merge(ties(c, d, r1), r2)` -> `ties_merge(trim(c, d), r1)` and
+    `ties_merge(elect(c, r1), r2)` -> `ties_merge(c, r1)`. After an election every non-zero
+    entry of a column has the elected sign γ₁ (all are zero where γ₁ = 0), and the weights are
+    positive: the second election's vote, by mass or by count, has γ₁'s sign wherever an entry
+    is left, and where none is both give 0. The agreeing entries are the same ones, summed in
+    the same order: bit for bit the same result (tests/ir/test_laws.py)."""
+    source = _elected_source(n) if n.op == "ties_merge" else None
+    if source is None or id(source) not in removable:
+        return None
+    new_source = inputs[0].inputs[0]
+    members = new_source.inputs
+    if new_source.op == "ties":
+        members = tuple(b.node("trim", (x,), {"density": new_source.attr("density")})
+                        for x in members)
+        for trim in members:  # the trims were written as the ties call
+            spans = b.origins.setdefault(trim, [])
+            spans += [s for s in origins.get(source, ()) if s not in spans]
+    return b.node("ties_merge", members, {"weights": new_source.attr("weights"),
+                                          "rule": new_source.attr("rule")})
+
+
+def _uncentre(n: Node, inputs: tuple, b: Builder, covers: Covers, single: set[int]) -> Node | None:
+    """`base + F(c − base)` -> `F(c)` for F translation-equivariant (K0213's F): the same
+    in exact arithmetic, without the subtractions and the addition, and without reading the
+    base. Only where F's value has no other reader (else F would run twice) and the base has
+    every key of each c, alike (else the key set or a key's dtype would change)."""
+    if n.op != "lincomb" or len(n.inputs) != 2 or n.attr("coeffs") != (1.0, 1.0):
+        return None
+    for (base, center), (_, new_center) in ((n.inputs, inputs), (n.inputs[::-1], inputs[::-1])):
+        if not OPS[center.op].translation_equivariant or id(center) not in single:
+            continue
+        if not all(_is_difference(m, base) for m in center.inputs):
+            continue
+        pool = tuple(m.inputs[0] for m in center.inputs)
+        if not all(covers(base, c) for c in pool):
+            continue
+        new_pool = tuple(m.inputs[0] for m in new_center.inputs)
+        return b.node(center.op, new_pool, dict(new_center.attrs))
+    return None
+
+
+def _is_difference(m: Node, base: Node) -> bool:
+    return m.op == "lincomb" and len(m.inputs) == 2 and m.inputs[1] is base and \
+        m.inputs[0] is not base and m.attr("coeffs") == (1.0, -1.0)
+
+
+def _zero_terms(n: Node, inputs: tuple, b: Builder, covers: Covers) -> Node | None:
+    """`x + zeros_like(y)` -> `x`: a zero delta term adds nothing, where y has every key of
+    each other term, alike (so the key set stays)."""
+    if n.op != "lincomb":
+        return None
+    zero = [i for i, x in enumerate(n.inputs) if x.op == "zeros_like"]
+    rest = [i for i in range(len(n.inputs)) if i not in zero]
+    if not zero or not rest or not all(
+            covers(n.inputs[z].inputs[0], n.inputs[r]) for z in zero for r in rest):
+        return None
+    coeffs = n.attr("coeffs")
+    if len(rest) == 1 and coeffs[rest[0]] == 1.0:
+        return inputs[rest[0]]
+    return b.node("lincomb", tuple(inputs[r] for r in rest),
+                  {"coeffs": tuple(coeffs[r] for r in rest)})
+
+
+def _candidate(n: Node) -> bool:
+    """Whether a law could apply at n, judged from n's shape alone (cheap)."""
+    if n.op == "ties_merge":
+        return _elected_source(n) is not None
+    return n.op == "lincomb" and any(
+        x.op == "zeros_like" or OPS[x.op].translation_equivariant for x in n.inputs)
+
+
+_LAW_NOTES = {
+    "reelect": "laws: {k} re-election(s) `ties_merge(ties(c, d, r1), r2)` run as "
+               "`ties_merge(trim(c, d), r1)` (an elected cluster elects the same signs again; "
+               "bit-exact)",
+    "uncentre": "laws: {k} `base + F(c - base)` with F translation-equivariant computed as "
+                "`F(c)`, without the subtractions (equal up to rounding)",
+    "zero": "laws: {k} zero delta term(s) `+ zeros_like(y)` removed (bit-exact but for the "
+            "sign of a zero)",
+}
+
+
+def laws(graph: Graph, covers: Covers) -> Graph:
+    """The algebraic rewrites that need to know the inputs' keys (`covers`): re-election,
+    uncentring, zero delta terms. After the other passes (compile.py)."""
+    nodes = list(graph.nx().nodes)
+    if not any(_candidate(n) for n in nodes):  # the common case: nothing to rebuild
+        return graph
+    removable = _reelections(graph, nodes)
+    readers: dict[int, int] = {}
+    for n in nodes:
+        for x in set(n.inputs):
+            readers[id(x)] = readers.get(id(x), 0) + 1
+    roots = {id(r) for r in graph.roots()}
+    single = {i for i, k in readers.items() if k == 1 and i not in roots}
+    fired: dict[str, list[Node]] = {name: [] for name in _LAW_NOTES}
+
+    def rule(n: Node, inputs: tuple, b: Builder) -> Node:
+        for name, law in (("reelect", lambda: _reelect(n, inputs, b, removable, graph.origins)),
+                          ("uncentre", lambda: _uncentre(n, inputs, b, covers, single)),
+                          ("zero", lambda: _zero_terms(n, inputs, b, covers))):
+            new = law()
+            if new is not None:
+                fired[name].append(new)
+                return new
+        return _same(n, inputs, b)
+
+    out, _ = _rebuild(graph, rule, keep_extra=False)
+    out.built = graph.built
+    live = set(out.nx().nodes)  # a rewrite inside another one's dropped part does not count
+    for name, nodes in fired.items():
+        k = len({id(x) for x in nodes if x in live})
+        if k:
+            out.notes.append(_LAW_NOTES[name].format(k=k))
     return out

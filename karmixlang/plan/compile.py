@@ -14,7 +14,8 @@ from karmixlang.diagnostics import Diagnostic, KmxError
 from karmixlang.io.guard import check_outputs, input_files, plan_save
 from karmixlang.ir.graph import Graph, reachable
 from karmixlang.ir.lower import lower
-from karmixlang.ir.optimize import base_choice_warnings, optimize
+from karmixlang.ir.optimize import base_choice_warnings, laws, optimize
+from karmixlang.plan.keyscope import key_cover
 from karmixlang.plan.lock import LockedInput, check_lock, lock_path, read_lock
 from karmixlang.plan.folders import plan_folders
 from karmixlang.plan.report import Plan, build_plan
@@ -61,7 +62,8 @@ def compile(path: str, overrides: dict[str, str] | None = None, *, threads: int 
     if program is None:
         raise KmxError(diags)
     lowered = lower(program)
-    graph = optimize(lowered)
+    prepared = optimize(lowered)
+    graph = laws(prepared, key_cover(prepared))
     sched = schedule(graph, compute_dtype, strict, memory_limit=memory_limit)
     recipes = recipe_hashes(program.sources)
     unused = _unused_inputs(lowered, graph)
@@ -70,7 +72,7 @@ def compile(path: str, overrides: dict[str, str] | None = None, *, threads: int 
     check_outputs(graph.saves, layouts, sched.headers, recipes, unused, sched.folders)
     plan = build_plan(path, graph, sched, threads, compute_dtype, executor=executor)
     compiled = Compiled(program, graph, sched, plan,
-                        diags + sched.warnings + base_choice_warnings(graph),
+                        diags + sched.warnings + base_choice_warnings(prepared),
                         input_files(sched.headers), recipes, unused)
     entries = read_lock(lock_path(path)) if lock else None
     if entries is not None:

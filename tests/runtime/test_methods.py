@@ -266,6 +266,32 @@ def test_magnitude_ties_break_by_position():
     assert ops.breadcrumbs(big[:50], density=0.5, gamma=0.01)[-1] == 50
 
 
+def test_trim_with_a_threshold_among_many_zeros_is_unchanged():
+    # A task vector as real fine-tunes leave it: ~30 % exact zeros (some -0) and
+    # fp16-quantised repeats, over more than one of the kernel's slices. At density 0.7 the
+    # threshold falls on zero; the zeros are set aside before the selection (the slow path
+    # of #18), which must not change which entries are kept, nor a kept zero's sign.
+    rng = np.random.default_rng(18)
+    d = rng.normal(scale=0.01, size=140_000).astype(np.float16).astype(np.float32)
+    d[rng.random(d.size) < 0.3] = 0.0
+    d[rng.random(d.size) < 0.05] = -0.0
+    order = np.lexsort((np.arange(d.size), -np.abs(d)))  # |d| descending, then position
+
+    def window(start, stop):
+        out = np.zeros_like(d)
+        out[order[start:stop]] = d[order[start:stop]]
+        return out.view(np.int32)
+
+    t = torch.from_numpy(d)
+    for density in (0.3, 0.6, 0.69, 0.7, 0.75, 0.95, 1.0):
+        k = math.ceil(density * d.size)
+        np.testing.assert_array_equal(ops.trim(t, density=density).numpy().view(np.int32),
+                                      window(0, k))
+        n_top = min(math.floor(0.01 * d.size), d.size - k)
+        got = ops.breadcrumbs(t, density=density, gamma=0.01).numpy().view(np.int32)
+        np.testing.assert_array_equal(got, window(n_top, n_top + k))
+
+
 def test_breadcrumbs_window():
     d = torch.arange(1, 101, dtype=F64)  # magnitudes 1..100
     out = ops.breadcrumbs(d, density=0.5, gamma=0.1)
