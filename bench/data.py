@@ -10,6 +10,12 @@ the N = 4 inputs are the first four of the N = 16 ones. Files are float16, as ch
     llm      a LLaMA-like model in Hugging Face's sharded form with a config.json (for
              mergekit, which only reads HF model folders): hidden 2048, 4 layers, vocab 32000,
              0.31 B parameters, 0.61 GB in 2 shards
+
+A `-sparse` suite (sd15-sparse, sdxl-r-sparse, sdxl-sparse, and sd15-tiny-sparse: SD1.5 with
+every width scaled by 1/16, for smoke runs) has the same base, and fine-tunes that leave
+SPARSE_ZEROS of every float tensor's entries exactly as the base has them, as real fine-tunes
+do: their task vectors are ~30 % exact zeros, the other entries differences of fp16 values
+(few distinct magnitudes, many repeats). At density 0.7 the trim threshold then falls on zero.
 """
 
 from __future__ import annotations
@@ -20,12 +26,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from karmixlang.demo import synth
 
 SEED = 2025
 CLUSTER_SHIFT = 0.03  # the shared direction of the pool, relative to each tensor's scale
 OWN_SHIFT = 0.01  # each fine-tune's own change
 LLM = {"hidden": 2048, "n_layers": 4, "vocab": 32000, "shards": 2}
+SPARSE_ZEROS = 0.3  # the fraction of each fine-tune's float entries left equal to the base's
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,7 @@ class Suite:
     layout: str  # "sd1", "sdxl" or "llm"
     scale: float
     sharded: bool = False
+    sparse: bool = False  # fine-tunes keep SPARSE_ZEROS of the base's entries exactly
 
     def root(self, cache: Path) -> Path:
         return cache / "data" / self.name
@@ -54,6 +64,10 @@ SUITES = {
     "sdxl-r": Suite("sdxl-r", "sdxl", 0.25),
     "sdxl": Suite("sdxl", "sdxl", 1.0),
     "llm": Suite("llm", "llm", 1.0, sharded=True),
+    "sd15-sparse": Suite("sd15-sparse", "sd1", 1.0, sparse=True),
+    "sdxl-r-sparse": Suite("sdxl-r-sparse", "sdxl", 0.25, sparse=True),
+    "sdxl-sparse": Suite("sdxl-sparse", "sdxl", 1.0, sparse=True),
+    "sd15-tiny-sparse": Suite("sd15-tiny-sparse", "sd1", 1 / 16, sparse=True),
 }
 
 
@@ -125,10 +139,22 @@ def build(suite: Suite, cache: Path, n: int, log=print) -> None:
                 continue
             ft = synth.make_model(layout, suite.scale, (SEED, 2, i), base=base,
                                   delta_scale=OWN_SHIFT, cluster_direction=direction)
+            if suite.sparse:
+                _untouched(ft, base, (SEED, 3, i))
             _write(suite, suite.path(cache, i), ft, f"ft-{i}")
             del ft
             log(f"[data] {suite.name}: ft-{i:02d} done ({time.monotonic() - t0:.0f} s)")
     log(f"[data] {suite.name}: ready in {time.monotonic() - t0:.0f} s")
+
+
+def _untouched(ft: dict, base: dict, seed) -> None:
+    """Set a seeded SPARSE_ZEROS of each float tensor's entries of `ft` back to the base's
+    (in place): the task vector ft − base is exactly zero there."""
+    rng = np.random.default_rng(seed)
+    for name, x in ft.items():
+        if x.dtype.kind == "f" and x.size:
+            same = rng.random(x.shape) < SPARSE_ZEROS
+            x[same] = base[name][same]
 
 
 def _params(layout: dict, scale: float) -> int:

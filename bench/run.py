@@ -31,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import data  # noqa: E402
 import peers  # noqa: E402
+import sweep  # noqa: E402
 
 SEED = 250608
 TOOLS = ("kmx", "sd-mecha", "mergekit", "floor")
@@ -50,7 +51,8 @@ MERGES = {
     "ms": ("Model Stock", "model_stock(pool, b)", ("model_stock", {}), {"mergekit"}),
     "dgmla": ("DGMLA", "std.dgmla(pool, b, seed)", None, set()),
 }
-USES_BASE = {"ad", "ties", "dare", "della", "ms", "dgmla"}
+MERGES.update(sweep.merges())  # tf-FILTER-VALUE-RULE: the TIES family's settings (sweep.py)
+USES_BASE = {"ad", "ties", "dare", "della", "ms", "dgmla", *sweep.merges()}
 # Why a peer does not run a case (printed, and kept in the results).
 SKIP_WHY = {
     ("mergekit", "sd"): "mergekit reads Hugging Face model folders (config.json + a known "
@@ -59,14 +61,16 @@ SKIP_WHY = {
     ("mergekit", "gm"): "mergekit has no geometric median",
     ("mergekit", "dgmla"): "mergekit has no geometric median (DGMLA needs one)",
 }
+BASIC = [m for m in MERGES if not m.startswith("tf-")]
 PRESETS = {
     # (suites, n, merges, tools) triples; the quick one finishes in < 10 min on 2 cores
-    "quick": [(["sdxl-r"], [4], [m for m in MERGES if m != "della"],
+    "quick": [(["sdxl-r"], [4], [m for m in BASIC if m != "della"],
                ["kmx", "sd-mecha", "floor"]),
               (["sd15"], [4], ["ws", "ad"], ["kmx", "sd-mecha", "floor"]),
               (["llm"], [4], ["ws", "ms"], ["kmx", "mergekit", "floor"])],
-    "full": [(["sdxl-r", "sd15"], [4, 16], list(MERGES), ["kmx", "sd-mecha", "floor"]),
-             (["llm"], [4, 16], list(MERGES), ["kmx", "mergekit", "floor"])],
+    "full": [(["sdxl-r", "sd15"], [4, 16], BASIC, ["kmx", "sd-mecha", "floor"]),
+             (["llm"], [4, 16], BASIC, ["kmx", "mergekit", "floor"])],
+    **sweep.PRESETS,
 }
 
 
@@ -355,8 +359,9 @@ def selection(args) -> list[tuple[str, int, str, list[str]]]:
     out = []
     for suites, ns, merges, tools in groups:
         for s in suites:
-            if s == "sdxl" and not args.full_sdxl:
-                log("[skip] suite sdxl (full size, 6.9 GB per input) needs --full-sdxl")
+            suite = data.SUITES[s]
+            if suite.layout == "sdxl" and suite.scale == 1.0 and not args.full_sdxl:
+                log(f"[skip] suite {s} (full size, 6.9 GB per input) needs --full-sdxl")
                 continue
             for n in ns:
                 out += [(s, n, m, tools) for m in merges]

@@ -33,6 +33,8 @@ def recipe(merge: str, base, models: list, seed: int, n: int):
     # linear.add_difference, not the sd_mecha.add_difference wrapper: the wrapper compares
     # merge spaces that are not inferred yet for a merge method's output and fails.
     deltas = [sd_mecha.subtract(m, base) for m in models]
+    if merge.startswith("tf-"):
+        return ties_family(merge, base, models, deltas, seed)
     if merge == "ws":  # mean(pool)
         return sd_mecha.n_average(*models)
     if merge == "ad":  # base + 0.3·Σ(θi − base): n_average of the deltas, scaled back by N
@@ -59,6 +61,21 @@ def recipe(merge: str, base, models: list, seed: int, n: int):
             apply_median=True, eps=1e-6, maxiter=100, ftol=1e-20, k=1.0, vote_sgn=True,
             seed=seed)
     raise SystemExit(f"unknown merge {merge}")
+
+
+def ties_family(merge: str, base, models: list, deltas: list, seed: int):
+    """bench/sweep.py's settings, named tf-FILTER-VALUE-RULE. sd-mecha's vote_sgn=True elects
+    by the sum of the deltas (kmx's "mass"), False by the sum of their signs ("count")."""
+    _, filter_, value, rule = merge.split("-")
+    v, mass = float(value), rule == "mass"
+    if filter_ in ("trim", "ties"):  # ties(…, rule) then ties_merge: the same election
+        return linear.add_difference(base, sd_mecha.ties_sum(*deltas, k=v, vote_sgn=mass))
+    ties = dict(k=1.0, vote_sgn=mass, apply_stock=True, rescale=True, seed=seed)
+    if filter_ == "dare":
+        return sd_mecha.add_ties_with_dare(base, *models, probability=v, **ties)
+    if filter_ == "della":  # eps 0.1 in kmx's convention = 0.2 in sd-mecha's
+        return sd_mecha.add_ties_with_dare(base, *models, probability=v, della_eps=0.2, **ties)
+    raise SystemExit(f"unknown sweep merge {merge}")
 
 
 def main() -> None:
