@@ -309,7 +309,7 @@ def _elected_source(n: Node) -> Node | None:
     return source if same else None
 
 
-def _reelections(graph: Graph, nodes: list[Node]) -> set[int]:
+def _reelections(nodes: list[Node]) -> set[int]:
     """ids of the ties/elect nodes read only by ties_merge of all their members: those the
     re-election law may remove (another reader would keep them computed, and the trims
     too: the rewrite would then cost more, not less)."""
@@ -318,14 +318,9 @@ def _reelections(graph: Graph, nodes: list[Node]) -> set[int]:
         for x in n.inputs:
             if x.op == "pick":
                 users.setdefault(id(x.inputs[0]), set()).add(n)
-    roots = {id(r) for r in graph.roots()}
-    out = set()
-    for n in nodes:
-        if n.op in _ELECTIONS and users.get(id(n)) and not any(
-                id(p) in roots for p in users[id(n)] if p.op == "pick"):
-            if all(u.op == "ties_merge" and _elected_source(u) is n for u in users[id(n)]):
-                out.add(id(n))
-    return out
+    # (a pick is never a save's value: a save holds a model, not a cluster member)
+    return {id(n) for n in nodes if n.op in _ELECTIONS and users.get(id(n)) and
+            all(u.op == "ties_merge" and _elected_source(u) is n for u in users[id(n)])}
 
 
 def _reelect(n: Node, inputs: tuple, b: Builder, removable: set[int],
@@ -418,7 +413,7 @@ def laws(graph: Graph, covers: Covers) -> Graph:
     nodes = list(graph.nx().nodes)
     if not any(_candidate(n) for n in nodes):  # the common case: nothing to rebuild
         return graph
-    removable = _reelections(graph, nodes)
+    removable = _reelections(nodes)
     readers: dict[int, int] = {}
     for n in nodes:
         for x in set(n.inputs):

@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 from karmixlang.api import compile as compile_recipe
 from karmixlang.demo.synth import write_model
 from karmixlang.ir import optimize as opt
-from karmixlang.ir.graph import Builder, Graph
+from karmixlang.ir.graph import Builder, Graph, SaveSpec
 from karmixlang.plan import compile as compile_module
 from karmixlang.runtime import kernels as ops
 from karmixlang.runtime.executor import RunOptions, execute
@@ -92,7 +92,6 @@ def nested_combinations(draw):
         picked = draw(st.lists(st.sampled_from(pool), min_size=1, max_size=4))
         coeffs = tuple(draw(coeff) for _ in picked)
         pool.append(b.node("lincomb", tuple(picked), {"coeffs": coeffs}))
-    from karmixlang.ir.graph import SaveSpec
     save = SaveSpec("/out", "out", pool[-1], None, "", None, (), None, False, None)
     return Graph([save], b.origins, built=b.built)
 
@@ -158,8 +157,10 @@ def test_reelection_runs_bit_exact(workdir, monkeypatch, r1, r2):
         base o = "base.safetensors"
         cluster pool = [a: 2, "b.safetensors", "c.safetensors": 0.5]
         model a = "a.safetensors"
-        save "${{out}}/ties.safetensors" = o + ties_merge(ties(pool - o, density=0.7, rule="{r1}"), rule="{r2}")
-        save "${{out}}/elect.safetensors" = o + ties_merge(elect(pool - o, rule="{r1}"), rule="{r2}")
+        save "${{out}}/ties.safetensors" = o + ties_merge(
+            ties(pool - o, density=0.7, rule="{r1}"), rule="{r2}")
+        save "${{out}}/elect.safetensors" = o + ties_merge(
+            elect(pool - o, rule="{r1}"), rule="{r2}")
     """)
     on, off, notes = run_both(monkeypatch, path)
     assert any(n.startswith("laws: 2 re-election(s)") for n in notes)
