@@ -131,8 +131,11 @@ def _from_vocab_json(path: str) -> dict[str, int]:
 
 
 def _from_sentencepiece(path: str) -> dict[str, int]:
-    import sentencepiece  # only for folders whose one tokenizer file is a SentencePiece model
-
+    try:  # only for folders whose one tokenizer file is a SentencePiece model
+        import sentencepiece
+    except ImportError:
+        raise ValueError("reading tokenizer.model needs the `sentencepiece` library: "
+                         "pip install 'karmixlang[sentencepiece]'") from None
     sp = sentencepiece.SentencePieceProcessor()
     try:
         sp.Load(path)

@@ -119,7 +119,7 @@ def _matches(found: dict[str, Vocabulary | None], choice: str | None,
     vocabulary, K0345), or by default when every input has one and they differ."""
     if choice is None:
         known = [v for v in found.values() if v is not None]
-        return len(known) == len(found) and len({(tuple(v.ids.items()), v.rows)
+        return len(known) == len(found) and len({(frozenset(v.ids.items()), v.rows)
                                                   for v in known}) > 1
     missing = [p for p, v in found.items() if v is None]
     if missing:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 
@@ -73,6 +74,16 @@ def test_a_sentencepiece_model_is_read_with_its_library(here):
     sp = sentencepiece.SentencePieceProcessor(model_file="sp/tokenizer.model")
     assert len(v.ids) == sp.GetPieceSize() == v.rows
     assert all(v.ids[sp.IdToPiece(i)] == i for i in range(sp.GetPieceSize()))
+
+
+def test_without_sentencepiece_a_tokenizer_model_is_a_coded_error(here, monkeypatch):
+    os.makedirs("sp")
+    open("sp/tokenizer.model", "wb").close()
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # `import sentencepiece` fails
+    with pytest.raises(KmxError) as exc:
+        read_vocabulary("sp")
+    assert exc.value.diagnostics[0].code == "K0345"
+    assert "karmixlang[sentencepiece]" in exc.value.diagnostics[0].message
 
 
 def test_runs_compress_consecutive_rows():
