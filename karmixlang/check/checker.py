@@ -57,9 +57,14 @@ def _check_extraction(ch: Checker, s: ast.Save, opts: dict, values: dict, ty: Ty
                     "tuned - base with lora=32`")
 
 
-def _check_tokenizer(ch: Checker, unit: Unit, e, ty: Ty) -> None:
+def _check_tokenizer(ch: Checker, unit: Unit, e, ty: Ty, path: str | None) -> None:
     """`tokenizer=` names a declared model (its vocabulary and tokenizer files) or is
-    "union" (docs/language.md, "Vocabularies")."""
+    "union" (docs/language.md, "Vocabularies"), which only a folder can hold the files of."""
+    if ty.kind == "string" and ty.value == "union" and path is not None \
+            and not is_folder_path(path):
+        ch.err("K0349", "`tokenizer=\"union\"` writes the union's tokenizer files beside the "
+               "weights, so it needs a save into a folder", e.span, label="a single file",
+               help=f"save to a folder: `save \"{path.removesuffix('.safetensors')}\" = ...`")
     if ty.kind == "error" or (ty.kind == "string" and ty.value in ("union", None)):
         return
     decl = unit.decls.get(e.name) if isinstance(e, ast.Name) else None
@@ -121,7 +126,8 @@ def _check_save(ch: Checker, unit: Unit, s: ast.Save, paths: dict[str, ast.Save]
         ch.err("K0208", f"`fallback` must be a Model, got {fb.describe()}",
                opts["fallback"].value.span)
     if "tokenizer" in opts:
-        _check_tokenizer(ch, unit, opts["tokenizer"].value, values["tokenizer"])
+        _check_tokenizer(ch, unit, opts["tokenizer"].value, values["tokenizer"],
+                         path_ty.value if isinstance(path_ty.value, str) else None)
     _check_folder(ch, opts, values, path_ty.value if isinstance(path_ty.value, str) else None)
     ty = ch.value(s.expr, scope)
     extract = "lora" in values

@@ -19,6 +19,7 @@ from karmixlang.io.guard import save_tensors
 from karmixlang.io.hffolder import CONFIG, FolderSave, is_folder_path, model_card, \
     plan_side_files, source_folder
 from karmixlang.ir.graph import Graph, reachable
+from karmixlang.plan.vocab import with_union_tokenizer
 
 
 def plan_folders(graph: Graph, sched, recipe_text: str) -> dict[int, FolderSave]:
@@ -63,7 +64,8 @@ def _plan(graph, sched, index, save, loads, recipe_text) -> FolderSave:
     tensors = save_tensors(sched, index)
     card = model_card(os.path.basename(os.path.normpath(save.path)), _models(graph, save),
                       _methods(save), recipe_text, __version__)
-    return plan_side_files(save.path, folder, name, tensors, card)
+    return with_union_tokenizer(plan_side_files(save.path, folder, name, tensors, card),
+                                sched.vocab.get(index))
 
 
 def _config_problem(path: str) -> str | None:

@@ -82,8 +82,6 @@ def _vocabulary_text(v: dict) -> list[str]:
         keys = ", ".join(i["keys"]) or "no key"
         out.append(f"      {i['path']}: {i['tokens']} tokens in {i['rows']} rows, lacks "
                    f"{i['lacking']} (its mean row there); {keys}")
-    if v["files"]:
-        out.append(f"      tokenizer files generated: {', '.join(v['files'])}")
     return out
 
 

@@ -25,9 +25,9 @@ from karmixlang.diagnostics import KmxError, Span, error
 from karmixlang.io.dtypes import DTYPES
 from karmixlang.io.header import CheckpointHeader
 from karmixlang.io.layouts.llm import split_layer_key
-from karmixlang.io.union_tokenizer import added_entry, union_files
+from karmixlang.io.union_tokenizer import STALE, added_entry, union_files
 from karmixlang.io.views import gather_rows
-from karmixlang.io.hffolder import source_folder
+from karmixlang.io.hffolder import FolderSave, SideFile, source_folder
 from karmixlang.io.vocab import Vocabulary, read_vocabulary
 from karmixlang.ir.graph import Graph, Node
 from karmixlang.plan.views import save_loads
@@ -111,6 +111,15 @@ def plan_vocabularies(graph: Graph, headers: dict[Node, CheckpointHeader]
                              target.vocab.source, target.rows, target.tokens, added,
                              tuple(inputs), tuple(sorted(files.items())))
     return out, plans
+
+
+def with_union_tokenizer(folder: FolderSave, vocab: SaveVocab | None) -> FolderSave:
+    """A folder save's side files with a union's generated tokenizer files in place of the
+    copied ones, and without the slow tokenizer files that would disagree with them."""
+    if vocab is None or not vocab.files:
+        return folder
+    return folder.with_files(*(SideFile(name, "generated: the union vocabulary", generated=data)
+                               for name, data in vocab.files), drop=STALE)
 
 
 def _matches(found: dict[str, Vocabulary | None], choice: str | None,

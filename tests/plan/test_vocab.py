@@ -93,7 +93,7 @@ def test_runs_compress_consecutive_rows():
 
 def test_union_reads_each_input_in_the_union_order(folders):
     c = _compile(folders, 'base a = "models/a"\nmodel b = "models/b"\n'
-                 'save "out.safetensors" = 0.5*a + 0.5*b with tokenizer="union"\n')
+                 'save "out" = 0.5*a + 0.5*b with tokenizer="union"\n')
     v = c.schedule.vocab[0]
     # a's 7 tokens, then b's tokens a lacks in b's id order: dog, ran, <|b|>
     assert (v.mode, v.rows, v.tokens) == ("union", 10, 10)
@@ -114,17 +114,19 @@ def test_union_reads_each_input_in_the_union_order(folders):
 
 def test_the_plan_shows_each_vocabulary(folders):
     c = _compile(folders, 'base a = "models/a"\nmodel b = "models/b"\n'
-                 'save "out.safetensors" = 0.5*a + 0.5*b with tokenizer="union"\n')
+                 'save "out" = 0.5*a + 0.5*b with tokenizer="union"\n')
     text = render_text(c.plan)
     start = text.index("    rows matched by token")
-    assert text[start:].splitlines()[:4] == [
+    assert text[start:].splitlines()[:3] == [
         "    rows matched by token: the union vocabulary of models/a/tokenizer.json + 3 added, "
         "10 tokens in 10 rows",
         "      models/a: 7 tokens in 7 rows, lacks 3 (its mean row there); lm_head.weight, "
         "model.embed_tokens.weight",
         "      models/b: 8 tokens in 10 rows, lacks 2 (its mean row there); lm_head.weight, "
-        "model.embed_tokens.weight",
-        "      tokenizer files generated: tokenizer.json, tokenizer_config.json"]
+        "model.embed_tokens.weight"]
+    # the folder's side files: the union's tokenizer generated, the rest from the base
+    assert "      tokenizer.json         generated: the union vocabulary" in text
+    assert "      config.json            from `a`, with vocab_size=10" in text
     data = c.plan.data["saves"][0]["vocabulary"]
     assert data["mode"] == "union" and data["inputs"][1]["lacking"] == 2
     shapes = {j.key: j.outputs[0].shape for j in c.schedule.jobs}
@@ -159,19 +161,22 @@ def test_vocabulary_errors(folders):
     llama_folder("models/bare", A, seed=3)
     os.remove("models/bare/tokenizer.json")
     assert _codes(folders, 'base a = "models/a"\nmodel m = "models/bare"\n'
-                  'save "o.safetensors" = 0.5*a + 0.5*m with tokenizer="union"\n') == ["K0345"]
+                  'save "o" = 0.5*a + 0.5*m with tokenizer="union"\n') == ["K0345"]
     llama_folder("models/short", A + ["x"], seed=4, pad_to=3)
     assert _codes(folders, 'base a = "models/a"\nmodel m = "models/short"\n'
-                  'save "o.safetensors" = 0.5*a + 0.5*m with tokenizer="union"\n') == ["K0346"]
+                  'save "o" = 0.5*a + 0.5*m with tokenizer="union"\n') == ["K0346"]
     os.rename("models/bare", "models/slow")
     json.dump({t: i for i, t in enumerate(A)}, open("models/slow/vocab.json", "w"))
     assert _codes(folders, 'base m = "models/slow"\nmodel b = "models/b"\n'
-                  'save "o.safetensors" = 0.5*m + 0.5*b with tokenizer="union"\n') == ["K0347"]
+                  'save "o" = 0.5*m + 0.5*b with tokenizer="union"\n') == ["K0347"]
     assert _codes(folders, 'base a = "models/a"\nmodel b = "models/b"\n'
-                  'save "u.safetensors" = 0.5*a + 0.5*b with tokenizer="union"\n'
+                  'save "u" = 0.5*a + 0.5*b with tokenizer="union"\n'
                   'save "v.safetensors" = 0.5*a + 0.5*b with tokenizer=b\n') == ["K0348"]
     assert _codes(folders, 'base a = "models/a"\nmodel b = "models/b"\n'
                   'save "o.safetensors" = 0.5*a + 0.5*b with tokenizer="b"\n') == ["K0349"]
+    assert _codes(folders, 'base a = "models/a"\nmodel b = "models/b"\n'
+                  'save "o.safetensors" = 0.5*a + 0.5*b with tokenizer="union"\n'
+                  ) == ["K0349"]  # a single file cannot hold the union's tokenizer
     assert _codes(folders, 'base a = "models/a"\nmodel b = "models/b"\n'
                   'save "o.safetensors" = 0.5*a + 0.5*b with tokenizer=0.5*a + 0.5*b\n'
                   ) == ["K0349"]

@@ -47,7 +47,8 @@ def token_row(model, key: str, token: str) -> np.ndarray:
 def merge(workdir, text):
     c = compile_recipe(recipe(workdir, text))
     execute(c, RunOptions())
-    return c, load_file(str(workdir / "out.safetensors"))
+    out = workdir / "out"
+    return c, load_file(str(out / "model.safetensors" if out.is_dir() else f"{out}.safetensors"))
 
 
 def test_union_puts_each_tokens_row_where_the_union_tokenizer_looks_it_up(workdir, models):
@@ -55,7 +56,7 @@ def test_union_puts_each_tokens_row_where_the_union_tokenizer_looks_it_up(workdi
         base a = "a"
         model b = "b"
         model c = "c"
-        save "out.safetensors" = 0.5*a + 0.25*b + 0.25*c with tokenizer="union"
+        save "out" = 0.5*a + 0.25*b + 0.25*c with tokenizer="union"
     """)
     union = Tokenizer.from_str(dict(c.schedule.vocab[0].files)["tokenizer.json"].decode())
     vocab = union.get_vocab(with_added_tokens=True)
@@ -96,7 +97,7 @@ def test_a_row_gather_survives_the_executable_round_trip(workdir, models):
     c = compile_recipe(recipe(workdir, """
         base a = "a"
         model b = "b"
-        save "out.safetensors" = 0.5*a + 0.5*b with tokenizer="union"
+        save "out" = 0.5*a + 0.5*b with tokenizer="union"
     """))
     exe = c.schedule.executable
     again = Executable.loads(exe.dumps())
