@@ -19,7 +19,8 @@ REQUIRED = object()
 class P:
     """A parameter. `type` is one of:
     space (a Model or a Delta), model, delta, cluster, mcluster (of models), dcluster (of
-    deltas), number, int, string, bool, map, list (a cluster literal used as a plain list)."""
+    deltas), number, int, string, bool, map, list (a cluster literal used as a plain list),
+    perm (a Permutation)."""
 
     name: str
     type: str
@@ -110,6 +111,18 @@ _SEED = P("seed", "int", REQUIRED, lo=0, hi=2**53,
 _MAXITER = 10_000
 _DENSITY = P("density", "number", REQUIRED, lo=0, hi=1, lo_open=True,
              doc="fraction of entries kept")
+
+_MATCH = (
+    P("model", "model", doc="the model whose units are permuted (an input checkpoint)"),
+    P("to", "model", doc="the model it is aligned to (an input checkpoint)"),
+    P("spec", "string", "auto",
+      doc='a built-in spec ("sd1", "sdxl", "flux", "llama"), "auto" (a chain of linear '
+          'layers) or the path of a spec file (docs/rebasin.md)'),
+    P("iterations", "int", 100, lo=1, hi=_MAXITER, doc="at most this many passes over the groups"),
+    P("seed", "int", 0, lo=0, hi=2**53, doc="the random order of the groups in each pass"),
+    P("groups", "list", None, doc="names of the spec's permutations to match (default: all; "
+      "the others stay the identity)"),
+)
 
 BUILTINS: dict[str, Builtin] = {b.name: b for b in [
     # ---------------------------------------------------------------- interpolation
@@ -266,6 +279,25 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in [
             "a single model counts as a sub-cluster of one."),
     Builtin("zeros_like", "inputs", (P("x", "space"),), "delta",
             "a zero delta with the keys and shapes of x", "0", "—", "", op="zeros_like"),
+    # ---------------------------------------------------------------- re-basin
+    Builtin("permutation", "re-basin", _MATCH, "perm",
+            "the permutations of hidden units that align one model to another (weight matching)",
+            "per group of the spec, P maximising Σ <TO, P(FROM)> over its keys; coordinate "
+            "descent over the groups in a seeded random order (docs/rebasin.md)",
+            "Ainsworth, Hayase, Srinivasa, \"Git Re-Basin\", ICLR 2023, arXiv 2209.04836",
+            "computed before the keys are merged, from `model` and `to` only (input "
+            "checkpoints, K0224); a group none of whose keys the models have is skipped."),
+    Builtin("permute", "re-basin", (P("x", "space"), P("p", "perm")), "first",
+            "a model, delta or cluster with a Permutation applied to its keys",
+            "each key named by the spec, gathered along each axis it permutes: "
+            "out[..i..] = x[..P[i]..]",
+            "Git Re-Basin, arXiv 2209.04836",
+            "keys the spec does not name are unchanged; a key whose shape is not the one the "
+            "permutation was computed on is an error (K0365). A base's permutation fits its "
+            "fine-tunes and their deltas.", op="permute"),
+    Builtin("align", "re-basin", (P("x", "model"),) + _MATCH[1:], "model",
+            "x permuted to align with `to`", "permute(x, permutation(x, to=to, spec=spec, ...))",
+            "Git Re-Basin, arXiv 2209.04836", "as permutation and permute."),
 ]}
 
 # The builtin each op comes from: its parameters are the kernel's arguments, in order.
@@ -275,7 +307,8 @@ BY_OP: dict[str, Builtin] = {b.op: b for b in BUILTINS.values() if b.op}
 _TYPE_NAMES = {"space": "Model or Delta", "model": "Model", "delta": "Delta",
                "cluster": "Cluster", "mcluster": "Cluster of models",
                "dcluster": "Cluster of deltas", "number": "Number", "int": "integer",
-               "string": "String", "bool": "Bool", "map": "map `{...}`", "list": "list `[...]`"}
+               "string": "String", "bool": "Bool", "map": "map `{...}`", "list": "list `[...]`",
+               "perm": "Permutation"}
 
 
 def methods_markdown() -> str:

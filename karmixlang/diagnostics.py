@@ -37,6 +37,7 @@ CODES: dict[str, str] = {
     "K0114": "not callable",
     "K0115": "unknown member",
     "K0116": "unknown re-basin spec",
+    "K0117": "unknown permutation group",
     # K02xx: types and values
     "K0201": "coefficients of models do not sum to 1 or 0",
     "K0202": "wrong type",
@@ -57,6 +58,7 @@ CODES: dict[str, str] = {
     "K0218": "invalid LoRA extraction option",
     "K0219": "option that does not apply to a save into a folder",
     "K0223": "invalid re-basin spec",
+    "K0224": "weight matching of a computed model",
     # K03xx: checkpoints and planning
     "K0301": "input file not found",
     "K0302": "not a valid safetensors file",
@@ -99,6 +101,7 @@ CODES: dict[str, str] = {
     "K0362": "axes of one permutation differ in size",
     "K0363": "permutation blocks do not divide its size",
     "K0364": "spec=\"auto\" needs a chain of linear layers",
+    "K0365": "a permuted key has another shape",
     # K04xx: running
     "K0401": "non-finite values in an input",
     "K0402": "cannot write the output",
@@ -112,6 +115,7 @@ CODES: dict[str, str] = {
     "K0410": "an input changed during the run",
     "K0411": "non-finite values in a result",
     "K0412": "a result overflows its output dtype",
+    "K0413": "weight matching met non-finite costs",
     "K0501": "cannot read a recipe version through git",
     # K0510-K0519: lock, verify, sweep
     "K0510": "an input and the lock file disagree on what is read",

@@ -169,6 +169,9 @@ OPS: dict[str, OpSpec] = {s.name: s for s in [
     _structural("rename", alias=True, broadcast=True, workspace=_NONE),
     _structural("union", alias=True, workspace=_NONE),
     _structural("pick", alias=True, workspace=_NONE),
+    # re-basin: index_select along the permuted axes (runtime/rebasin.py); the permutations
+    # are solved before the keys run (plan/rebasin.py). Whole key: a gather is not chunkable.
+    _structural("permute", broadcast=True, chunk=Chunk.WHOLE),
     # ------------------------------------------------------------ interpolation
     _kernel("lerp", gain=_interpolation("t")),
     _kernel("slerp", chunk=Chunk.GRAM, gain=_interpolation("t")),

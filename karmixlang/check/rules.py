@@ -7,7 +7,10 @@ from __future__ import annotations
 import re
 
 from karmixlang.blocks import OPTIONAL_SLOTS, SLOTS
-from karmixlang.diagnostics import did_you_mean, warning
+from pathlib import Path
+
+from karmixlang.diagnostics import KmxError, did_you_mean, warning
+from karmixlang.io.rebasin_spec import load_spec
 from karmixlang.check.values import TOL, Ty, affine
 from karmixlang.ops import OPS, within_inputs
 
@@ -48,6 +51,35 @@ class BuiltinRules:
         if len(kinds) > 1:
             self.err("K0202", f"`{b.name}` needs {' and '.join(names)} of one kind (both models "
                      "or both deltas)", e.span)
+
+    def _check_permutation(self, b, bound, tys, kw, e, scope):
+        """The spec is found and valid on its own (K0116, K0223), the groups are its own
+        (K0117); its keys are checked against the models when planning."""
+        spec_ty = tys.get("spec")
+        spec = None
+        if spec_ty is not None and isinstance(spec_ty.value, str) and spec_ty.value != "auto":
+            try:
+                spec = load_spec(spec_ty.value, Path(scope.unit.folder), bound["spec"].span)
+            except KmxError as exc:
+                self.diags.extend(exc.diagnostics)
+        if "groups" not in bound:
+            return
+        names = [g.name for g in spec.groups] if spec is not None else None
+        for item in bound["groups"].items:
+            ty = self.value(item.expr, scope)
+            if ty.kind in ("error", "any"):
+                continue
+            if ty.kind != "string" or item.weight is not None:
+                self.err("K0202", "`groups` lists the names of permutations, as strings",
+                         item.expr.span)
+            elif names is not None and ty.value not in names:
+                hint = did_you_mean(ty.value, names)
+                self.err("K0117", f"the spec {spec.source} has no permutation \"{ty.value}\"",
+                         item.expr.span, help=f'did you mean "{hint}"?' if hint else
+                         f"its permutations: {', '.join(names[:8])}"
+                         + (", ..." if len(names) > 8 else ""))
+
+    _check_align = _check_permutation
 
     def _check_model_stock(self, b, bound, tys, kw, e, scope):
         c = tys.get("c")

@@ -499,12 +499,14 @@ class Checker(BuiltinRules):
             "string": ty.kind == "string",
             "bool": ty.kind == "bool",
             "map": ty.kind == "map",
+            "perm": ty.kind == "perm",
         }[want]
         if not ok:
             names = {"space": "a Model or a Delta", "model": "a Model", "delta": "a Delta",
                      "cluster": "a Cluster", "mcluster": "a Cluster of models",
                      "dcluster": "a Cluster of deltas", "number": "a Number", "int": "an integer",
-                     "string": "a String", "bool": "`true` or `false`", "map": "a map `{...}`"}
+                     "string": "a String", "bool": "`true` or `false`", "map": "a map `{...}`",
+                     "perm": "a Permutation"}
             help_ = None
             if want in ("delta", "dcluster") and w == 1:
                 help_ = f"subtract a base to get task vectors: `{b.name}(x - base, ...)`"
@@ -541,6 +543,8 @@ class Checker(BuiltinRules):
                 b.broadcast else DELTA
         if b.returns == "keymap":
             return Ty("keymap")
+        if b.returns == "perm":
+            return Ty("perm")
         if b.returns == "mcluster":
             return Ty("cluster", 1.0)
         return tys["clusters"]  # balanced(): the sub-clusters' common type

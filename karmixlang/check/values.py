@@ -14,7 +14,7 @@ MAX_GAIN = 1e6
 
 @dataclass(frozen=True)
 class Ty:
-    kind: str  # space cluster number keymap string bool map lib func any error
+    kind: str  # space cluster number keymap string bool map perm lib func any error
     weight: float | None = None  # affine weight of a space value or of a cluster's members
     value: object = None  # the constant, when known (numbers, strings, bools)
     size: int | None = None  # members of a cluster, when known without reading files
@@ -27,7 +27,8 @@ class Ty:
             inner = {1: "Model", 0: "Delta"}.get(affine(self.weight), "combination")
             return inner if self.kind == "space" else f"Cluster[{inner}]"
         return {"number": "Number", "keymap": "KeyMap", "string": "String", "bool": "Bool",
-                "map": "Map", "lib": "imported file", "func": "function"}.get(self.kind, self.kind)
+                "map": "Map", "perm": "Permutation", "lib": "imported file",
+                "func": "function"}.get(self.kind, self.kind)
 
 
 ANY = Ty("any")

@@ -10,6 +10,7 @@ tensor is read here.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -102,15 +103,22 @@ def builtin_names() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
 
 
+def locate(ref: str, relative_to: Path) -> str:
+    """SPEC as the plan names it: "auto", a built-in's name, or an absolute path (relative to
+    the recipe's folder). A built-in wins over a file of the same name."""
+    if ref == "auto" or (_BUILTIN_NAME.fullmatch(ref) and ref in builtin_names()):
+        return ref
+    return str(Path(os.path.abspath(Path(relative_to) / ref)))
+
+
 def resolve(ref: str, relative_to: Path, span: Span | None = None) -> tuple[str, str]:
     """(source label, JSON text) of SPEC: a built-in's name, else a path relative to the
     recipe's folder. K0116 when it is neither."""
-    if _BUILTIN_NAME.fullmatch(ref) and ref in builtin_names():
+    located = locate(ref, relative_to)
+    if located == ref and not os.path.isabs(ref):
         text = resources.files("karmixlang").joinpath("data", "rebasin", f"{ref}.json")
         return ref, text.read_text(encoding="utf-8")
-    path = Path(ref)
-    if not path.is_absolute():
-        path = relative_to / path
+    path = Path(located)
     if not path.is_file():
         names = builtin_names()
         hint = did_you_mean(ref, names)

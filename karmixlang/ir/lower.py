@@ -17,6 +17,7 @@ from karmixlang.check.program import Program, Unit, dependency_order, references
 from karmixlang.diagnostics import KmxError, error
 from karmixlang.limits import recursion_room
 from karmixlang.io.dtypes import parse_user_dtype
+from karmixlang.io.rebasin_spec import locate
 from karmixlang.ir.graph import Builder, Graph, KeyMap, Node, SaveSpec, reachable
 
 
@@ -39,6 +40,23 @@ def _folder(value, unit: Unit) -> str:
 @dataclass(frozen=True)
 class ClusterVal:
     members: tuple[tuple[Node, float], ...]  # (member, weight)
+
+
+@dataclass(frozen=True)
+class PermVal:
+    """A Permutation: what weight matching is asked to align (plain values, so the permute
+    nodes that carry them stay JSON-able; plan/rebasin.py plans it, runtime/rebasin.py
+    solves it)."""
+    model: str  # the checkpoint permuted, absolute
+    to: str  # the checkpoint aligned to, absolute
+    spec: str  # "auto", a built-in's name, or an absolute path
+    iterations: int
+    seed: int
+    groups: tuple[str, ...] | None
+
+    def attrs(self) -> dict:
+        return {"model": self.model, "to": self.to, "spec": self.spec,
+                "iterations": self.iterations, "seed": self.seed, "groups": self.groups}
 
 
 @dataclass
@@ -271,6 +289,34 @@ class Lowerer:
             raise KmxError([error("K0307", f"glob matched no files: {pattern}", e.span,
                                   help="check the folder, or --set the param that names it")])
         return ClusterVal(tuple((self.load(env.unit, f, e, "model"), 1.0) for f in files))
+
+    def _permutation(self, args, extra, kw, e, env):
+        ends = []
+        for name in ("model", "to"):
+            node = args[name]
+            if not isinstance(node, Node) or node.op != "load":
+                raise KmxError([error(
+                    "K0224", f"`{name}` of weight matching must be an input checkpoint",
+                    e.span, help="match the models as they are read (`model b = ...`); "
+                    "permute what is computed from them with `permute(x, p)`")])
+            ends.append(node.attr("path"))
+        groups = args.get("groups")
+        spec = args["spec"]
+        return PermVal(*ends, locate(spec, _folder(spec, env.unit)), int(args["iterations"]),
+                       int(args["seed"]), None if groups is None else
+                       tuple(str(self.value(item.expr, env)) for item in groups.items))
+
+    def _permute(self, args, extra, kw, e, env, x=None):
+        x = args["x"] if x is None else x
+        attrs = args["p"].attrs()
+        if isinstance(x, ClusterVal):
+            return ClusterVal(tuple((self.b.node("permute", (m,), attrs, e.span), w)
+                                    for m, w in x.members))
+        return self.b.node("permute", (x,), attrs, e.span)
+
+    def _align(self, args, extra, kw, e, env):
+        p = self._permutation({**args, "model": args["x"]}, extra, kw, e, env)
+        return self._permute({"p": p}, extra, kw, e, env, x=args["x"])
 
     def _balanced(self, args, extra, kw, e, env):
         members = []

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from karmixlang import __version__
 from karmixlang.diagnostics import Span
 from karmixlang.io.header import TensorInfo
+from karmixlang.io.rebasin_spec import Axis, Group, Sized
 from karmixlang.ir.graph import KeyMap
 from karmixlang.plan.outofcore import OutOfCore
 
@@ -101,6 +102,21 @@ class KeyJob:
 
 
 @dataclass(frozen=True)
+class PermPlan:
+    """One Permutation's phase one (plan/rebasin.py): what it is (`ident`: the permute nodes'
+    attributes), its groups sized, the tensors of the two models it reads, and how many bytes
+    of them stay in memory (0: they are read again at each visit of a group)."""
+    ident: tuple
+    groups: tuple[Sized, ...]
+    skipped: tuple[str, ...]  # groups none of whose keys the models have
+    model: tuple[tuple[str, TensorInfo], ...]  # the model permuted
+    to: tuple[tuple[str, TensorInfo], ...]  # the model it is aligned to
+    cache_bytes: int
+    source: str = ""
+    description: str = ""
+
+
+@dataclass(frozen=True)
 class SaveTarget:
     path: str  # absolute: out-of-core keys spill next to the first output
     written: str  # as the recipe wrote it, for messages
@@ -118,13 +134,17 @@ class Executable:
     jobs: list[KeyJob]
     # load -> the recipe line that declares it, where run-time errors about it point
     origins: dict[int, Span] = field(default_factory=dict)
+    # re-basin: what phase one computes, and (once run) its result: plan index -> group ->
+    # [block, inner] (runtime/rebasin.Perm.to_list)
+    permutations: tuple[PermPlan, ...] = ()
+    solved: dict[int, dict[str, list]] = field(default_factory=dict)
 
     def part(self, jobs: list[KeyJob]) -> Executable:
         """The same schedule for some of its jobs only (one Ray task's group of keys)."""
         used = {f for j in jobs for job in (j, j.fallback) if job for f in job.files()}
         return Executable(self.nodes, self.labels, self.saves, self.compute, self.memory_limit,
                           {f: s for f, s in self.files.items() if f in used}, list(jobs),
-                          self.origins)
+                          self.origins, self.permutations, self.solved)
 
     def to_dict(self) -> dict:
         body = {
@@ -138,6 +158,9 @@ class Executable:
             "jobs": [_job_dict(j) for j in self.jobs],
             "origins": [[i, _span_list(s)] for i, s in sorted(self.origins.items())],
         }
+        if self.permutations:  # absent otherwise: schedules without re-basin keep their form
+            body["permutations"] = [_perm_dict(p) for p in self.permutations]
+            body["solved"] = sorted([i, g] for i, g in self.solved.items())
         return {"format": FORMAT, "version": FORMAT_VERSION, "kmx_version": __version__,
                 "fingerprint": _digest(body), "body": body}
 
@@ -167,7 +190,9 @@ class Executable:
                 tuple(SaveTarget(p, w, _span_from(sp)) for p, w, sp in body["saves"]),
                 body["compute"], body["memory_limit"], {f: s for f, s in body["files"]},
                 [_job_from(j) for j in body["jobs"]],
-                {i: _span_from(sp) for i, sp in body["origins"]})
+                {i: _span_from(sp) for i, sp in body["origins"]},
+                tuple(_perm_from(p) for p in body.get("permutations", ())),
+                {i: g for i, g in body.get("solved", ())})
         except (KeyError, TypeError, ValueError) as exc:
             raise FormatError(f"malformed content ({type(exc).__name__}: {exc})") from None
 
@@ -223,6 +248,25 @@ def _decode(v):
     if isinstance(v, list):
         return tuple(_decode(x) for x in v)
     return v
+
+
+def _perm_dict(p: PermPlan) -> dict:
+    return {"ident": _encode(p.ident),
+            "groups": [[s.group.name, [[a.key, a.axis, a.start, a.stop] for a in s.group.axes],
+                        s.group.blocks, s.group.inner, s.size, s.blocks] for s in p.groups],
+            "skipped": list(p.skipped),
+            "model": [[k] + _info_list(t) for k, t in p.model],
+            "to": [[k] + _info_list(t) for k, t in p.to],
+            "cache_bytes": p.cache_bytes, "source": p.source, "description": p.description}
+
+
+def _perm_from(d: dict) -> PermPlan:
+    groups = tuple(Sized(Group(name, tuple(Axis(*a) for a in axes), blocks, inner), size, n)
+                   for name, axes, blocks, inner, size, n in d["groups"])
+    return PermPlan(_decode(d["ident"]), groups, tuple(d["skipped"]),
+                    tuple((t[0], _info_from(t[1:])) for t in d["model"]),
+                    tuple((t[0], _info_from(t[1:])) for t in d["to"]),
+                    d["cache_bytes"], d["source"], d["description"])
 
 
 def _job_dict(j: KeyJob) -> dict:

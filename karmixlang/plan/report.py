@@ -16,6 +16,7 @@ from karmixlang.plan.groups import group_keys
 from karmixlang.ir.graph import Graph, KeyMap
 from karmixlang.resources import data_dir
 from karmixlang.units import human_bytes
+from karmixlang.plan.rebasin import describe as describe_permutation
 from karmixlang.plan.schedule import COMPUTE_ITEMSIZE, HEAP_BLOCK_LIMIT, IDENTICAL, Schedule
 
 SCHEMA_VERSION = 1
@@ -164,6 +165,9 @@ def build_plan(recipe: str, graph: Graph, sched: Schedule, threads: int = 1,
         data["loras"] = [{"node": ids[n], "name": graph.display_name(n),
                           "path": _rel(n.attr("path"), base), **p.report()}
                          for n, p in sched.loras.items()]
+    if sched.executable.permutations:
+        data["permutations"] = [_permutation_json(p, base)
+                                for p in sched.executable.permutations]
     ooc = out_of_core(sched)
     if ooc:
         data["totals"]["out_of_core"] = ooc
@@ -256,6 +260,37 @@ def _render_loras(loras: list[dict]) -> list[str]:
     return out
 
 
+def _permutation_json(p, base: str) -> dict:
+    d = describe_permutation(p)
+    return d | {k: _rel(d[k], base) for k in ("model", "to", "spec") if os.path.isabs(d[k])}
+
+
+def _permutations_text(perms: list[dict], shown: int = 6) -> list[str]:
+    """The permutation phase (re-basin phase one), run before the keys (docs/rebasin.md)."""
+    out = []
+    for p in perms:
+        sizes = Counter((g["size"], g["blocks"], g["inner"]) for g in p["groups"])
+        out += ["", f"Permutation phase: {p['model']} aligned to {p['to']}, spec "
+                    f"{p['spec']} ({len(p['groups'])} groups, seed {p['seed']}, at most "
+                    f"{p['iterations']} passes)"]
+        for (size, blocks, inner), count in sorted(sizes.items())[:shown]:
+            kind = f", {blocks} blocks (inner {inner})" if blocks > 1 else ""
+            out.append(f"  {count} group(s) of {size} units{kind}")
+        if len(sizes) > shown:
+            out.append(f"  ... {len(sizes) - shown} more sizes")
+        if p["skipped"]:
+            out.append(f"  {len(p['skipped'])} group(s) skipped, none of their keys in the "
+                       f"model: " + ", ".join(p["skipped"][:5])
+                       + (", ..." if len(p["skipped"]) > 5 else ""))
+        reads = ("each key read once and kept in memory" if p["resident"] else
+                 f"keys read again at each visit: {p['reads_per_pass']} reads per pass")
+        out.append(f"  reads {p['keys']} keys of each model ({human_bytes(p['bytes_keys'])}); "
+                   f"{reads}")
+        out.append(f"  memory ~{human_bytes(p['bytes_cost_max'])} for the largest group's costs"
+                   + (f" + {human_bytes(p['bytes_keys'])} of keys kept" if p["resident"] else ""))
+    return out
+
+
 def _view_line(v: dict) -> str:
     done = [f"{v[k]} {k}" for k in ("renamed", "fused", "reshaped", "transposed") if v[k]]
     line = f"read as {v['read_as']} from {v['naming']}: " + (", ".join(done) or "as is")
@@ -283,6 +318,7 @@ def render_text(plan: Plan) -> str:
         if "view" in i:
             out.append("       " + _view_line(i["view"]))
     out += _render_loras(d.get("loras", []))
+    out += _permutations_text(d.get("permutations", []))
     out += ["", f"Graph ({t['nodes']} nodes after optimization; the recipe spells out "
                 f"{t['operations_written']} operations):"]
     for n in d["nodes"]:

@@ -27,6 +27,7 @@ from karmixlang.plan.executable import Executable, KeyJob, Output, SaveTarget, S
 from karmixlang.plan.extract import Extraction, factor_outputs
 from karmixlang.plan.loras import PlannedLora, plan_loras
 from karmixlang.plan.outofcore import chunking_for
+from karmixlang.plan.rebasin import plan_permutations
 from karmixlang.plan.views import apply_views
 from karmixlang.plan.vocab import SaveVocab, plan_vocabularies
 
@@ -563,7 +564,7 @@ def chunk_large_keys(graph: Graph, nodes: tuple[Step, ...], jobs: list[KeyJob], 
 
 
 def executable(graph: Graph, order: list[Node], headers, jobs: list[KeyJob], compute: str,
-               limit: int) -> Executable:
+               limit: int, permutations=()) -> Executable:
     """What the runtime runs, with nothing of the compiler in it: the node table, the names
     messages give the inputs, the outputs, every data file's size, the jobs."""
     index = {n: i for i, n in enumerate(order)}
@@ -573,7 +574,8 @@ def executable(graph: Graph, order: list[Node], headers, jobs: list[KeyJob], com
     origins = {i: graph.origins[n][0] for i, n in enumerate(order)
                if n.op in ("load", "lora") and graph.origins.get(n)}
     saves = tuple(SaveTarget(str(s.path), str(s.written), s.span) for s in graph.saves)
-    return Executable(nodes, labels, saves, compute, limit, _file_sizes(headers), jobs, origins)
+    return Executable(nodes, labels, saves, compute, limit, _file_sizes(headers), jobs, origins,
+                      permutations)
 
 
 def _file_sizes(headers) -> dict[str, int]:
@@ -604,7 +606,8 @@ def schedule(graph: Graph, compute: str = "fp32", strict: bool = False,
                               strict, extractions)
     check_keymaps(graph, order, jobs)
     limit = memory_limit or available_memory() // 2
-    exe = executable(graph, order, headers, jobs, compute, limit)
+    exe = executable(graph, order, headers, jobs, compute, limit,
+                     plan_permutations(graph, headers, keys, limit))
     chunk_large_keys(graph, exe.nodes, jobs, limit, COMPUTE_ITEMSIZE[compute])
     read_once: dict[tuple[str, str], int] = {}
     for job in jobs:

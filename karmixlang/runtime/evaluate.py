@@ -24,6 +24,7 @@ from karmixlang.runtime.kernels.table import KERNELS
 from karmixlang.runtime.nonfinite import (FALLBACK_TOO, BadResult, NonFinite, checked_bytes,
                                           copied_as_stored, fallback_inputs, on_input,
                                           on_result, result_error)
+from karmixlang.runtime.rebasin import Applier
 from karmixlang.runtime.tensors import COMPUTE, Reader, Scratch, finite, part
 
 
@@ -62,6 +63,7 @@ class Evaluator:
         self.compute = COMPUTE[exe.compute]
         self.device = torch.device(device)
         self.scratch = Scratch()
+        self.permute = Applier(exe)
 
     def fresh(self) -> Evaluator:
         """An evaluator on the same inputs with buffers of its own: what it computes leaves
@@ -238,6 +240,8 @@ class Evaluator:
         return args, kwargs
 
     def kernel(self, n: Step, key: str, ins: list, span=None):
+        if n.op == "permute":  # a whole-key gather with phase one's permutations
+            return self.permute(n, key, ins[0])
         args, kwargs = self.call_args(n, key, ins, span)
         return KERNELS[OPS[n.op].kernel](*args, **kwargs)
 

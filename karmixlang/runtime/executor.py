@@ -28,6 +28,7 @@ from karmixlang.plan.executable import Executable, KeyJob
 from karmixlang.runtime.chunked import Streamed
 from karmixlang.runtime.evaluate import Evaluator, compute_key, prepare_process
 from karmixlang.runtime.outputs import OutputSet
+from karmixlang.runtime.rebasin import solve_all
 from karmixlang.runtime.reuse import Reuse
 from karmixlang.runtime.tensors import Reader
 
@@ -253,6 +254,9 @@ def check_options(exe: Executable, opts: RunOptions) -> None:
 
 
 def _run(compiled, opts, executor, outputs, progress, start) -> RunResult:
+    # Phase one of re-basin: the permutations, before any output is opened (a failure here
+    # leaves nothing behind).
+    exe = solve_all(compiled.schedule.executable, Reader())
     writers = outputs.open()
     done = outputs.done_keys(writers)
     jobs = [j for j in compiled.schedule.jobs if j.key not in done]
@@ -265,8 +269,7 @@ def _run(compiled, opts, executor, outputs, progress, start) -> RunResult:
         progress.start(len(compiled.schedule.jobs), len(done),
                        sum(j.read_bytes for j in compiled.schedule.jobs),
                        sum(j.read_bytes for j in compiled.schedule.jobs if j.key in done))
-    session = RunSession(compiled.schedule.executable, opts, writers, progress,
-                         threading.Event())
+    session = RunSession(exe, opts, writers, progress, threading.Event())
     old_term = _on_sigterm()
     try:
         with _RssSampler() as rss:

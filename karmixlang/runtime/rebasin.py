@@ -10,14 +10,18 @@ and for any --threads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from karmixlang.diagnostics import KmxError, error
 from karmixlang.io.rebasin_spec import Axis, Sized
+from karmixlang.plan.executable import Executable, Step
+from karmixlang.plan.rebasin import ident
+from karmixlang.runtime.tensors import Reader as TensorReader
 
 # Columns of a key multiplied at once: bounds the float64 copies of a wide key (Flux's
 # 3072 x 12288 MLP) to a few tens of MB while its cost is accumulated.
@@ -97,7 +101,7 @@ class Matched:
 
 
 def match(groups: list[Sized], read_to: Reader, read_from: Reader, iterations: int, seed: int,
-          cache_bytes: int = 0) -> Matched:
+          cache_bytes: int = 0, label: str = "weight matching") -> Matched:
     """The permutations that bring FROM's units in line with TO's."""
     perms = {s.group.name: identity(s) for s in groups}
     touching: dict[str, list[tuple[Axis, str]]] = {}
@@ -112,6 +116,12 @@ def match(groups: list[Sized], read_to: Reader, read_from: Reader, iterations: i
         for i in rng.permutation(len(groups)):
             s = groups[i]
             cost = _cost(s, to_keys, from_keys, touching, perms)
+            if not np.isfinite(cost).all():
+                raise KmxError([error(
+                    "K0413", f"{label}: the costs of permutation \"{s.group.name}\" are not "
+                    "finite (NaN or Inf in a key it reads, or an overflow)",
+                    help="find the key with NaN or Inf (K0401 names it in a plain merge); leave the group out with "
+                         "`groups=[...]`")])
             best, new = _solve(cost, s.free_inner)
             old = _value(cost, perms[s.group.name])
             if new > old + 1e-12 * max(1.0, abs(old)):
@@ -175,3 +185,41 @@ def _value(cost: np.ndarray, p: Perm) -> float:
     g, b = cost.shape[0], cost.shape[1]
     inner = np.zeros((g, 1), dtype=np.int64) if p.inner is None else p.inner
     return float(cost[np.arange(g)[:, None], np.arange(b)[None, :], p.block[:, None], inner].sum())
+
+
+# ------------------------------------------------------------------ in a run
+
+def solve_all(exe: Executable, reader: TensorReader) -> Executable:
+    """Phase one: the executable with every planned permutation solved (as it is when it has
+    none, or they are solved already)."""
+    if len(exe.solved) == len(exe.permutations):
+        return exe
+    solved = {}
+    for i, plan in enumerate(exe.permutations):
+        model, to = dict(plan.model), dict(plan.to)
+        path, to_path, _, iterations, seed, _ = plan.ident
+        found = match(list(plan.groups), lambda k: reader.read(to[k]),
+                      lambda k: reader.read(model[k]), iterations, seed, plan.cache_bytes,
+                      f"aligning `{path}` to `{to_path}`")
+        solved[i] = {name: p.to_list() for name, p in found.perms.items()}
+    return replace(exe, solved=solved)
+
+
+class Applier:
+    """Phase two for one evaluator: a permute step's moves of one key."""
+
+    def __init__(self, exe: Executable):
+        self.exe = exe
+        self.index = {plan.ident: i for i, plan in enumerate(exe.permutations)}
+        self.tables: dict[int, dict[str, list[tuple[Axis, Perm]]]] = {}
+
+    def __call__(self, step: Step, key: str, t: torch.Tensor) -> torch.Tensor:
+        i = self.index[ident(step)]
+        if i not in self.tables:
+            perms = {name: Perm.from_list(v) for name, v in self.exe.solved[i].items()}
+            table: dict[str, list[tuple[Axis, Perm]]] = {}
+            for s in self.exe.permutations[i].groups:
+                for a in s.group.axes:
+                    table.setdefault(a.key, []).append((a, perms[s.group.name]))
+            self.tables[i] = table
+        return permute(t, self.tables[i].get(key, []))

@@ -27,7 +27,7 @@ def test_every_builtin_op_has_a_spec_and_every_kernel_op_one_builtin():
         assert [b.name for b in BUILTINS.values() if b.op == name] == [BY_OP[name].name], name
     # builtins without an op are values of the lowering (per-key numbers, clusters)
     assert {b.name for b in BUILTINS.values() if b.op is None} == \
-        {"by_key", "blocks", "glob", "balanced"}
+        {"by_key", "blocks", "glob", "balanced", "permutation", "align"}
 
 
 def test_the_kernel_table_has_exactly_one_entry_per_kernel_op():
