@@ -21,12 +21,12 @@ def ident(n) -> tuple:
     return tuple(n.attr(k) for k in IDENT)
 
 
-def plan_permutations(graph: Graph, headers: dict[Node, CheckpointHeader], keys,
-                      limit: int) -> tuple[PermPlan, ...]:
+def plan_permutations(graph: Graph, order: list[Node], headers: dict[Node, CheckpointHeader],
+                      keys, limit: int) -> tuple[PermPlan, ...]:
     """One PermPlan per distinct Permutation, in the order the graph first uses them; every
     key a permute node permutes has the shape the permutation was computed on (K0365)."""
     plans: dict[tuple, PermPlan] = {}
-    for n in graph.topo():
+    for n in order:
         if n.op != "permute":
             continue
         span = (graph.origins.get(n) or [None])[0]

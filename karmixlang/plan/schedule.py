@@ -607,7 +607,7 @@ def schedule(graph: Graph, compute: str = "fp32", strict: bool = False,
     check_keymaps(graph, order, jobs)
     limit = memory_limit or available_memory() // 2
     exe = executable(graph, order, headers, jobs, compute, limit,
-                     plan_permutations(graph, headers, keys, limit))
+                     plan_permutations(graph, order, headers, keys, limit))
     chunk_large_keys(graph, exe.nodes, jobs, limit, COMPUTE_ITEMSIZE[compute])
     read_once: dict[tuple[str, str], int] = {}
     for job in jobs:

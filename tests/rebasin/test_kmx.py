@@ -150,3 +150,21 @@ def test_misuse_is_coded(workdir, capsys, text, code):
     """)
     status, out, err = cli(capsys, "plan", path)
     assert status != 0 and f"[{code}]" in out + err, out + err
+
+
+def test_non_finite_costs_stop_the_run_before_any_output_opens(workdir, capsys):
+    _, state, _, _, _ = write_pair(workdir, "mlp")
+    broken = {k: v.numpy().copy() for k, v in state.items()}
+    broken["net.2.weight"][0, 0] = np.nan
+    write_model(os.path.join(workdir, "nan.safetensors"), broken)
+    path = recipe(workdir, """
+        base a = "a.safetensors"
+        model b = "nan.safetensors"
+        save "x.safetensors" = align(b, to=a)
+    """)
+    def files():  # the user cache (the grammar's tables) may appear: it is not an output
+        return sorted(f for f in os.listdir(workdir) if f != ".cache")
+    before = files()
+    status, out, err = cli(capsys, "run", path)
+    assert status != 0 and "[K0413]" in out + err
+    assert files() == before
