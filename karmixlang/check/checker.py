@@ -67,7 +67,9 @@ def _check_tokenizer(ch: Checker, unit: Unit, e, ty: Ty, path: str | None) -> No
                help=f"save to a folder: `save \"{path.removesuffix('.safetensors')}\" = ...`")
     if ty.kind == "error" or (ty.kind == "string" and ty.value in ("union", None)):
         return
-    decl = unit.decls.get(e.name) if isinstance(e, ast.Name) else None
+    owner = unit.imports.get(e.lib) if isinstance(e, ast.Member) else unit
+    decl = owner.decls.get(e.name) if owner is not None and \
+        isinstance(e, (ast.Name, ast.Member)) else None
     if not isinstance(decl, ast.ModelDecl):
         ch.err("K0349", "`tokenizer` must name a model declared with `model` or `base`, or be "
                "\"union\"", e.span, label="not a model's name",

@@ -147,6 +147,14 @@ def test_tokenizer_model_keeps_its_rows_and_padding(folders):
     assert not b.gather  # the tokenizer model is read as it is, padding included
 
 
+def test_tokenizer_may_name_a_model_of_an_imported_file(folders):
+    recipe(folders, 'model b = "models/b"\n', name="lib.kmx")
+    c = _compile(folders, 'import "lib.kmx" as lib\nbase a = "models/a"\n'
+                 'save "out.safetensors" = 0.5*a + 0.5*lib.b with tokenizer=lib.b\n')
+    assert c.schedule.vocab[0].rows == 10 and c.schedule.vocab[0].file.endswith(
+        os.path.join("b", "tokenizer.json"))
+
+
 def test_without_tokenizer_rows_follow_the_base_when_vocabularies_differ(folders):
     c = _compile(folders, 'base a = "models/a"\nmodel b = "models/b"\n'
                  'save "out.safetensors" = 0.5*a + 0.5*b\n')
