@@ -157,6 +157,17 @@ def _untouched(ft: dict, base: dict, seed) -> None:
             x[same] = base[name][same]
 
 
+def build_second_base(suite: Suite, cache: Path, log=print) -> Path:
+    """A second base of `suite`: the same layout drawn from another seed, i.e. another
+    initialisation, the input weight matching aligns to the first base (bench/rebasin.py)."""
+    path = suite.root(cache) / "base-2.safetensors"
+    if not path.exists():
+        t0 = time.monotonic()
+        _write(suite, path, synth.make_model(_layout(suite), suite.scale, (SEED, 3)), "base-2")
+        log(f"[data] {suite.name}: base-2 ready in {time.monotonic() - t0:.0f} s")
+    return path
+
+
 def _params(layout: dict, scale: float) -> int:
     return sum(math.prod(synth.scaled_shape(s.shape, scale)) for s in layout.values())
 
