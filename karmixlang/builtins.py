@@ -259,6 +259,23 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in [
             "keys the pattern does not match keep their names; two keys renamed onto one is "
             "an error (K0314). Applied to the inputs' headers at plan time: no tensor is "
             "copied.", op="rename"),
+    Builtin("layers", "keys", (P("x", "space"), P("start", "int", lo=0),
+                               P("end", "int", lo=1)), "first",
+            "the layers start..end-1 of an LLM, renumbered from 0",
+            "layer i (start <= i < end) of x becomes layer i - start; keys outside the "
+            "layer stack (`model.layers.N.`, `transformer.h.N.`, ...) kept",
+            "mergekit `slices` / `layer_range`",
+            "start < end (K0220); end beyond the input's layers is K0350 at plan time, a model "
+            "without layer keys K0351. A rename at plan time: no tensor is copied. See "
+            "docs/language.md, \"Layer slices\".", op="layers"),
+    Builtin("stack", "keys", (P("slice", "space"),), "first",
+            "layer slices one after another, renumbered (depth up-scaling, frankenmerges)",
+            "the layers of each slice follow those of the slices before it; keys outside the "
+            "layer stack from the first slice",
+            "mergekit `slices` with `passthrough`; SOLAR depth up-scaling, arXiv 2312.15166",
+            "every argument is a slice of known length (K0221); a save of a stack takes no "
+            "layer keys from its fallback. A rename at plan time: no tensor is copied.",
+            varargs=P("slices", "space")),
     Builtin("by_key", "keys", (P("weights", "map"),), "keymap",
             "a number chosen per key by pattern (first match wins)",
             '{ "pattern": number, "*": number }', "—",

@@ -167,6 +167,8 @@ OPS: dict[str, OpSpec] = {s.name: s for s in [
     _structural("exclude", alias=True, broadcast=True, workspace=_NONE),
     # key-wise: the optimizer's `views` pass moves it into the loads below it (ir/optimize.py)
     _structural("rename", alias=True, broadcast=True, workspace=_NONE),
+    # layer slices (`layers`, and `stack`'s shifts): renames too, moved into the loads
+    _structural("layers", alias=True, broadcast=True, workspace=_NONE),
     _structural("union", alias=True, workspace=_NONE),
     _structural("pick", alias=True, workspace=_NONE),
     # re-basin: index_select along the permuted axes (runtime/rebasin.py); the permutations

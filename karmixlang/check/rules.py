@@ -5,13 +5,14 @@ of the type checker: `Checker.call_builtin` calls `_check_<name>` when it exists
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from karmixlang.blocks import OPTIONAL_SLOTS, SLOTS
 from pathlib import Path
 
 from karmixlang.diagnostics import KmxError, did_you_mean, warning
 from karmixlang.io.rebasin_spec import load_spec
-from karmixlang.check.values import TOL, Ty, affine
+from karmixlang.check.values import ANY, ERR, TOL, Ty, affine
 from karmixlang.ops import OPS, within_inputs
 
 
@@ -131,6 +132,39 @@ class BuiltinRules:
                 self.err("K0215", f"invalid replacement: {exc}", bound["replacement"].span,
                          help=f"the pattern has {rx.groups} group(s); in a recipe string a "
                               "backslash is written twice: \"\\\\1\" is group 1")
+
+    def _check_layers(self, b, bound, tys, kw, e, scope):
+        """Its type: x as a slice of end - start layers (K0220 for an empty range)."""
+        x, start, end = tys["x"], tys["start"].value, tys["end"].value
+        if x.kind == "any" or start is None or end is None:
+            return ANY  # a def checked without its arguments' values
+        if start >= end:
+            return self.err("K0220", f"layers {start:g} to {end:g} is an empty range", e.span,
+                            help="`layers(x, start, end)` keeps start <= i < end: end is "
+                                 "one past the last layer kept")
+        return replace(x, layers=int(end - start))
+
+    def _check_stack(self, b, bound, tys, kw, e, scope):
+        """Its type: a slice as long as its parts together (K0221: a part that is not a slice;
+        K0202: models and deltas mixed)."""
+        parts = [(bound["slice"], tys["slice"])] + \
+            [(arg, tys[f"slices.{i}"]) for i, arg in enumerate(e.args[1:])]
+        if any(t.kind == "any" for _, t in parts):
+            return ANY
+        bad = [arg for arg, t in parts if t.layers is None]
+        for arg in bad:
+            self.err("K0221", "this part of the stack is not a layer slice", arg.span,
+                     label="a whole model",
+                     help="give its layer range: `layers(x, start, end)`")
+        if len({affine(t.weight) for _, t in parts}) > 1:
+            return self.err("K0202", "`stack` needs slices of models only or deltas only",
+                            e.span)
+        if bad:
+            return ERR
+        first = parts[0][1]
+        gains = [t.gain for _, t in parts]
+        return replace(first, layers=sum(t.layers for _, t in parts),
+                       gain=None if None in gains else max(gains))
 
     def _check_by_key(self, b, bound, tys, kw, e, scope):
         m = bound.get("weights")

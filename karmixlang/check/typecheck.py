@@ -261,7 +261,7 @@ class Checker(BuiltinRules):
                 return Ty("number", value=None if b.value is None else -b.value)
             if b.kind in ("space", "cluster"):
                 return Ty(b.kind, None if b.weight is None else -b.weight, size=b.size,
-                          gain=b.gain)
+                          gain=b.gain, layers=b.layers)
             return self._bad_operand("-", b, e)
         nums = a.kind == "number" and b.kind == "number"
         if nums:
@@ -284,7 +284,11 @@ class Checker(BuiltinRules):
                 w = None if wa is None or wb is None else (wa + wb if op == "+" else wa - wb)
                 kind = "cluster" if "cluster" in (a.kind, b.kind) else "space"
                 size = a.size if a.kind == "cluster" else b.size
-                return self.bounded(Ty(kind, w, size=size, gain=_sum(a.gain, b.gain)), e)
+                length = self.slice_length([a, b], e)
+                if length is ERR:
+                    return ERR
+                return self.bounded(Ty(kind, w, size=size, gain=_sum(a.gain, b.gain),
+                                       layers=length), e)
             return self._bad_operand(op, b if a.kind in ("space", "cluster") else a, e)
         # * and /
         space, num = (a, b) if a.kind in ("space", "cluster") else (b, a)
@@ -305,8 +309,8 @@ class Checker(BuiltinRules):
                 space.weight * num.value if op == "*" else space.weight / num.value)
         factor = num.gain if num.kind == "keymap" else None if num.value is None else \
             abs(num.value) if op == "*" else 1 / abs(num.value)
-        return self.bounded(Ty(space.kind, w, size=space.size, gain=_product(space.gain, factor)),
-                            e)
+        return self.bounded(Ty(space.kind, w, size=space.size, gain=_product(space.gain, factor),
+                               layers=space.layers), e)
 
     def bounded(self, ty: Ty, e) -> Ty:
         """The value, or K0204 when scaling can make it more than MAX_GAIN times its inputs."""
@@ -329,7 +333,9 @@ class Checker(BuiltinRules):
             return self.err("K0202", f"`|` needs two Models or two Deltas, got {a.describe()} | "
                             f"{b.describe()}", e.span,
                             help="`x | y` takes each key from y when y has it, else from x")
-        return a
+        # a slice on either side makes a slice: a stack may take a donor's embeddings
+        lengths = [t.layers for t in (a, b) if t.layers is not None]
+        return replace(a, layers=max(lengths, default=None))
 
     def cluster(self, e: ast.ClusterLit, scope: Scope) -> Ty:
         if not e.items:
@@ -337,6 +343,7 @@ class Checker(BuiltinRules):
         weights = set()
         size = 0
         gains: list[float | None] = []
+        members: list[Ty] = []
         for item in e.items:
             ty = self.value(item.expr, scope) if not isinstance(item.expr, ast.String) else MODEL
             if isinstance(item.expr, ast.String):
@@ -363,13 +370,31 @@ class Checker(BuiltinRules):
                     size + (ty.size if ty.kind == "cluster" else 1)
             weights.add(affine(ty.weight))
             gains.append(_product(ty.gain, scale))
+            members.append(ty)
         if len(weights) > 1:
             return self.err("K0202", "a cluster mixes models and deltas", e.span,
                             help="subtract a base from the models: `[a - base, d]`")
         w = weights.pop() if weights else None
         gain = None if None in gains or not gains else max(gains)
-        return self.bounded(Ty("cluster", None if w is None else float(w), size=size, gain=gain),
-                            e)
+        length = self.slice_length(members, e)
+        if length is ERR:
+            return ERR
+        return self.bounded(Ty("cluster", None if w is None else float(w), size=size, gain=gain,
+                               layers=length), e)
+
+    def slice_length(self, tys: list[Ty], e) -> int | None | Ty:
+        """The layer count of the slices a value is computed from (None: whole models), or ERR
+        with K0222 when they differ or a slice meets a whole model (docs/language.md,
+        "Layer slices")."""
+        lengths = {t.layers for t in tys if t.kind in ("space", "cluster")}
+        if len(lengths) < 2:
+            return lengths.pop() if lengths else None
+        known = " and ".join(str(n) for n in sorted(n for n in lengths if n is not None))
+        what = f"a slice of {known} layers and a whole model" if None in lengths else \
+            f"slices of {known} layers"
+        return self.err("K0222", f"cannot combine {what}: layer i of each must be the same "
+                        "layer of the result", e.span,
+                        help="cut every model to slices of one length: `layers(x, start, end)`")
 
     # -- calls
     def call(self, e: ast.Call, scope: Scope) -> Ty:
@@ -458,9 +483,12 @@ class Checker(BuiltinRules):
         for p in b.params:
             if p.name in bound:
                 tys[p.name] = self.arg(b, p, bound[p.name], scope)
-        for arg in extra:
-            self.arg(b, b.varargs, arg, scope)
-        if b.varargs is not None and not extra and ok:  # select/exclude need a pattern
+        for i, arg in enumerate(extra):
+            ty = self.arg(b, b.varargs, arg, scope)
+            if b.varargs.type == "space":  # stack's later slices: typed like parameters
+                tys[f"{b.varargs.name}.{i}"] = ty
+        if b.varargs is not None and b.varargs.type == "string" and not extra and ok:
+            # select/exclude need a pattern
             self.err("K0105", f"`{b.name}` needs at least one key pattern", e.span,
                      help=f'`{b.name}(x, "first_stage_model.*")`')
         if not ok or any(t.kind == "error" for t in tys.values()):
@@ -472,7 +500,10 @@ class Checker(BuiltinRules):
                 return keymap
         ty = self.result(b, tys, e)
         if ty.kind in ("space", "cluster"):
-            ty = self.bounded(replace(ty, gain=self.gain(b, tys)), e)
+            length = self.slice_length(list(tys.values()), e)
+            if length is ERR:
+                return ERR
+            ty = self.bounded(replace(ty, gain=self.gain(b, tys), layers=length), e)
         return ty
 
     def arg(self, b: Builtin, p: P, expr, scope: Scope) -> Ty:

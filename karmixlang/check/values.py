@@ -21,6 +21,9 @@ class Ty:
     # A space value or cluster: at most how many times larger than the largest input entry
     # its entries can get from scaling. A keymap: its largest |value|. None: not known here.
     gain: float | None = None
+    # A space value or cluster made of layer slices: how many layers (docs/language.md,
+    # "Layer slices"). None: whole models.
+    layers: int | None = None
 
     def describe(self) -> str:
         if self.kind in ("space", "cluster"):

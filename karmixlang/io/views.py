@@ -17,6 +17,7 @@ from karmixlang.diagnostics import KmxError, Span, error
 from karmixlang.io.dtypes import DTYPES
 from karmixlang.io.header import CheckpointHeader, TensorInfo
 from karmixlang.io.layouts import Naming, Piece, pieces
+from karmixlang.io.layouts.llm import Slice, containers, split_layer_key
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,45 @@ def rename(header: CheckpointHeader, pattern: str, replacement: str,
                 help="make the pattern more specific, or select the keys you need first")])
         out[new], source[new] = info, key
     return _with(header, out)
+
+
+def slice_layers(header: CheckpointHeader, step: Slice, span: Span | None) -> CheckpointHeader:
+    """The header through a layer step (`layers`, `stack`): renamed, no tensor copied. A slice
+    (`layers(x, start, end)`) is checked against the input's layers first."""
+    if step.others and step.end is not None and step.end > step.start:
+        _check_range(header, step, span)
+    out = {}
+    for key, info in header.tensors.items():
+        new = step.key(key)
+        if new is not None:
+            out[new] = info
+    return _with(header, out)
+
+
+def _check_range(header: CheckpointHeader, step: Slice, span: Span | None) -> None:
+    """K0351-K0353 and K0350: the range names layers the input has, in one container."""
+    call = f"layers(..., {step.start}, {step.end})"
+
+    def fail(code: str, why: str, help_: str):
+        raise KmxError([error(code, f"{call}: `{header.path}` {why}", span,
+                              label="in this slice", help=help_)])
+
+    stacks = containers(header.tensors)
+    if not stacks:
+        fail("K0351", "has no numbered layer keys", "a slice needs keys like "
+             "`model.layers.N.*` or `transformer.h.N.*` (docs/language.md, \"Layer slices\")")
+    if len(stacks) > 1:
+        fail("K0352", "has layers under " + " and ".join(f"`{s}`" for s in stacks),
+             "leave the other container out first: `layers(exclude(x, \"encoder.*\"), ...)`")
+    present = {lk.index for lk in map(split_layer_key, header.tensors) if lk is not None}
+    count = max(present) + 1
+    if step.end > count:
+        fail("K0350", f"has {count} layers (`{stacks[0]}.0` to `{stacks[0]}.{count - 1}`)",
+             f"the range is half-open: `layers(x, 0, {count})` is every layer")
+    missing = sorted(set(range(step.start, step.end)) - present)
+    if missing:
+        fail("K0353", f"has no key of layer {missing[0]} (`{stacks[0]}.{missing[0]}.*`)",
+             "the file is incomplete, or a select before the slice removed that layer")
 
 
 def keep(header: CheckpointHeader, test: Callable[[str], bool]) -> CheckpointHeader:

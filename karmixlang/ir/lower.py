@@ -267,6 +267,29 @@ class Lowerer:
     def _exclude(self, args, extra, kw, e, env):
         return self._select(args, extra, kw, e, env, op="exclude")
 
+    def _layers(self, args, extra, kw, e, env):
+        start, end = int(args["start"]), int(args["end"])
+        return self._relayer(args["x"], start, end, 0, True, e.span)
+
+    def _relayer(self, x, start: int, end: int | None, offset: int, others: bool, span=None):
+        """A layer view step (io/layouts/llm.Slice) on x, member by member on a cluster."""
+        attrs = {"start": start, "end": end, "offset": offset, "others": others}
+        if isinstance(x, ClusterVal):
+            return ClusterVal(tuple((self.b.node("layers", (m,), attrs, span), w)
+                                    for m, w in x.members))
+        return self.b.node("layers", (x,), attrs, span)
+
+    def _stack(self, args, extra, kw, e, env):
+        """s1 | s2's layers shifted past s1's | ...: disjoint keys, so `|` only places them;
+        the keys outside the stack come from s1 (the later parts' are left out)."""
+        parts = [args["slice"]] + extra
+        out, offset = parts[0], slice_length(parts[0])
+        for part in parts[1:]:
+            shifted = self._relayer(part, 0, None, offset, False)
+            out = self.b.node("union", (out, shifted), span=e.span)
+            offset += slice_length(part)
+        return out
+
     def _by_key(self, args, extra, kw, e, env):
         return KeyMap("by_key", tuple((k, float(v)) for k, v in args["weights"].items()))
 
@@ -341,6 +364,10 @@ class Lowerer:
         if fallback is None:
             bases = {n for n in reachable([expr]) if n.op == "load" and n.attr("role") == "base"}
             fallback, reason = (bases.pop(), "the only base") if len(bases) == 1 else (None, "")
+        if fallback is not None and slice_length(expr) is not None:
+            # a stacked save: the base's layer i is not the stack's (docs/language.md)
+            fallback = self._relayer(fallback, 0, 0, 0, True)
+            reason += ", without its layer keys: the save is a layer stack"
         dtype = opts.get("dtype")
         return SaveSpec(
             path=os.path.abspath(os.path.join(unit.folder, written)), written=written, expr=expr,
@@ -356,6 +383,35 @@ class Lowerer:
 def _tokenizer(v) -> str | None:
     """`tokenizer=`: "union", or the named model's path (the checker allows only these)."""
     return v.attr("path") if isinstance(v, Node) else v
+
+
+def slice_length(node: Node) -> int | None:
+    """How many layers a value made of layer slices has (None: whole models), from the
+    `layers` steps below it. The checker made sure the slices of one computation agree
+    (K0222), so any input that is a slice tells. Iterative: graphs may be deep."""
+    memo: dict[int, int | None] = {}
+    stack = [node]
+    while stack:
+        n = stack[-1]
+        todo = [i for i in n.inputs if id(i) not in memo]
+        if id(n) in memo or todo:
+            if id(n) in memo:
+                stack.pop()
+            stack.extend(todo)
+            continue
+        stack.pop()
+        memo[id(n)] = _length(n, [memo[id(i)] for i in n.inputs])
+    return memo[id(node)]
+
+
+def _length(n: Node, inner: list[int | None]) -> int | None:
+    known = [x for x in inner if x is not None]
+    if n.op != "layers":
+        # `|` of a slice and a whole model is a slice (a donor's embeddings on a stack)
+        return max(known, default=None) if n.op == "union" else next(iter(known), None)
+    if n.attr("end") is not None:  # a slice: layers(x, start, end)
+        return n.attr("end") - n.attr("start") + n.attr("offset")
+    return None if not known else known[0] + n.attr("offset")  # stack's shift of a part
 
 
 def _rank(v) -> int | None:

@@ -1,8 +1,9 @@
 """Optimizer passes, each Graph -> Graph, each idempotent, each recording what it did:
 
-  views     move each rename(x, pattern, replacement) into the loads below it: a load's
-            `view` attribute lists the renames (and the selects they must follow) that the
-            plan applies to its header, so no rename node is left for the schedule
+  views     move each rename(x, pattern, replacement) and layer slice (`layers`, `stack`'s
+            shifts) into the loads below it: a load's `view` attribute lists them (and the
+            selects they must follow), the plan applies them to its header, so no rename
+            node is left for the schedule
   fold      flatten nested linear combinations, merge repeated terms, drop zero terms,
             `x - x` -> zeros_like(x), `1·x` -> x
   pushdown  move select/exclude down to the inputs, so a key nobody saves is never read
@@ -16,6 +17,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 from typing import Callable
 
@@ -229,14 +231,19 @@ def _absorb(x: Node, step: tuple, b: Builder, memo: dict) -> Node:
     return out
 
 
+# the key-wise renames moved into the loads, with the attributes that make their view step
+_VIEW_STEPS = {"rename": ("pattern", "replacement"),
+               "layers": ("start", "end", "offset", "others")}
+
+
 def views(graph: Graph) -> Graph:
     memo: dict = {}
 
     def rule(n: Node, inputs: tuple, b: Builder) -> Node:
-        if n.op != "rename":
+        if n.op not in _VIEW_STEPS:
             return _same(n, inputs, b)
-        step = ("rename", n.attr("pattern"), n.attr("replacement"))
-        return _absorb(inputs[0], step, b, memo)
+        return _absorb(inputs[0], (n.op,) + tuple(n.attr(a) for a in _VIEW_STEPS[n.op]), b,
+                       memo)
 
     with recursion_room():
         out, _ = _rebuild(graph, rule)
@@ -247,9 +254,12 @@ def views(graph: Graph) -> Graph:
     # an input used only renamed is used, not unused
     used = set(sources.values())
     out.extra_roots = [n for n in out.extra_roots if n not in used]
-    count = sum(1 for n in graph.nx() if n.op == "rename")
-    if count:
-        out.notes.append(f"views: {count} rename(s) applied to the inputs' key names")
+    count = Counter(n.op for n in graph.nx() if n.op in _VIEW_STEPS)
+    if count["rename"]:
+        out.notes.append(f"views: {count['rename']} rename(s) applied to the inputs' key names")
+    if count["layers"]:
+        out.notes.append(f"views: {count['layers']} layer slice(s) applied to the inputs' key "
+                         "names (renumbered, no tensor copied)")
     return out
 
 

@@ -13,6 +13,7 @@ from functools import lru_cache
 
 from karmixlang.io.hffolder import DEFAULT_SHARD
 from karmixlang.plan.groups import group_keys
+from karmixlang.plan.layermap import layer_map, render as render_layer_map
 from karmixlang.ir.graph import Graph, KeyMap
 from karmixlang.resources import data_dir
 from karmixlang.units import human_bytes
@@ -92,6 +93,22 @@ def _renames(n) -> dict:
     return {"renamed_by": steps} if steps else {}
 
 
+def _slices(n) -> dict:
+    """The layer steps of an input (`layers`, `stack`), for `inputs[].layer_steps`
+    ([start, end, offset, others])."""
+    steps = [list(s[1:]) for s in n.attr("view", ()) if s[0] == "layers"]
+    return {"layer_steps": steps} if steps else {}
+
+
+def _step_line(step: list) -> str:
+    start, end, offset, others = step
+    if end is None:
+        return f"stacked from layer {offset} (its keys outside the layer stack left out)"
+    if end == start:
+        return "without its layer keys (the fallback of a layer stack)"
+    return f"sliced by layers({start}, {end})"
+
+
 def _quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -113,7 +130,7 @@ def build_plan(recipe: str, graph: Graph, sched: Schedule, threads: int = 1,
             "dtypes": dict(sorted(Counter(t.dtype for t in h.tensors.values()).items())),
             "bytes": h.total_bytes,
             "outside_recipe_folder": os.path.relpath(n.attr("path"), base).startswith(".."),
-        } | _view(sched.views.get(n)) | _renames(n))
+        } | _view(sched.views.get(n)) | _renames(n) | _slices(n))
     nodes = []
     for n in order:
         spans = graph.origins.get(n, [])
@@ -140,6 +157,7 @@ def build_plan(recipe: str, graph: Graph, sched: Schedule, threads: int = 1,
                                 for k, r in list(sched.copied[i].items())[:5]],
             "bytes_written": sched.bytes_written[i],
             "lora": sched.extractions[i].report() if i in sched.extractions else None,
+            "layer_map": layer_map(graph, s, sched.headers),
         } | _vocabulary(sched.vocab.get(i), base) | _folder(sched.folders.get(i), s.shard, base))
     data = {
         "schema_version": SCHEMA_VERSION,
@@ -315,6 +333,7 @@ def render_text(plan: Plan) -> str:
                    f"{i['keys']} keys ({dtypes}{shards}), {human_bytes(i['bytes'])}{flag}")
         for step in i.get("renamed_by", ()):
             out.append(f"       renamed by rename({_quote(step[0])}, {_quote(step[1])})")
+        out += [f"       {_step_line(step)}" for step in i.get("layer_steps", ())]
         if "view" in i:
             out.append("       " + _view_line(i["view"]))
     out += _render_loras(d.get("loras", []))
@@ -352,6 +371,8 @@ def render_text(plan: Plan) -> str:
             out.append(f"      {count} copied: {reason}")
         for ex in s["copied_examples"]:
             out.append(f"      e.g. {ex['key']}: {ex['reason']}")
+        if s.get("layer_map"):
+            out += render_layer_map(s["layer_map"])
         if s.get("folder"):
             out += _folder_text(s["folder"])
     if "sweep" in d:

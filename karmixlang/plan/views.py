@@ -16,7 +16,8 @@ from __future__ import annotations
 from karmixlang.diagnostics import KmxError, error
 from karmixlang.io.header import CheckpointHeader
 from karmixlang.io.layouts import PREFIX, Naming, detect
-from karmixlang.io.views import ViewReport, canonical, keep, naming_text, rename
+from karmixlang.io.layouts.llm import Slice, containers
+from karmixlang.io.views import ViewReport, canonical, keep, naming_text, rename, slice_layers
 from karmixlang.ir.graph import Graph, Node, match_key, reachable
 
 ARCHS = ("sd1", "sdxl", "flux", "sd2")
@@ -32,6 +33,8 @@ def apply_views(graph: Graph, headers: dict[Node, CheckpointHeader]
                 ) -> tuple[dict[Node, CheckpointHeader], dict[Node, ViewReport]]:
     """The headers as each load is read, and a report per load read through a view."""
     headers = {n: _explicit(n, h, graph) for n, h in headers.items()}
+    for save in graph.saves:
+        _one_container(graph, save, headers)
     namings = {n: naming_of(h) for n, h in headers.items()}
     targets: dict[Node, tuple[tuple[str, str] | None, int]] = {}
     for i, save in enumerate(graph.saves):
@@ -60,15 +63,35 @@ def apply_views(graph: Graph, headers: dict[Node, CheckpointHeader]
 
 
 def _explicit(n: Node, header: CheckpointHeader, graph: Graph) -> CheckpointHeader:
-    """The recipe's own renames (and the selects below them), in order (ir/optimize.views)."""
+    """The recipe's own renames and layer slices (and the selects below them), in order
+    (ir/optimize.views)."""
     spans = graph.origins.get(n) or [None]
     for step in n.attr("view", ()):
         if step[0] == "rename":
             header = rename(header, step[1], step[2], spans[-1])
+        elif step[0] == "layers":
+            header = slice_layers(header, Slice(*step[1:]), spans[-1])
         else:
             pats, select = step[1], step[0] == "select"
             header = keep(header, lambda k: any(match_key(p, k) for p in pats) == select)
     return header
+
+
+def _one_container(graph: Graph, save, headers: dict[Node, CheckpointHeader]) -> None:
+    """K0352: the slices of one save name their layers alike (a stack of `model.layers` and
+    `transformer.h` would be two half-models)."""
+    found: dict[str, Node] = {}
+    for n in _loads(graph, save):
+        if any(step[0] == "layers" for step in n.attr("view", ())):
+            for stack in containers(headers[n].tensors):
+                found.setdefault(stack, n)
+    if len(found) > 1:
+        (s1, n1), (s2, n2) = list(found.items())[:2]
+        raise KmxError([error(
+            "K0352", f"the slices of this save have layers under `{s1}` "
+            f"(`{headers[n1].path}`) and `{s2}` (`{headers[n2].path}`)", save.span,
+            label="in this save", help="rename one side's layers to the other's container "
+            "first: `rename(x, \"^transformer\\\\.h\\\\.\", \"model.layers.\")`")])
 
 
 def _text(target: tuple[str, str] | None) -> str:

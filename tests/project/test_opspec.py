@@ -25,9 +25,10 @@ def test_every_builtin_op_has_a_spec_and_every_kernel_op_one_builtin():
         assert b.op is None or b.op in OPS, b.name
     for name in KERNEL_OPS:
         assert [b.name for b in BUILTINS.values() if b.op == name] == [BY_OP[name].name], name
-    # builtins without an op are values of the lowering (per-key numbers, clusters)
+    # builtins without an op are values of the lowering (per-key numbers, clusters, and
+    # stack: a `|` of shifted layer slices)
     assert {b.name for b in BUILTINS.values() if b.op is None} == \
-        {"by_key", "blocks", "glob", "balanced", "permutation", "align"}
+        {"by_key", "blocks", "glob", "balanced", "permutation", "align", "stack"}
 
 
 def test_the_kernel_table_has_exactly_one_entry_per_kernel_op():

@@ -41,3 +41,29 @@ def layer_count(keys: Iterable[str]) -> int:
     """How many layers the keys hold: one more than the highest layer index (0 without layers)."""
     indices = [lk.index for lk in map(split_layer_key, keys) if lk is not None]
     return max(indices) + 1 if indices else 0
+
+
+def containers(keys: Iterable[str]) -> list[str]:
+    """The layer containers the keys use (`model.layers`), sorted."""
+    return sorted({lk.stack for lk in map(split_layer_key, keys) if lk is not None})
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One view step on a model's layers (`layers(x, start, end)`, and `stack`'s shift of a
+    later part): the layers `start <= i < end` (end None: every one) renumbered
+    `i - start + offset`; keys outside the stack kept when `others`, else left out."""
+
+    start: int
+    end: int | None
+    offset: int = 0
+    others: bool = True
+
+    def key(self, key: str) -> str | None:
+        """The key's name through the step, or None when the step leaves it out."""
+        lk = split_layer_key(key)
+        if lk is None:
+            return key if self.others else None
+        if lk.index < self.start or (self.end is not None and lk.index >= self.end):
+            return None
+        return lk.renumbered(lk.index - self.start + self.offset)
