@@ -81,7 +81,7 @@ def _one_container(graph: Graph, save, headers: dict[Node, CheckpointHeader]) ->
     """K0352: the slices of one save name their layers alike (a stack of `model.layers` and
     `transformer.h` would be two half-models)."""
     found: dict[str, Node] = {}
-    for n in _loads(graph, save):
+    for n in save_loads(graph, save):
         if any(step[0] == "layers" for step in n.attr("view", ())):
             for stack in containers(headers[n].tensors):
                 found.setdefault(stack, n)
