@@ -364,7 +364,14 @@ class Lowerer:
         if fallback is None:
             bases = {n for n in reachable([expr]) if n.op == "load" and n.attr("role") == "base"}
             fallback, reason = (bases.pop(), "the only base") if len(bases) == 1 else (None, "")
-        if fallback is not None and slice_length(expr) is not None:
+        sliced = slice_length(expr) is not None
+        if sliced and any(n.op == "lora" for n in reachable([expr])):
+            # a LoRA's modules are matched to keys by name, which the slices renumber
+            raise KmxError([error(
+                "K0351", "a LoRA in a save of layer slices: its modules would be matched to "
+                "the renumbered layers", s.span, label="in this save",
+                help="apply the LoRA in a save of its own, then slice that checkpoint")])
+        if fallback is not None and sliced:
             # a stacked save: the base's layer i is not the stack's (docs/language.md)
             fallback = self._relayer(fallback, 0, 0, 0, True)
             reason += ", without its layer keys: the save is a layer stack"

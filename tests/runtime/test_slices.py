@@ -177,3 +177,18 @@ def test_plan_time_slice_errors_name_the_input_and_the_range(workdir, pair, expr
     assert (d.code, d.message) == (code, message.format(**files))
     assert d.span.line == 7 and d.span.col == (1 if code == "K0352" and "stack" in expr else 26)
     assert not (workdir / "out.safetensors").exists()
+
+
+def test_a_lora_in_a_save_of_slices_is_refused(workdir, pair):
+    # its modules are matched by key name: after renumbering, layer 2's would land on layer 0
+    save_file({"lora_unet_x.lora_up.weight": np.zeros((4, 1), np.float32)},
+              str(workdir / "l.safetensors"))
+    path = recipe(workdir, '''
+        base a = "a.safetensors"
+        lora l = "l.safetensors"
+        save "out.safetensors" = layers(a + l, 2, 4)
+    ''')
+    with pytest.raises(KmxError) as exc:
+        compile_recipe(path)
+    assert [d.code for d in exc.value.diagnostics] == ["K0351"]
+    assert "LoRA" in exc.value.diagnostics[0].message
