@@ -24,6 +24,7 @@ import numpy as np
 from karmixlang.demo.synth import KeySpec, load_layout, make_model, scaled_shape
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+BUILTIN_DIR = Path(__file__).resolve().parents[1] / "karmixlang" / "data" / "rebasin"
 
 SCALE = 0.1
 HEAD_DIM = 2
