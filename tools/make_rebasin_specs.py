@@ -69,8 +69,8 @@ def _heads(heads: Callable[[int], int], width: int, where: str) -> int:
 
 
 def _mlp(spec: Spec, name: str, up: list[str], down: str, bias: bool):
-    """A two-layer MLP's hidden units: the rows of every `up` layer (and its bias), the columns
-    of `down`; the activation in between is elementwise."""
+    """An MLP's hidden units: the rows of every `up` layer (two for a gated MLP) and their
+    biases, the columns of `down`; what is in between is elementwise."""
     entries = [[f"{u}.weight", 0] for u in up]
     if bias:
         entries += [[f"{u}.bias", 0] for u in up]
@@ -80,7 +80,7 @@ def _mlp(spec: Spec, name: str, up: list[str], down: str, bias: bool):
 # ---------------------------------------------------------------- SD UNets (ldm/sgm names)
 
 
-def _resblocks(spec: Spec, shapes, unet: str, short: str):
+def _resblocks(spec: Spec, shapes, unet: str, short: Callable[[str], str]):
     """A ResBlock's hidden channels: in_layers.2's outputs, plus the embedding projection
     added to them, through out_layers.0 (GroupNorm: whole groups move) into out_layers.3."""
     for p in _prefixes(shapes, ".in_layers.2.weight"):
@@ -98,7 +98,7 @@ def _resblocks(spec: Spec, shapes, unet: str, short: str):
         )
 
 
-def _transformers(spec: Spec, shapes, unet: str, short: str, heads: Callable[[int], int]):
+def _transformers(spec: Spec, shapes, unet: str, short: Callable[[str], str], heads: Callable[[int], int]):
     """Each SpatialTransformer: its inner width (proj_in's outputs to proj_out's inputs, every
     LayerNorm on it), and in each of its blocks the heads of both attentions and the GEGLU
     feed-forward's hidden units."""
@@ -238,10 +238,7 @@ def flux(shapes: Mapping[str, tuple] | None = None, heads: Callable[[int], int] 
     t5 = "text_encoders.t5xxl.transformer.encoder.block."
     for p in _prefixes(shapes, ".DenseReluDense.wo.weight"):
         d = f"{p}.DenseReluDense"
-        spec.add(
-            f"t5.{p[len(t5):].split('.')[0]}.mlp",
-            [[f"{d}.wi_0.weight", 0], [f"{d}.wi_1.weight", 0], [f"{d}.wo.weight", 1]],
-        )
+        _mlp(spec, f"t5.{p[len(t5):].split('.')[0]}.mlp", [f"{d}.wi_0", f"{d}.wi_1"], f"{d}.wo", bias=False)
     return spec
 
 
@@ -259,10 +256,7 @@ def llama(shapes=None, heads=None, config: Mapping | None = None) -> Spec:
         "tools/make_rebasin_specs.py; docs/rebasin.md says why."
     )
     m = "model.layers.{layer}.mlp"
-    spec.add(
-        "layers.{layer}.mlp",
-        [[f"{m}.gate_proj.weight", 0], [f"{m}.up_proj.weight", 0], [f"{m}.down_proj.weight", 1]],
-    )
+    _mlp(spec, "layers.{layer}.mlp", [f"{m}.gate_proj", f"{m}.up_proj"], f"{m}.down_proj", bias=False)
     if config is not None:
         spec.description = (
             f"{config.get('model_type', 'LLaMA-family')} decoder with "
