@@ -168,3 +168,38 @@ def test_non_finite_costs_stop_the_run_before_any_output_opens(workdir, capsys):
     status, out, err = cli(capsys, "run", path)
     assert status != 0 and "[K0413]" in out + err
     assert files() == before
+
+
+@pytest.mark.parametrize("name", ["sd1", "sdxl"])
+def test_kmx_recovers_a_random_permutation_of_a_shrunk_sd_checkpoint(workdir, capsys, name):
+    """The issue's check: on an SD1.5- or SDXL-layout checkpoint (shrunk, real key names, the
+    built-in spec made for its sizes), `kmx run` with `align` undoes a random permutation,
+    bit for bit. Two groups of each kind (GroupNorm blocks, head blocks, free units) keep it
+    fast; tests/rebasin/test_builtin_specs.py recovers every group with the numpy reference."""
+    import rebasin_np as ref
+    import rebasin_synth as synth
+
+    a = dict(synth.model(name))
+    spec = synth.spec(name)
+    kinds: dict = {}
+    for g in ref.parse_spec(spec):
+        kinds.setdefault((g.blocks is None, g.inner), []).append(g.name)
+    chosen = [n for names in kinds.values() for n in names[:2]]
+    spec = {"permutations": {n: spec["permutations"][n] for n in chosen},
+            "constraints": {n: c for n, c in spec.get("constraints", {}).items() if n in chosen}}
+    groups = ref.parse_spec(spec)
+    rng = np.random.default_rng(11)
+    b = ref.apply(a, groups, {g.name: ref.random_perm(g, a, rng) for g in groups})
+    write_model(os.path.join(workdir, "a.safetensors"), a)
+    write_model(os.path.join(workdir, "b.safetensors"), b)
+    with open(os.path.join(workdir, "spec.json"), "w") as f:
+        json.dump(spec, f)
+    path = recipe(workdir, """
+        base a = "a.safetensors"
+        model b = "b.safetensors"
+        save "aligned.safetensors" = align(b, to=a, spec="spec.json", seed=3)
+    """)
+    code, _, err = cli(capsys, "run", path, "-q")
+    assert code == 0, err
+    out = load_file(os.path.join(workdir, "aligned.safetensors"))
+    assert [k for k in a if not np.array_equal(out[k], a[k])] == []
