@@ -37,8 +37,9 @@ def apply_views(graph: Graph, headers: dict[Node, CheckpointHeader]
         _one_container(graph, save, headers)
     namings = {n: naming_of(h) for n, h in headers.items()}
     targets: dict[Node, tuple[tuple[str, str] | None, int]] = {}
+    order = {n: i for i, n in enumerate(graph.topo())}
     for i, save in enumerate(graph.saves):
-        loads = save_loads(graph, save)
+        loads = save_loads(graph, save, order)
         if not loads:
             continue
         arch = _arch(loads, namings, headers, save.span)
@@ -98,10 +99,11 @@ def _text(target: tuple[str, str] | None) -> str:
     return "it is" if target is None else naming_text(*target)
 
 
-def save_loads(graph: Graph, save) -> list[Node]:
-    """The save's loads, the reference first: its fallback's, else its expression's."""
+def save_loads(graph: Graph, save, order: dict[Node, int] | None = None) -> list[Node]:
+    """The save's loads, the reference first: its fallback's, else its expression's.
+    `order`: each node's place in graph.topo(), when the caller has it (it costs a sort)."""
     roots = ([save.fallback] if save.fallback is not None else []) + [save.expr]
-    order = {n: i for i, n in enumerate(graph.topo())}
+    order = order or {n: i for i, n in enumerate(graph.topo())}
     out: list[Node] = []
     for root in roots:
         found = sorted((x for x in reachable([root]) if x.op == "load"), key=order.get)

@@ -28,7 +28,7 @@ from karmixlang.io.layouts.llm import split_layer_key
 from karmixlang.io.union_tokenizer import STALE, added_entry, union_files
 from karmixlang.io.views import gather_rows
 from karmixlang.io.hffolder import FolderSave, SideFile, source_folder
-from karmixlang.io.vocab import Vocabulary, read_vocabulary
+from karmixlang.io.vocab import Vocabulary, read_vocabulary, vocabulary_file
 from karmixlang.ir.graph import Graph, Node
 from karmixlang.plan.views import save_loads
 
@@ -68,6 +68,10 @@ def plan_vocabularies(graph: Graph, headers: dict[Node, CheckpointHeader]
     save that matches rows by token, what it does."""
     out, plans, chosen = dict(headers), {}, {}
     vocabs: dict[str, Vocabulary | None] = {}
+    if all(s.tokenizer is None for s in graph.saves) and not any(
+            vocabulary_file(source_folder(n.attr("path"))) for n in headers if n.op == "load"):
+        return out, plans  # no vocabulary anywhere (every non-LLM merge): nothing to match
+    order = {n: i for i, n in enumerate(graph.topo())}
 
     def vocab(path: str, span: Span | None) -> Vocabulary | None:
         folder = source_folder(path)
@@ -76,7 +80,7 @@ def plan_vocabularies(graph: Graph, headers: dict[Node, CheckpointHeader]
         return vocabs[folder]
 
     for i, save in enumerate(graph.saves):
-        loads = [n for n in save_loads(graph, save) if n.op == "load"]
+        loads = [n for n in save_loads(graph, save, order) if n.op == "load"]
         found = {n.attr("path"): vocab(n.attr("path"), (graph.origins.get(n) or [None])[0])
                  for n in loads}
         choice = save.tokenizer
