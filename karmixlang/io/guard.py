@@ -123,10 +123,15 @@ def _check_path(save, path: str, protected: _Protected, writers: dict) -> Diagno
         return special
     # The folder resolved, the name not: a symlink at the name is replaced, never followed.
     entry = os.path.join(os.path.realpath(os.path.dirname(path) or "."), os.path.basename(path))
-    first = writers.setdefault(entry, save)
+    return _claim(writers, entry, save)
+
+
+def _claim(writers: dict, target: str, save) -> Diagnostic | None:
+    """Record that `save` writes `target`; K0212 when another save already does."""
+    first = writers.setdefault(target, save)
     if first is not save:
         return error("K0212", f"`{save.written}` and `{first.written}` both write "
-                     f"`{entry}`", save.span, label="this save",
+                     f"`{target}`", save.span, label="this save",
                      notes=(Label(first.span, "also written here"),) if first.span else ())
     return None
 
@@ -150,12 +155,7 @@ def _check_folder(save, protected: _Protected, writers: dict) -> Diagnostic | No
                      help="a path that does not end in `.safetensors` writes a model folder: "
                           "save to another name, or end the path in `.safetensors` to write "
                           "one file")
-    first = writers.setdefault(folder, save)
-    if first is not save:
-        return error("K0212", f"`{save.written}` and `{first.written}` both write "
-                     f"`{folder}`", save.span, label="this save",
-                     notes=(Label(first.span, "also written here"),) if first.span else ())
-    return None
+    return _claim(writers, folder, save)
 
 
 def input_files(headers) -> dict[str, os.stat_result]:

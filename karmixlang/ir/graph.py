@@ -18,14 +18,17 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TypeVar
 
 import networkx as nx
 
 from karmixlang.blocks import slot_of
 from karmixlang.diagnostics import Span
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,24 @@ class Graph:
         ready nodes, the one a depth-first walk from the saves meets first."""
         order = {n: i for i, n in enumerate(reachable(self.roots()))}
         return list(nx.lexicographical_topological_sort(self.nx(), key=order.__getitem__))
+
+
+def fold_up(root: Node, combine: Callable[[Node, list], T]) -> T:
+    """`combine(node, its inputs' results)` for every node below `root`, inputs first, each
+    node once; the root's result. Iterative: graphs may be deeper than Python's recursion."""
+    memo: dict[int, T] = {}
+    stack = [root]
+    while stack:
+        n = stack[-1]
+        todo = [i for i in n.inputs if id(i) not in memo]
+        if id(n) in memo or todo:
+            if id(n) in memo:
+                stack.pop()
+            stack.extend(todo)
+            continue
+        stack.pop()
+        memo[id(n)] = combine(n, [memo[id(i)] for i in n.inputs])
+    return memo[id(root)]
 
 
 def reachable(roots) -> Iterator[Node]:

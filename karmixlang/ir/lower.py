@@ -18,7 +18,7 @@ from karmixlang.diagnostics import KmxError, error
 from karmixlang.limits import recursion_room
 from karmixlang.io.dtypes import parse_user_dtype
 from karmixlang.io.rebasin_spec import locate
-from karmixlang.ir.graph import Builder, Graph, KeyMap, Node, SaveSpec, reachable
+from karmixlang.ir.graph import Builder, Graph, KeyMap, Node, SaveSpec, fold_up, reachable
 
 
 class PathText(str):
@@ -395,20 +395,8 @@ def _tokenizer(v) -> str | None:
 def slice_length(node: Node) -> int | None:
     """How many layers a value made of layer slices has (None: whole models), from the
     `layers` steps below it. The checker made sure the slices of one computation agree
-    (K0222), so any input that is a slice tells. Iterative: graphs may be deep."""
-    memo: dict[int, int | None] = {}
-    stack = [node]
-    while stack:
-        n = stack[-1]
-        todo = [i for i in n.inputs if id(i) not in memo]
-        if id(n) in memo or todo:
-            if id(n) in memo:
-                stack.pop()
-            stack.extend(todo)
-            continue
-        stack.pop()
-        memo[id(n)] = _length(n, [memo[id(i)] for i in n.inputs])
-    return memo[id(node)]
+    (K0222), so any input that is a slice tells."""
+    return fold_up(node, _length)
 
 
 def _length(n: Node, inner: list[int | None]) -> int | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from karmixlang.io.header import CheckpointHeader
 from karmixlang.io.layouts.llm import split_layer_key
-from karmixlang.ir.graph import Graph, Node, SaveSpec, match_key, reachable
+from karmixlang.ir.graph import Graph, Node, SaveSpec, fold_up, match_key, reachable
 
 Sources = dict[str, tuple[tuple[str, str], ...]]  # key -> ((input name, stored key), ...)
 
@@ -46,19 +46,7 @@ def layer_map(graph: Graph, save: SaveSpec, headers: dict[Node, CheckpointHeader
 
 def _sources(graph: Graph, root: Node, headers) -> Sources:
     """Per key the (input, stored key) pairs it is computed from, node by node, inputs first."""
-    memo: dict[int, Sources] = {}
-    stack = [root]
-    while stack:
-        n = stack[-1]
-        todo = [i for i in n.inputs if id(i) not in memo]
-        if id(n) in memo or todo:
-            if id(n) in memo:
-                stack.pop()
-            stack.extend(todo)
-            continue
-        stack.pop()
-        memo[id(n)] = _node_sources(graph, n, [memo[id(i)] for i in n.inputs], headers)
-    return memo[id(root)]
+    return fold_up(root, lambda n, sources: _node_sources(graph, n, sources, headers))
 
 
 def _node_sources(graph: Graph, n: Node, inner: list[Sources], headers) -> Sources:
