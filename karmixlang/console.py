@@ -99,7 +99,7 @@ def run_finished(result, inputs: bool = True) -> None:
     for path in result.outputs:
         out.print(Text(f"wrote {path}"))
     for path, h in result.hashes.items():
-        err.print(Text(f"  {os.path.basename(path)}: {hash_line(h)}"))
+        err.print(Text(f"  {_shown_path(path)}: {hash_line(h)}"))
     for path, h in result.input_hashes.items() if inputs else ():
         err.print(Text(f"  input {_shown_path(path)}: {hash_line(h)}"))
     if result.fallbacks:
