@@ -14,6 +14,10 @@ What an input's identity is depends on the question (`Identity`):
 - `kmx diff` (header only): the input's path as planned and the tensor's header entry;
 - a re-merge (runtime/reuse.py): the content hash of the file holding the tensor and the
   tensor's place in it, so an input that changed on disk changes every key it feeds.
+
+A permute step also depends on what its Permutation was computed from: the groups of its spec
+as sized, and the identity of every tensor phase one reads of both models — so a `to=` model
+that changed on disk changes every key the permutation moves, though no save reads it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from karmixlang.io.hashes import FileHashes
 from karmixlang.io.header import TensorInfo
 from karmixlang.ir.graph import KeyMap
 from karmixlang.plan.executable import Executable, KeyJob, Output
+from karmixlang.plan.rebasin import ident
 
 FP_HEX = 16  # hex digits kept per key: 64 bits, ~40 kB of header for an SDXL
 NO_FINGERPRINT = "0" * FP_HEX  # never matches: a key whose bytes are not the recipe's
@@ -79,9 +84,13 @@ def at_key(value, key: str):
 class KeyDigests:
     """The digests of one key's nodes (full sha256 hex), memoized."""
 
-    def __init__(self, exe: Executable, job: KeyJob, identity: Identity):
+    def __init__(self, exe: Executable, job: KeyJob, identity: Identity,
+                 perms: dict[tuple, str] | None = None):
         self.exe, self.job, self.identity = exe, job, identity
         self._memo: dict[int, str] = {}
+        # Permutation ident -> the digest of what it is computed from; shared by the jobs of
+        # one executable, as it is the same for every key.
+        self._perms = {} if perms is None else perms
 
     def resolve(self, i: int) -> int:
         """The node whose value node i is for this key (through transparent ops)."""
@@ -133,7 +142,20 @@ class KeyDigests:
             return repr(("lora", list(shape), [
                 (t.kind, t.rank, t.rows, [(r, self.identity(i, x)) for r, x in t.tensors])
                 for t in terms]))
+        if step.op == "permute":
+            return repr((step.op, self.attrs(i), [self._memo[x] for x in ins],
+                         self._permutation(i)))
         return repr((step.op, self.attrs(i), [self._memo[x] for x in ins]))
+
+    def _permutation(self, i: int) -> str:
+        """What permute step i's Permutation is computed from: its groups and the tensors
+        phase one reads of both models."""
+        key = ident(self.exe.nodes[i])
+        if key not in self._perms:
+            plan = next(p for p in self.exe.permutations if p.ident == key)
+            self._perms[key] = _sha(repr((plan.groups, [
+                [self.identity(i, t) for _, t in side] for side in (plan.model, plan.to)])))
+        return self._perms[key]
 
     def output(self, o: Output) -> str:
         """The fingerprint of one output of this key (FP_HEX hex digits)."""
@@ -144,8 +166,9 @@ class KeyDigests:
 def key_fingerprints(exe: Executable, identity: Identity) -> list[dict[str, str]]:
     """Per save (in save order): key -> its fingerprint, for every key the save writes."""
     out: list[dict[str, str]] = [{} for _ in exe.saves]
+    perms: dict[tuple, str] = {}
     for job in exe.jobs:
-        digests = KeyDigests(exe, job, identity)
+        digests = KeyDigests(exe, job, identity, perms)
         for o in job.outputs:
             if o.factor is None:  # a LoRA's factors are never reused: no fingerprint
                 out[o.save][job.key] = digests.output(o)

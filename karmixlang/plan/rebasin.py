@@ -22,32 +22,41 @@ def ident(n) -> tuple:
 
 
 def plan_permutations(graph: Graph, order: list[Node], headers: dict[Node, CheckpointHeader],
-                      keys, limit: int) -> tuple[PermPlan, ...]:
+                      keys, limit: int) -> tuple[tuple[PermPlan, ...], dict[Node, CheckpointHeader]]:
     """One PermPlan per distinct Permutation, in the order the graph first uses them; every
-    key a permute node permutes has the shape the permutation was computed on (K0365)."""
+    key a permute node permutes has the shape the permutation was computed on (K0365). And
+    the checkpoints phase one reads that no save reads as stored, as load nodes of their own
+    (not in the graph): they are inputs like the others (the plan's Inputs, K0410, the lock,
+    the permuted keys' fingerprints)."""
     plans: dict[tuple, PermPlan] = {}
+    read: dict[str, CheckpointHeader] = {}
     for n in order:
         if n.op != "permute":
             continue
         span = (graph.origins.get(n) or [None])[0]
         key = ident(n)
         if key not in plans:
-            plans[key] = _plan(key, headers, span, limit)
+            plans[key] = _plan(key, headers, read, span, limit)
         _check_fits(plans[key], keys[n.inputs[0]].ok, graph.display_name(n.inputs[0]), span)
-    return tuple(plans.values())
+    extra = {Node("load", (), (("path", p), ("role", "model"))): h
+             for p, h in sorted(read.items())}
+    return tuple(plans.values()), extra
 
 
-def _header(path: str, headers: dict[Node, CheckpointHeader], span) -> CheckpointHeader:
-    """The model as it is stored (the one a save reads, when it reads it without a view)."""
+def _header(path: str, headers: dict[Node, CheckpointHeader], read: dict, span) -> CheckpointHeader:
+    """The model as it is stored (the one a save reads, when it reads it without a view);
+    one read here otherwise, remembered in `read`."""
     for n, h in headers.items():
         if n.op == "load" and n.attr("path") == path and not n.attr("view"):
             return h
-    return read_checkpoint(path, span)
+    if path not in read:
+        read[path] = read_checkpoint(path, span)
+    return read[path]
 
 
-def _plan(key: tuple, headers, span: Span | None, limit: int) -> PermPlan:
+def _plan(key: tuple, headers, read: dict, span: Span | None, limit: int) -> PermPlan:
     model, to, ref, iterations, seed, groups = key
-    a, b = _header(model, headers, span), _header(to, headers, span)
+    a, b = _header(model, headers, read, span), _header(to, headers, read, span)
     shapes = {k: t.shape for k, t in a.tensors.items() if DTYPES[t.dtype].is_float}
     spec = auto_spec(shapes, span) if ref == "auto" else load_spec(ref, Path("/"), span)
     if groups is not None:

@@ -120,17 +120,16 @@ def build_plan(recipe: str, graph: Graph, sched: Schedule, threads: int = 1,
     ids = {n: i + 1 for i, n in enumerate(order)}
     consumers = Counter(id(i) for n in order for i in n.inputs)
     inputs = []
-    for n in order:
-        if n.op != "load":
-            continue
+    for n in [n for n in order if n.op == "load"] + list(sched.phase_one):
         h = sched.headers[n]
         inputs.append({
-            "node": ids[n], "name": graph.display_name(n), "role": n.attr("role"),
+            "node": ids.get(n), "name": graph.display_name(n), "role": n.attr("role"),
             "path": _rel(n.attr("path"), base), "files": len(h.files), "keys": len(h.tensors),
             "dtypes": dict(sorted(Counter(t.dtype for t in h.tensors.values()).items())),
             "bytes": h.total_bytes,
             "outside_recipe_folder": os.path.relpath(n.attr("path"), base).startswith(".."),
-        } | _view(sched.views.get(n)) | _renames(n) | _slices(n))
+        } | _view(sched.views.get(n)) | _renames(n) | _slices(n)
+            | ({"read_by": "permutation"} if n in sched.phase_one else {}))
     nodes = []
     for n in order:
         spans = graph.origins.get(n, [])
@@ -329,8 +328,11 @@ def render_text(plan: Plan) -> str:
         dtypes = ", ".join(f"{k}×{v}" for k, v in i["dtypes"].items())
         flag = "  [outside the recipe folder]" if i["outside_recipe_folder"] else ""
         shards = f", {i['files']} shards" if i["files"] > 1 else ""
-        out.append(f"  #{i['node']:<3} {i['role']:<5} {i['name']:<18} {i['path']}  "
+        node = f"#{i['node']}" if i["node"] is not None else "-"
+        out.append(f"  {node:<4} {i['role']:<5} {i['name']:<18} {i['path']}  "
                    f"{i['keys']} keys ({dtypes}{shards}), {human_bytes(i['bytes'])}{flag}")
+        if i.get("read_by") == "permutation":
+            out.append("       read by the permutation phase only (no save reads it)")
         for step in i.get("renamed_by", ()):
             out.append(f"       renamed by rename({_quote(step[0])}, {_quote(step[1])})")
         out += [f"       {_step_line(step)}" for step in i.get("layer_steps", ())]

@@ -75,6 +75,9 @@ class Schedule:
     vocab: dict[int, SaveVocab] = field(default_factory=dict)  # saves matching rows by token
     # save -> the side files of a save into a folder (plan/folders.py; set when compiling)
     folders: dict[int, FolderSave] = field(default_factory=dict)
+    # The inputs only the permutation phase reads (plan/rebasin.py): in `headers`, not in
+    # the graph.
+    phase_one: tuple[Node, ...] = ()
 
     @property
     def jobs(self) -> list[KeyJob]:
@@ -606,8 +609,9 @@ def schedule(graph: Graph, compute: str = "fp32", strict: bool = False,
                               strict, extractions)
     check_keymaps(graph, order, jobs)
     limit = memory_limit or available_memory() // 2
-    exe = executable(graph, order, headers, jobs, compute, limit,
-                     plan_permutations(graph, order, headers, keys, limit))
+    permutations, phase_one = plan_permutations(graph, order, headers, keys, limit)
+    headers = {**headers, **phase_one}
+    exe = executable(graph, order, headers, jobs, compute, limit, permutations)
     chunk_large_keys(graph, exe.nodes, jobs, limit, COMPUTE_ITEMSIZE[compute])
     read_once: dict[tuple[str, str], int] = {}
     for job in jobs:
@@ -626,4 +630,4 @@ def schedule(graph: Graph, compute: str = "fp32", strict: bool = False,
     peak_job = max(jobs, key=lambda j: j.est_bytes, default=None)
     return Schedule(headers, exe, copied, counts, sum(read_once.values()), written,
                     peak_job.key if peak_job else None, peak_job.est_bytes if peak_job else 0,
-                    loras, warnings, extractions, views, vocab)
+                    loras, warnings, extractions, views, vocab, phase_one=tuple(phase_one))

@@ -87,7 +87,9 @@ def _recipe_path(path: str, graph: dict, recorded: list[dict]) -> str:
 
 def _check_inputs(compiled: Compiled, graph: dict, recorded: list[dict]) -> None:
     order = compiled.graph.topo()
-    now = [order[i["node"] - 1] for i in compiled.plan.data["inputs"]]
+    phase_one = iter(compiled.schedule.phase_one)  # listed last, in this order
+    now = [order[i["node"] - 1] if i["node"] is not None else next(phase_one)
+           for i in compiled.plan.data["inputs"]]
     if len(now) != len(graph["inputs"]):
         raise KmxError([error("K0514", f"the recipe now reads {len(now)} inputs, the output "
                               f"records {len(graph['inputs'])}",
