@@ -22,10 +22,11 @@ def ident(n) -> tuple:
 
 
 def plan_permutations(graph: Graph, order: list[Node], headers: dict[Node, CheckpointHeader],
-                      keys, limit: int) -> tuple[tuple[PermPlan, ...], dict[Node, CheckpointHeader]]:
+                      keys, limit: int
+                      ) -> tuple[tuple[PermPlan, ...], dict[Node, CheckpointHeader]]:
     """One PermPlan per distinct Permutation, in the order the graph first uses them; every
     key a permute node permutes has the shape the permutation was computed on (K0365). And
-    the checkpoints phase one reads that no save reads as stored, as load nodes of their own
+    the checkpoints phase one reads that no save reads, as load nodes of their own
     (not in the graph): they are inputs like the others (the plan's Inputs, K0410, the lock,
     the permuted keys' fingerprints)."""
     plans: dict[tuple, PermPlan] = {}
@@ -38,12 +39,14 @@ def plan_permutations(graph: Graph, order: list[Node], headers: dict[Node, Check
         if key not in plans:
             plans[key] = _plan(key, headers, read, span, limit)
         _check_fits(plans[key], keys[n.inputs[0]].ok, graph.display_name(n.inputs[0]), span)
+    loaded = {n.attr("path") for n in headers if n.op == "load"}  # through a view, say
     extra = {Node("load", (), (("path", p), ("role", "model"))): h
-             for p, h in sorted(read.items())}
+             for p, h in sorted(read.items()) if p not in loaded}
     return tuple(plans.values()), extra
 
 
-def _header(path: str, headers: dict[Node, CheckpointHeader], read: dict, span) -> CheckpointHeader:
+def _header(path: str, headers: dict[Node, CheckpointHeader], read: dict,
+            span) -> CheckpointHeader:
     """The model as it is stored (the one a save reads, when it reads it without a view);
     one read here otherwise, remembered in `read`."""
     for n, h in headers.items():
