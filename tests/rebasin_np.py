@@ -6,6 +6,8 @@ group permutes the units (hidden channels, heads) that some axes of some tensors
 
 - an entry `(key, axis)` permutes the whole axis; `(key, axis, start, stop)` only the range
   [start, stop) of it (a fused tensor: Flux's qkv, GEGLU's two halves), the rest stays put;
+  `(key, axis, start, stop, of)`: that range written for an axis `of` long, scaled to the
+  axis's real length;
 - a group without constraint is any permutation of its n units (every entry's range has n);
 - `blocks=G, inner="free"`: the n units are G contiguous blocks (GroupNorm's groups), a block
   goes onto a whole block, and the order inside it is free — the permutation is a block
@@ -31,6 +33,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -42,11 +45,16 @@ class Entry:
     axis: int
     start: int | None = None  # None: the whole axis
     stop: int | None = None
+    of: int | None = None  # the range is written for an axis this long
 
     def bounds(self, shape: tuple[int, ...]) -> tuple[int, int]:
         start = 0 if self.start is None else self.start
         stop = shape[self.axis] if self.stop is None else self.stop
-        return start, stop
+        if self.of is not None:  # the same fraction of an axis of another length
+            scale = Fraction(shape[self.axis], self.of)
+            start, stop = start * scale, stop * scale
+            assert start.denominator == stop.denominator == 1, (self, shape)
+        return int(start), int(stop)
 
 
 @dataclass(frozen=True)

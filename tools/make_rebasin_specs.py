@@ -8,6 +8,9 @@
 SD1, SDXL and Flux are read off the key names and shapes of the packaged layouts
 (karmixlang/data/*.json.gz), so every key a spec names is a key the real checkpoints have;
 LLaMA has no layout and is written for its Hugging Face names with a {layer} placeholder.
+Every range of a fused tensor is written [KEY, AXIS, START, STOP, OF], OF the axis's length
+here, so kmx scales it to a checkpoint of other widths; counts (GroupNorm groups, heads) do
+not scale, and --from writes a spec of a checkpoint's own sizes where they do not divide.
 Only true symmetries are listed (docs/rebasin.md, "Built-in specs", says which and why):
 a permuted model computes the same function.
 """
@@ -124,7 +127,7 @@ def _transformers(spec: Spec, shapes, unet: str, short: Callable[[str], str], he
             proj = f"{b}.ff.net.0.proj"
             spec.add(
                 f"{short(b)}.ff",
-                [[f"{proj}.{w}", 0, h * hidden, (h + 1) * hidden] for w in ("weight", "bias") for h in (0, 1)]
+                [[f"{proj}.{w}", 0, h * hidden, (h + 1) * hidden, 2 * hidden] for w in ("weight", "bias") for h in (0, 1)]
                 + [[f"{b}.ff.net.2.weight", 1]],
             )
         spec.add(f"{short(s)}.width", stream + [[f"{s}.proj_out.weight", 1]])
@@ -194,7 +197,8 @@ FLUX_HEAD_DIM = 128
 
 def _flux_attention(shapes, prefix: str, qkv: str, width: int) -> list[list]:
     """The q, k and v row ranges of a fused qkv (weight and bias)."""
-    return [[f"{prefix}{qkv}.{w}", 0, i * width, (i + 1) * width] for w in ("weight", "bias") for i in range(3)]
+    rows = shapes[f"{prefix}{qkv}.weight"][0]
+    return [[f"{prefix}{qkv}.{w}", 0, i * width, (i + 1) * width, rows] for w in ("weight", "bias") for i in range(3)]
 
 
 def flux(shapes: Mapping[str, tuple] | None = None, heads: Callable[[int], int] | None = None) -> Spec:
@@ -223,16 +227,17 @@ def flux(shapes: Mapping[str, tuple] | None = None, heads: Callable[[int], int] 
             _mlp(spec, f"flux.{n}.{s}_mlp", [f"{p}.{s}_mlp.0"], f"{p}.{s}_mlp.2", bias=True)
     for p in _prefixes(shapes, ".linear1.weight"):
         rows, width = shapes[f"{p}.linear1.weight"]
+        cols = shapes[f"{p}.linear2.weight"][1]
         n = p[len(dit):]
         spec.add(
             f"flux.{n}.heads",
-            _flux_attention(shapes, p, ".linear1", width) + [[f"{p}.linear2.weight", 1, 0, width]],
+            _flux_attention(shapes, p, ".linear1", width) + [[f"{p}.linear2.weight", 1, 0, width, cols]],
             blocks=_heads(heads, width, p), inner="fixed",
         )
         spec.add(
             f"flux.{n}.mlp",
-            [[f"{p}.linear1.{w}", 0, 3 * width, rows] for w in ("weight", "bias")]
-            + [[f"{p}.linear2.weight", 1, width, shapes[f"{p}.linear2.weight"][1]]],
+            [[f"{p}.linear1.{w}", 0, 3 * width, rows, rows] for w in ("weight", "bias")]
+            + [[f"{p}.linear2.weight", 1, width, cols, cols]],
         )
     _clip_mlps(spec, shapes, "text_encoders.clip_l.transformer.text_model.encoder.layers.", "clip_l", ("fc1", "fc2"))
     t5 = "text_encoders.t5xxl.transformer.encoder.block."

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -30,12 +30,14 @@ LAYER = "{layer}"  # in a permutation's name and keys: one permutation per layer
 
 @dataclass(frozen=True)
 class Axis:
-    """An axis of a key, or the range [start, stop) of it (a fused tensor's part)."""
+    """An axis of a key, or the range [start, stop) of it (a fused tensor's part). With `of`,
+    the range is written for an axis `of` long and scales with the axis (`resolve`)."""
 
     key: str
     axis: int
     start: int | None = None
     stop: int | None = None
+    of: int | None = None
 
     def bounds(self, shape: tuple[int, ...]) -> tuple[int, int]:
         return (self.start or 0, shape[self.axis] if self.stop is None else self.stop)
@@ -45,10 +47,15 @@ class Axis:
             return False
         if self.start is None or other.start is None:
             return True
-        return self.start < other.stop and other.start < self.stop
+        if (self.of is None) != (other.of is None):
+            return True  # one in units, one in proportions: cannot be told apart before sizes
+        # in proportions of the axis (the same test as in units when neither has `of`)
+        mine, theirs = self.of or 1, other.of or 1
+        return self.start * theirs < other.stop * mine and other.start * mine < self.stop * theirs
 
     def text(self) -> str:
-        where = "" if self.start is None else f" [{self.start}:{self.stop}]"
+        of = "" if self.of is None else f" of {self.of}"
+        where = "" if self.start is None else f" [{self.start}:{self.stop}{of}]"
         return f"axis {self.axis}{where} of \"{self.key}\""
 
 
@@ -194,11 +201,13 @@ def _axes(name: str, entries: object, bad) -> tuple[Axis, ...]:
         bad(f"permutation \"{name}\" must be a non-empty list of [KEY, AXIS] pairs")
     axes = []
     for entry in entries:
-        if (not isinstance(entry, list) or len(entry) not in (2, 4)
+        if (not isinstance(entry, list) or len(entry) not in (2, 4, 5)
                 or not isinstance(entry[0], str) or not all(_whole(v) for v in entry[1:])
-                or (len(entry) == 4 and not entry[2] < entry[3])):
-            bad(f"permutation \"{name}\": {json.dumps(entry)[:80]} is not [KEY, AXIS] or "
-                "[KEY, AXIS, START, STOP] with whole numbers from 0 and START < STOP")
+                or (len(entry) >= 4 and not entry[2] < entry[3])
+                or (len(entry) == 5 and not entry[3] <= entry[4])):
+            bad(f"permutation \"{name}\": {json.dumps(entry)[:80]} is not [KEY, AXIS], "
+                "[KEY, AXIS, START, STOP] or [KEY, AXIS, START, STOP, OF] with whole numbers "
+                "from 0 and START < STOP <= OF")
         axes.append(Axis(*entry))
     return tuple(axes)
 
@@ -247,7 +256,7 @@ def expand_layers(spec: Spec, keys) -> Spec:
         pattern = re.compile(re.escape(g.axes[0].key).replace(re.escape(LAYER), r"(\d+)"))
         layers = sorted({int(m[1]) for k in keys if (m := pattern.fullmatch(k))})
         for n in layers:
-            axes = tuple(Axis(a.key.replace(LAYER, str(n)), a.axis, a.start, a.stop)
+            axes = tuple(replace(a, key=a.key.replace(LAYER, str(n)))
                          for a in g.axes)
             out.append(Group(g.name.replace(LAYER, str(n)), axes, g.blocks, g.inner))
     return Spec(spec.source, tuple(out), spec.description)
@@ -273,7 +282,9 @@ def check_shapes(spec: Spec, shapes: Mapping[str, tuple[int, ...]],
                   + (f" ({len(missing)} keys missing)" if len(missing) > 1 else ""), span,
                   help=f"did you mean \"{hint}\"?" if hint else
                   "every key of a permutation must exist, or none (the group is then skipped)")
-        lengths = [_length(spec, a, tuple(shapes[a.key]), span) for a in g.axes]
+        g = replace(g, axes=tuple(_resolve(spec, a, tuple(shapes[a.key]), span) for a in g.axes))
+        lengths = [stop - start for start, stop in
+                   (a.bounds(tuple(shapes[a.key])) for a in g.axes)]
         varied = g.blocks > 1 and g.inner == "fixed"
         for a, n in zip(g.axes, lengths):
             if n != lengths[0] and not varied:
@@ -282,21 +293,41 @@ def check_shapes(spec: Spec, shapes: Mapping[str, tuple[int, ...]],
                       help="the axes of one permutation must have the same size")
             if n % g.blocks:
                 _fail("K0363", f"re-basin spec {spec.source}: permutation \"{g.name}\" has "
-                      f"{n} units on {a.text()}, which {g.blocks} blocks do not divide", span)
+                      f"{n} units on {a.text()}, which {g.blocks} blocks do not divide", span,
+                      help=f"\"blocks\" is a count (GroupNorm groups, attention heads) and does not "
+                      f"scale with the widths; {_OWN_SPEC}")
         sized.append(Sized(g, lengths[0], g.blocks if g.blocks > 1 else lengths[0]))
     return sized, absent
 
 
-def _length(spec: Spec, a: Axis, shape: tuple[int, ...], span) -> int:
+_OWN_SPEC = ("for a checkpoint of other widths, write a spec of its sizes: python "
+             "tools/make_rebasin_specs.py NAME --from CHECKPOINT [--heads N] -o spec.json")
+
+
+def _resolve(spec: Spec, a: Axis, shape: tuple[int, ...], span) -> Axis:
+    """`a` in units of this key's shape: a range written for an axis `of` long scaled by
+    length/of (K0361 unless it comes out whole); K0361 for an axis or range past the shape."""
     if a.axis >= len(shape):
         _fail("K0361", f"re-basin spec {spec.source}: \"{a.key}\" has {len(shape)} "
               f"axes (shape {list(shape)}), so it has no axis {a.axis}", span,
               help="axes count from 0")
+    if a.start is None:
+        return a
+    length = shape[a.axis]
     start, stop = a.bounds(shape)
-    if stop > shape[a.axis]:
+    if a.of is not None:
+        if (start * length) % a.of or (stop * length) % a.of:
+            _fail("K0361", f"re-basin spec {spec.source}: the range [{start}:{stop}] of "
+                  f"{a.of} of axis {a.axis} of \"{a.key}\" scaled to its length {length} "
+                  f"is [{start * length / a.of:g}:{stop * length / a.of:g}], not whole units",
+                  span, help=f"its parts are not in the proportions the spec was written for; "
+                  f"{_OWN_SPEC}")
+        start, stop = start * length // a.of, stop * length // a.of
+    if stop > length:
         _fail("K0361", f"re-basin spec {spec.source}: the range [{start}:{stop}] of axis "
-              f"{a.axis} of \"{a.key}\" goes past its length {shape[a.axis]}", span)
-    return stop - start
+              f"{a.axis} of \"{a.key}\" goes past its length {length}", span,
+              help=f"a range [KEY, AXIS, START, STOP, OF] scales with the axis; {_OWN_SPEC}")
+    return Axis(a.key, a.axis, start, stop)
 
 
 # ------------------------------------------------------------------ spec="auto"
@@ -339,11 +370,14 @@ def _natural(text: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
+def _entry(a: Axis) -> list:
+    return [a.key, a.axis] + ([] if a.start is None else [a.start, a.stop]) + (
+        [] if a.of is None else [a.of])
+
+
 def to_json(spec: Spec) -> dict:
     """The spec in its file format (what `auto` derived, or a spec as read)."""
-    out: dict = {"permutations": {g.name: [[a.key, a.axis] + ([] if a.start is None else
-                                                             [a.start, a.stop]) for a in g.axes]
-                                  for g in spec.groups}}
+    out: dict = {"permutations": {g.name: [_entry(a) for a in g.axes] for g in spec.groups}}
     constraints = {g.name: {"blocks": g.blocks, "inner": g.inner}
                    for g in spec.groups if g.blocks > 1 or g.inner != "free"}
     if constraints:

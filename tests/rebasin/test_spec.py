@@ -147,3 +147,46 @@ def test_layer_placeholder_makes_one_permutation_per_layer_of_the_model():
     assert sized[2].group.axes[1].key == "l.10.down.weight"
     bad = {"permutations": {"mlp": [["l.{layer}.up.weight", 0]]}}
     assert code_of(lambda: parse_spec(bad, "x")) == "K0223"
+
+
+def helped(call) -> tuple[str, str]:
+    with pytest.raises(KmxError) as exc:
+        call()
+    (diag,) = exc.value.diagnostics
+    return diag.code, diag.help or ""
+
+
+def test_a_range_with_of_scales_with_the_axis_and_must_come_out_whole():
+    # GEGLU written for 2 x 1280 rows: on 24 rows the halves are [0, 12) and [12, 24)
+    geglu = {"permutations": {"ff": [["proj.weight", 0, 0, 1280, 2560],
+                                     ["proj.weight", 0, 1280, 2560, 2560], ["out.weight", 1]]}}
+    spec = parse_spec(geglu, "x")
+    assert to_json(spec) == geglu
+    sized, _ = check_shapes(spec, {"proj.weight": (24, 4), "out.weight": (4, 12)})
+    assert [(a.start, a.stop, a.of) for a in sized[0].group.axes] == [
+        (0, 12, None), (12, 24, None), (None, None, None)]
+    assert sized[0].size == 12
+    code, help = helped(lambda: check_shapes(spec, {"proj.weight": (25, 4), "out.weight": (4, 12)}))
+    assert code == "K0361" and "make_rebasin_specs.py NAME --from" in help
+    # ranges in proportions never overlap when they split the axis, and are checked as such
+    assert code_of(lambda: parse_spec({"permutations": {"a": [["w", 0, 0, 3, 4]],
+                                                        "b": [["w", 0, 1, 2, 2]]}}, "x")) == "K0223"
+    assert parse_spec({"permutations": {"a": [["w", 0, 0, 1, 2]], "b": [["w", 0, 2, 4, 4]]}}, "x")
+
+
+@pytest.mark.parametrize("entry", [["w", 0, 0, 5, 4], ["w", 0, 0, 2, 0], ["w", 0, 0, 2, 4, 8]])
+def test_a_range_past_its_of_or_a_sixth_element_is_refused(entry):
+    assert code_of(lambda: parse_spec({"permutations": {"a": [entry]}}, "x")) == "K0223"
+
+
+def test_builtin_sdxl_on_a_uniformly_shrunk_sdxl_says_heads_are_counts():
+    from karmixlang.demo.synth import load_layout, scaled_shape
+
+    # at a tenth, 640 channels become 64, which SDXL's 10 heads do not divide
+    shapes = {k: scaled_shape(v.shape, 0.1) for k, v in load_layout("sdxl").items()}
+    code, help = helped(lambda: check_shapes(load_spec("sdxl", "."), shapes))
+    assert code == "K0363" and "is a count" in help and "make_rebasin_specs.py NAME --from" in help
+    # at a half they do, and every range scales
+    shapes = {k: scaled_shape(v.shape, 0.5) for k, v in load_layout("sdxl").items()}
+    sized, skipped = check_shapes(load_spec("sdxl", "."), shapes)
+    assert skipped == [] and len(sized) == len(load_spec("sdxl", ".").groups)
