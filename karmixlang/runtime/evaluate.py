@@ -24,26 +24,9 @@ from karmixlang.runtime.kernels.table import KERNELS
 from karmixlang.runtime.nonfinite import (FALLBACK_TOO, BadResult, NonFinite, checked_bytes,
                                           copied_as_stored, fallback_inputs, on_input,
                                           on_result, result_error)
+from karmixlang.runtime.allocator import tune_allocator
 from karmixlang.runtime.rebasin import Applier
 from karmixlang.runtime.tensors import COMPUTE, Reader, Scratch, finite, part
-
-
-def tune_allocator() -> None:
-    """Let glibc reuse freed tensor memory for the next key instead of returning it at once.
-    By default any block above a dynamic threshold is a fresh mmap, whose pages the kernel
-    zero-fills on first touch and whose unmapping interrupts every thread: on a 2-core TIES
-    merge that was two thirds of the run time (20 s of system time). The mmap threshold is
-    raised to its maximum (32 MB) and the heap is trimmed only past 64 MB free, so resident
-    memory stays bounded by the keys in flight plus what the allocator keeps for reuse.
-    Harmless where mallopt is missing."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def prepare_process() -> None:
