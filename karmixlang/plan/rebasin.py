@@ -105,6 +105,14 @@ def cost_bytes(s: Sized) -> int:
     return 8 * s.size ** 2 + 8 * (s.size ** 2 if s.free_inner else s.blocks ** 2)
 
 
+def phase_one_bytes(plan: PermPlan) -> int:
+    """Phase one's resident memory: the largest group's costs, and the keys kept (or, read
+    again at each visit, the largest key of both models with its float64 column copies)."""
+    largest = max((t.nbytes for _, t in plan.model), default=0)
+    keys = plan.cache_bytes if plan.cache_bytes else 4 * largest
+    return max((cost_bytes(s) for s in plan.groups), default=0) + keys
+
+
 def describe(plan: PermPlan) -> dict:
     """The permutation phase in the plan (docs/plan-format.md)."""
     model, to, ref, iterations, seed, groups = plan.ident

@@ -17,7 +17,7 @@ from karmixlang.plan.layermap import layer_map, render as render_layer_map
 from karmixlang.ir.graph import Graph, KeyMap
 from karmixlang.resources import data_dir
 from karmixlang.units import human_bytes
-from karmixlang.plan.rebasin import describe as describe_permutation
+from karmixlang.plan.rebasin import describe as describe_permutation, phase_one_bytes
 from karmixlang.plan.schedule import COMPUTE_ITEMSIZE, HEAP_BLOCK_LIMIT, IDENTICAL, Schedule
 
 SCHEMA_VERSION = 1
@@ -172,7 +172,8 @@ def build_plan(recipe: str, graph: Graph, sched: Schedule, threads: int = 1,
             "bytes_read": sched.bytes_read,
             "bytes_written": sum(sched.bytes_written),
             "peak_memory_bytes": peak_memory(sched, threads, compute),
-            "peak_memory_key": sched.peak_key,
+            "peak_memory_key": (sched.peak_key if _stream_peak(sched, threads, compute)
+                                >= _phase_one_peak(sched) else "the permutation phase"),
             "peak_memory_per_key_bytes": sched.peak_bytes,
             "threads": threads,
             "estimate": True,
@@ -215,6 +216,11 @@ def out_of_core(sched: Schedule) -> dict | None:
 
 
 def peak_memory(sched: Schedule, threads: int, compute: str) -> int:
+    """The larger of the streaming phase's peak and the permutation phase's."""
+    return max(_stream_peak(sched, threads, compute), _phase_one_peak(sched))
+
+
+def _stream_peak(sched: Schedule, threads: int, compute: str) -> int:
     """The `threads` largest keys in flight at once (as far as admission under the memory
     limit allows them together), plus
     what the allocator keeps for reuse: blocks under its mmap threshold return to a heap
@@ -227,6 +233,11 @@ def peak_memory(sched: Schedule, threads: int, compute: str) -> int:
     small = sorted((j.est_bytes for j in sched.jobs
                     if math.prod(j.outputs[0].shape) * item < HEAP_BLOCK_LIMIT), reverse=True)
     return sum(live) + sum(small[:threads])
+
+
+def _phase_one_peak(sched: Schedule) -> int:
+    """The permutation phase runs alone, before the streaming one."""
+    return max(map(phase_one_bytes, sched.executable.permutations), default=0)
 
 
 def _reason_kind(reason: str) -> str:
