@@ -131,6 +131,22 @@ def test_the_plan_shows_the_permutation_phase(workdir, capsys):
     assert p["groups"] == [{"name": "inner", "size": 12, "blocks": 3, "inner": "free", "keys": 5}]
 
 
+def test_the_plans_peak_memory_counts_the_permutation_phase(workdir, capsys):
+    # the save writes one small key, but phase one holds every spec key of both models
+    spec, *_ = write_pair(workdir, "resnet")
+    path = recipe(workdir, f"""
+        base a = "a.safetensors"
+        model b = "b.safetensors"
+        save "x.safetensors" = select(align(b, to=a, spec="{spec}"), "conv2.bias")
+    """)
+    code, out, err = cli(capsys, "plan", path, "--json")
+    assert code == 0, err
+    plan = json.loads(out)
+    (p,) = plan["permutations"]
+    assert plan["totals"]["peak_memory_bytes"] == p["bytes_keys"] + p["bytes_cost_max"]
+    assert plan["totals"]["peak_memory_key"] == "the permutation phase"
+
+
 @pytest.mark.parametrize("text, code", [
     ('align(b, to=a, spec="nope.json")', "K0116"),
     ('align(b, to=a, spec="spec.json", groups=["iner"])', "K0117"),
