@@ -171,9 +171,7 @@ def build_plan(recipe: str, graph: Graph, sched: Schedule, threads: int = 1,
             "keys": len(sched.jobs),
             "bytes_read": sched.bytes_read,
             "bytes_written": sum(sched.bytes_written),
-            "peak_memory_bytes": peak_memory(sched, threads, compute),
-            "peak_memory_key": (sched.peak_key if _stream_peak(sched, threads, compute)
-                                >= _phase_one_peak(sched) else "the permutation phase"),
+            **_peak_memory(sched, threads, compute),
             "peak_memory_per_key_bytes": sched.peak_bytes,
             "threads": threads,
             "estimate": True,
@@ -215,9 +213,14 @@ def out_of_core(sched: Schedule) -> dict | None:
     }
 
 
-def peak_memory(sched: Schedule, threads: int, compute: str) -> int:
-    """The larger of the streaming phase's peak and the permutation phase's."""
-    return max(_stream_peak(sched, threads, compute), _phase_one_peak(sched))
+def _peak_memory(sched: Schedule, threads: int, compute: str) -> dict:
+    """The larger of the streaming phase's peak and the permutation phase's (which runs
+    alone, before the streaming one), and where it is."""
+    stream = _stream_peak(sched, threads, compute)
+    phase_one = max(map(phase_one_bytes, sched.executable.permutations), default=0)
+    if stream >= phase_one:
+        return {"peak_memory_bytes": stream, "peak_memory_key": sched.peak_key}
+    return {"peak_memory_bytes": phase_one, "peak_memory_key": "the permutation phase"}
 
 
 def _stream_peak(sched: Schedule, threads: int, compute: str) -> int:
@@ -233,11 +236,6 @@ def _stream_peak(sched: Schedule, threads: int, compute: str) -> int:
     small = sorted((j.est_bytes for j in sched.jobs
                     if math.prod(j.outputs[0].shape) * item < HEAP_BLOCK_LIMIT), reverse=True)
     return sum(live) + sum(small[:threads])
-
-
-def _phase_one_peak(sched: Schedule) -> int:
-    """The permutation phase runs alone, before the streaming one."""
-    return max(map(phase_one_bytes, sched.executable.permutations), default=0)
 
 
 def _reason_kind(reason: str) -> str:

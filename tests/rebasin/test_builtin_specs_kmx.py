@@ -17,6 +17,7 @@ import rebasin_np as R
 import rebasin_synth as S
 from conftest import cli, recipe
 from karmixlang.demo.synth import load_layout, make_model, write_model
+from rebasin.test_kmx import align_and_compare
 
 
 def write_pair(folder, a, groups, seed):
@@ -26,20 +27,6 @@ def write_pair(folder, a, groups, seed):
     assert all(any(not np.array_equal(b[e.key], a[e.key]) for e in g.entries) for g in groups)
     write_model(os.path.join(folder, "a.safetensors"), dict(a))
     write_model(os.path.join(folder, "b.safetensors"), b)
-
-
-def align_and_compare(folder, capsys, a, spec):
-    path = recipe(folder, f"""
-        base a = "a.safetensors"
-        model b = "b.safetensors"
-        save "aligned.safetensors" = align(b, to=a, spec="{spec}")
-    """)
-    code, _, err = cli(capsys, "run", path, "-q")
-    assert code == 0, err
-    out = load_file(os.path.join(folder, "aligned.safetensors"))
-    assert sorted(out) == sorted(a)
-    assert [k for k in a if not np.array_equal(out[k], a[k])] == []
-    return path
 
 
 def builtin(name):
