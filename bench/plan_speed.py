@@ -1,18 +1,12 @@
 #!/usr/bin/env python3
-"""Planning speed over 50 SDXL-sized inputs, and the plan's peak-memory estimate against a run.
+"""Planning speed over 50 SDXL-sized inputs.
 
-    python bench/plan_speed.py                    # both parts
-    python bench/plan_speed.py --skip-memory      # planning time only (no tensor data read)
+    python bench/plan_speed.py
 
-1. Planning: writes 50 sparse SDXL checkpoints (the real SGM key layout at full size, fp16: a
-   real header, then a data region extended with truncate(), so nothing is written and each
-   file reads as zeros) and times karmixlang.api.compile on recipes over them, in-process
-   (median of --repeat) and as `kmx plan --json` (a fresh process: imports included).
-   Target: < 2 s.
-2. Memory: for a few recipes on the bench's real SDXL/4 inputs (bench/data.py), compares the
-   plan's totals.peak_memory_bytes with the run's measured growth of resident memory
-   (RunResult.peak_rss_delta), each run in a fresh process so that earlier runs cannot hide
-   growth.
+Writes 50 sparse SDXL checkpoints (the real SGM key layout at full size, fp16: a real header,
+then a data region extended with truncate(), so nothing is written and each file reads as
+zeros) and times karmixlang.api.compile on recipes over them, in-process (median of --repeat)
+and as `kmx plan --json` (a fresh process: imports included). Target: < 2 s. The plan's memory estimate against runs: bench/estimates.py.
 """
 
 from __future__ import annotations
@@ -40,14 +34,6 @@ RECIPES = {
         "save \"{out}-a.safetensors\" = std.dgmla(pool, b, seed) with dtype=\"fp16\"\n"
         "save \"{out}-b.safetensors\" = std.dgmla(pool, b2, seed) with dtype=\"fp16\""),
 }
-MEMORY_RECIPES = {
-    "weighted sum": "mean(pool)",
-    "TIES": "std.ties_merging(pool, b, density=0.2)",
-    "geometric median": "geometric_median(pool)",
-    "DGMLA": "std.dgmla(pool, b, seed)",
-}
-
-
 def sparse_sdxl(path: Path) -> None:
     """A full-size SDXL checkpoint whose data region is a hole (reads as zeros)."""
     from karmixlang.demo import synth
@@ -106,52 +92,12 @@ def planning(cache: Path, repeat: int) -> list[dict]:
     return rows
 
 
-_RUN = """
-import json, sys
-from karmixlang.api import compile
-from karmixlang.runtime.executor import RunOptions, execute
-r = execute(compile(sys.argv[1]), RunOptions(force=True))
-print(json.dumps({"peak_rss_delta": r.peak_rss_delta, "seconds": r.seconds}))
-"""
-
-
-def memory(cache: Path, n: int) -> list[dict]:
-    import data
-
-    suite = data.SUITES["sdxl-r"]
-    data.build(suite, cache, n)
-    root = cache / "plan-memory"
-    root.mkdir(parents=True, exist_ok=True)
-    pool = [str(suite.path(cache, i)) for i in range(n)]
-    rows = []
-    for name, expr in MEMORY_RECIPES.items():
-        out = root / "out.safetensors"
-        body = f'save "{out}" = {expr} with dtype="fp16", fallback=b'
-        recipe = root / (name.replace(" ", "-") + f"-n{n}.kmx")
-        base = str(suite.path(cache, None))
-        recipe.write_text(recipe_text(body, base, base, pool, str(out)))
-        plan = subprocess.run([sys.executable, "-m", "karmixlang", "plan", "--json",
-                               str(recipe)], capture_output=True, text=True, check=True)
-        totals = json.loads(plan.stdout)["totals"]
-        run = subprocess.run([sys.executable, "-c", _RUN, str(recipe)], capture_output=True,
-                             text=True, check=True)
-        measured = json.loads(run.stdout.strip().splitlines()[-1])
-        out.unlink(missing_ok=True)
-        rows.append({"recipe": name, "n": n, "estimated": totals["peak_memory_bytes"],
-                     "measured_rss_delta": measured["peak_rss_delta"],
-                     "ratio": measured["peak_rss_delta"] / max(1, totals["peak_memory_bytes"]),
-                     "run_s": measured["seconds"]})
-    return rows
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n\n", 2)[2])
+                                 epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--cache", type=Path, default=Path("/tmp/kmx-bench"))
     ap.add_argument("--repeat", type=int, default=3, help="in-process compiles per recipe")
-    ap.add_argument("--n", type=int, default=4, help="pool size for the memory part")
-    ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--json", type=Path, help="also write the results here")
     a = ap.parse_args()
     results = {"planning": planning(a.cache, a.repeat)}
@@ -160,14 +106,6 @@ def main() -> None:
     for r in results["planning"]:
         print(f"| {r['recipe']} | {r['compile_s_median']:.2f} s | {r['compile_s_first']:.2f} s "
               f"| {r['kmx_plan_json_s']:.2f} s |")
-    if not a.skip_memory:
-        results["memory"] = memory(a.cache, a.n)
-        print("\n| recipe (SDXL/4) | N | plan peak_memory_bytes | measured peak_rss_delta "
-              "| measured / estimated |")
-        print("|---|---|---|---|---|")
-        for r in results["memory"]:
-            print(f"| {r['recipe']} | {r['n']} | {r['estimated'] / 2**20:.0f} MiB | "
-                  f"{r['measured_rss_delta'] / 2**20:.0f} MiB | {r['ratio']:.2f} |")
     if a.json:
         a.json.write_text(json.dumps(results, indent=1))
 

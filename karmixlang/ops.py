@@ -35,7 +35,7 @@ class Chunk(Enum):
 @dataclass(frozen=True)
 class Workspace:
     """Temporary bytes per element an op needs beyond its output, while it runs (an estimate,
-    documented in plan-format.md; the factors were measured with bench/plan_speed.py)."""
+    documented in plan-format.md; the factors are checked against runs with bench/estimates.py)."""
 
     per_input: float = 0.0  # × inputs × itemsize: the stacked inputs (and sorting buffers)
     tensors: int = 0  # × itemsize: tensors of the compute dtype
