@@ -124,13 +124,17 @@ def print_warnings(compiled) -> None:
 
 def cmd_run(args) -> int:
     from karmixlang.api import check_ray_address, execute
+    from karmixlang.runtime.startup import load_torch_in_background, prefetch
 
     if args.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", args.device):
         raise UsageError(f"--device must be cpu or cuda (or cuda:N), not {args.device!r}")
     if args.executor == "ray":  # before anything is read or started
         check_ray_address(args.address)
+    load_torch_in_background()  # while the recipe compiles (runtime/startup.py)
     compiled = _compile(args)
     print_warnings(compiled)
+    if args.executor == "local":  # Ray's workers read elsewhere
+        prefetch(compiled.schedule.jobs)
     if not args.quiet:
         console.run_starting(compiled.plan)
     result = execute(compiled, None if args.quiet else console.progress(),

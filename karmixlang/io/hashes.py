@@ -51,12 +51,27 @@ class FileHashes:
         return HASH_PREFIX + self.data_sha256
 
 
-def compute_hashes(path: str, span: Span | None = None) -> FileHashes:
+def compute_hashes(path: str, span: Span | None = None,
+                   data_sha256: str | None = None) -> FileHashes:
     """Both hashes of one file, read once, never cached. The data region starts after the
     8-byte length and the header it gives (clipped to the file: a file that is not
-    safetensors has an empty data region). Raises KmxError (K0301, K0302) naming `path`."""
+    safetensors has an empty data region). `data_sha256`: the data hash already known (kmx
+    hashed the data region of a file it wrote, before writing the header that records it),
+    so only the whole file is hashed. Raises KmxError (K0301, K0302) naming `path`."""
+    full, data = _hash_file(path, span, whole=True, data=data_sha256 is None)
+    return FileHashes(full, data_sha256 or data)
+
+
+def data_region_sha256(path: str, span: Span | None = None) -> str:
+    """The hex SHA-256 of a file's data region alone: only that region is read."""
+    return _hash_file(path, span, whole=False, data=True)[1]
+
+
+def _hash_file(path: str, span: Span | None, whole: bool, data: bool):
+    """(whole file's hex digest or None, data region's or None), the file read once: the two
+    digests are updated from the same buffer on two threads (hashlib releases the GIL)."""
     fd, st = open_regular(path, span)
-    full, data = hashlib.sha256(), hashlib.sha256()
+    full_h, data_h = hashlib.sha256(), hashlib.sha256()
     buf = bytearray(HASH_CHUNK)
     view = memoryview(buf)
     try:
@@ -64,21 +79,23 @@ def compute_hashes(path: str, span: Span | None = None) -> FileHashes:
         if st.st_size >= 8:
             start = min(st.st_size, 8 + int.from_bytes(pread_exact(fd, 8, 0, path, span), "little"))
         with ThreadPoolExecutor(1) as pool:
-            offset = 0
+            offset = 0 if whole else start
             while offset < st.st_size:
                 got = os.preadv(fd, [buf], offset)
                 if not got:
                     raise KmxError([error("K0302", f"`{path}` shrank while it was being hashed",
                                           span)])
-                other = pool.submit(full.update, view[:got])
-                data.update(view[max(0, start - offset):got])
-                other.result()
+                other = pool.submit(full_h.update, view[:got]) if whole else None
+                if data:
+                    data_h.update(view[max(0, start - offset):got])
+                if other is not None:
+                    other.result()
                 offset += got
     except OSError as e:
         os_fail(e, path, span)
     finally:
         os.close(fd)
-    return FileHashes(full.hexdigest(), data.hexdigest())
+    return (full_h.hexdigest() if whole else None), (data_h.hexdigest() if data else None)
 
 
 def combine_hashes(hashes: list[str]) -> str:
@@ -111,15 +128,17 @@ class HashCache:
         return (f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|"
                 f"{st.st_ino}")
 
-    def get(self, path: str, fresh: bool = False, span: Span | None = None) -> FileHashes:
-        """`fresh`: hash again even if cached (a resumed run must not trust the cache)."""
+    def get(self, path: str, fresh: bool = False, span: Span | None = None,
+            data_sha256: str | None = None) -> FileHashes:
+        """`fresh`: hash again even if cached (a resumed run must not trust the cache).
+        `data_sha256`: the data hash, if known (compute_hashes)."""
         try:
             k = self.key(path)
         except OSError as e:
             os_fail(e, path, span)
         cached = None if fresh else _entry(self.data.get(k))
         if cached is None:
-            cached = compute_hashes(path, span)
+            cached = compute_hashes(path, span, data_sha256=data_sha256)
             self.data[k] = {"sha256": cached.sha256, "data_sha256": cached.data_sha256}
         return cached
 
@@ -131,6 +150,9 @@ class HashCache:
             return None
 
     def save(self) -> None:
+        # Entries of files since removed or changed can never hit again; kept, they made the
+        # cache grow with every temporary file ever hashed, and every run loads it whole.
+        self.data = {k: v for k, v in self.data.items() if _current(k)}
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             tmp = f"{self.path}.{os.getpid()}.tmp"
@@ -139,6 +161,14 @@ class HashCache:
             os.replace(tmp, self.path)
         except OSError:
             pass
+
+
+def _current(key: str) -> bool:
+    """Whether a cache key still names a file as it is now."""
+    try:
+        return HashCache.key(key.rsplit("|", 4)[0]) == key
+    except OSError:
+        return False
 
 
 def _entry(value: object) -> FileHashes | None:
@@ -156,11 +186,14 @@ def _is_hex(text: str) -> bool:
     return all(c in "0123456789abcdef" for c in text)
 
 
-def file_hashes(paths: list[str], span: Span | None = None) -> dict[str, FileHashes]:
-    """The hashes of several files through the cache (read once each, saved once)."""
+def file_hashes(paths: list[str], span: Span | None = None,
+                data_sha256: dict[str, str] | None = None) -> dict[str, FileHashes]:
+    """The hashes of several files through the cache (read once each, saved once);
+    `data_sha256`: the data hashes already known, by path."""
     cache = HashCache()
+    known = data_sha256 or {}
     try:
-        return {p: cache.get(p, span=span) for p in paths}
+        return {p: cache.get(p, span=span, data_sha256=known.get(p)) for p in paths}
     finally:
         cache.save()
 

@@ -14,7 +14,9 @@ a partial file is published only if it is still the inode this writer created.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -27,7 +29,7 @@ from karmixlang.diagnostics import KmxError, error
 from karmixlang.io.dtypes import DTYPES, nbytes
 from karmixlang.io.files import (JOURNAL_SUFFIX, LOCK_SUFFIX, PARTIAL_SUFFIX, STAMP_SUFFIX,
                                  OutputLock, hidden_path, not_regular, same_file, write_all)
-from karmixlang.io.hashes import compute_hashes
+from karmixlang.io.hashes import data_region_sha256
 from karmixlang.io.header import TOO_MANY_FILES_HELP
 
 RESTART_HELP = ("to start this output over, run again with --force (the interrupted run's "
@@ -185,6 +187,32 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[n:], offset + n
 
 
+def _reserve(fd: int, size: int) -> None:
+    """Allocate a new partial file's blocks up front where the file system can (Linux
+    fallocate): a disk that fills up meanwhile fails the run now, not an hour in, and the
+    writes allocate nothing. Not posix_fallocate: where the file system cannot, glibc's writes
+    every block instead. Raises OSError only for a full disk or quota."""
+    fallocate = _fallocate()
+    if fallocate is None or size == 0:
+        return
+    if fallocate(fd, 0, 0, size) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(err, os.strerror(err))
+
+
+@functools.cache
+def _fallocate():
+    """libc's fallocate(fd, mode, offset, len), or None where there is none."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
 class CheckpointWriter:
     """Writes one OutputLayout. Use as a context manager, or call commit() or abort().
 
@@ -245,6 +273,7 @@ class CheckpointWriter:
             self._idents.append(os.fstat(fd))
             # Sized up front: every key's offset exists, so any thread may write any key.
             os.ftruncate(fd, f.size)
+            _reserve(fd, f.size)
             _pwrite_all(fd, memoryview(f.header), 0)
         self._journal_fd = _create_new(self._journal, os.O_WRONLY | os.O_APPEND)
         first = {"kmx_journal": JOURNAL_VERSION, "plan": self.layout.fingerprint}
@@ -358,7 +387,7 @@ class CheckpointWriter:
         key is written, what its header's modelspec.hash_sha256 records. Read by path after
         checking each is still this writer's file (commit() checks again before publishing)."""
         self._check_own_files()
-        return [compute_hashes(temp).data_sha256 for temp in self._temps]
+        return [data_region_sha256(temp) for temp in self._temps]
 
     def commit(self, headers: list[bytes] | None = None) -> None:
         """Publish: fsync, rename every temp file to its final name (index last), fsync the

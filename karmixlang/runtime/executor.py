@@ -302,7 +302,8 @@ def _run(compiled, opts, executor, outputs, progress, start) -> RunResult:
                      sum(j.read_bytes for j in jobs if j.key not in reused),
                      sum(compiled.schedule.bytes_written), rss.growth,
                      fallbacks=session.fallbacks, reused=len(reused),
-                     hashes=file_hashes(outputs.written_files()),
+                     hashes=file_hashes(outputs.written_files(),
+                                        data_sha256=outputs.data_sha256),
                      input_hashes=dict(sorted(outputs.hashes.items())))
 
 

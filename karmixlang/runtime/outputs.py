@@ -97,6 +97,7 @@ class OutputSet:
         self._locks: list[OutputLock] = []
         self._fingerprints: list[dict[str, str]] | None = None  # once the inputs are hashed
         self.replaced: set[str] = set()  # keys copied from a fallback (--nonfinite=fallback)
+        self.data_sha256: dict[str, str] = {}  # published file -> its data hash, once committed
         self._keys: dict[int, list[str]] = {}
         self.date = _modelspec_date(opts.date)
         self.layouts = [plan_save(s, compiled.schedule, i, self._metadata(i, None))
@@ -431,8 +432,12 @@ class OutputSet:
     def commit(self, writers: list) -> None:
         """Publish every output: its header filled in (the inputs' hashes, its own data's),
         once every input is checked to be what was planned."""
-        headers = [self._final_headers(i, w.data_hashes()) if isinstance(w, CheckpointWriter)
-                   else None for i, w in enumerate(writers)]
+        data = [w.data_hashes() if isinstance(w, CheckpointWriter) else None for w in writers]
+        headers = [h if h is None else self._final_headers(i, h) for i, h in enumerate(data)]
+        # Publishing moves no data byte: the published files' data hashes, known now.
+        self.data_sha256 = {published_path(f.path, s.path): h
+                            for s, w, hs in zip(self.c.graph.saves, writers, data) if hs
+                            for f, h in zip(w.layout.files, hs)}
         try:
             self._check_inputs()
         except KmxError:

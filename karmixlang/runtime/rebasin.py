@@ -15,7 +15,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from karmixlang.diagnostics import KmxError, error
 from karmixlang.io.rebasin_spec import Axis, Sized
@@ -168,6 +167,10 @@ def _gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _solve(cost: np.ndarray, free: bool) -> tuple[Perm, float]:
     """The best permutation for a cost tensor and its value. Free blocks: the best inner
     assignment of every block pair scores the pair, then the best block assignment."""
+    # Imported here: scipy.optimize costs every `kmx run` ~0.3 s of start-up, and only
+    # re-basin needs it.
+    from scipy.optimize import linear_sum_assignment
+
     g, b = cost.shape[0], cost.shape[1]
     if not free:
         _, col = linear_sum_assignment(cost[:, 0, :, 0], maximize=True)

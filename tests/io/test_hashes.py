@@ -112,7 +112,7 @@ def test_the_cache_answers_without_reading_until_the_file_changes(workdir, monke
     calls = []
     real = hashes_mod.compute_hashes
     monkeypatch.setattr(hashes_mod, "compute_hashes",
-                        lambda p, span=None: calls.append(p) or real(p, span))
+                        lambda p, span=None, **kw: calls.append(p) or real(p, span, **kw))
     assert file_hashes([path])[path] == first and calls == []  # from the saved cache file
     assert HashCache().get(path, fresh=True) == first and calls == [path]
 
@@ -133,3 +133,44 @@ def test_an_unwritable_cache_only_costs_time(workdir, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
     path = a_model(workdir / "m.safetensors")
     assert file_hashes([path])[path] == FileHashes(*reference(open(path, "rb").read()))
+
+
+@settings(max_examples=40, deadline=None)
+@given(header=st.integers(0, 40), data=st.binary(max_size=200), chunk=st.integers(1, 64))
+def test_the_data_region_alone_and_a_known_data_hash(tmp_path_factory, header, data, chunk):
+    # The writer hashes a partial file's data region alone; once published, only the whole
+    # file is hashed again and the data hash it already knows is taken as given.
+    raw = header.to_bytes(8, "little") + b"{" * header + data
+    path = tmp_path_factory.mktemp("h") / "f.bin"
+    path.write_bytes(raw)
+    full, region = reference(raw)
+    old = hashes_mod.HASH_CHUNK
+    hashes_mod.HASH_CHUNK = chunk
+    try:
+        assert hashes_mod.data_region_sha256(str(path)) == region
+        assert compute_hashes(str(path), data_sha256="ab" * 32) == FileHashes(full, "ab" * 32)
+    finally:
+        hashes_mod.HASH_CHUNK = old
+
+
+def test_the_data_region_alone_reads_only_that_region(workdir, monkeypatch):
+    path = a_model(workdir / "m.safetensors", {"title": "x" * 500}, n=100_000)
+    monkeypatch.setattr(hashes_mod, "HASH_CHUNK", 1 << 16)
+    read, real = [], os.preadv
+    monkeypatch.setattr(hashes_mod.os, "preadv",
+                        lambda fd, bufs, off: read.append(off) or real(fd, bufs, off))
+    hashes_mod.data_region_sha256(path)
+    start = 8 + int.from_bytes(open(path, "rb").read(8), "little")
+    assert read[0] == start and len(read) == -(-(os.path.getsize(path) - start) // (1 << 16))
+
+
+def test_saving_the_cache_drops_entries_of_files_removed_or_changed(workdir):
+    kept, gone, changed = (a_model(workdir / f"{n}.safetensors") for n in ("k", "g", "c"))
+    file_hashes([kept, gone, changed])
+    stale_key = HashCache.key(changed)
+    os.remove(gone)
+    a_model(workdir / "c.safetensors", {"v": "new"})
+    file_hashes([])  # loads and saves the cache
+    data = HashCache().data
+    assert HashCache.key(kept) in data and stale_key not in data
+    assert not any(k.startswith(os.path.realpath(gone) + "|") for k in data)

@@ -388,3 +388,56 @@ def test_no_descriptors_leak_on_failure(tmp_path, monkeypatch):
             CheckpointWriter(layout)
     assert len(os.listdir("/proc/self/fd")) == before
     assert os.listdir(tmp_path) == []  # a failed fresh start leaves nothing behind
+
+
+def _fake_fallocate(err):
+    import ctypes
+
+    def fallocate(fd, mode, offset, length):
+        ctypes.set_errno(err)
+        return -1
+    return lambda: fallocate
+
+
+def test_partial_files_are_allocated_up_front(tmp_path):
+    # Where the file system allocates (ext4, xfs, tmpfs), every block of the partial file
+    # exists before the first key is written.
+    from karmixlang.io import writer as writer_mod
+
+    probe = os.open(tmp_path / "probe", os.O_RDWR | os.O_CREAT)
+    try:
+        if writer_mod._fallocate() is None or writer_mod._fallocate()(probe, 0, 0, 4096) != 0:
+            pytest.skip("this file system does not allocate ahead")
+    finally:
+        os.close(probe)
+        os.remove(tmp_path / "probe")
+    arrays = sample(12)
+    layout = layout_output(str(tmp_path / "m.safetensors"), specs(arrays), {}, None)
+    with CheckpointWriter(layout) as w:
+        partial = os.stat(w._temps[0])
+        assert partial.st_size == layout.files[0].size
+        assert partial.st_blocks * 512 >= partial.st_size
+        for k, a in arrays.items():
+            w.write(k, a.tobytes())
+        w.commit()
+    assert_same(load(layout.final_path)[0], arrays)
+
+
+def test_a_file_system_that_cannot_allocate_ahead_still_gets_its_output(tmp_path, monkeypatch):
+    from karmixlang.io import writer as writer_mod
+
+    monkeypatch.setattr(writer_mod, "_fallocate", _fake_fallocate(errno.EOPNOTSUPP))
+    arrays = sample(6)
+    layout = layout_output(str(tmp_path / "m.safetensors"), specs(arrays), {}, None)
+    write_all(layout, arrays)
+    assert_same(load(layout.final_path)[0], arrays)
+
+
+def test_a_disk_full_when_allocating_is_k0402_and_leaves_nothing(tmp_path, monkeypatch):
+    from karmixlang.io import writer as writer_mod
+
+    monkeypatch.setattr(writer_mod, "_fallocate", _fake_fallocate(errno.ENOSPC))
+    layout = layout_output(str(tmp_path / "m.safetensors"), [("a", "F32", (1000,))], {}, None)
+    d = expect_k0402(lambda: CheckpointWriter(layout), layout.final_path)
+    assert "No space left on device" in d.message
+    assert os.listdir(tmp_path) == []

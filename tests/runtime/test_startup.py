@@ -1,0 +1,73 @@
+"""runtime/startup.py: what `kmx run` does while torch loads — the read-ahead of the first
+keys' byte ranges, and the background import — and that a run's start-up imports no more
+than it needs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+from conftest import recipe, tiny_models
+from karmixlang.api import compile
+from karmixlang.runtime import startup
+
+
+def compiled_mean(workdir):
+    tiny_models(workdir)
+    return compile(recipe(workdir, """
+        model a = "a.safetensors"
+        model b = "b.safetensors"
+        save "out.safetensors" = 0.3*a + 0.7*b
+    """))
+
+
+def advised(monkeypatch):
+    calls = []
+    monkeypatch.setattr(startup.os, "posix_fadvise",
+                        lambda fd, off, n, how: calls.append((os.readlink(f"/proc/self/fd/{fd}"),
+                                                              off, n, how)))
+    return calls
+
+
+def test_prefetch_advises_the_first_keys_ranges_up_to_the_limit(workdir, monkeypatch):
+    jobs = compiled_mean(workdir).schedule.jobs
+    calls = advised(monkeypatch)
+    first = [(s.file, s.begin, s.end - s.begin) for i in jobs[0].tensors.values()
+             for s in i.segments]
+    # A limit under the first key's bytes: that key's ranges only, each in its file.
+    n = startup.prefetch(jobs, limit=1)
+    assert sorted(c[:3] for c in calls) == sorted(first) and n == sum(f[2] for f in first)
+    assert {c[3] for c in calls} == {os.POSIX_FADV_WILLNEED}
+    calls.clear()
+    total = sum(s.end - s.begin for j in jobs for i in j.tensors.values() for s in i.segments)
+    assert startup.prefetch(jobs, limit=1 << 40) == total and len(calls) == sum(
+        len(i.segments) for j in jobs for i in j.tensors.values())
+
+
+def test_prefetch_changes_no_input_and_skips_files_it_cannot_open(workdir, monkeypatch):
+    jobs = compiled_mean(workdir).schedule.jobs
+    before = {f: os.stat(workdir / f) for f in ("a.safetensors", "b.safetensors")}
+    os.remove(workdir / "b.safetensors")
+    calls = advised(monkeypatch)
+    startup.prefetch(jobs)
+    assert calls and all(c[0].endswith("a.safetensors") for c in calls)
+    after = os.stat(workdir / "a.safetensors")
+    assert (after.st_mtime_ns, after.st_size) == (before["a.safetensors"].st_mtime_ns,
+                                                  before["a.safetensors"].st_size)
+
+
+def test_a_failed_background_import_is_left_to_the_main_thread(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    raised = []
+    monkeypatch.setattr(threading, "excepthook", raised.append)
+    startup.load_torch_in_background().join(10)
+    assert raised == []
+
+
+def test_the_runtime_loads_without_scipy():
+    # scipy.optimize is re-basin's alone: ~0.3 s of every other run's start-up.
+    code = "import sys, karmixlang.runtime.executor; assert 'scipy' not in sys.modules, 'scipy'"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
