@@ -108,7 +108,7 @@ def chunking_for(job, nodes, per_element: float, limit: int, item: int,
     if not all(t.flat for t in job.tensors.values()):
         return None  # a transposed view or a row gather has no flat byte ranges: read whole
     if not over and (per_element * numel <= CHUNK_ABOVE_BYTES or
-                     not all(_gram(n) for n in walls)):
+                     not all(_gram(n) or threshold_trim(n, item) for n in walls)):
         return None
     # A Gram pass stacks a slice of its rows in the compute dtype and again in fp64 (the
     # in-memory estimate leaves this out: there the slice is capped by the kernel).

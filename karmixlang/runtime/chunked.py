@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 
 from karmixlang.diagnostics import KmxError, error
@@ -176,6 +177,8 @@ class _ChunkedKey:
         tops = [_Top(k) for _ in n.inputs]
         self.tops += tops
         for level in (0, 1):
+            if all(top.settled for top in tops):
+                break  # every threshold is 0 (more zeros than entries to drop): one pass
             for span in self.spans():
                 values = self.evaluate(list(n.inputs), span)
                 for top, x in zip(tops, n.inputs):
@@ -255,26 +258,37 @@ class _Top:
 
     def __init__(self, k: int):
         self.k = k
-        self.hist = torch.zeros(1 << 16, dtype=torch.int64)
+        self.hist = np.zeros(1 << 16, dtype=np.int64)
         self.high = 0  # the threshold's high 16 bits, once level 0 is settled
         self.above = 0  # entries known to be above the threshold
+        self.nonzero = 0  # entries whose magnitude is not 0 (level 0)
         self.threshold = 0
         self.room = 0  # entries equal to the threshold that are kept
         self.seen = 0
+        self.settled = k == 0
 
     def count(self, bits: torch.Tensor, level: int) -> None:
+        # numpy: its shifts, comparisons and masked copies are several times torch's on one
+        # thread
+        a = bits.numpy()
         if level == 0:
-            self.hist += torch.bincount(bits >> 16, minlength=1 << 16)
-        else:
-            inside = bits[(bits >> 16) == self.high]
-            self.hist += torch.bincount(inside & 0xFFFF, minlength=1 << 16)
+            self.nonzero += int(np.count_nonzero(a))
+            self.hist += np.bincount(a >> 16, minlength=1 << 16)
+        elif not self.settled:
+            self.hist += np.bincount(a[(a >> 16) == self.high] & 0xFFFF, minlength=1 << 16)
 
     def settle(self, level: int) -> None:
-        if self.k == 0:
+        if self.settled:
+            return
+        if level == 0 and self.nonzero < self.k:
+            # The k-th largest magnitude is 0 (a sparse task vector at a high density): every
+            # non-zero entry is kept, and the first k - nonzero zeros by position.
+            self.threshold, self.above, self.room = 0, self.nonzero, self.k - self.nonzero
+            self.settled = True
             return
         # from the top bucket down: the bucket where the k-th largest falls
-        from_top = self.hist.flip(0).cumsum(0)
-        index = int(torch.searchsorted(from_top, self.k - self.above if level else self.k))
+        from_top = self.hist[::-1].cumsum()
+        index = int(np.searchsorted(from_top, self.k - self.above if level else self.k))
         bucket = (1 << 16) - 1 - index
         above = int(from_top[index - 1]) if index else 0
         if level == 0:
@@ -283,13 +297,24 @@ class _Top:
             self.threshold = (self.high << 16) | bucket
             self.above += above
             self.room = self.k - self.above
-        self.hist.zero_()
+            self.settled = True
+        self.hist[:] = 0
 
     def keep(self, x: torch.Tensor) -> torch.Tensor:
         if self.k == 0:
             return torch.zeros_like(x)
-        bits = _magnitude_bits(x).reshape(x.shape).to(x.device)
+        bits = _magnitude_bits(x).to(x.device)
         at = bits == self.threshold
-        ties = at.reshape(-1).cumsum(0).reshape(x.shape) + self.seen
-        self.seen += int(at.sum())
-        return torch.where((bits > self.threshold) | (at & (ties <= self.room)), x, 0)
+        ties = int(torch.count_nonzero(at))
+        room = self.room - self.seen
+        self.seen += ties
+        # Where the threshold is a common magnitude (0 in a sparse task vector: millions of
+        # ties), a chunk's ties are all kept or all dropped but in the one chunk where the
+        # room runs out: only that one looks for their positions.
+        if ties <= room:
+            keep = at.logical_or_(bits > self.threshold)
+        else:
+            keep = bits > self.threshold
+            if room > 0:
+                keep[at.nonzero().squeeze(1)[:room]] = True
+        return ops_sparse.keep_where(keep, x.reshape(-1)).reshape(x.shape)

@@ -17,6 +17,7 @@ from safetensors.numpy import load_file
 from karmixlang.api import compile as compile_recipe
 from karmixlang.diagnostics import KmxError
 from karmixlang.plan import outofcore
+from karmixlang.runtime import chunked
 from karmixlang.runtime.executor import RunOptions, execute
 from karmixlang.demo.synth import write_model, write_tuned_pool
 
@@ -75,7 +76,7 @@ def run_both(folder, text: str, limit: int):
     execute(chunked, RunOptions(threads=2, memory_limit=limit))
     outs = [s.path for s in chunked.graph.saves]
     got = {p: open(p, "rb").read() for p in outs}
-    execute(compile_recipe(path, threads=2), RunOptions(threads=2, force=True))
+    execute(compile_recipe(path, threads=2), RunOptions(threads=2, force=True, reuse=False))
     want = {p: open(p, "rb").read() for p in outs}
     return ooc, got, want
 
@@ -125,6 +126,51 @@ def test_trim_finds_its_threshold_in_passes_and_spills_nothing(tmp_path):
     assert job.ooc.spilled == 3
 
 
+def sparse_pool(folder, n: int, seed=0) -> None:
+    """Fine-tunes that keep 30 % of the base's entries as they are (exact zeros in their task
+    vectors, as real fine-tunes have), the rest fp16 differences (many repeated magnitudes)."""
+    rng = np.random.default_rng(seed)
+    base = {"big.w": rng.normal(size=(256, 256)).astype(np.float16)}
+    write_model(os.path.join(folder, "base.safetensors"), base)
+    os.makedirs(os.path.join(folder, "m"), exist_ok=True)
+    for i in range(n):
+        w = base["big.w"] + (0.05 * rng.normal(size=(256, 256))).astype(np.float16)
+        same = rng.random(w.shape) < 0.3
+        w[same] = base["big.w"][same]
+        write_model(os.path.join(folder, "m", f"{i:03d}.safetensors"), {"big.w": w})
+
+
+@pytest.mark.parametrize("density, rule", [(0.3, "count"), (0.7, "mass"), (0.75, "count"),
+                                           (0.9, "mass")])
+def test_trim_by_threshold_among_many_zeros_is_bit_identical(tmp_path, small_slices,
+                                                              monkeypatch, density, rule):
+    """At a density past the share of non-zero entries the threshold is 0: its ties (the
+    zeros) are kept by position across chunks, and the second selection pass is skipped."""
+    sparse_pool(tmp_path, 4)
+    levels = []
+    count = chunked._Top.count
+    monkeypatch.setattr(chunked._Top, "count",
+                        lambda top, bits, level: levels.append(level) or count(top, bits, level))
+    text = f'save "out.safetensors" = o + ties_merge(trim(pool - o, density={density}), ' \
+           f'rule="{rule}") with dtype="fp32"'
+    ooc, got, want = run_both(tmp_path, text, 1 * MB)
+    assert [j.key for j in ooc] == ["big.w"] and ooc[0].ooc.chunks > 1
+    assert got == want
+    # ~70 % of each task vector is non-zero: past that density one pass finds the thresholds
+    assert (1 in levels) == (density < 0.7)
+
+
+def test_a_large_trim_key_runs_in_chunks_below_the_limit(tmp_path, monkeypatch):
+    """trim finds its thresholds without temporary files, so a large key that fits the limit
+    runs in chunks, bounding the memory of the keys in flight."""
+    monkeypatch.setattr(outofcore, "CHUNK_ABOVE_BYTES", 1 * MB)
+    sparse_pool(tmp_path, 4)
+    path = recipe(tmp_path, HEAD + RECIPES["ties"])
+    job = next(j for j in compile_recipe(path).schedule.jobs if j.key == "big.w")
+    assert job.ooc is not None and not job.ooc.over_limit and job.ooc.spilled == 0
+    assert job.est_bytes <= 1 * MB < job.mem_bytes
+
+
 def test_a_member_that_cannot_fit_is_a_planning_error(tmp_path):
     pool(tmp_path, 3)
     path = recipe(tmp_path, HEAD + 'save "out.safetensors" = std.della_ties(pool, o, 1)')
@@ -154,7 +200,7 @@ def test_many_models_run_under_a_tight_limit(tmp_path, monkeypatch, name, big):
     monkeypatch.setattr(outofcore, "CHUNK_ABOVE_BYTES", 1 << 62)
     reference = compile_recipe(path, threads=2)
     assert not any(j.ooc for j in reference.schedule.jobs)
-    execute(reference, RunOptions(threads=2, force=True))
+    execute(reference, RunOptions(threads=2, force=True, reuse=False))
     assert open(tmp_path / "out.safetensors", "rb").read() == chunked
 
 
@@ -177,5 +223,5 @@ def test_nan_in_an_out_of_core_key_falls_back_whole(tmp_path, small_slices):
     assert result.fallbacks == ["big.w"]
     got = open(tmp_path / "out.safetensors", "rb").read()
     execute(compile_recipe(os.path.join(tmp_path, "r.kmx"), threads=1),
-            RunOptions(threads=1, nonfinite="fallback", force=True))
+            RunOptions(threads=1, nonfinite="fallback", force=True, reuse=False))
     assert open(tmp_path / "out.safetensors", "rb").read() == got

@@ -92,6 +92,11 @@ def _keep(mask: Tensor, x: Tensor, out: Tensor) -> Tensor:
     return out
 
 
+def keep_where(mask: Tensor, x: Tensor) -> Tensor:
+    """torch.where(mask, x, 0) bit for bit, in a fresh tensor."""
+    return _keep(mask, x, torch.empty_like(x))
+
+
 def _at_least(x: Tensor, value: float) -> tuple[Tensor, int]:
     """The mask x >= value and its number of true entries."""
     if x.device.type == "cpu":
