@@ -23,8 +23,9 @@ kernels use (runtime/kernels/base.flat_slices): out-of-core results are bit-iden
 whenever the chunk is at least one such slice, which the chunk length is raised to when the
 limit allows.
 
-A key that fits the limit but is large (CHUNK_ABOVE_BYTES) and needs no whole-key filter runs
-in chunks as well: it costs at most the Gram passes' rereads and bounds resident memory.
+A key that fits the limit but is large (CHUNK_ABOVE_BYTES) and needs no whole-key filter but
+trims by threshold runs in chunks as well: it costs at most the Gram and trim passes' rereads
+(cheaper than faulting in whole-key buffers) and bounds resident memory.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ MIN_CHUNK = MIN_SLICE
 # keys, read buffers and what the allocator keeps (admission keeps the sum under the limit).
 OOC_SHARE = 4
 # A key that fits the limit but would hold more than this runs in chunks too, when that costs
-# no temporary files (no whole-key filter): large buffers cost page faults, and resident
-# memory then stays near this per key in flight.
+# no temporary files (no whole-key filter but trims by threshold): large buffers cost page
+# faults, and resident memory then stays near this per key in flight.
 CHUNK_ABOVE_BYTES = 32 << 20
 
 
