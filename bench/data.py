@@ -7,6 +7,7 @@ the N = 4 inputs are the first four of the N = 16 ones. Files are float16, as ch
     sd15     SD1.5 (LDM keys) at full size without the EMA copy: 1.07 B parameters, 2.1 GB
     sdxl-r   SDXL (SGM keys) with every width scaled by 1/4: 0.22 B parameters, 0.43 GB
     sdxl     SDXL at full size: 3.47 B parameters, 6.9 GB (opt-in, --full-sdxl)
+    sdxl-w16 SDXL with every width scaled by 1/16, for pools of up to 257 (dgmla_scale.py)
     llm      a LLaMA-like model in Hugging Face's sharded form with a config.json (for
              mergekit, which only reads HF model folders): hidden 2048, 4 layers, vocab 32000,
              0.31 B parameters, 0.61 GB in 2 shards
@@ -22,7 +23,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +72,7 @@ SUITES = {
     "sdxl-r-sparse": Suite("sdxl-r-sparse", "sdxl", 0.25, sparse=True),
     "sdxl-sparse": Suite("sdxl-sparse", "sdxl", 1.0, sparse=True),
     "sd15-tiny-sparse": Suite("sd15-tiny-sparse", "sd1", 1 / 16, sparse=True),
+    "sdxl-w16": Suite("sdxl-w16", "sdxl", 1 / 16),
 }
 
 
@@ -92,11 +97,12 @@ def _llm_config() -> dict:
     }
 
 
-def _write(suite: Suite, dest: Path, tensors: dict, role: str) -> None:
+def _write(suite: Suite, dest: Path, pairs, role: str) -> None:
     meta = {"format": "pt", "kmx_bench": json.dumps({"suite": suite.name, "role": role})}
     if not suite.sharded:
-        synth.write_model(dest, tensors, meta)
+        _write_streamed(dest, pairs, meta)
         return
+    tensors = dict(pairs)
     # Hugging Face's sharded form: contiguous runs of keys, an index naming each key's file,
     # and the config.json mergekit and transformers read the architecture from.
     names, shards = list(tensors), LLM["shards"]
@@ -115,6 +121,39 @@ def _write(suite: Suite, dest: Path, tensors: dict, role: str) -> None:
     (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+SAFETENSORS_DTYPE = {"float16": "F16", "float32": "F32", "float64": "F64", "int64": "I64",
+                     "int32": "I32", "bool": "BOOL", "uint8": "U8"}
+
+
+def _write_streamed(dest: Path, pairs, meta: dict) -> None:
+    """A safetensors file written key by key: the data go to a scratch file while the header
+    is collected, then header and data are joined under a temporary name and renamed into
+    place (a reader never sees a partial file)."""
+    header, offset = {}, 0
+    scratch = dest.with_name(f".{dest.name}.data")
+    partial = dest.with_name(f".{dest.name}.partial")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(scratch, "wb") as fh:
+            for name, x in pairs:
+                x = x if x.flags.c_contiguous else x.copy(order="C")  # keeps 0-d shapes
+                fh.write(memoryview(x).cast("B"))
+                header[name] = {"dtype": SAFETENSORS_DTYPE[x.dtype.name],
+                                "shape": list(x.shape),
+                                "data_offsets": [offset, offset + x.nbytes]}
+                offset += x.nbytes
+        header["__metadata__"] = meta
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the data start 8-byte aligned
+        with open(partial, "wb") as out, open(scratch, "rb") as data:
+            out.write(len(blob).to_bytes(8, "little") + blob)
+            shutil.copyfileobj(data, out, 64 << 20)
+        os.replace(partial, dest)
+    finally:
+        scratch.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
+
+
 def _done(suite: Suite, cache: Path, i: int | None) -> bool:
     p = suite.path(cache, i)
     return (p / "model.safetensors.index.json").exists() if suite.sharded else p.exists()
@@ -129,32 +168,63 @@ def build(suite: Suite, cache: Path, n: int, log=print) -> None:
     t0 = time.monotonic()
     log(f"[data] {suite.name}: building {len(missing)} checkpoint(s) "
         f"({_params(layout, suite.scale) / 1e9:.2f} B parameters each) ...")
-    base = synth.make_model(layout, suite.scale, (SEED, 0))
-    if None in missing:
-        _write(suite, suite.path(cache, None), base, "base")
-    if missing != [None]:
-        direction = synth.make_delta(layout, suite.scale, (SEED, 1), CLUSTER_SHIFT)
-        for i in missing:
-            if i is None:
-                continue
-            ft = synth.make_model(layout, suite.scale, (SEED, 2, i), base=base,
-                                  delta_scale=OWN_SHIFT, cluster_direction=direction)
+
+    def base() -> Mapping:  # read key by key: a full-size SDXL model never fits memory twice
+        return _InOrder(synth.iter_model(layout, suite.scale, (SEED, 0)))
+
+    for i in missing:
+        if i is None:
+            pairs = synth.iter_model(layout, suite.scale, (SEED, 0))
+        else:
+            direction = _InOrder(synth.iter_delta(layout, suite.scale, (SEED, 1),
+                                                  CLUSTER_SHIFT))
+            pairs = synth.iter_model(layout, suite.scale, (SEED, 2, i), base=base(),
+                                     delta_scale=OWN_SHIFT, cluster_direction=direction)
             if suite.sparse:
-                _untouched(ft, base, (SEED, 3, i))
-            _write(suite, suite.path(cache, i), ft, f"ft-{i}")
-            del ft
+                pairs = _untouched(pairs, base(), (SEED, 3, i))
+        _write(suite, suite.path(cache, i), pairs, "base" if i is None else f"ft-{i}")
+        if i is not None:
             log(f"[data] {suite.name}: ft-{i:02d} done ({time.monotonic() - t0:.0f} s)")
     log(f"[data] {suite.name}: ready in {time.monotonic() - t0:.0f} s")
 
 
-def _untouched(ft: dict, base: dict, seed) -> None:
-    """Set a seeded SPARSE_ZEROS of each float tensor's entries of `ft` back to the base's
-    (in place): the task vector ft − base is exactly zero there."""
+class _InOrder(Mapping):
+    """(name, array) pairs read as a mapping once, in their order: `m[name]` and `name in m`
+    skip the pairs before `name`. A model read this way is never held whole."""
+
+    def __init__(self, pairs: Iterator[tuple[str, np.ndarray]]):
+        self._pairs = iter(pairs)
+        self._current = next(self._pairs, None)
+
+    def _seek(self, name: str) -> bool:
+        while self._current is not None and self._current[0] != name:
+            self._current = next(self._pairs, None)
+        return self._current is not None
+
+    def __contains__(self, name) -> bool:
+        return self._seek(name)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if not self._seek(name):
+            raise KeyError(name)
+        return self._current[1]
+
+    def __iter__(self):
+        raise TypeError("read in order only")
+
+    def __len__(self) -> int:
+        raise TypeError("read in order only")
+
+
+def _untouched(pairs, base: Mapping, seed):
+    """The pairs with a seeded SPARSE_ZEROS of each float tensor's entries set back to the
+    base's: the task vector ft − base is exactly zero there."""
     rng = np.random.default_rng(seed)
-    for name, x in ft.items():
+    for name, x in pairs:
         if x.dtype.kind == "f" and x.size:
             same = rng.random(x.shape) < SPARSE_ZEROS
             x[same] = base[name][same]
+        yield name, x
 
 
 def build_second_base(suite: Suite, cache: Path, log=print) -> Path:
@@ -163,7 +233,7 @@ def build_second_base(suite: Suite, cache: Path, log=print) -> Path:
     path = suite.root(cache) / "base-2.safetensors"
     if not path.exists():
         t0 = time.monotonic()
-        _write(suite, path, synth.make_model(_layout(suite), suite.scale, (SEED, 3)), "base-2")
+        _write(suite, path, synth.iter_model(_layout(suite), suite.scale, (SEED, 3)), "base-2")
         log(f"[data] {suite.name}: base-2 ready in {time.monotonic() - t0:.0f} s")
     return path
 

@@ -17,7 +17,7 @@ import gzip
 import json
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.resources import files
@@ -170,6 +170,21 @@ def _resolve(layout: str | Mapping[str, KeySpec]) -> Mapping[str, KeySpec]:
     return load_layout(layout) if isinstance(layout, str) else layout
 
 
+def iter_delta(
+    layout: str | Mapping[str, KeySpec],
+    scale: float,
+    seed: int | Sequence[int],
+    delta_scale: float = 0.01,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """make_delta's (name, tensor) pairs one at a time, in layout order."""
+    layout = _resolve(layout)
+    rng = np.random.default_rng(seed)
+    for name, spec in layout.items():
+        if _is_trained(spec):
+            shape = scaled_shape(spec.shape, scale)
+            yield name, _change(rng, shape, _rms(name, shape), delta_scale)
+
+
 def make_delta(
     layout: str | Mapping[str, KeySpec],
     scale: float,
@@ -179,14 +194,39 @@ def make_delta(
     """A structured float32 change to every trained tensor of `layout`, of relative size
     `delta_scale`: the shared direction of a cluster of fine-tunes (make_model's
     `cluster_direction`)."""
+    return dict(iter_delta(layout, scale, seed, delta_scale))
+
+
+def iter_model(
+    layout: str | Mapping[str, KeySpec],
+    scale: float,
+    seed: int | Sequence[int],
+    dtype: str = "float16",
+    base: Mapping[str, np.ndarray] | None = None,
+    delta_scale: float = 0.01,
+    cluster_direction: Mapping[str, np.ndarray] | None = None,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """make_model's (name, tensor) pairs one at a time, in layout order: a model larger than
+    memory can be written key by key. `base` and `cluster_direction` are read in that order
+    too, trained keys only."""
+    if np.dtype(dtype).kind != "f":
+        raise ValueError(f"dtype must be a numpy float dtype, got {dtype!r}")
     layout = _resolve(layout)
     rng = np.random.default_rng(seed)
-    out = {}
+    direction = {} if cluster_direction is None else cluster_direction
     for name, spec in layout.items():
-        if _is_trained(spec):
-            shape = scaled_shape(spec.shape, scale)
-            out[name] = _change(rng, shape, _rms(name, shape), delta_scale)
-    return out
+        shape = scaled_shape(spec.shape, scale)
+        if not _is_trained(spec):
+            yield name, _buffer(name, spec, shape, dtype)
+            continue
+        if base is None:
+            mean, std = _spread(name, shape)
+            x = rng.standard_normal(shape, dtype=np.float32) * std + mean
+        else:
+            x = base[name].astype(np.float32) + _change(rng, shape, _rms(name, shape), delta_scale)
+            if name in direction:
+                x += direction[name]
+        yield name, x.astype(dtype, copy=False)
 
 
 def make_model(
@@ -206,26 +246,7 @@ def make_model(
     With `base`: a fine-tune of it, base + cluster_direction (from make_delta, shared by the
     members of a cluster) + a change of its own of relative size `delta_scale`.
     Deterministic in `seed` (anything np.random.default_rng takes, e.g. (seed, stream))."""
-    if np.dtype(dtype).kind != "f":
-        raise ValueError(f"dtype must be a numpy float dtype, got {dtype!r}")
-    layout = _resolve(layout)
-    rng = np.random.default_rng(seed)
-    direction = cluster_direction or {}
-    out = {}
-    for name, spec in layout.items():
-        shape = scaled_shape(spec.shape, scale)
-        if not _is_trained(spec):
-            out[name] = _buffer(name, spec, shape, dtype)
-            continue
-        if base is None:
-            mean, std = _spread(name, shape)
-            x = rng.standard_normal(shape, dtype=np.float32) * std + mean
-        else:
-            x = base[name].astype(np.float32) + _change(rng, shape, _rms(name, shape), delta_scale)
-            if name in direction:
-                x += direction[name]
-        out[name] = x.astype(dtype, copy=False)
-    return out
+    return dict(iter_model(layout, scale, seed, dtype, base, delta_scale, cluster_direction))
 
 
 def _replace_into(path: Path, write: Callable[[str], None]) -> Path:
