@@ -225,6 +225,25 @@ def test_interrupted_run_resumes_to_identical_bytes(slow_merge, sig):
     os.remove(folder / "out.safetensors")
 
 
+def test_a_run_that_skips_interpreter_teardown_still_flushes_its_report_and_exit_code(workdir):
+    # __main__ ends a process that loaded torch with os._exit: what was printed to a pipe
+    # must all arrive, and the exit code must be the command's.
+    tiny_models(workdir)
+    path = recipe(workdir, """
+        model a = "a.safetensors"
+        model b = "b.safetensors"
+        save "out.safetensors" = lerp(a, b, t=0.5)
+    """)
+    ok = _kmx("run", path, "--threads", "1", env={**os.environ, "NO_COLOR": "1"})
+    out, err = ok.communicate(timeout=120)
+    assert ok.returncode == 0, err
+    assert "Done:" in out + err and "out.safetensors" in out + err
+    assert (workdir / "out.safetensors").exists()
+    again = _kmx("run", path, "--threads", "1")  # the output exists: K0306, exit 1
+    out, err = again.communicate(timeout=120)
+    assert again.returncode == 1 and "K0306" in err and "Traceback" not in err
+
+
 def test_a_tight_memory_limit_runs_one_key_at_a_time_with_the_same_result(workdir):
     tiny_models(workdir)
     path = recipe(workdir, """
