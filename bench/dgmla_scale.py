@@ -88,7 +88,10 @@ def run(args) -> None:
         path.write_text(recipe(files[0], files[1:], out, base2))
         files += [base2] if base2 else []
         evict(files) if args.cold else warm(files)
-        cmd = [sys.executable, "-m", "karmixlang", "run", str(path), "--force", "-q",
+        for f in folder.glob(f"{suite.name}-n{n}*.safetensors"):
+            f.unlink()
+        # --no-reuse: an earlier output of the same recipe would otherwise be copied key by key
+        cmd = [sys.executable, "-m", "karmixlang", "run", str(path), "--force", "-q", "--no-reuse",
                *(["--memory-limit", args.memory_limit] if args.memory_limit else [])]
         m = measure(cmd, folder / f"{suite.name}-n{n}.log", args.timeout, env)
         rec = {"suite": suite.name, "n": n, "two_bases": args.two_bases, "cold": args.cold,
