@@ -40,12 +40,27 @@ class Workspace:
     per_input: float = 0.0  # × inputs × itemsize: the stacked inputs (and sorting buffers)
     tensors: int = 0  # × itemsize: tensors of the compute dtype
     bytes: int = 0  # fixed bytes: magnitudes, random draws, ranks
+    # The kernel stacks its inputs one slice at a time (runtime/kernels/base.flat_slices:
+    # `inputs` rows of plan/outofcore.slice_step(inputs) elements): the stacked part, and
+    # `slice_tensors` temporaries of one slice each, are bounded by the slice, not the key.
+    sliced: bool = False
+    slice_tensors: int = 0
 
     def __call__(self, inputs: int, itemsize: int) -> int:
-        return int(self.per_input * inputs * itemsize + self.tensors * itemsize + self.bytes)
+        """Bytes per element of the key (the part that grows with the whole key)."""
+        stacked = 0 if self.sliced else self.per_input * inputs * itemsize
+        return int(stacked + self.tensors * itemsize + self.bytes)
+
+    def per_slice_element(self, inputs: int, itemsize: int) -> int:
+        """Bytes per element of one slice (0 unless `sliced`)."""
+        if not self.sliced:
+            return 0
+        return int((self.per_input * inputs + self.slice_tensors) * itemsize)
 
     def describe(self) -> str:
-        parts = ([f"{self.per_input:g} × inputs × n·b"] if self.per_input else []) + \
+        over = " (per slice)" if self.sliced else ""
+        parts = ([f"{self.per_input:g} × inputs × n·b{over}"] if self.per_input else []) + \
+            ([f"{self.slice_tensors} × n·b (per slice)"] if self.slice_tensors else []) + \
             ([f"{self.tensors} × n·b"] if self.tensors else []) + \
             ([f"{self.bytes}·n bytes"] if self.bytes else [])
         return " + ".join(parts) or "0"
@@ -154,6 +169,10 @@ def _stacked(factor: float = 1.0) -> Workspace:
     return Workspace(per_input=factor)
 
 
+def _sliced(factor: float, slice_tensors: int = 0, **whole) -> Workspace:
+    return Workspace(per_input=factor, sliced=True, slice_tensors=slice_tensors, **whole)
+
+
 _NONE = Workspace()
 
 OPS: dict[str, OpSpec] = {s.name: s for s in [
@@ -183,12 +202,18 @@ OPS: dict[str, OpSpec] = {s.name: s for s in [
     _kernel("mean", coefficients=_mean_coeffs, workspace=_stacked(),
             translation_equivariant=True),
     _kernel("sum_", coefficients=_sum_coeffs, workspace=_stacked(), gain=_sum_gain),
-    _kernel("median", workspace=_stacked(3.5), translation_equivariant=True),
-    _kernel("geometric_median", chunk=Chunk.GRAM, workspace=_stacked(),
+    # per slice: the stack, its sorted values, int64 order, fp64 weights and their cumsum;
+    # gathers and the result
+    _kernel("median", workspace=_sliced(8.5, 5), translation_equivariant=True),
+    # Gram methods: per slice the stack and its fp64 copy (3 × n·b in fp32), and the centre
+    # slice widened to fp64; the whole-key centre (the weighted mean; model_stock: the mean)
+    _kernel("geometric_median", chunk=Chunk.GRAM, workspace=_sliced(3, 2, tensors=1),
             translation_equivariant=True),
-    _kernel("model_stock", chunk=Chunk.GRAM, workspace=_stacked(1.5)),
-    _kernel("karcher", chunk=Chunk.GRAM, workspace=_stacked()),
-    _kernel("ties_merge", workspace=_stacked(1.5)),
+    _kernel("model_stock", chunk=Chunk.GRAM, workspace=_sliced(3, 2, tensors=1)),
+    _kernel("karcher", chunk=Chunk.GRAM, workspace=_sliced(3)),
+    # per slice: the votes' stack; their sum, magnitudes' sum, sign, a member's sign, the
+    # agreement, numerator and denominator (kernels/sparse.py)
+    _kernel("ties_merge", workspace=_sliced(1, 7)),
     # ------------------------------------------------------------ filters on deltas
     # magnitudes, partitioned in place (kernels/sparse.py, bench/kernels.py)
     _kernel("trim", broadcast=True, chunk=Chunk.THRESHOLD, workspace=Workspace(bytes=4)),
@@ -202,8 +227,11 @@ OPS: dict[str, OpSpec] = {s.name: s for s in [
     _kernel("iso", broadcast=True, chunk=Chunk.WHOLE, workspace=Workspace(tensors=3),  # SVD
             gain=_interpolation("z", 0.0)),
     # ------------------------------------------------------------ cluster filters
-    _kernel("elect", per_member=True, workspace=_stacked()),
-    _kernel("ties", per_member=True, chunk=Chunk.SPLIT, split="trim", workspace=_stacked()),
+    # per slice: the votes' stack; their sum, magnitudes' sum, sign, a member's sign, the
+    # agreement (ties: after each member's trim, whose magnitudes are 4 bytes per element)
+    _kernel("elect", per_member=True, workspace=_sliced(1, 5)),
+    _kernel("ties", per_member=True, chunk=Chunk.SPLIT, split="trim",
+            workspace=_sliced(1, 5, bytes=4)),
     # ------------------------------------------------------------ inputs
     _kernel("zeros_like"),
 ]}

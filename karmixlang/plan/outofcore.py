@@ -94,13 +94,15 @@ def _pow2_floor(n: int) -> int:
 
 
 def chunking_for(job, nodes, per_element: float, limit: int, item: int,
-             whole_per_element) -> OutOfCore | None:
+                 whole_per_element, chunk_per_element: float) -> OutOfCore | None:
     """The chunked evaluation of `job` (over the node table `nodes`) under `limit`, or None
     when it fits and chunking it would not pay. `per_element`: the in-memory peak bytes per
     element (an upper bound for one chunk's); `whole_per_element(node)`: the same for
     computing one whole-key filter alone (the caller refuses a key whose `whole_bytes` exceed
-    the limit). The chunk length depends on the limit, never on the thread count: the bytes
-    of a result must not."""
+    the limit); `chunk_per_element`: the peak bytes per element of a chunk of at most one
+    kernel slice (a kernel's per-slice stack, which the key's estimate spreads over the
+    key, is whole there). The chunk length depends on the limit, never on the thread count:
+    the bytes of a result must not."""
     numel = math.prod(job.outputs[0].shape)
     walls = [nodes[i] for i in barriers(nodes, job.steps)]
     over = per_element * numel > limit
@@ -111,10 +113,8 @@ def chunking_for(job, nodes, per_element: float, limit: int, item: int,
     if not over and (per_element * numel <= CHUNK_ABOVE_BYTES or
                      not all(_gram(n) or threshold_trim(n, item) for n in walls)):
         return None
-    # A Gram pass stacks a slice of its rows in the compute dtype and again in fp64 (the
-    # in-memory estimate leaves this out: there the slice is capped by the kernel).
     rows = max((len(n.inputs) for n in walls if _gram(n)), default=0)
-    per_element += rows * (item + 8)
+    per_element = chunk_per_element
     budget = limit // OOC_SHARE if over else CHUNK_ABOVE_BYTES
     chunk = max(MIN_CHUNK, _pow2_floor(int(budget / max(per_element, 1.0))))
     # Whole kernel slices make the Gram sums, hence the bytes, those of the in-memory run.

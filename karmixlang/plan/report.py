@@ -18,7 +18,8 @@ from karmixlang.ir.graph import Graph, KeyMap
 from karmixlang.resources import data_dir
 from karmixlang.units import human_bytes
 from karmixlang.plan.rebasin import describe as describe_permutation, phase_one_bytes
-from karmixlang.plan.schedule import COMPUTE_ITEMSIZE, HEAP_BLOCK_LIMIT, IDENTICAL, Schedule
+from karmixlang.plan.schedule import (COMPUTE_ITEMSIZE, HEAP_BLOCK_LIMIT, HEAP_TRIM_THRESHOLD,
+                                       IDENTICAL, Schedule)
 
 SCHEMA_VERSION = 1
 
@@ -224,18 +225,20 @@ def _peak_memory(sched: Schedule, threads: int, compute: str) -> dict:
 
 
 def _stream_peak(sched: Schedule, threads: int, compute: str) -> int:
-    """The `threads` largest keys in flight at once (as far as admission under the memory
-    limit allows them together), plus
-    what the allocator keeps for reuse: blocks under its mmap threshold return to a heap
-    that stays resident, so each thread can hold a previous key's peak of such blocks."""
+    """The `threads` largest keys in flight at once, as far as admission under the memory
+    limit allows them together (a key over the limit runs alone), plus what each thread's
+    heap keeps beside them: blocks under the allocator's mmap threshold return to a heap
+    that is trimmed only past HEAP_TRIM_THRESHOLD free, so up to that much (and never more
+    than the largest such key held) stays resident while the next keys run."""
     threads = max(1, threads)
     item = COMPUTE_ITEMSIZE[compute]
     live = sorted((j.est_bytes for j in sched.jobs), reverse=True)[:threads]
-    # Admission starts a key only while the keys in flight fit the limit (or it runs alone).
-    live = [min(sum(live), max(sched.memory_limit, live[0]))] if live else []
-    small = sorted((j.est_bytes for j in sched.jobs
-                    if math.prod(j.outputs[0].shape) * item < HEAP_BLOCK_LIMIT), reverse=True)
-    return sum(live) + sum(small[:threads])
+    if not live:
+        return 0
+    heap = max((j.est_bytes for j in sched.jobs
+                if math.prod(j.outputs[0].shape) * item < HEAP_BLOCK_LIMIT), default=0)
+    return min(sum(live), max(sched.memory_limit, live[0])) + \
+        threads * min(heap, HEAP_TRIM_THRESHOLD)
 
 
 def _reason_kind(reason: str) -> str:

@@ -26,15 +26,18 @@ from karmixlang.machine import available_memory
 from karmixlang.plan.executable import Executable, KeyJob, Output, SaveTarget, Step
 from karmixlang.plan.extract import Extraction, factor_outputs
 from karmixlang.plan.loras import PlannedLora, plan_loras
-from karmixlang.plan.outofcore import chunking_for
+from karmixlang.plan.outofcore import chunking_for, slice_step
 from karmixlang.plan.rebasin import plan_permutations
 from karmixlang.plan.views import apply_views
 from karmixlang.plan.vocab import SaveVocab, plan_vocabularies
 
 COMPUTE_ITEMSIZE = {"fp32": 4, "fp64": 8}
 # Blocks below this come from glibc's heap, which keeps them for reuse (the runtime raises the
-# mmap threshold to this maximum); larger ones are mapped and unmapped (runtime/executor.py).
+# mmap threshold to this maximum); larger ones are mapped and unmapped (runtime/allocator.py).
 HEAP_BLOCK_LIMIT = 32 << 20
+# A heap returns free memory only past this much at its top (runtime/allocator.py's
+# M_TRIM_THRESHOLD): up to this, freed blocks stay resident beside the blocks in use.
+HEAP_TRIM_THRESHOLD = 64 << 20
 # A non-float key every input holds is copied as is when its copies are identical; planning
 # reads and compares copies up to this size (position_ids, a few KB); a larger one is treated
 # as before (the fallback's, or K0310).
@@ -230,6 +233,8 @@ class Jobs:
         self.index = {n: i for i, n in enumerate(order)}
         self.unions = tuple(n for n in order if n.op == "union")
         self.cache: dict[tuple, _Template] = {}
+        # id(job) -> peak bytes per element of one chunk of it (plan/outofcore.py)
+        self.chunk_per_element: dict[int, float] = {}
 
     def make(self, key: str, outputs: list[Output], shape: tuple[int, ...] | None = None
              ) -> KeyJob:
@@ -256,9 +261,15 @@ class Jobs:
         out_bytes = sum(nbytes(o.dtype, o.shape) or 0 for o in outputs)
         if any(o.factor for o in outputs):  # the SVD: the key, U and Vh, in fp64
             out_bytes += 3 * numel * 8
-        peak = max(t.peak_per_element * numel, t.end_per_element * numel + out_bytes)
-        return KeyJob(key, t.steps, t.choices, t.deferred, t.loads, t.free_after, outputs,
-                      int(peak), read, tensors=tensors, lora=lora)
+        # An output narrower than fp32 is tested finite by summing it widened (a copy of
+        # fp32 entries, one output at a time: runtime/tensors.finite).
+        check = numel * 4 if any(DTYPES[o.dtype].itemsize < 4 for o in outputs
+                                 if o.dtype in DTYPES) else 0
+        end = t.end_per_element * numel + out_bytes + check
+        job = KeyJob(key, t.steps, t.choices, t.deferred, t.loads, t.free_after, outputs,
+                     int(max(t.peak(numel), end)), read, tensors=tensors, lora=lora)
+        self.chunk_per_element[id(job)] = max(t.peak(1), end / max(1, numel))
+        return job
 
     def add_fallback(self, job: KeyJob, graph: Graph) -> None:
         """The job that copies the same key from each save's fallback that holds it (for
@@ -419,8 +430,15 @@ class _Template:
     deferred: frozenset[int]
     free_after: tuple[tuple[int, ...], ...]
     loads: tuple[int, ...]
-    peak_per_element: float
+    # per step that can hold the key's peak: (bytes per element of the key, bytes per element
+    # of a kernel slice, the slice's length): the second part stops growing at one slice
+    peaks: tuple[tuple[float, float, int], ...]
     end_per_element: float
+
+    def peak(self, numel: int) -> float:
+        """At `numel` elements (1: per element of a piece within one slice)."""
+        return max((whole * numel + sliced * min(numel, step)
+                    for whole, sliced, step in self.peaks), default=0)
 
 
 def _template(outputs: list[Output], key: str, jobs: Jobs) -> _Template:
@@ -478,20 +496,35 @@ def _template(outputs: list[Output], key: str, jobs: Jobs) -> _Template:
     for i in steps:
         free_after[last[i]].append(i)
     size = {i: OPS[order[i].op].tensors(len(inputs[i])) * item for i in steps}
-    live, peak = 0, 0
+    # A combination with deferred inputs reads them through the thread's reused buffers
+    # (runtime Scratch: the read buffer, one widened input, one per nested combination):
+    # allocated once, they stay for the rest of the key (and the cast of its output lands
+    # in the read buffer), not only while the combination runs.
+    live, scratch = 0, 0
+    peaks: set[tuple[float, float, int]] = set()
     for k, i in enumerate(steps):
         n = order[i]
         live += size[i]
+        work, sliced, step = 0, 0, 0
         if any(x in deferred for x in inputs[i]):
-            # read buffer + one widened input + one buffer per nested combination
-            work = RAW_READ + item * (1 + depth(i))
+            scratch = max(scratch, RAW_READ + item * (1 + depth(i)))
         else:  # (a load's is its read buffer)
-            work = OPS[n.op].workspace(len(n.inputs), item)
-        peak = max(peak, live + work)
+            spec = OPS[n.op].workspace
+            work = spec(len(n.inputs), item)
+            sliced = spec.per_slice_element(len(n.inputs), item)
+            step = slice_step(len(n.inputs))
+        peaks.add((live + scratch + work, sliced, step))
         live -= sum(size[m] for m in free_after[k])
     loads = tuple(index[n] for n in acc.values() if n.op == "load")
     return _Template(tuple(steps), choice, deferred, tuple(tuple(f) for f in free_after), loads,
-                     peak, live)
+                     _pareto(peaks), live + scratch)
+
+
+def _pareto(peaks: set[tuple[float, float, int]]) -> tuple[tuple[float, float, int], ...]:
+    """The steps' peaks that can be the largest at some key size (others are dominated)."""
+    return tuple(p for p in peaks
+                 if not any(q != p and q[0] >= p[0] and q[1] * q[2] >= p[1] * p[2]
+                            and q[1] >= p[1] for q in peaks))
 
 
 def _keymaps(n: Node) -> list[KeyMap]:
@@ -530,7 +563,7 @@ def check_keymaps(graph: Graph, order: list[Node], jobs: list[KeyJob]) -> None:
 
 
 def chunk_large_keys(graph: Graph, nodes: tuple[Step, ...], jobs: list[KeyJob], limit: int,
-                     item: int) -> None:
+                     item: int, chunk_per_element: dict[int, float]) -> None:
     """Keys whose in-memory estimate exceeds the limit run in chunks (outofcore.py), and so do
     large keys that can at no cost; their estimate becomes the chunked one. A key that cannot
     fit even so is an error."""
@@ -547,7 +580,8 @@ def chunk_large_keys(graph: Graph, nodes: tuple[Step, ...], jobs: list[KeyJob], 
         if any(o.factor for o in job.outputs):  # an SVD needs the whole key: never chunked
             continue
         per_element = job.mem_bytes / max(1, math.prod(job.outputs[0].shape))
-        ooc = chunking_for(job, nodes, per_element, limit, item, whole_per_element)
+        ooc = chunking_for(job, nodes, per_element, limit, item, whole_per_element,
+                           chunk_per_element[id(job)])
         if ooc is None:
             continue
         if ooc.whole_bytes > limit:
@@ -604,15 +638,15 @@ def schedule(graph: Graph, compute: str = "fp32", strict: bool = False,
     keys = node_keys(graph, headers, loras)
     order = graph.topo()
     extractions: dict[int, Extraction] = {}
-    jobs, copied = build_jobs(graph, headers, keys,
-                              Jobs(order, keys, headers, COMPUTE_ITEMSIZE[compute], loras),
-                              strict, extractions)
+    maker = Jobs(order, keys, headers, COMPUTE_ITEMSIZE[compute], loras)
+    jobs, copied = build_jobs(graph, headers, keys, maker, strict, extractions)
     check_keymaps(graph, order, jobs)
     limit = memory_limit or available_memory() // 2
     permutations, phase_one = plan_permutations(graph, order, headers, keys, limit)
     headers = {**headers, **phase_one}
     exe = executable(graph, order, headers, jobs, compute, limit, permutations)
-    chunk_large_keys(graph, exe.nodes, jobs, limit, COMPUTE_ITEMSIZE[compute])
+    chunk_large_keys(graph, exe.nodes, jobs, limit, COMPUTE_ITEMSIZE[compute],
+                     maker.chunk_per_element)
     read_once: dict[tuple[str, str], int] = {}
     for job in jobs:
         for t in job.tensors.values():

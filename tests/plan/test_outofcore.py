@@ -84,7 +84,8 @@ def run_both(folder, text: str, limit: int):
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_out_of_core_output_is_bit_identical(tmp_path, small_slices, name):
     pool(tmp_path, 6)
-    ooc, got, want = run_both(tmp_path, RECIPES[name], 3 * MB)
+    # under every recipe's in-memory estimate of big.w (the kernels' stacks are per slice)
+    ooc, got, want = run_both(tmp_path, RECIPES[name], 9 * MB // 4)
     assert [j.key for j in ooc] == ["big.w"]
     assert ooc[0].ooc.chunks > 1
     for path in want:
@@ -213,12 +214,12 @@ def test_nan_in_an_out_of_core_key_falls_back_whole(tmp_path, small_slices):
     tensors["big.w"][-1, -1] = np.nan  # in the last chunk
     write_model(path, tensors)
     text = RECIPES["geometric_median"] + " with fallback=o"
-    chunked = compile_recipe(recipe(tmp_path, HEAD + text), threads=1, memory_limit=3 * MB)
+    chunked = compile_recipe(recipe(tmp_path, HEAD + text), threads=1, memory_limit=2 * MB)
     assert [j.key for j in chunked.schedule.jobs if j.ooc is not None] == ["big.w"]
     with pytest.raises(KmxError) as exc:
-        execute(chunked, RunOptions(threads=1, memory_limit=3 * MB))
+        execute(chunked, RunOptions(threads=1, memory_limit=2 * MB))
     assert exc.value.diagnostics[0].code == "K0401"
-    result = execute(chunked, RunOptions(threads=1, memory_limit=3 * MB, nonfinite="fallback",
+    result = execute(chunked, RunOptions(threads=1, memory_limit=2 * MB, nonfinite="fallback",
                                          force=True))
     assert result.fallbacks == ["big.w"]
     got = open(tmp_path / "out.safetensors", "rb").read()

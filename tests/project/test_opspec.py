@@ -109,6 +109,9 @@ def test_workspace_formulas():
         "3.5 × inputs × n·b"
     assert Workspace(tensors=3)(5, 8) == 24 and Workspace(bytes=12)(5, 8) == 12
     assert Workspace()(7, 8) == 0 and Workspace().describe() == "0"
+    sliced = Workspace(per_input=1, slice_tensors=7, sliced=True, bytes=4)
+    assert sliced(8, 4) == 4 and sliced.per_slice_element(8, 4) == (8 + 7) * 4
+    assert Workspace(per_input=2).per_slice_element(8, 4) == 0
     assert OPS["median"].stacks and not OPS["trim"].stacks
     assert OPS["elect"].tensors(3) == 3 and OPS["pick"].tensors(1) == 0 and \
         OPS["mean"].tensors(3) == 1
