@@ -14,6 +14,7 @@ places and fitted:
     python bench/dgmla_scale.py run --suite sdxl-w16 --n 32,64,128,257
     python bench/dgmla_scale.py run --suite sdxl --n 1,2,3,4 --cold --memory-limit 16GB
     python bench/dgmla_scale.py disk       # cold read and fsynced write speed of this disk
+    python bench/dgmla_scale.py gram       # the Gram matrix of 257 members alone, per element
     python bench/dgmla_scale.py plan --memory-limit 14GB   # kmx plan of 257 full-size inputs
     python bench/dgmla_scale.py fit        # the fit and the 257-model projection
 
@@ -176,6 +177,31 @@ def disk(args) -> None:
     _append(args.cache, rec)
 
 
+def gram(args) -> None:
+    """The geometric median's N² part at N = 257, timed on its own: kmx's Gram accumulation
+    (runtime/kernels/base.GramSum, fp64 products of fp32 members, slice by slice) over 257
+    members of `--elements` each, seconds per element of one member. Appended as a "gram"
+    record."""
+    import torch
+
+    from karmixlang.runtime.kernels.base import GramSum
+
+    torch.manual_seed(0)
+    members = [torch.randn(args.elements) for _ in range(TARGET_N)]
+    acc = GramSum(TARGET_N)
+    acc.add([m[: 1 << 16] for m in members])  # warm-up: BLAS threads, allocator
+    t0, c0 = time.perf_counter(), time.process_time()
+    acc = GramSum(TARGET_N)
+    acc.add(members)
+    acc.result()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    rec = {"gram": True, "n": TARGET_N, "elements": args.elements, "wall_s": wall,
+           "cpu_s": cpu, "s_per_element": wall / args.elements,
+           "time": time.strftime("%Y-%m-%d %H:%M:%S"), "load_before": os.getloadavg()[0]}
+    print(json.dumps(rec), flush=True)
+    _append(args.cache, rec)
+
+
 def _append(cache: Path, rec: dict) -> None:
     log = cache / "dgmla-results.json"
     old = json.loads(log.read_text()) if log.exists() else []
@@ -183,36 +209,34 @@ def _append(cache: Path, rec: dict) -> None:
 
 
 def fit(args) -> None:
-    """Wall time at 257 = the full-size fit (a + b·N: reading, filtering, electing, writing,
-    cold) + the N² term of the small-width fit scaled to full size + the extra disk traffic
-    of the out-of-core keys at 257 (the plan's temporary files and extra reads, which the
-    small-N runs do not have) at the measured disk speed."""
+    """Wall time at 257 per base's merge = the full-size fit a + b·N (cold: reading,
+    filtering, electing, the median, writing) + the Gram matrix at 257 (its measured seconds
+    per element × the parameters) + the small-width fit's N² coefficient × 257² (what grows
+    as N² per key whatever its size: the Weiszfeld iterations on N×N matrices; it holds that
+    width's small Gram too, counted twice: on the safe side) + the extra disk traffic of the
+    out-of-core keys at 257 (the plan's temporary files and extra reads, which small N does
+    not have) at the measured disk speed."""
     records = json.loads((args.cache / "dgmla-results.json").read_text())
-    drive = [r for r in records if r.get("disk")]
-    rows = [r for r in records if not r.get("disk") and r["rc"] == 0 and not r["two_bases"]]
+    last = {kind: [r for r in records if r.get(kind)][-1:] for kind in ("disk", "gram")}
+    rows = [r for r in records if "suite" in r and r["rc"] == 0 and not r["two_bases"]]
     small = [r for r in rows if r["suite"] == args.small]
     full = [r for r in rows if r["suite"] == args.full and r["cold"]]
-    if len({r["n"] for r in small}) < 3 or len({r["n"] for r in full}) < 2 or not drive:
+    if len({r["n"] for r in small}) < 3 or len({r["n"] for r in full}) < 2 or not all(
+            last.values()):
         sys.exit("need runs at >= 3 pool sizes of the small suite, >= 2 cold full-size "
-                 "ones, and a disk record")
+                 "ones, a disk and a gram record")
     a_s, b_s, c_s = _fit(small, 2)
     a_f, b_f = _fit(full, 1)
-    ratio = full[0]["params"] / small[0]["params"]
-    # The N² term is the Gram matrix: flops per element, so it scales with the parameters.
-    c_f = max(c_s, 0.0) * ratio
-    io = drive[-1]
-    out = {"small": {"suite": args.small, "fit_s": [a_s, b_s, c_s],
-                     "points": [(r["n"], round(r["wall_s"], 1), round(r["cpu_s"], 1),
-                                 round(r["rss_bytes"] / 2**30, 2)) for r in small]},
-           "full": {"suite": args.full, "fit_s": [a_f, b_f], "n2_coefficient_s": c_f,
-                    "points": [(r["n"], round(r["wall_s"], 1), round(r["cpu_s"], 1),
-                                round(r["rss_bytes"] / 2**30, 2)) for r in full]},
-           "disk": {k: io[k] for k in ("read_gbps", "write_gbps")}, "projection": []}
+    io, g = last["disk"][0], last["gram"][0]
+    gram_s = g["s_per_element"] * full[0]["params"]
+    out = {"small": {"suite": args.small, "fit_s": [a_s, b_s, c_s], "points": _points(small)},
+           "full": {"suite": args.full, "fit_s": [a_f, b_f], "points": _points(full)},
+           "gram_257_full_s": gram_s, "disk": {k: io[k] for k in ("read_gbps", "write_gbps")},
+           "projection": []}
     for p in json.loads((args.cache / "dgmla-plan.json").read_text()):
-        bases = 2 if p["two_bases"] else 1
-        n = p["n"]
-        linear = bases * (a_f + b_f * n)  # each base's merge filters and elects the pool
-        square = bases * c_f * n ** 2
+        bases, n = (2 if p["two_bases"] else 1), p["n"]
+        linear = bases * (a_f + b_f * n)
+        square = bases * (gram_s + max(c_s, 0.0) * n ** 2)
         ooc = (p["ooc_extra_read_bytes"] / (io["read_gbps"] * 1e9)
                + p["ooc_spill_write_bytes"] / (io["write_gbps"] * 1e9))
         out["projection"].append({
@@ -221,6 +245,12 @@ def fit(args) -> None:
             "n2_h": square / 3600, "out_of_core_io_h": ooc / 3600,
             "plan_peak_memory_gib": p["peak_memory_bytes"] / 2**30})
     print(json.dumps(out, indent=1))
+
+
+def _points(rows: list[dict]) -> list[tuple]:
+    """(N, wall s, CPU s, peak RSS GiB) of each run."""
+    return [(r["n"], round(r["wall_s"], 1), round(r["cpu_s"], 1),
+             round(r["rss_bytes"] / 2**30, 2)) for r in rows]
 
 
 def main() -> None:
@@ -238,13 +268,15 @@ def main() -> None:
     d = sub.add_parser("disk")
     d.add_argument("--suite", default="sdxl", choices=list(data.SUITES))
     d.add_argument("--n", type=int, default=4, help="read the base and this many fine-tunes")
+    g = sub.add_parser("gram")
+    g.add_argument("--elements", type=int, default=1 << 20)
     p = sub.add_parser("plan")
     p.add_argument("--memory-limit", default="14GB")
     f = sub.add_parser("fit")
     f.add_argument("--small", default="sdxl-w16")
     f.add_argument("--full", default="sdxl")
     args = ap.parse_args()
-    {"run": run, "disk": disk, "plan": plan, "fit": fit}[args.cmd](args)
+    {"run": run, "disk": disk, "gram": gram, "plan": plan, "fit": fit}[args.cmd](args)
 
 
 if __name__ == "__main__":
