@@ -4,6 +4,7 @@ run in this process."""
 from __future__ import annotations
 
 import os
+import signal
 import textwrap
 
 import numpy as np
@@ -62,3 +63,10 @@ def cli(capsys, *argv) -> tuple[int, str, str]:
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err and "internal error" not in out + err
     return code, out, err
+
+
+def default_sigint() -> None:
+    """preexec_fn for a kmx child that must see Ctrl-C: a test runner started in the
+    background by a non-interactive shell ignores SIGINT, children inherit that, and kmx
+    then leaves it ignored on purpose."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -27,7 +27,7 @@ from karmixlang.plan import outofcore
 from karmixlang.runtime.executor import RunOptions, execute
 from karmixlang.runtime.ray import executor as ray_exec
 
-from conftest import fuzz_examples, recipe, tiny_models
+from conftest import default_sigint, fuzz_examples, recipe, tiny_models
 
 HUGE = (-3e38, 3e38)  # finite in fp32; their difference is not
 
@@ -270,7 +270,8 @@ def test_ctrl_c_at_any_early_moment_exits_130_without_a_traceback(workdir):
     rng = random.Random(7)
     ours = 0
     for _ in range(10):
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=default_sigint)
         time.sleep(rng.uniform(0.0, whole))
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)

@@ -22,7 +22,7 @@ from karmixlang.diagnostics import KmxError
 from karmixlang.runtime.executor import RunOptions, execute
 from karmixlang.demo.synth import make_model, write_demo_pool, write_model, write_sharded_llm
 
-from conftest import recipe, tiny_models
+from conftest import default_sigint, recipe, tiny_models
 
 
 def run(path, **kw):
@@ -199,7 +199,7 @@ def slow_merge(tmp_path_factory):
 
 def _kmx(*args, **kw):
     return subprocess.Popen([sys.executable, "-m", "karmixlang", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint, **kw)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
