@@ -122,8 +122,17 @@ def _write(suite: Suite, dest: Path, pairs, role: str) -> None:
     (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-SAFETENSORS_DTYPE = {"float16": "F16", "float32": "F32", "float64": "F64", "int64": "I64",
-                     "int32": "I32", "bool": "BOOL", "uint8": "U8"}
+# numpy's dtype names (and the layouts' "bfloat16") -> safetensors' dtype codes
+SAFETENSORS_DTYPE = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64",
+                     "int64": "I64", "int32": "I32", "bool": "BOOL", "uint8": "U8"}
+
+
+def safetensors_prefix(header: dict) -> bytes:
+    """What precedes a safetensors file's data: the header's length, then the header (JSON),
+    padded with spaces so that the data start 8-byte aligned."""
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return len(blob).to_bytes(8, "little") + blob
 
 
 def _write_streamed(dest: Path, pairs, meta: dict) -> None:
@@ -144,10 +153,8 @@ def _write_streamed(dest: Path, pairs, meta: dict) -> None:
                                 "data_offsets": [offset, offset + x.nbytes]}
                 offset += x.nbytes
         header["__metadata__"] = meta
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # the data start 8-byte aligned
         with open(partial, "wb") as out, open(scratch, "rb") as data:
-            out.write(len(blob).to_bytes(8, "little") + blob)
+            out.write(safetensors_prefix(header))
             shutil.copyfileobj(data, out, 64 << 20)
         os.replace(partial, dest)
     finally:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import subprocess
 import sys
@@ -23,8 +22,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-DTYPES = {"float16": ("F16", 2), "float32": ("F32", 4), "int64": ("I64", 8),
-          "bfloat16": ("BF16", 2), "bool": ("BOOL", 1)}
 N_INPUTS = 50
 RECIPES = {
     # name -> recipe body over `b` (a base), `b2` (a second base) and `pool` (the other 48)
@@ -36,22 +33,24 @@ RECIPES = {
 }
 def sparse_sdxl(path: Path) -> None:
     """A full-size SDXL checkpoint whose data region is a hole (reads as zeros)."""
+    from data import SAFETENSORS_DTYPE, safetensors_prefix
+
     from karmixlang.demo import synth
+    from karmixlang.io.dtypes import nbytes
 
     header, offset = {}, 0
     for key, spec in synth.load_layout("sdxl").items():
         dtype = "float16" if spec.dtype.startswith(("float", "bfloat")) else spec.dtype
-        code, size = DTYPES[dtype]
-        n = math.prod(spec.shape) * size
+        code = SAFETENSORS_DTYPE[dtype]
+        n = nbytes(code, tuple(spec.shape))
         header[key] = {"dtype": code, "shape": list(spec.shape),
                        "data_offsets": [offset, offset + n]}
         offset += n
     header["__metadata__"] = {"format": "pt"}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
+    prefix = safetensors_prefix(header)
     with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little") + blob)
-        f.truncate(8 + len(blob) + offset)
+        f.write(prefix)
+        f.truncate(len(prefix) + offset)
 
 
 def recipe_text(body: str, base: str, base2: str, pool: list[str], out: str) -> str:
