@@ -123,22 +123,29 @@ class HashCache:
             self.data = {}
 
     @staticmethod
-    def key(path: str) -> str:
-        st = os.stat(path)
+    def key(path: str, st: os.stat_result | None = None) -> str:
+        st = st or os.stat(path)
         return (f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|"
                 f"{st.st_ino}")
 
     def get(self, path: str, fresh: bool = False, span: Span | None = None,
-            data_sha256: str | None = None) -> FileHashes:
+            data_sha256: str | None = None,
+            sha256: tuple[str, os.stat_result] | None = None) -> FileHashes:
         """`fresh`: hash again even if cached (a resumed run must not trust the cache).
-        `data_sha256`: the data hash, if known (compute_hashes)."""
+        `data_sha256`: the data hash, if known (compute_hashes). `sha256`: the whole file's,
+        if known, with the file's identity when it was hashed: trusted only while the file is
+        that file, unwritten since (same_content); the file is not read at all then."""
         try:
-            k = self.key(path)
+            st = os.stat(path)
+            k = self.key(path, st)
         except OSError as e:
             os_fail(e, path, span)
         cached = None if fresh else _entry(self.data.get(k))
         if cached is None:
-            cached = compute_hashes(path, span, data_sha256=data_sha256)
+            if data_sha256 is not None and sha256 is not None and same_content(sha256[1], st):
+                cached = FileHashes(sha256[0], data_sha256)
+            else:
+                cached = compute_hashes(path, span, data_sha256=data_sha256)
             self.data[k] = {"sha256": cached.sha256, "data_sha256": cached.data_sha256}
         return cached
 
@@ -161,6 +168,13 @@ class HashCache:
             os.replace(tmp, self.path)
         except OSError:
             pass
+
+
+def same_content(before: os.stat_result, now: os.stat_result) -> bool:
+    """Whether `now` is the file hashed at `before`, unwritten since: same inode, size and
+    modification time (a rename, which is how a file is published, changes none of them)."""
+    return (before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns) == \
+        (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns)
 
 
 def _current(key: str) -> bool:
@@ -187,13 +201,16 @@ def _is_hex(text: str) -> bool:
 
 
 def file_hashes(paths: list[str], span: Span | None = None,
-                data_sha256: dict[str, str] | None = None) -> dict[str, FileHashes]:
+                data_sha256: dict[str, str] | None = None,
+                sha256: dict[str, tuple[str, os.stat_result]] | None = None
+                ) -> dict[str, FileHashes]:
     """The hashes of several files through the cache (read once each, saved once);
-    `data_sha256`: the data hashes already known, by path."""
+    `data_sha256`, `sha256`: the hashes already known, by path (HashCache.get)."""
     cache = HashCache()
-    known = data_sha256 or {}
+    data, whole = data_sha256 or {}, sha256 or {}
     try:
-        return {p: cache.get(p, span=span, data_sha256=known.get(p)) for p in paths}
+        return {p: cache.get(p, span=span, data_sha256=data.get(p), sha256=whole.get(p))
+                for p in paths}
     finally:
         cache.save()
 

@@ -31,6 +31,7 @@ from karmixlang.io.files import (JOURNAL_SUFFIX, LOCK_SUFFIX, PARTIAL_SUFFIX, ST
                                  OutputLock, hidden_path, not_regular, same_file, write_all)
 from karmixlang.io.hashes import data_region_sha256
 from karmixlang.io.header import TOO_MANY_FILES_HELP
+from karmixlang.io.running_hash import RunningHash, WholeFileHashes
 
 RESTART_HELP = ("to start this output over, run again with --force (the interrupted run's "
                 "finished keys are discarded); or undo the change and resume")
@@ -233,6 +234,7 @@ class CheckpointWriter:
         self._temps = [hidden_path(f.path, PARTIAL_SUFFIX) for f in layout.files]
         self._journal = hidden_path(layout.final_path, JOURNAL_SUFFIX)
         self._fds: list[int] = []
+        self._running: list[RunningHash] = []  # each file's data hash, as keys are written
         self._idents: list[os.stat_result] = []  # of the partial files this writer opened
         self._journal_fd: int | None = None
         self._pending: set[str] = set()  # written since the last checkpoint, not yet durable
@@ -240,6 +242,9 @@ class CheckpointWriter:
         self._in_flight = 0  # writes and fsyncs using the fds; close waits for them
         self._closed = False
         self._committed = False
+        # Each published file's full SHA-256 and its identity when hashed (or None), once
+        # committed: computed while the data was fsynced.
+        self.file_sha256: list[tuple[str, os.stat_result] | None] = []
         self._checkpointing = threading.Lock()  # one journal append at a time
         resuming = resume and os.path.exists(self._journal)
         try:
@@ -275,6 +280,7 @@ class CheckpointWriter:
             os.ftruncate(fd, f.size)
             _reserve(fd, f.size)
             _pwrite_all(fd, memoryview(f.header), 0)
+        self._start_hashes(set())
         self._journal_fd = _create_new(self._journal, os.O_WRONLY | os.O_APPEND)
         first = {"kmx_journal": JOURNAL_VERSION, "plan": self.layout.fingerprint}
         write_all(self._journal_fd, (json.dumps(first) + "\n").encode())
@@ -315,9 +321,15 @@ class CheckpointWriter:
         # Cut the torn line off, or the next append would extend it into a corrupt middle line.
         os.ftruncate(self._journal_fd, len(raw) - len(torn))
         self.done_keys = set(keys)
+        self._start_hashes(self.done_keys)
         # Partial files are sparse: they still need their size minus the blocks on disk.
         self._check_space(sum(max(0, f.size - os.fstat(fd).st_blocks * 512)
                               for f, fd in zip(self.layout.files, self._fds)))
+
+    def _start_hashes(self, done: set[str]) -> None:
+        slots = self.layout.slots
+        self._running = [RunningHash(f.keys, [slots[k].nbytes for k in f.keys], len(f.header),
+                                     done) for f in self.layout.files]
 
     def _check_space(self, need: int) -> None:
         # Fail in the first second rather than with ENOSPC after an hour of merging.
@@ -348,11 +360,16 @@ class CheckpointWriter:
             raise ValueError(f"{key!r} has {slot.nbytes} bytes: no piece of {view.nbytes} at "
                              f"{start}")
         complete = start + view.nbytes == slot.nbytes
+        running = self._running[slot.file]
         self._enter()
         ok = False
         try:
-            _pwrite_all(self._fds[slot.file], view, slot.offset + start)
+            running.rewriting(key)
+            fd = self._fds[slot.file]
+            _pwrite_all(fd, view, slot.offset + start)
             ok = True
+            if complete:
+                running.finished(key, fd, view if start == 0 else None)
         except OSError as e:
             self._fail_os(e, self._temps[slot.file])
         finally:
@@ -383,11 +400,14 @@ class CheckpointWriter:
                 self.done_keys |= batch
 
     def data_hashes(self) -> list[str]:
-        """The SHA-256 (hex) of each partial file's tensor data as written so far: once every
-        key is written, what its header's modelspec.hash_sha256 records. Read by path after
-        checking each is still this writer's file (commit() checks again before publishing)."""
+        """The SHA-256 (hex) of each partial file's tensor data: once every key is written,
+        what its header's modelspec.hash_sha256 records. Each was advanced as its keys were
+        written (io/running_hash.py); one that could not be (a key rewritten, a read back that
+        failed, a key never written) is read by path instead, after checking the file is still
+        this writer's (commit() checks again before publishing)."""
         self._check_own_files()
-        return [data_region_sha256(temp) for temp in self._temps]
+        return [running.hexdigest() or data_region_sha256(temp)
+                for running, temp in zip(self._running, self._temps)]
 
     def commit(self, headers: list[bytes] | None = None) -> None:
         """Publish: fsync, rename every temp file to its final name (index last), fsync the
@@ -395,10 +415,15 @@ class CheckpointWriter:
 
         `headers` replaces each file's header just before publishing; each must have the
         length of the planned one (the runtime fills in input hashes computed during the run,
-        planned as fixed-length placeholders, so no tensor offset moves)."""
+        planned as fixed-length placeholders, so no tensor offset moves). Each file is hashed
+        whole (file_sha256) while its data is fsynced: the wait for the disk hides the read."""
         if headers is not None:
             self._replace_headers(headers)
-        self.checkpoint()
+        whole = WholeFileHashes(self._fds, [f.size for f in self.layout.files])
+        try:
+            self.checkpoint()
+        finally:
+            self.file_sha256 = whole.result()  # the thread is done with the descriptors
         missing = self.layout.slots.keys() - self.done_keys
         if missing:
             raise RuntimeError(f"commit() with {len(missing)} keys never written, "

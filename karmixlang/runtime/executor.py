@@ -303,7 +303,8 @@ def _run(compiled, opts, executor, outputs, progress, start) -> RunResult:
                      sum(compiled.schedule.bytes_written), rss.growth,
                      fallbacks=session.fallbacks, reused=len(reused),
                      hashes=file_hashes(outputs.written_files(),
-                                        data_sha256=outputs.data_sha256),
+                                        data_sha256=outputs.data_sha256,
+                                        sha256=outputs.file_sha256),
                      input_hashes=dict(sorted(outputs.hashes.items())))
 
 

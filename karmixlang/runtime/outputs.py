@@ -98,6 +98,8 @@ class OutputSet:
         self._fingerprints: list[dict[str, str]] | None = None  # once the inputs are hashed
         self.replaced: set[str] = set()  # keys copied from a fallback (--nonfinite=fallback)
         self.data_sha256: dict[str, str] = {}  # published file -> its data hash, once committed
+        # published file -> its whole SHA-256 and identity when hashed (CheckpointWriter.commit)
+        self.file_sha256: dict[str, tuple[str, os.stat_result]] = {}
         self._keys: dict[int, list[str]] = {}
         self.date = _modelspec_date(opts.date)
         self.layouts = [plan_save(s, compiled.schedule, i, self._metadata(i, None))
@@ -446,6 +448,10 @@ class OutputSet:
         for i, (w, h) in enumerate(zip(writers, headers)):
             with self.at(i):
                 w.commit(h)
+        self.file_sha256 = {published_path(f.path, s.path): h
+                            for s, w in zip(self.c.graph.saves, writers)
+                            if isinstance(w, CheckpointWriter)
+                            for f, h in zip(w.layout.files, w.file_sha256) if h}
         self._publish_folders()
         self._finish(writers, keep_partial=False)
 

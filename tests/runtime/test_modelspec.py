@@ -264,3 +264,29 @@ def test_the_summary_prints_the_inputs_hashes_unless_quiet(workdir, capsys):
     assert "input" not in out  # hashes go to stderr, stdout keeps its `wrote` lines
     code, out, err = cli(capsys, "run", path, "--threads", "1", "--force", "-q")
     assert code == 0 and "input " not in err and "SHA-256" in err  # the output's line stays
+
+
+def test_the_outputs_hashes_come_without_reading_it_back(workdir, monkeypatch):
+    """The data hash is advanced while keys are written and the whole file hashed while it
+    is fsynced: neither re-reads a published or partial file, and both are hashlib's."""
+    from karmixlang.io import hashes as hashes_module, writer as writer_module
+
+    read = []
+    real = hashes_module.compute_hashes
+
+    def recorded(path, *a, **kw):
+        read.append(os.path.realpath(path))
+        return real(path, *a, **kw)
+    monkeypatch.setattr(hashes_module, "compute_hashes", recorded)
+    monkeypatch.setattr(writer_module, "data_region_sha256", recorded)
+    write_sdxl_models(workdir, ("a", "b"))
+    path = recipe(workdir, MERGE.format(with_=' with shard="8KB"'))
+    result = execute(compile_recipe(path, threads=2), RunOptions(threads=2))
+    shards = sorted(str(p) for p in (workdir / "out").glob("merge-*-of-*.safetensors"))
+    assert len(shards) > 1 and sorted(result.hashes) == shards
+    for shard in shards:
+        h = result.hashes[shard]
+        assert h.sha256 == hashlib.sha256(open(shard, "rb").read()).hexdigest()
+        assert h.data_sha256 == data_sha256(shard)
+        assert os.path.realpath(shard) not in read
+    assert read  # the inputs were hashed through the same function: the spy works
