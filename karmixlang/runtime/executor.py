@@ -259,7 +259,8 @@ def _run(compiled, opts, executor, outputs, progress, start) -> RunResult:
     exe = solve_all(compiled.schedule.executable, Reader())
     writers = outputs.open()
     done = outputs.done_keys(writers)
-    jobs = [j for j in compiled.schedule.jobs if j.key not in done]
+    jobs = in_data_order([j for j in compiled.schedule.jobs if j.key not in done],
+                         outputs.layouts)
     try:
         reuse = Reuse(outputs, writers) if opts.reuse else None
     except BaseException:
@@ -306,6 +307,21 @@ def _run(compiled, opts, executor, outputs, progress, start) -> RunResult:
                                         data_sha256=outputs.data_sha256,
                                         sha256=outputs.file_sha256),
                      input_hashes=dict(sorted(outputs.hashes.items())))
+
+
+def in_data_order(jobs: list[KeyJob], layouts) -> list[KeyJob]:
+    """`jobs` in the order their results lie in the output files (save, file, offset). Each
+    file's data hash advances over the contiguous prefix of written keys (io/running_hash.py):
+    keys finished in that order are hashed from the writer's own buffer while the next ones
+    compute. The schedule lists keys by name, and safetensors lays a file out widest dtype
+    first, so the few int64 or fp32 keys of an fp16 output would hold the prefix back to the
+    last key and every other key would be read back then. Only the order changes: each key's
+    bytes do not depend on it, nor does the memory admitted at once."""
+    def position(job: KeyJob) -> tuple[int, int, int]:
+        slots = ((o.save, layouts[o.save].slots[o.written_as(job.key)]) for o in job.outputs)
+        return min(((save, s.file, s.offset) for save, s in slots), default=(0, 0, 0))
+
+    return sorted(jobs, key=position)
 
 
 def _copy_reused(jobs: list[KeyJob], reuse: Reuse, session: RunSession) -> set[str]:

@@ -290,3 +290,31 @@ def test_the_outputs_hashes_come_without_reading_it_back(workdir, monkeypatch):
         assert h.data_sha256 == data_sha256(shard)
         assert os.path.realpath(shard) not in read
     assert read  # the inputs were hashed through the same function: the spy works
+
+
+def test_keys_run_in_the_order_they_lie_in_the_output(workdir, monkeypatch):
+    """The run follows the output's data order (widest dtype first), not the schedule's name
+    order: one thread hashes every key from its own buffer, none is read back."""
+    from karmixlang.io.running_hash import RunningHash
+
+    read_back = []
+    real = RunningHash._read_into_digest
+    monkeypatch.setattr(RunningHash, "_read_into_digest",
+                        lambda self, fd, offset, size: read_back.append(offset)
+                        or real(self, fd, offset, size))
+    tiny_models(workdir, names=("a", "b"))  # floats, and an int64 key named last
+    compiled = compile_recipe(recipe(workdir, """
+        model a = "a.safetensors"
+        model b = "b.safetensors"
+        save "out.safetensors" = 0.5*a + 0.5*b with dtype="fp16"
+    """), threads=1)
+    result = execute(compiled, RunOptions(threads=1))
+    with open(workdir / "out.safetensors", "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    header.pop("__metadata__")
+    data_order = sorted(header, key=lambda k: header[k]["data_offsets"])
+    assert data_order != sorted(header)  # mixed dtypes: the name order would hold the prefix
+    assert [j.key for j in compiled.schedule.jobs] == sorted(header)
+    assert read_back == []
+    shard = str(workdir / "out.safetensors")
+    assert result.hashes[shard].data_sha256 == data_sha256(shard)
