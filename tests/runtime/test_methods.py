@@ -542,19 +542,23 @@ def test_cuda_matches_cpu():
         assert torch.equal(ALL_OPS[seeded](gpu, ws).ne(0).cpu(), ALL_OPS[seeded](xs, ws).ne(0))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_ordinal_ranks_break_ties_by_position(dtype):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 200), (1, 300_000)])
+def test_ordinal_ranks_break_ties_by_position(dtype, shape):
     from karmixlang.runtime.kernels.sparse import ordinal_ranks
 
+    # Signed values with many equal magnitudes, both zeros and infinities: a magnitude tie
+    # between x and -x, or 0.0 and -0.0, goes to the earlier position.
     rng = np.random.default_rng(4)
-    rows = torch.from_numpy(np.abs(rng.integers(0, 5, size=(3, 200))).astype(np.float64)).to(dtype)
-    rows[0, :10] = 0.0
-    expected = torch.empty(rows.shape, dtype=torch.int64)
-    for r in range(rows.shape[0]):
-        order = sorted(range(rows.shape[1]), key=lambda i: (float(rows[r, i]), i))
-        for rank, i in enumerate(order):
-            expected[r, i] = rank
-    assert torch.equal(ordinal_ranks(rows), expected)
+    values = rng.integers(-5, 6, size=shape).astype(np.float64) * 0.25
+    values[0, :10] = -0.0
+    values[-1, -3:] = [np.inf, -np.inf, 1e-3]
+    rows = torch.from_numpy(values).to(dtype)
+    magnitudes = rows.abs().to(torch.float64).numpy()
+    expected = np.empty(shape, dtype=np.int64)
+    for r in range(shape[0]):
+        expected[r, np.argsort(magnitudes[r], kind="stable")] = np.arange(shape[1])
+    assert np.array_equal(ordinal_ranks(rows).numpy(), expected)
 
 
 def test_elected_sign_of_near_ties_does_not_depend_on_member_order():
