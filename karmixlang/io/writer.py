@@ -221,11 +221,14 @@ class CheckpointWriter:
     publishes the files. Leaving a `with` block without commit() keeps the partial files and
     journal (so `--resume` can continue after an error); abort(keep_partial=False) discards them.
     The output's OutputLock is taken first (or `lock`, held by the caller, is used).
+    With `hashes`, each file's hashes are kept as it is written (io/running_hash.py): what a
+    merge records and reports, at no extra read; without, data_hashes() reads the files.
     """
 
     def __init__(self, layout: OutputLayout, *, resume: bool = False,
-                 lock: OutputLock | None = None):
+                 lock: OutputLock | None = None, hashes: bool = False):
         self.layout = layout
+        self._hashes = hashes
         self._lock = lock or OutputLock(layout.final_path)
         self._own_lock = lock is None
         # Durable keys: journaled by an earlier run (found on resume) or by checkpoint().
@@ -327,6 +330,8 @@ class CheckpointWriter:
                               for f, fd in zip(self.layout.files, self._fds)))
 
     def _start_hashes(self, done: set[str]) -> None:
+        if not self._hashes:
+            return
         slots = self.layout.slots
         self._running = [RunningHash(f.keys, [slots[k].nbytes for k in f.keys], len(f.header),
                                      done) for f in self.layout.files]
@@ -360,15 +365,16 @@ class CheckpointWriter:
             raise ValueError(f"{key!r} has {slot.nbytes} bytes: no piece of {view.nbytes} at "
                              f"{start}")
         complete = start + view.nbytes == slot.nbytes
-        running = self._running[slot.file]
+        running = self._running[slot.file] if self._running else None
         self._enter()
         ok = False
         try:
-            running.rewriting(key)
+            if running:
+                running.rewriting(key)
             fd = self._fds[slot.file]
             _pwrite_all(fd, view, slot.offset + start)
             ok = True
-            if complete:
+            if running and complete:
                 running.finished(key, fd, view if start == 0 else None)
         except OSError as e:
             self._fail_os(e, self._temps[slot.file])
@@ -406,8 +412,8 @@ class CheckpointWriter:
         failed, a key never written) is read by path instead, after checking the file is still
         this writer's (commit() checks again before publishing)."""
         self._check_own_files()
-        return [running.hexdigest() or data_region_sha256(temp)
-                for running, temp in zip(self._running, self._temps)]
+        known = [r.hexdigest() for r in self._running] or [None] * len(self._temps)
+        return [digest or data_region_sha256(temp) for digest, temp in zip(known, self._temps)]
 
     def commit(self, headers: list[bytes] | None = None) -> None:
         """Publish: fsync, rename every temp file to its final name (index last), fsync the
@@ -415,15 +421,18 @@ class CheckpointWriter:
 
         `headers` replaces each file's header just before publishing; each must have the
         length of the planned one (the runtime fills in input hashes computed during the run,
-        planned as fixed-length placeholders, so no tensor offset moves). Each file is hashed
-        whole (file_sha256) while its data is fsynced: the wait for the disk hides the read."""
+        planned as fixed-length placeholders, so no tensor offset moves). With `hashes`, each
+        file is hashed whole (file_sha256) while its data is fsynced: the wait for the disk
+        hides the read."""
         if headers is not None:
             self._replace_headers(headers)
-        whole = WholeFileHashes(self._fds, [f.size for f in self.layout.files])
+        whole = (WholeFileHashes(self._fds, [f.size for f in self.layout.files])
+                 if self._hashes else None)
         try:
             self.checkpoint()
         finally:
-            self.file_sha256 = whole.result()  # the thread is done with the descriptors
+            if whole:
+                self.file_sha256 = whole.result()  # the thread is done with the descriptors
         missing = self.layout.slots.keys() - self.done_keys
         if missing:
             raise RuntimeError(f"commit() with {len(missing)} keys never written, "

@@ -311,7 +311,7 @@ class OutputSet:
             with self._stamp_lock:
                 self._stamps.append((hidden_path(layout.final_path, STAMP_SUFFIX), index))
                 self._write_stamp(*self._stamps[-1])
-        return CheckpointWriter(layout, resume=mode == "resume", lock=lock)
+        return CheckpointWriter(layout, resume=mode == "resume", lock=lock, hashes=True)
 
     def _mode(self, index: int) -> str:
         path = self.c.graph.saves[index].path

@@ -84,7 +84,7 @@ def test_the_running_digest_is_hashlibs_for_any_order_and_pieces(sizes, seed, sh
     rnd.shuffle(order)
     with tempfile.TemporaryDirectory() as folder:
         layout = layout_for(folder, arrays, shard)
-        with CheckpointWriter(layout) as w:
+        with CheckpointWriter(layout, hashes=True) as w:
             for k in order:
                 write_key(w, k, arrays[k].tobytes(), rnd.choice([0, 0, 1, 3]))
             got = [r.hexdigest() for r in w._running]
@@ -98,7 +98,7 @@ def test_keys_written_by_many_threads_need_no_second_read(tmp_path, no_reread):
     layout = layout_for(str(tmp_path), arrays, shard_bytes=200_000)
     keys = list(arrays)
     random.Random(2).shuffle(keys)
-    with CheckpointWriter(layout) as w:
+    with CheckpointWriter(layout, hashes=True) as w:
         threads = [threading.Thread(target=lambda part: [w.write(k, arrays[k].tobytes())
                                                          for k in part], args=(keys[i::6],))
                    for i in range(6)]
@@ -116,12 +116,12 @@ def test_a_resumed_write_counts_the_journaled_keys(tmp_path, no_reread):
     arrays = arrays_of([50, 7, 0, 300, 12, 90], 3)
     keys = sorted(arrays)
     layout = layout_for(str(tmp_path), arrays)
-    w = CheckpointWriter(layout)
+    w = CheckpointWriter(layout, hashes=True)
     for k in keys[3:]:
         w.write(k, arrays[k].tobytes())
     w.checkpoint()
     w.abort(keep_partial=True)
-    with CheckpointWriter(layout, resume=True) as w:
+    with CheckpointWriter(layout, resume=True, hashes=True) as w:
         for k in reversed(keys[:3]):
             w.write(k, arrays[k].tobytes())
         assert w.data_hashes() == digests(layout)
@@ -132,7 +132,7 @@ def test_a_finished_key_written_again_is_hashed_from_the_file(tmp_path, rereads)
     arrays = arrays_of([64, 64, 64], 4)
     first = sorted(arrays)[0]
     layout = layout_for(str(tmp_path), arrays)
-    with CheckpointWriter(layout) as w:
+    with CheckpointWriter(layout, hashes=True) as w:
         for k, a in arrays.items():
             w.write(k, a.tobytes())
         w.write(first, (arrays[first] + 1).tobytes())  # e.g. a copy redone after a failure
@@ -144,7 +144,7 @@ def test_a_finished_key_written_again_is_hashed_from_the_file(tmp_path, rereads)
 def test_a_key_never_written_leaves_the_digest_incomplete(tmp_path):
     arrays = arrays_of([10, 10], 5)
     layout = layout_for(str(tmp_path), arrays)
-    with CheckpointWriter(layout) as w:
+    with CheckpointWriter(layout, hashes=True) as w:
         w.write(sorted(arrays)[1], arrays[sorted(arrays)[1]].tobytes())
         assert w._running[0].hexdigest() is None
         w.abort(keep_partial=False)
@@ -172,7 +172,7 @@ def test_a_failed_read_back_gives_the_digest_up(tmp_path):
 def test_commit_hashes_each_file_whole_while_it_is_fsynced(tmp_path):
     arrays = arrays_of([(i * 53) % 900 + 1 for i in range(40)], 6)
     layout = layout_for(str(tmp_path), arrays, shard_bytes=20_000)
-    with CheckpointWriter(layout) as w:
+    with CheckpointWriter(layout, hashes=True) as w:
         for k, a in arrays.items():
             w.write(k, a.tobytes())
         w.commit()
@@ -206,3 +206,16 @@ def test_the_cache_takes_a_known_hash_only_for_the_file_that_was_hashed(tmp_path
     got = HashCache().get(str(path), data_sha256=truth.data_sha256,
                           sha256=(truth.sha256, before))
     assert got.sha256 == hashlib.sha256(path.read_bytes()).hexdigest() != truth.sha256
+
+
+def test_a_writer_without_hashes_keeps_none_and_hashes_from_disk_when_asked(tmp_path, rereads):
+    """`kmx convert` reports no hashes: its writer spends nothing on them while writing."""
+    arrays = arrays_of([30, 40], 7)
+    layout = layout_for(str(tmp_path), arrays)
+    with CheckpointWriter(layout) as w:
+        for k, a in arrays.items():
+            w.write(k, a.tobytes())
+        assert w._running == []
+        assert w.data_hashes() == digests(layout) and len(rereads) == 1
+        w.commit()
+    assert w.file_sha256 == []
