@@ -10,6 +10,8 @@ tf-FILTER-VALUE-RULE included) the recipe bench/run.py writes is planned with `k
 (totals.peak_memory_bytes) and run in a fresh process through the API
 (RunResult.peak_rss_delta: resident memory sampled every 10 ms, above what the process held
 when the run started), so that an earlier run can neither hide growth nor leave memory behind.
+That process gets the allocator setting `kmx run` restarts itself with (glibc's small-block
+cache off: karmixlang/__main__.py), so it measures what `kmx run` holds.
 Issue #18's target: every ratio measured / estimated in [0.5, 1.0] — never under-estimated,
 never more than twice over. Inputs come from bench/data.py (built on first use).
 """
@@ -28,6 +30,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import data  # noqa: E402
 import run  # noqa: E402
+
+sys.path.insert(0, str(HERE.parent))
+from karmixlang.__main__ import allocator_env  # noqa: E402
 
 BASIC = ["ws", "ad", "ties", "dare", "della", "gm", "ms", "dgmla"]
 SWEEP = ["tf-trim-0.3-count", "tf-trim-0.7-mass", "tf-ties-0.3-count", "tf-dare-0.9-count",
@@ -60,13 +65,14 @@ def measure(cache: Path, suite: str, n: int, merge: str) -> dict:
     case.command("kmx", None)  # writes the recipe
     recipe = case.dir / "merge.kmx"
     env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    run_env = allocator_env(env) or env  # as `kmx run` restarts itself
     plan = subprocess.run([sys.executable, "-m", "karmixlang", "plan", "--json", str(recipe)],
                           capture_output=True, text=True, env=env)
     if plan.returncode:
         raise SystemExit(f"kmx plan failed on {recipe}:\n{plan.stdout}{plan.stderr}")
     totals = json.loads(plan.stdout)["totals"]
     done = subprocess.run([sys.executable, "-c", _RUN, str(recipe)], capture_output=True,
-                          text=True, env=env)
+                          text=True, env=run_env)
     if done.returncode:
         raise SystemExit(f"run failed on {recipe}:\n{done.stdout}{done.stderr}")
     measured = json.loads(done.stdout.strip().splitlines()[-1])

@@ -13,12 +13,53 @@ import sys
 import _signal  # not `signal`: importing that Python module takes milliseconds of enum set-up
 
 
+# glibc keeps up to 7 freed small blocks per size in a per-thread cache (tcache). Those
+# blocks sit inside the memory that a key's (or a chunk's) large temporaries were freed
+# from, so the next temporaries of the same sizes no longer fit there and land at new
+# addresses: a thread's heap walks up to several times what it holds at once (a geometric
+# median over an LLM grew by 262 MiB for a plan of 160 MiB; 108 MiB without the cache:
+# docs/benchmarks.md). glibc reads the setting only when a process starts, so `kmx run`
+# starts itself once more with it; a setting the user gave is kept.
+TCACHE_TUNABLE = "glibc.malloc.tcache_count"
+NO_TCACHE = f"{TCACHE_TUNABLE}=0"
+
+
+def allocator_env(environ) -> dict | None:
+    """The environment `kmx run` restarts itself with, or None when it needs no restart
+    (not glibc, or the cache is already set)."""
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if TCACHE_TUNABLE in tunables or not _glibc():
+        return None
+    return {**environ, "GLIBC_TUNABLES": f"{tunables}:{NO_TCACHE}" if tunables else NO_TCACHE}
+
+
+def _glibc() -> bool:
+    try:
+        return sys.platform == "linux" and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
+def _restart_for_run() -> None:
+    # Only a process started as `kmx run ...` (not a program that calls main() itself).
+    if sys.argv[1:2] != ["run"] or sys.orig_argv[len(sys.orig_argv) - len(sys.argv) + 1:] != \
+            sys.argv[1:]:
+        return
+    env = allocator_env(os.environ)
+    if env is not None:
+        try:
+            os.execve(sys.executable, sys.orig_argv, env)
+        except OSError:
+            pass  # run with the cache: more memory, same results
+
+
 def _exit_at_once(signum, frame) -> None:
     os.write(2, b"interrupted\n")
     os._exit(130)
 
 
 def main() -> int:
+    _restart_for_run()
     ours = _signal.getsignal(_signal.SIGINT) != _signal.SIG_IGN  # ignored: leave it so
     if ours:
         _signal.signal(_signal.SIGINT, _exit_at_once)
