@@ -227,9 +227,12 @@ def _peak_memory(sched: Schedule, threads: int, compute: str) -> dict:
 def _stream_peak(sched: Schedule, threads: int, compute: str) -> int:
     """The `threads` largest keys in flight at once, as far as admission under the memory
     limit allows them together (a key over the limit runs alone), plus what each thread's
-    heap keeps beside them: blocks under the allocator's mmap threshold return to a heap
-    that is trimmed only past HEAP_TRIM_THRESHOLD free, so up to that much (and never more
-    than the largest such key held) stays resident while the next keys run."""
+    heap keeps beside them: blocks under the allocator's mmap threshold return to the
+    thread's heap, which keeps its high-water mark (a glibc thread heap is at most 64 MB, so
+    it never has HEAP_TRIM_THRESHOLD free to trim), so up to the largest such key stays
+    resident while the next keys run. This holds with glibc's small-block cache off, as
+    `kmx run` runs (karmixlang/__main__.py); with it, a thread's heap can walk to several
+    times that (docs/benchmarks.md)."""
     threads = max(1, threads)
     item = COMPUTE_ITEMSIZE[compute]
     live = sorted((j.est_bytes for j in sched.jobs), reverse=True)[:threads]

@@ -36,7 +36,8 @@ COMPUTE_ITEMSIZE = {"fp32": 4, "fp64": 8}
 # mmap threshold to this maximum); larger ones are mapped and unmapped (runtime/allocator.py).
 HEAP_BLOCK_LIMIT = 32 << 20
 # A heap returns free memory only past this much at its top (runtime/allocator.py's
-# M_TRIM_THRESHOLD): up to this, freed blocks stay resident beside the blocks in use.
+# M_TRIM_THRESHOLD; a thread's own glibc heap is at most this large, so never): up to this,
+# freed blocks stay resident beside the blocks in use.
 HEAP_TRIM_THRESHOLD = 64 << 20
 # A non-float key every input holds is copied as is when its copies are identical; planning
 # reads and compares copies up to this size (position_ids, a few KB); a larger one is treated
