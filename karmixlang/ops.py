@@ -219,10 +219,11 @@ OPS: dict[str, OpSpec] = {s.name: s for s in [
     _kernel("trim", broadcast=True, chunk=Chunk.THRESHOLD, workspace=Workspace(bytes=4)),
     # random draws, slice by slice
     _kernel("dare", broadcast=True, seeded=True, workspace=Workspace(bytes=2), gain=_dare_gain),
-    # while sorting: the magnitudes' bits, their sorted copy and the int64 order (16 B/el at
-    # fp32, the widest of the usual compute dtypes); then the order and int32 ranks
+    # while sorting by radix: the magnitudes' bits, their sorted copy, the int64 order and
+    # the sort's own copies of both (28 B/el at fp32); longer rows sort in place in 12
+    # (kernels/sparse.RADIX_SORT_MAX_ELEMS); then the order and int32 ranks
     _kernel("della", broadcast=True, seeded=True, chunk=Chunk.WHOLE,
-            workspace=Workspace(bytes=16)),
+            workspace=Workspace(bytes=28)),
     _kernel("breadcrumbs", broadcast=True, chunk=Chunk.WHOLE, workspace=Workspace(bytes=4)),
     _kernel("clamp", broadcast=True),
     _kernel("iso", broadcast=True, chunk=Chunk.WHOLE, workspace=Workspace(tensors=3),  # SVD

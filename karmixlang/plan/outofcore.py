@@ -25,7 +25,8 @@ limit allows.
 
 A key that fits the limit but is large (CHUNK_ABOVE_BYTES) and needs no whole-key filter but
 trims by threshold runs in chunks as well: it costs at most the Gram and trim passes' rereads
-(cheaper than faulting in whole-key buffers) and bounds resident memory.
+(cheaper than faulting in whole-key buffers) and bounds resident memory. Above
+SPILL_ABOVE_BYTES a key with other whole-key filters does too, spilling their results.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ OOC_SHARE = 4
 # no temporary files (no whole-key filter but trims by threshold): large buffers cost page
 # faults, and resident memory then stays near this per key in flight.
 CHUNK_ABOVE_BYTES = 32 << 20
+# A key that fits but would hold more than this in memory runs in chunks even when that
+# spills its whole-key filters' results (DELLA's members of an embedding: a few keys of a
+# checkpoint): a filter then holds one member, never all of them beside its sort.
+SPILL_ABOVE_BYTES = 1 << 30
 
 
 def slice_step(rows: int) -> int:
@@ -110,7 +115,8 @@ def chunking_for(job, nodes, per_element: float, limit: int, item: int,
         return None  # packed sub-byte elements (F4, F6) cannot be cut at any element
     if not all(t.flat for t in job.tensors.values()):
         return None  # a transposed view or a row gather has no flat byte ranges: read whole
-    if not over and (per_element * numel <= CHUNK_ABOVE_BYTES or
+    in_memory = per_element * numel
+    if not over and (in_memory <= CHUNK_ABOVE_BYTES or in_memory <= SPILL_ABOVE_BYTES and
                      not all(_gram(n) or threshold_trim(n, item) for n in walls)):
         return None
     rows = max((len(n.inputs) for n in walls if _gram(n)), default=0)
