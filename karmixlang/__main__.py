@@ -18,19 +18,24 @@ import _signal  # not `signal`: importing that Python module takes milliseconds 
 # from, so the next temporaries of the same sizes no longer fit there and land at new
 # addresses: a thread's heap walks up to several times what it holds at once (a geometric
 # median over an LLM grew by 262 MiB for a plan of 160 MiB; 108 MiB without the cache:
-# docs/benchmarks.md). glibc reads the setting only when a process starts, so `kmx run`
-# starts itself once more with it; a setting the user gave is kept.
-TCACHE_TUNABLE = "glibc.malloc.tcache_count"
-NO_TCACHE = f"{TCACHE_TUNABLE}=0"
+# docs/benchmarks.md). Blocks over glibc's largest mmap threshold (32 MB: DELLA's sort
+# buffers, whole large keys) are fresh mappings every time, zero-filled by the kernel page
+# by page: with transparent huge pages asked for (where the system leaves them to
+# madvise), 2 MB at a time (SD1.5 DELLA-TIES: 25 M page faults -> 2 M, 65 -> 44 s of system
+# time). glibc reads both settings only when a process starts, so `kmx run` starts itself
+# once more with them; a setting the user gave is kept.
+ALLOCATOR_TUNABLES = {"glibc.malloc.tcache_count": "0", "glibc.malloc.hugetlb": "1"}
 
 
 def allocator_env(environ) -> dict | None:
     """The environment `kmx run` restarts itself with, or None when it needs no restart
-    (not glibc, or the cache is already set)."""
+    (not glibc, or every tunable already set)."""
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if TCACHE_TUNABLE in tunables or not _glibc():
+    missing = [f"{name}={value}" for name, value in ALLOCATOR_TUNABLES.items()
+               if name not in tunables]
+    if not missing or not _glibc():
         return None
-    return {**environ, "GLIBC_TUNABLES": f"{tunables}:{NO_TCACHE}" if tunables else NO_TCACHE}
+    return {**environ, "GLIBC_TUNABLES": ":".join(([tunables] if tunables else []) + missing)}
 
 
 def _glibc() -> bool:

@@ -1,5 +1,6 @@
-"""`kmx run` restarts itself once with glibc's small-block cache off (karmixlang/__main__.py):
-only as `kmx run`, only on glibc, never twice, keeping the user's own tunables."""
+"""`kmx run` restarts itself once with glibc's small-block cache off and huge pages asked for
+(karmixlang/__main__.py): only as `kmx run`, only on glibc, never twice, keeping the user's own
+tunables."""
 
 import sys
 
@@ -7,21 +8,25 @@ import pytest
 
 import karmixlang.__main__ as entry
 
+OURS = "glibc.malloc.tcache_count=0:glibc.malloc.hugetlb=1"
+
 glibc = pytest.mark.skipif(not entry._glibc(), reason="glibc only")
 
 
 @glibc
 def test_the_cache_is_turned_off_and_other_tunables_kept():
-    assert entry.allocator_env({"HOME": "/h"}) == {"HOME": "/h", "GLIBC_TUNABLES": entry.NO_TCACHE}
+    assert entry.allocator_env({"HOME": "/h"}) == {"HOME": "/h", "GLIBC_TUNABLES": OURS}
     env = entry.allocator_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
-    assert env["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{entry.NO_TCACHE}"
+    assert env["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{OURS}"
 
 
 @glibc
 def test_no_second_restart_and_the_users_setting_wins():
     once = entry.allocator_env({})
     assert entry.allocator_env(once) is None
-    assert entry.allocator_env({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"}) is None
+    env = entry.allocator_env({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"})
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.tcache_count=7:glibc.malloc.hugetlb=1"
+    assert entry.allocator_env(env) is None
 
 
 def _restarts(monkeypatch, argv, orig_argv, env=None):
@@ -40,7 +45,7 @@ def test_kmx_run_restarts_with_its_own_command_line(monkeypatch):
     calls = _restarts(monkeypatch, ["/venv/bin/kmx", "run", "r.kmx", "--threads", "2"], orig)
     assert len(calls) == 1
     exe, argv, env = calls[0]
-    assert exe == sys.executable and argv == orig and env["GLIBC_TUNABLES"] == entry.NO_TCACHE
+    assert exe == sys.executable and argv == orig and env["GLIBC_TUNABLES"] == OURS
     calls = _restarts(monkeypatch, ["-m", "run", "r.kmx"],
                       ["python3", "-X", "utf8", "-m", "karmixlang", "run", "r.kmx"])
     assert calls and calls[0][1] == ["python3", "-X", "utf8", "-m", "karmixlang", "run", "r.kmx"]
@@ -51,4 +56,4 @@ def test_other_commands_and_callers_of_main_do_not_restart(monkeypatch):
     # a program that calls main() itself with an argv of its own (a test runner)
     assert not _restarts(monkeypatch, ["kmx", "run", "r.kmx"], ["python", "-m", "pytest", "-q"])
     assert not _restarts(monkeypatch, ["kmx", "run", "r.kmx"], ["python", "kmx", "run", "r.kmx"],
-                         {"GLIBC_TUNABLES": entry.NO_TCACHE})
+                         {"GLIBC_TUNABLES": OURS})
