@@ -17,6 +17,7 @@ places and fitted:
     python bench/dgmla_scale.py gram       # the Gram matrix of 257 members alone, per element
     python bench/dgmla_scale.py plan --memory-limit 14GB   # kmx plan of 257 full-size inputs
     python bench/dgmla_scale.py fit        # the fit and the 257-model projection
+    python bench/dgmla_scale.py fit --full-commits 30cf45c   # full-size runs of one commit
 
 Each run is `kmx run` of `std.dgmla(pool, b, seed)` (one base; `--two-bases` runs the
 "choose a side" recipe of examples/astolfokarmix.kmx: two bases, a balanced pool, a save per
@@ -221,7 +222,8 @@ def fit(args) -> None:
     last = {kind: [r for r in records if r.get(kind)][-1:] for kind in ("disk", "gram")}
     rows = [r for r in records if "suite" in r and r["rc"] == 0 and not r["two_bases"]]
     small = [r for r in rows if r["suite"] == args.small]
-    full = [r for r in rows if r["suite"] == args.full and r["cold"]]
+    full = [r for r in rows if r["suite"] == args.full and r["cold"] and (
+        not args.full_commits or r["commit"] in args.full_commits.split(","))]
     if len({r["n"] for r in small}) < 3 or len({r["n"] for r in full}) < 2 or not all(
             last.values()):
         sys.exit("need runs at >= 3 pool sizes of the small suite, >= 2 cold full-size "
@@ -276,6 +278,8 @@ def main() -> None:
     f = sub.add_parser("fit")
     f.add_argument("--small", default="sdxl-w16")
     f.add_argument("--full", default="sdxl")
+    f.add_argument("--full-commits", help="comma list: fit only the full-size runs made at "
+                   "these commits (after a change to the per-model cost)")
     args = ap.parse_args()
     {"run": run, "disk": disk, "gram": gram, "plan": plan, "fit": fit}[args.cmd](args)
 

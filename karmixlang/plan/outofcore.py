@@ -25,8 +25,9 @@ limit allows.
 
 A key that fits the limit but is large (CHUNK_ABOVE_BYTES) and needs no whole-key filter but
 trims by threshold runs in chunks as well: it costs at most the Gram and trim passes' rereads
-(cheaper than faulting in whole-key buffers) and bounds resident memory. Above
-SPILL_ABOVE_BYTES a key with other whole-key filters does too, spilling their results.
+(cheaper than faulting in whole-key buffers) and bounds resident memory. A key whose other
+whole-key filter holds over SPILL_ABOVE_BYTES for one member does too, spilling the filter's
+results.
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ OOC_SHARE = 4
 # no temporary files (no whole-key filter but trims by threshold): large buffers cost page
 # faults, and resident memory then stays near this per key in flight.
 CHUNK_ABOVE_BYTES = 32 << 20
-# A key that fits but would hold more than this in memory runs in chunks even when that
-# spills its whole-key filters' results (DELLA's members of an embedding: a few keys of a
-# checkpoint): a filter then holds one member, never all of them beside its sort.
+# A key that fits, but whose whole-key filter alone would hold more than this for one
+# member, runs in chunks even though that spills the filter's results (DELLA on an
+# embedding or the largest convolutions: a few keys of a checkpoint, whatever the pool's
+# size): the filter then holds one member, never all of them beside its sort.
 SPILL_ABOVE_BYTES = 1 << 30
 
 
@@ -115,9 +117,10 @@ def chunking_for(job, nodes, per_element: float, limit: int, item: int,
         return None  # packed sub-byte elements (F4, F6) cannot be cut at any element
     if not all(t.flat for t in job.tensors.values()):
         return None  # a transposed view or a row gather has no flat byte ranges: read whole
-    in_memory = per_element * numel
-    if not over and (in_memory <= CHUNK_ABOVE_BYTES or in_memory <= SPILL_ABOVE_BYTES and
-                     not all(_gram(n) or threshold_trim(n, item) for n in walls)):
+    spills = [n for n in walls if not _gram(n) and not threshold_trim(n, item)]
+    whole = max((int(whole_per_element(n) * numel) for n in spills), default=0)
+    if not over and (per_element * numel <= CHUNK_ABOVE_BYTES or
+                     spills and whole <= SPILL_ABOVE_BYTES):
         return None
     rows = max((len(n.inputs) for n in walls if _gram(n)), default=0)
     per_element = chunk_per_element
@@ -130,9 +133,7 @@ def chunking_for(job, nodes, per_element: float, limit: int, item: int,
     chunk = min(chunk, max(MIN_CHUNK, 1 << max(0, (numel - 1).bit_length())))
     if not over and chunk >= numel:
         return None
-    spills = [n for n in walls if not _gram(n) and not threshold_trim(n, item)]
     spilled = sum(_spilled_members(n) for n in spills)
-    whole = max((int(whole_per_element(n) * numel) for n in spills), default=0)
     passes = sum(1 if _gram(n) else 2 for n in walls if n not in spills)
     reads = _pass_reads(job, nodes, barriers(nodes, job.steps), item * numel, item)
     return OutOfCore(chunk, -(-numel // chunk), passes, spilled, spilled * numel * item,

@@ -425,8 +425,7 @@ def _out_of_core_text(ooc: dict) -> list[str]:
     why = (f"{over} too large to hold in memory under the {human_bytes(ooc['memory_limit'])} "
            "limit" if over else "")
     if n > over:
-        why += ("; " if why else "") + (f"{n - over} large enough that chunks save memory at "
-                                        "no cost")
+        why += ("; " if why else "") + f"{n - over} large enough that chunks save memory"
     out = [f"Out of core ({n} key{'s' if n != 1 else ''} run in chunks: {why}):"]
     for ex in ooc["examples"]:
         spill = (f", {ex['spilled']} filtered member(s) spilled to "

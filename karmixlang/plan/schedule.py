@@ -566,8 +566,8 @@ def check_keymaps(graph: Graph, order: list[Node], jobs: list[KeyJob]) -> None:
 def chunk_large_keys(graph: Graph, nodes: tuple[Step, ...], jobs: list[KeyJob], limit: int,
                      item: int, chunk_per_element: dict[int, float]) -> None:
     """Keys whose in-memory estimate exceeds the limit run in chunks (outofcore.py), and so do
-    large keys that can at no cost; their estimate becomes the chunked one. A key that cannot
-    fit even so is an error."""
+    large keys where that saves memory; their estimate becomes the chunked one. A key that
+    cannot fit even so is an error."""
     def whole_per_element(n: Step) -> float:
         # the filtered member's inputs read and widened, the result, and the filter's
         # workspace (ties: the trim of one member)
