@@ -45,11 +45,20 @@ class Workspace:
     # `slice_tensors` temporaries of one slice each, are bounded by the slice, not the key.
     sliced: bool = False
     slice_tensors: int = 0
+    # (elements, bytes): a key of more elements needs `bytes` fixed bytes instead (DELLA's
+    # in-place sort of long rows); known only where the key's size is (whole_key)
+    long: tuple[int, int] | None = None
 
     def __call__(self, inputs: int, itemsize: int) -> int:
         """Bytes per element of the key (the part that grows with the whole key)."""
         stacked = 0 if self.sliced else self.per_input * inputs * itemsize
         return int(stacked + self.tensors * itemsize + self.bytes)
+
+    def whole_key(self, inputs: int, itemsize: int, numel: int) -> int:
+        """Bytes per element of a key of `numel` elements (__call__ is the bound for any)."""
+        if self.long and numel > self.long[0]:
+            return self(inputs, itemsize) - self.bytes + self.long[1]
+        return self(inputs, itemsize)
 
     def per_slice_element(self, inputs: int, itemsize: int) -> int:
         """Bytes per element of one slice (0 unless `sliced`)."""
@@ -63,10 +72,15 @@ class Workspace:
             ([f"{self.slice_tensors} × n·b (per slice)"] if self.slice_tensors else []) + \
             ([f"{self.tensors} × n·b"] if self.tensors else []) + \
             ([f"{self.bytes}·n bytes"] if self.bytes else [])
-        return " + ".join(parts) or "0"
+        long = (f" ({self.long[1]}·n bytes instead for keys over {self.long[0]:,} elements)"
+                if self.long else "")
+        return (" + ".join(parts) or "0") + long
 
 
 ONE_TENSOR = Workspace(tensors=1)
+# DELLA ranks keys of up to this many elements with torch's radix sort (24 B/el of
+# temporaries: 400 MB here), longer ones with an in-place sort (runtime/kernels/sparse.py)
+RADIX_SORT_MAX_ELEMS = 1 << 24
 
 
 def _lincomb_coeffs(node, key: str) -> list[float]:
@@ -220,10 +234,10 @@ OPS: dict[str, OpSpec] = {s.name: s for s in [
     # random draws, slice by slice
     _kernel("dare", broadcast=True, seeded=True, workspace=Workspace(bytes=2), gain=_dare_gain),
     # while sorting by radix: the magnitudes' bits, their sorted copy, the int64 order and
-    # the sort's own copies of both (28 B/el at fp32); longer rows sort in place in 12
-    # (kernels/sparse.RADIX_SORT_MAX_ELEMS); then the order and int32 ranks
+    # the sort's own copies of both (28 B/el at fp32); longer keys sort in place: the bits
+    # and the packed keys (12); then the order and int32 ranks
     _kernel("della", broadcast=True, seeded=True, chunk=Chunk.WHOLE,
-            workspace=Workspace(bytes=28)),
+            workspace=Workspace(bytes=28, long=(RADIX_SORT_MAX_ELEMS, 12))),
     _kernel("breadcrumbs", broadcast=True, chunk=Chunk.WHOLE, workspace=Workspace(bytes=4)),
     _kernel("clamp", broadcast=True),
     _kernel("iso", broadcast=True, chunk=Chunk.WHOLE, workspace=Workspace(tensors=3),  # SVD

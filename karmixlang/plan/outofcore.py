@@ -104,7 +104,7 @@ def chunking_for(job, nodes, per_element: float, limit: int, item: int,
                  whole_per_element, chunk_per_element: float) -> OutOfCore | None:
     """The chunked evaluation of `job` (over the node table `nodes`) under `limit`, or None
     when it fits and chunking it would not pay. `per_element`: the in-memory peak bytes per
-    element (an upper bound for one chunk's); `whole_per_element(node)`: the same for
+    element (an upper bound for one chunk's); `whole_per_element(node, numel)`: the same for
     computing one whole-key filter alone (the caller refuses a key whose `whole_bytes` exceed
     the limit); `chunk_per_element`: the peak bytes per element of a chunk of at most one
     kernel slice (a kernel's per-slice stack, which the key's estimate spreads over the
@@ -118,7 +118,7 @@ def chunking_for(job, nodes, per_element: float, limit: int, item: int,
     if not all(t.flat for t in job.tensors.values()):
         return None  # a transposed view or a row gather has no flat byte ranges: read whole
     spills = [n for n in walls if not _gram(n) and not threshold_trim(n, item)]
-    whole = max((int(whole_per_element(n) * numel) for n in spills), default=0)
+    whole = max((int(whole_per_element(n, numel) * numel) for n in spills), default=0)
     if not over and (per_element * numel <= CHUNK_ABOVE_BYTES or
                      spills and whole <= SPILL_ABOVE_BYTES):
         return None

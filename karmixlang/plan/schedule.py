@@ -568,11 +568,11 @@ def chunk_large_keys(graph: Graph, nodes: tuple[Step, ...], jobs: list[KeyJob], 
     """Keys whose in-memory estimate exceeds the limit run in chunks (outofcore.py), and so do
     large keys where that saves memory; their estimate becomes the chunked one. A key that
     cannot fit even so is an error."""
-    def whole_per_element(n: Step) -> float:
+    def whole_per_element(n: Step, numel: int) -> float:
         # the filtered member's inputs read and widened, the result, and the filter's
-        # workspace (ties: the trim of one member)
+        # workspace at this key's size (ties: the trim of one member)
         member = OPS[n.op].split or n.op
-        return 2 * RAW_READ + 4 * item + OPS[member].workspace(1, item)
+        return 2 * RAW_READ + 4 * item + OPS[member].workspace.whole_key(1, item, numel)
 
     failures = []
     for job in jobs:

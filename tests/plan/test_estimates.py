@@ -85,3 +85,14 @@ def test_stacking_kernels_are_charged_per_slice_not_per_key(tmp_path):
     stack = OPS["ties_merge"].workspace.per_slice_element(n, 4) * step
     assert est["k1.w"] - per_element * step == stack  # one slice's stack, whatever the size
     assert per_element < n * 4 * 2  # the members and no more than one copy of them
+
+
+def test_della_is_charged_the_sort_its_key_size_takes():
+    # Keys up to RADIX_SORT_MAX_ELEMS sort by radix (28 B/el while sorting); longer ones in
+    # place (12 B/el): a whole-key estimate at a known size takes the one that runs.
+    from karmixlang.ops import RADIX_SORT_MAX_ELEMS
+
+    della = OPS["della"].workspace
+    assert della.whole_key(1, 4, RADIX_SORT_MAX_ELEMS) == della(1, 4) == 28
+    assert della.whole_key(1, 4, RADIX_SORT_MAX_ELEMS + 1) == 12
+    assert OPS["trim"].workspace.whole_key(1, 4, 1 << 30) == OPS["trim"].workspace(1, 4)

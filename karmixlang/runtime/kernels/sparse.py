@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from karmixlang.ops import RADIX_SORT_MAX_ELEMS
 from karmixlang.runtime.kernels.base import check_cluster, flat_slices
 from karmixlang.runtime.kernels.rng import uniform
 
@@ -52,9 +53,6 @@ _RULES = ("mass", "count")
 # whole-key ones would be fresh mappings, zero-filled page by page on first touch. Results do
 # not depend on it.
 _SLICE = 1 << 17
-# DELLA ranks rows up to this many elements with torch's radix sort (24 B/el of temporaries:
-# 400 MB here), longer ones with an in-place sort of 8 B/el (ops.py charges the larger).
-RADIX_SORT_MAX_ELEMS = 1 << 24
 # Integers of each float's width: selecting an entry is multiplying its bits by 0 or 1.
 _BITS = {
     torch.float64: torch.int64,
@@ -307,14 +305,15 @@ def ordinal_ranks(rows: Tensor) -> Tensor:
 
     A float's bits without the sign bit are an integer in the order of its magnitude, so a
     stable sort of those integers is the order wanted. torch sorts integers by radix, ~2×
-    faster than a comparison sort, but needs 24 bytes an element beside its input; rows over
-    RADIX_SORT_MAX_ELEMS on the CPU sort in place instead (`_packed_order`).
+    faster than a comparison sort, but needs 24 bytes an element beside its input; keys over
+    RADIX_SORT_MAX_ELEMS on the CPU sort in place instead (`_packed_order`; the plan charges
+    each by the key's size).
     """
     width = rows.shape[1]
     rank_dtype = torch.int32 if width < 2**31 else torch.int64
     int_dtype = _BITS[rows.dtype]
     magnitudes = rows.view(int_dtype) & torch.iinfo(int_dtype).max
-    if (RADIX_SORT_MAX_ELEMS < width < 2**31 and rows.device.type == "cpu"
+    if (rows.numel() > RADIX_SORT_MAX_ELEMS and width < 2**31 and rows.device.type == "cpu"
             and rows.element_size() <= 4):
         order = _packed_order(magnitudes)
     elif rows.shape[0] == 1:  # one row sorts flat, where torch's radix sort applies
