@@ -155,7 +155,8 @@ def _fit(rows: list[dict], degree: int) -> np.ndarray:
 
 def disk(args) -> None:
     """This disk's throughput as the 257-model run would see it: the full-size inputs read
-    cold (evicted from the page cache first), and WRITE_TEST_BYTES written and fsynced. Appended to CACHE/dgmla-results.json as a "disk" record."""
+    cold (evicted from the page cache first), and WRITE_TEST_BYTES written and fsynced.
+    Appended to CACHE/dgmla-results.json as a "disk" record."""
     suite = data.SUITES[args.suite]
     files = [suite.path(args.cache, i) for i in [None, *range(args.n)]]
     evict(files)
