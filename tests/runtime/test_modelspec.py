@@ -308,7 +308,7 @@ def test_keys_run_in_the_order_they_lie_in_the_output(workdir, monkeypatch):
         model b = "b.safetensors"
         save "out.safetensors" = 0.5*a + 0.5*b with dtype="fp16"
     """), threads=1)
-    execute(compiled, RunOptions(threads=1))
+    result = execute(compiled, RunOptions(threads=1))
     with open(workdir / "out.safetensors", "rb") as f:
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
     header.pop("__metadata__")
