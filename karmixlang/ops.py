@@ -45,9 +45,10 @@ class Workspace:
     # `slice_tensors` temporaries of one slice each, are bounded by the slice, not the key.
     sliced: bool = False
     slice_tensors: int = 0
-    # (elements, bytes): a key of more elements needs `bytes` fixed bytes instead (DELLA's
-    # in-place sort of long rows); known only where the key's size is (whole_key)
-    long: tuple[int, int] | None = None
+    # (elements, bytes, fixed): a key of more elements needs `bytes` per element and `fixed`
+    # bytes in all instead of `bytes` (DELLA ranks long keys group by group); known only
+    # where the key's size is (whole_key)
+    long: tuple[int, int, int] | None = None
 
     def __call__(self, inputs: int, itemsize: int) -> int:
         """Bytes per element of the key (the part that grows with the whole key)."""
@@ -57,7 +58,8 @@ class Workspace:
     def whole_key(self, inputs: int, itemsize: int, numel: int) -> int:
         """Bytes per element of a key of `numel` elements (__call__ is the bound for any)."""
         if self.long and numel > self.long[0]:
-            return self(inputs, itemsize) - self.bytes + self.long[1]
+            _, per_element, fixed = self.long
+            return self(inputs, itemsize) - self.bytes + per_element + math.ceil(fixed / numel)
         return self(inputs, itemsize)
 
     def per_slice_element(self, inputs: int, itemsize: int) -> int:
@@ -72,15 +74,17 @@ class Workspace:
             ([f"{self.slice_tensors} × n·b (per slice)"] if self.slice_tensors else []) + \
             ([f"{self.tensors} × n·b"] if self.tensors else []) + \
             ([f"{self.bytes}·n bytes"] if self.bytes else [])
-        long = (f" ({self.long[1]}·n bytes instead for keys over {self.long[0]:,} elements)"
-                if self.long else "")
+        long = (f" ({self.long[1]}·n + {self.long[2]:,} bytes instead for keys over "
+                f"{self.long[0]:,} elements)" if self.long else "")
         return (" + ".join(parts) or "0") + long
 
 
 ONE_TENSOR = Workspace(tensors=1)
-# DELLA ranks keys of up to this many elements with torch's radix sort (24 B/el of
-# temporaries: 400 MB here), longer ones with an in-place sort (runtime/kernels/sparse.py)
+# DELLA ranks keys of up to this many elements with one radix sort (24 B/el of temporaries:
+# 400 MB here); longer ones in groups of about RANK_GROUP entries, each sorted alone
+# (runtime/kernels/sparse.py)
 RADIX_SORT_MAX_ELEMS = 1 << 24
+RANK_GROUP = 1 << 21
 
 
 def _lincomb_coeffs(node, key: str) -> list[float]:
@@ -234,10 +238,12 @@ OPS: dict[str, OpSpec] = {s.name: s for s in [
     # random draws, slice by slice
     _kernel("dare", broadcast=True, seeded=True, workspace=Workspace(bytes=2), gain=_dare_gain),
     # while sorting by radix: the magnitudes' bits, their sorted copy, the int64 order and
-    # the sort's own copies of both (28 B/el at fp32); longer keys sort in place: the bits
-    # and the packed keys (12); then the order and int32 ranks
+    # the sort's own copies of both (28 B/el at fp32); longer keys rank group by group: the
+    # bits, the ranks and a mask (9 B/el, charged 10: measured 12.9 B/el in all on 29.5M) and
+    # one group's positions, values, sort, order and new ranks (52 B an entry of the group,
+    # charged 56 with the slices' temporaries)
     _kernel("della", broadcast=True, seeded=True, chunk=Chunk.WHOLE,
-            workspace=Workspace(bytes=28, long=(RADIX_SORT_MAX_ELEMS, 12))),
+            workspace=Workspace(bytes=28, long=(RADIX_SORT_MAX_ELEMS, 10, 56 * RANK_GROUP))),
     _kernel("breadcrumbs", broadcast=True, chunk=Chunk.WHOLE, workspace=Workspace(bytes=4)),
     _kernel("clamp", broadcast=True),
     _kernel("iso", broadcast=True, chunk=Chunk.WHOLE, workspace=Workspace(tensors=3),  # SVD

@@ -88,11 +88,14 @@ def test_stacking_kernels_are_charged_per_slice_not_per_key(tmp_path):
 
 
 def test_della_is_charged_the_sort_its_key_size_takes():
-    # Keys up to RADIX_SORT_MAX_ELEMS sort by radix (28 B/el while sorting); longer ones in
-    # place (12 B/el): a whole-key estimate at a known size takes the one that runs.
-    from karmixlang.ops import RADIX_SORT_MAX_ELEMS
+    # Keys up to RADIX_SORT_MAX_ELEMS sort by radix (28 B/el while sorting); longer ones are
+    # ranked group by group (10 B/el and 56 B an entry of one group of RANK_GROUP): a
+    # whole-key estimate at a known size takes the one that runs.
+    from karmixlang.ops import RADIX_SORT_MAX_ELEMS, RANK_GROUP
 
     della = OPS["della"].workspace
     assert della.whole_key(1, 4, RADIX_SORT_MAX_ELEMS) == della(1, 4) == 28
-    assert della.whole_key(1, 4, RADIX_SORT_MAX_ELEMS + 1) == 12
+    assert RANK_GROUP == RADIX_SORT_MAX_ELEMS // 8
+    assert della.whole_key(1, 4, RADIX_SORT_MAX_ELEMS + 1) == 10 + 7  # 56 / 8, rounded up
+    assert della.whole_key(1, 4, 4 * RADIX_SORT_MAX_ELEMS) == 10 + 2
     assert OPS["trim"].workspace.whole_key(1, 4, 1 << 30) == OPS["trim"].workspace(1, 4)

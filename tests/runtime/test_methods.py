@@ -544,13 +544,14 @@ def test_cuda_matches_cpu():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(3, 200), (1, 300_000)])
-@pytest.mark.parametrize("sort", ["radix", "packed"])
+@pytest.mark.parametrize("sort", ["radix", "grouped"])
 def test_ordinal_ranks_break_ties_by_position(dtype, shape, sort, monkeypatch):
     from karmixlang.runtime.kernels import sparse
     from karmixlang.runtime.kernels.sparse import ordinal_ranks
 
-    if sort == "packed":  # the in-place sort that rows too long for the radix sort take
+    if sort == "grouped":  # the group-by-group ranks that rows too long for one sort take
         monkeypatch.setattr(sparse, "RADIX_SORT_MAX_ELEMS", 100)
+        monkeypatch.setattr(sparse, "RANK_GROUP", 1000)
 
     # Signed values with many equal magnitudes, both zeros and infinities: a magnitude tie
     # between x and -x, or 0.0 and -0.0, goes to the earlier position.
@@ -564,6 +565,26 @@ def test_ordinal_ranks_break_ties_by_position(dtype, shape, sort, monkeypatch):
     for r in range(shape[0]):
         expected[r, np.argsort(magnitudes[r], kind="stable")] = np.arange(shape[1])
     assert np.array_equal(ordinal_ranks(rows).numpy(), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_grouped_ranks_of_a_sparse_delta_match_a_stable_argsort(dtype, monkeypatch):
+    # A fine-tune's delta: a third exact zeros, repeats from fp16 quantisation and a spread of
+    # exponents, so that groups hold many magnitudes, one bucket (the zeros) exceeds a group
+    # and groups are cut inside an exponent.
+    from karmixlang.runtime.kernels import sparse
+
+    monkeypatch.setattr(sparse, "RADIX_SORT_MAX_ELEMS", 100)
+    monkeypatch.setattr(sparse, "RANK_GROUP", 20_000)
+    rng = np.random.default_rng(8)
+    values = (rng.standard_normal(200_000) * 10.0 ** rng.integers(-4, 1, 200_000))
+    values = values.astype(np.float16).astype(np.float64)
+    values[rng.random(values.size) < 0.33] = 0.0
+    rows = torch.from_numpy(values).to(dtype).reshape(1, -1)
+    expected = np.empty(values.size, dtype=np.int64)
+    expected[np.argsort(rows.abs().to(torch.float64).numpy()[0], kind="stable")] = \
+        np.arange(values.size)
+    assert np.array_equal(sparse.ordinal_ranks(rows).numpy()[0], expected)
 
 
 def test_elected_sign_of_near_ties_does_not_depend_on_member_order():

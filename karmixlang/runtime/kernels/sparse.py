@@ -23,14 +23,13 @@ Conventions of this module:
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from karmixlang.ops import RADIX_SORT_MAX_ELEMS
+from karmixlang.ops import RADIX_SORT_MAX_ELEMS, RANK_GROUP
 from karmixlang.runtime.kernels.base import check_cluster, flat_slices
 from karmixlang.runtime.kernels.rng import uniform
 
@@ -62,10 +61,10 @@ _BITS = {
 }
 
 
-def _slices(n: int) -> Iterator[slice]:
-    """Slices of _SLICE elements covering range(n)."""
-    for start in range(0, n, _SLICE):
-        yield slice(start, min(n, start + _SLICE))
+def _slices(n: int, step: int = _SLICE) -> Iterator[slice]:
+    """Slices of `step` elements covering range(n)."""
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
 
 
 def kept_count(fraction: float, n: int, rounding: Callable[[float], int] = math.ceil) -> int:
@@ -306,17 +305,16 @@ def ordinal_ranks(rows: Tensor) -> Tensor:
     A float's bits without the sign bit are an integer in the order of its magnitude, so a
     stable sort of those integers is the order wanted. torch sorts integers by radix, ~2×
     faster than a comparison sort, but needs 24 bytes an element beside its input; keys over
-    RADIX_SORT_MAX_ELEMS on the CPU sort in place instead (`_packed_order`; the plan charges
-    each by the key's size).
+    RADIX_SORT_MAX_ELEMS on the CPU are ranked group by group instead (`_grouped_ranks`; the
+    plan charges each by the key's size).
     """
     width = rows.shape[1]
     rank_dtype = torch.int32 if width < 2**31 else torch.int64
     int_dtype = _BITS[rows.dtype]
     magnitudes = rows.view(int_dtype) & torch.iinfo(int_dtype).max
-    if (rows.numel() > RADIX_SORT_MAX_ELEMS and width < 2**31 and rows.device.type == "cpu"
-            and rows.element_size() <= 4):
-        order = _packed_order(magnitudes)
-    elif rows.shape[0] == 1:  # one row sorts flat, where torch's radix sort applies
+    if rows.numel() > RADIX_SORT_MAX_ELEMS and rows.shape[0] == 1 and rows.device.type == "cpu":
+        return _grouped_ranks(magnitudes.reshape(-1), rank_dtype).reshape(rows.shape)
+    if rows.shape[0] == 1:  # one row sorts flat, where torch's radix sort applies
         order = torch.sort(magnitudes.reshape(-1), stable=True).indices.reshape(rows.shape)
     else:
         order = torch.sort(magnitudes, dim=1, stable=True).indices
@@ -328,19 +326,51 @@ def ordinal_ranks(rows: Tensor) -> Tensor:
     return ranks
 
 
-def _packed_order(magnitudes: Tensor) -> Tensor:
-    """The stable order of each row of non-negative integers of at most 32 bits, in 8 bytes
-    an element: each value and its position packed into one int64 (distinct keys, so any
-    sort is stable), sorted in place by numpy, the positions then read off the low half."""
-    keys = np.empty(tuple(magnitudes.shape), dtype=np.int64)
-    low, high = (0, 1) if sys.byteorder == "little" else (1, 0)
-    halves = keys.view(np.int32).reshape(*magnitudes.shape, 2)
-    for cols in _slices(magnitudes.shape[1]):
-        halves[:, cols, low] = np.arange(cols.start, cols.stop, dtype=np.int32)
-    halves[..., high] = magnitudes.numpy()
-    keys.sort(axis=1)
-    keys &= 0xFFFFFFFF
-    return torch.from_numpy(keys)
+# _grouped_ranks buckets magnitudes by their top bits: 2**15 buckets
+_BUCKET_BITS = 15
+
+
+def _grouped_ranks(magnitudes: Tensor, rank_dtype: torch.dtype) -> Tensor:
+    """The ordinal ranks of one long row of magnitude bits (non-negative integers, on the CPU)
+    with the sort's temporaries bounded by a group. A histogram of the top bits cuts the
+    magnitudes into ranges (groups) of about RANK_GROUP entries (a fuller bucket alone); an
+    entry's rank is the count of entries in lower groups plus its rank within its group,
+    from a stable radix sort of the group alone. A group of one magnitude (the exact zeros of
+    a sparse delta) is already in rank order: its positions, ascending."""
+    a = magnitudes.numpy()
+    shift = max(0, 8 * a.itemsize - 1 - _BUCKET_BITS)
+    counts = torch.zeros(1 << _BUCKET_BITS, dtype=torch.int64)
+    for cols in _slices(a.size, 8 * _SLICE):
+        counts += torch.bincount(magnitudes[cols] >> shift, minlength=1 << _BUCKET_BITS)
+    ranks = torch.empty(a.size, dtype=rank_dtype)
+    inside = np.empty(a.size, dtype=bool)
+    unsigned = np.dtype(f"u{a.itemsize}")
+    below = 0
+    for low, high in _bucket_groups(counts.numpy(), RANK_GROUP):
+        # low <= bucket < high, as one unsigned comparison of (bits - low's first bits)
+        start, span = low << shift, (high - low) << shift
+        for cols in _slices(a.size, 8 * _SLICE):
+            np.less((a[cols] - start).view(unsigned), span, out=inside[cols])
+        group = torch.from_numpy(np.flatnonzero(inside))
+        values = magnitudes[group]
+        if values.numel() and values.max() != values.min():
+            group = group[torch.sort(values, stable=True).indices]
+        del values
+        ranks.scatter_(0, group, torch.arange(below, below + group.numel(), dtype=rank_dtype))
+        below += group.numel()
+    return ranks
+
+
+def _bucket_groups(counts: np.ndarray, most: int) -> Iterator[tuple[int, int]]:
+    """Consecutive ranges [low, high) of buckets covering all of them, each holding at most
+    `most` entries unless a single bucket holds more."""
+    low, held = 0, 0
+    for bucket in np.flatnonzero(counts):
+        if held and held + counts[bucket] > most:
+            yield low, int(bucket)
+            low, held = int(bucket), 0
+        held += int(counts[bucket])
+    yield low, len(counts)
 
 
 def clamp(d: Tensor, *, lo: float, hi: float) -> Tensor:
