@@ -185,11 +185,25 @@ def test_a_large_trim_key_runs_in_chunks_below_the_limit(tmp_path, monkeypatch):
     """trim finds its thresholds without temporary files, so a large key that fits the limit
     runs in chunks, bounding the memory of the keys in flight."""
     monkeypatch.setattr(outofcore, "CHUNK_ABOVE_BYTES", 1 * MB)
+    monkeypatch.setattr(outofcore, "TRIM_IN_MEMORY_BYTES", 1 * MB)
     sparse_pool(tmp_path, 4)
     path = recipe(tmp_path, HEAD + RECIPES["ties"])
     job = next(j for j in compile_recipe(path).schedule.jobs if j.key == "big.w")
     assert job.ooc is not None and not job.ooc.over_limit and job.ooc.spilled == 0
     assert job.est_bytes <= 1 * MB < job.mem_bytes
+
+
+def test_trims_stay_in_memory_up_to_their_own_threshold(tmp_path, monkeypatch):
+    """A key whose only barriers are trims by threshold is chunked above TRIM_IN_MEMORY_BYTES,
+    not CHUNK_ABOVE_BYTES: in memory it is read once, chunked three times."""
+    monkeypatch.setattr(outofcore, "CHUNK_ABOVE_BYTES", 1 * MB)
+    sparse_pool(tmp_path, 4)
+    path = recipe(tmp_path, HEAD + RECIPES["ties"])
+    job = next(j for j in compile_recipe(path).schedule.jobs if j.key == "big.w")
+    assert job.ooc is None and job.est_bytes > 1 * MB
+    monkeypatch.setattr(outofcore, "TRIM_IN_MEMORY_BYTES", job.est_bytes - 1)
+    job = next(j for j in compile_recipe(path).schedule.jobs if j.key == "big.w")
+    assert job.ooc is not None and job.est_bytes <= 1 * MB
 
 
 def test_a_member_that_cannot_fit_is_a_planning_error(tmp_path):

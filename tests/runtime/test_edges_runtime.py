@@ -148,6 +148,7 @@ def chunked(monkeypatch):
     """Keys of 16 KB and more run out of core, in several chunks."""
     monkeypatch.setattr(outofcore, "KERNEL_SLICE_ELEMS", 1 << 10)
     monkeypatch.setattr(outofcore, "CHUNK_ABOVE_BYTES", 16 << 10)
+    monkeypatch.setattr(outofcore, "TRIM_IN_MEMORY_BYTES", 16 << 10)
 
 
 @pytest.mark.parametrize("dtype, code", [("fp32", "K0411"), ("fp16", "K0412")])

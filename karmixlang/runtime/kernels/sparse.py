@@ -52,6 +52,9 @@ _RULES = ("mass", "count")
 # whole-key ones would be fresh mappings, zero-filled page by page on first touch. Results do
 # not depend on it.
 _SLICE = 1 << 17
+# Radix selection (_kth_smallest) reads magnitude bits this many at a time.
+_DIGIT_BITS = 16
+_DIGIT_MASK = (1 << _DIGIT_BITS) - 1
 # Integers of each float's width: selecting an entry is multiplying its bits by 0 or 1.
 _BITS = {
     torch.float64: torch.int64,
@@ -113,40 +116,35 @@ def _positions_of(x: Tensor, value: float) -> Tensor:
     return (x == value).nonzero().squeeze(1)
 
 
-def _kth_smallest_(values: Tensor, indices: list[int]) -> list[float]:
-    """values (magnitudes: none negative) sorted ascending, at each of `indices` (0-based).
-    On the CPU, numpy's introselect (SIMD, ~10× faster than torch.kthvalue) reorders `values`
-    in place; other devices keep kthvalue."""
+def _kth_smallest(values: Tensor, indices: list[int]) -> list[float]:
+    """values (magnitudes: none negative) sorted ascending, at each of `indices` (0-based),
+    values left as they are. On the CPU by radix selection: a non-negative float's bits are
+    an integer in the order of its value, so a histogram of their top 16 bits finds the
+    bucket each index falls in, a histogram of the next 16 bits within that bucket the next
+    digit, and so on (two passes at fp32, ~4× faster than numpy's introselect, whose SIMD
+    partition also slows down several times where one value, such as the zeros of a sparse
+    delta, repeats); other devices use kthvalue."""
     if values.device.type != "cpu":
         return [float(torch.kthvalue(values, i + 1).values) for i in indices]
-    a = values.numpy()
-    # Exact zeros (a fine-tune's untouched weights: often 30 % of a task vector) are the
-    # smallest magnitudes. Introselect is several times slower on an array where one value
-    # repeats that often, so they are counted and moved out of its way first: an index among
-    # them is 0, any other is selected among the non-zero magnitudes alone.
-    zeros = _compact_nonzero_(a)
-    found = {i: 0.0 for i in indices if i < zeros}
-    end = a.size - zeros
-    # One index at a time, the larger first, each in the part below the last: numpy selects
-    # several at once without SIMD, ~8× slower.
-    for i in sorted((i - zeros for i in indices if i >= zeros), reverse=True):
-        a[:end].partition(i)
-        found[i + zeros] = float(a[i])
-        end = i
-    return [found[i] for i in indices]
-
-
-def _compact_nonzero_(a: np.ndarray) -> int:
-    """Move a's non-zero entries to its front, in place and in slices (the write position
-    never passes the slice being read); returns how many zeros there were."""
-    write = 0
-    for sl in _slices(a.size):
-        part = a[sl]
-        kept = part[part != 0]
-        if write != sl.start or kept.size != part.size:  # else nothing moves
-            a[write:write + kept.size] = kept
-        write += kept.size
-    return a.size - write
+    bits = values.reshape(-1).view(_BITS[values.dtype])
+    top_shift = 8 * bits.element_size() - _DIGIT_BITS
+    top = torch.zeros(1 << _DIGIT_BITS, dtype=torch.int64)
+    for cols in _slices(bits.numel(), 8 * _SLICE):
+        top += torch.bincount(bits[cols] >> top_shift, minlength=1 << _DIGIT_BITS)
+    a = bits.numpy()
+    found = []
+    for index in indices:
+        prefix, rank, counts = 0, index, top.numpy()
+        for shift in range(top_shift, -1, -_DIGIT_BITS):
+            if shift != top_shift:  # the digit below `prefix`, among the entries that have it
+                digits = a[(a >> (shift + _DIGIT_BITS)) == prefix] >> shift
+                counts = np.bincount(digits & _DIGIT_MASK, minlength=1 << _DIGIT_BITS)
+            below = np.cumsum(counts)
+            digit = int(np.searchsorted(below, rank, side="right"))
+            rank -= int(below[digit - 1]) if digit else 0
+            prefix = (prefix << _DIGIT_BITS) | digit
+        found.append(float(torch.tensor(prefix, dtype=bits.dtype).view(values.dtype)))
+    return found
 
 
 def _last_ties(magnitude: Tensor, value: float, count: int) -> Tensor:
@@ -178,8 +176,7 @@ def _window(d: Tensor, start: int, stop: int) -> Tensor:
     flat = d.reshape(-1)
     out = flat.abs()  # the magnitudes, then the result
     places = [k for k in (stop, start) if 0 < k < n]
-    t = dict(zip(places, _kth_smallest_(out, [n - k for k in places])))
-    torch.abs(flat, out=out)  # the selection reordered it
+    t = dict(zip(places, _kth_smallest(out, [n - k for k in places])))
     if stop < n:
         keep, drop_lo = _at_least(out, t[stop])
         drop_lo -= stop  # ties at t[stop] past place stop
