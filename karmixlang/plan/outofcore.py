@@ -26,9 +26,8 @@ limit allows.
 A key that fits the limit but is large (CHUNK_ABOVE_BYTES; TRIM_IN_MEMORY_BYTES where its only
 barriers are trims by threshold) and needs no whole-key filter runs in chunks as well: it
 costs at most the Gram and trim passes' rereads (cheaper than faulting in whole-key buffers)
-and bounds resident memory. A key whose other
-whole-key filter holds over SPILL_ABOVE_BYTES for one member does too, spilling the filter's
-results.
+and bounds resident memory. A key whose other whole-key filter holds over SPILL_ABOVE_BYTES
+for one member does too, spilling the filter's results.
 """
 
 from __future__ import annotations

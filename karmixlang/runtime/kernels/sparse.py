@@ -52,7 +52,8 @@ _RULES = ("mass", "count")
 # whole-key ones would be fresh mappings, zero-filled page by page on first touch. Results do
 # not depend on it.
 _SLICE = 1 << 17
-# Radix selection (_kth_smallest) reads magnitude bits this many at a time.
+# Radix selection (_kth_smallest) reads magnitude bits this many at a time; _grouped_ranks
+# buckets them by as many top bits.
 _DIGIT_BITS = 16
 _DIGIT_MASK = (1 << _DIGIT_BITS) - 1
 # Integers of each float's width: selecting an entry is multiplying its bits by 0 or 1.
@@ -127,14 +128,11 @@ def _kth_smallest(values: Tensor, indices: list[int]) -> list[float]:
     if values.device.type != "cpu":
         return [float(torch.kthvalue(values, i + 1).values) for i in indices]
     bits = values.reshape(-1).view(_BITS[values.dtype])
-    top_shift = 8 * bits.element_size() - _DIGIT_BITS
-    top = torch.zeros(1 << _DIGIT_BITS, dtype=torch.int64)
-    for cols in _slices(bits.numel(), 8 * _SLICE):
-        top += torch.bincount(bits[cols] >> top_shift, minlength=1 << _DIGIT_BITS)
+    top_shift, top = _top_digit_counts(bits)
     a = bits.numpy()
     found = []
     for index in indices:
-        prefix, rank, counts = 0, index, top.numpy()
+        prefix, rank, counts = 0, index, top
         for shift in range(top_shift, -1, -_DIGIT_BITS):
             if shift != top_shift:  # the digit below `prefix`, among the entries that have it
                 digits = a[(a >> (shift + _DIGIT_BITS)) == prefix] >> shift
@@ -145,6 +143,16 @@ def _kth_smallest(values: Tensor, indices: list[int]) -> list[float]:
             prefix = (prefix << _DIGIT_BITS) | digit
         found.append(float(torch.tensor(prefix, dtype=bits.dtype).view(values.dtype)))
     return found
+
+
+def _top_digit_counts(bits: Tensor) -> tuple[int, np.ndarray]:
+    """How many of `bits` (non-negative integers, 1-D, on the CPU) have each value of their
+    top _DIGIT_BITS bits, and the shift that gives those bits."""
+    shift = 8 * bits.element_size() - _DIGIT_BITS
+    counts = torch.zeros(1 << _DIGIT_BITS, dtype=torch.int64)
+    for cols in _slices(bits.numel(), 8 * _SLICE):
+        counts += torch.bincount(bits[cols] >> shift, minlength=1 << _DIGIT_BITS)
+    return shift, counts.numpy()
 
 
 def _last_ties(magnitude: Tensor, value: float, count: int) -> Tensor:
@@ -339,27 +347,20 @@ def _sorted_ranks(magnitudes: Tensor, rank_dtype: torch.dtype) -> Tensor:
     return ranks
 
 
-# _grouped_ranks buckets magnitudes by their top bits: 2**15 buckets
-_BUCKET_BITS = 15
-
-
 def _grouped_ranks(magnitudes: Tensor, rank_dtype: torch.dtype) -> Tensor:
     """The ordinal ranks of one long row of magnitude bits (non-negative integers, on the CPU)
-    with the sort's temporaries bounded by a group. A histogram of the top bits cuts the
+    with the sort's temporaries bounded by a group. A histogram of the top 16 bits cuts the
     magnitudes into ranges (groups) of about RANK_GROUP entries (a fuller bucket alone); an
     entry's rank is the count of entries in lower groups plus its rank within its group,
     from a stable radix sort of the group alone. A group of one magnitude (the exact zeros of
     a sparse delta) is already in rank order: its positions, ascending."""
     a = magnitudes.numpy()
-    shift = max(0, 8 * a.itemsize - 1 - _BUCKET_BITS)
-    counts = torch.zeros(1 << _BUCKET_BITS, dtype=torch.int64)
-    for cols in _slices(a.size, 8 * _SLICE):
-        counts += torch.bincount(magnitudes[cols] >> shift, minlength=1 << _BUCKET_BITS)
+    shift, counts = _top_digit_counts(magnitudes)
     ranks = torch.empty(a.size, dtype=rank_dtype)
     inside = np.empty(a.size, dtype=bool)
     unsigned = np.dtype(f"u{a.itemsize}")
     below = 0
-    for low, high in _bucket_groups(counts.numpy(), RANK_GROUP):
+    for low, high in _bucket_groups(counts, RANK_GROUP):
         # low <= bucket < high, as one unsigned comparison of (bits - low's first bits)
         start, span = low << shift, (high - low) << shift
         for cols in _slices(a.size, 8 * _SLICE):
@@ -375,15 +376,16 @@ def _grouped_ranks(magnitudes: Tensor, rank_dtype: torch.dtype) -> Tensor:
 
 
 def _bucket_groups(counts: np.ndarray, most: int) -> Iterator[tuple[int, int]]:
-    """Consecutive ranges [low, high) of buckets covering all of them, each holding at most
-    `most` entries unless a single bucket holds more."""
-    low, held = 0, 0
+    """Consecutive ranges [low, high) of buckets covering every non-empty one, each holding at
+    most `most` entries unless a single bucket holds more."""
+    low, held, last = 0, 0, 0
     for bucket in np.flatnonzero(counts):
         if held and held + counts[bucket] > most:
             yield low, int(bucket)
             low, held = int(bucket), 0
         held += int(counts[bucket])
-    yield low, len(counts)
+        last = int(bucket)
+    yield low, last + 1
 
 
 def clamp(d: Tensor, *, lo: float, hi: float) -> Tensor:
