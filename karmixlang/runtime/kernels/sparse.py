@@ -135,8 +135,11 @@ def _kth_smallest(values: Tensor, indices: list[int]) -> list[float]:
         prefix, rank, counts = 0, index, top
         for shift in range(top_shift, -1, -_DIGIT_BITS):
             if shift != top_shift:  # the digit below `prefix`, among the entries that have it
-                digits = a[(a >> (shift + _DIGIT_BITS)) == prefix] >> shift
-                counts = np.bincount(digits & _DIGIT_MASK, minlength=1 << _DIGIT_BITS)
+                counts = np.zeros(1 << _DIGIT_BITS, dtype=np.int64)
+                for cols in _slices(a.size, 8 * _SLICE):  # no key-sized temporaries
+                    part = a[cols]
+                    digits = part[(part >> (shift + _DIGIT_BITS)) == prefix] >> shift
+                    counts += np.bincount(digits & _DIGIT_MASK, minlength=1 << _DIGIT_BITS)
             below = np.cumsum(counts)
             digit = int(np.searchsorted(below, rank, side="right"))
             rank -= int(below[digit - 1]) if digit else 0
