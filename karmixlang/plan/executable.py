@@ -90,6 +90,9 @@ class KeyJob:
     no_fallback: int | None = None
     # lora node -> the key's shape and the modules that change it (none: the delta is zero)
     lora: dict[int, tuple[tuple[int, ...], tuple[LoraTerm, ...]]] = field(default_factory=dict)
+    # of est_bytes, the thread's reused read buffers (runtime Scratch), which stay allocated
+    # from key to key rather than being freed to the heap
+    scratch_bytes: int = 0
 
     def files(self) -> set[str]:
         """Every file this job reads."""
@@ -285,6 +288,7 @@ def _job_dict(j: KeyJob) -> dict:
         "lora": [[i, list(shape), [[t.kind, [[r, _info_list(x)] for r, x in t.tensors], t.rank,
                                     list(t.rows) if t.rows else None] for t in terms]]
                  for i, (shape, terms) in sorted(j.lora.items())],
+        "scratch_bytes": j.scratch_bytes,
     }
 
 
@@ -319,4 +323,5 @@ def _job_from(d: dict) -> KeyJob:
         OutOfCore(**d["ooc"]) if d["ooc"] is not None else None, d["mem_bytes"],
         {t[0]: _info_from(t[1:]) for t in d["tensors"]},
         _job_from(d["fallback"]) if d["fallback"] is not None else None, d["no_fallback"],
-        {i: (tuple(shape), _terms_from(terms)) for i, shape, terms in d["lora"]})
+        {i: (tuple(shape), _terms_from(terms)) for i, shape, terms in d["lora"]},
+        d["scratch_bytes"])

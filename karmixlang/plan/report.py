@@ -18,8 +18,8 @@ from karmixlang.ir.graph import Graph, KeyMap
 from karmixlang.resources import data_dir
 from karmixlang.units import human_bytes
 from karmixlang.plan.rebasin import describe as describe_permutation, phase_one_bytes
-from karmixlang.plan.schedule import (COMPUTE_ITEMSIZE, HEAP_BLOCK_LIMIT, HEAP_TRIM_THRESHOLD,
-                                       IDENTICAL, Schedule)
+from karmixlang.plan.schedule import (COMPUTE_ITEMSIZE, HEAP_BLOCK_LIMIT, HEAP_RELEASE_ABOVE,
+                                       IDENTICAL, THREAD_OVERHEAD, Schedule)
 
 SCHEMA_VERSION = 1
 
@@ -218,7 +218,9 @@ def _peak_memory(sched: Schedule, threads: int, compute: str) -> dict:
     """The larger of the streaming phase's peak and the permutation phase's (which runs
     alone, before the streaming one), and where it is."""
     stream = _stream_peak(sched, threads, compute)
-    phase_one = max(map(phase_one_bytes, sched.executable.permutations), default=0)
+    # (phase one runs on one thread, which has its own few MiB too)
+    phase_one = max((phase_one_bytes(p) + THREAD_OVERHEAD
+                     for p in sched.executable.permutations), default=0)
     if stream >= phase_one:
         return {"peak_memory_bytes": stream, "peak_memory_key": sched.peak_key}
     return {"peak_memory_bytes": phase_one, "peak_memory_key": "the permutation phase"}
@@ -227,21 +229,33 @@ def _peak_memory(sched: Schedule, threads: int, compute: str) -> dict:
 def _stream_peak(sched: Schedule, threads: int, compute: str) -> int:
     """The `threads` largest keys in flight at once, as far as admission under the memory
     limit allows them together (a key over the limit runs alone), plus what each thread's
-    heap keeps beside them: blocks under the allocator's mmap threshold return to the
-    thread's heap, which keeps its high-water mark (a glibc thread heap is at most 64 MB, so
-    it never has HEAP_TRIM_THRESHOLD free to trim), so up to the largest such key stays
-    resident while the next keys run. This holds with glibc's small-block cache off, as
-    `kmx run` runs (karmixlang/__main__.py); with it, a thread's heap can walk to several
-    times that (docs/benchmarks.md)."""
+    heap keeps beside them. Blocks under the allocator's mmap threshold return to the
+    thread's heap and stay resident; where the next key's blocks do not fit where they were,
+    the heap holds both, so a thread can keep an earlier key's temporaries (what it allocated
+    beyond the thread's reused read buffers) beside the key it runs. Each key runs once, so
+    those are other keys than the ones in flight: the next `threads` largest. After a key
+    over HEAP_RELEASE_ABOVE the runtime returns the heaps' free pages, so such keys leave
+    nothing. Each thread also has a little memory of its own (THREAD_OVERHEAD). This holds
+    with glibc's small-block cache off, as `kmx run` runs (karmixlang/__main__.py); with it,
+    a thread's heap can walk to several times that (docs/benchmarks.md)."""
     threads = max(1, threads)
     item = COMPUTE_ITEMSIZE[compute]
-    live = sorted((j.est_bytes for j in sched.jobs), reverse=True)[:threads]
+    jobs = sorted(sched.jobs, key=lambda j: j.est_bytes, reverse=True)
+    live = [j.est_bytes for j in jobs[:threads]]
     if not live:
         return 0
-    heap = max((j.est_bytes for j in sched.jobs
-                if math.prod(j.outputs[0].shape) * item < HEAP_BLOCK_LIMIT), default=0)
-    return min(sum(live), max(sched.memory_limit, live[0])) + \
-        threads * min(heap, HEAP_TRIM_THRESHOLD)
+    kept = sorted((j.est_bytes - _read_buffers(j) for j in jobs[threads:]
+                   if math.prod(j.outputs[0].shape) * item < HEAP_BLOCK_LIMIT
+                   and j.est_bytes <= HEAP_RELEASE_ABOVE), reverse=True)[:threads]
+    return min(sum(live), max(sched.memory_limit, live[0])) + sum(kept) + \
+        threads * THREAD_OVERHEAD
+
+
+def _read_buffers(job) -> int:
+    """The thread's reused read buffers in the key's estimate: a chunked key's read a chunk."""
+    numel = max(1, math.prod(job.outputs[0].shape))
+    share = min(1.0, job.ooc.chunk_elems / numel) if job.ooc else 1.0
+    return int(job.scratch_bytes * share)
 
 
 def _reason_kind(reason: str) -> str:

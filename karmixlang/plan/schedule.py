@@ -35,10 +35,14 @@ COMPUTE_ITEMSIZE = {"fp32": 4, "fp64": 8}
 # Blocks below this come from glibc's heap, which keeps them for reuse (the runtime raises the
 # mmap threshold to this maximum); larger ones are mapped and unmapped (runtime/allocator.py).
 HEAP_BLOCK_LIMIT = 32 << 20
-# A heap returns free memory only past this much at its top (runtime/allocator.py's
-# M_TRIM_THRESHOLD; a thread's own glibc heap is at most this large, so never): up to this,
-# freed blocks stay resident beside the blocks in use.
-HEAP_TRIM_THRESHOLD = 64 << 20
+# Freed heap blocks stay resident for reuse, and a heap that the next key's blocks do not fit
+# exactly keeps them beside the new ones (measured: up to one earlier key's worth per thread).
+# After a key whose estimate is above this, the runtime hands every heap's free pages back
+# (runtime/allocator.release_free_memory), so what a thread keeps is at most one such key's.
+HEAP_RELEASE_ABOVE = 256 << 20
+# A worker thread's own memory beside its keys' (its heap's bookkeeping, torch's and numpy's
+# thread-local state): a few MiB; this much keeps the estimate at or above every bench run.
+THREAD_OVERHEAD = 4 << 20
 # A non-float key every input holds is copied as is when its copies are identical; planning
 # reads and compares copies up to this size (position_ids, a few KB); a larger one is treated
 # as before (the fallback's, or K0310).
@@ -268,7 +272,8 @@ class Jobs:
                                  if o.dtype in DTYPES) else 0
         end = t.end_per_element * numel + out_bytes + check
         job = KeyJob(key, t.steps, t.choices, t.deferred, t.loads, t.free_after, outputs,
-                     int(max(t.peak(numel), end)), read, tensors=tensors, lora=lora)
+                     int(max(t.peak(numel), end)), read, tensors=tensors, lora=lora,
+                     scratch_bytes=int(t.scratch_per_element * numel))
         self.chunk_per_element[id(job)] = max(t.peak(1), end / max(1, numel))
         return job
 
@@ -435,6 +440,7 @@ class _Template:
     # of a kernel slice, the slice's length): the second part stops growing at one slice
     peaks: tuple[tuple[float, float, int], ...]
     end_per_element: float
+    scratch_per_element: float  # of the above, the thread's reused read buffers
 
     def peak(self, numel: int) -> float:
         """At `numel` elements (1: per element of a piece within one slice)."""
@@ -518,7 +524,7 @@ def _template(outputs: list[Output], key: str, jobs: Jobs) -> _Template:
         live -= sum(size[m] for m in free_after[k])
     loads = tuple(index[n] for n in acc.values() if n.op == "load")
     return _Template(tuple(steps), choice, deferred, tuple(tuple(f) for f in free_after), loads,
-                     _pareto(peaks), live + scratch)
+                     _pareto(peaks), live + scratch, scratch)
 
 
 def _pareto(peaks: set[tuple[float, float, int]]) -> tuple[tuple[float, float, int], ...]:

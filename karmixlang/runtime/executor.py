@@ -25,6 +25,8 @@ from karmixlang.io.hashes import FileHashes, file_hashes
 from karmixlang.machine import default_threads
 from karmixlang.plan.compile import Compiled
 from karmixlang.plan.executable import Executable, KeyJob
+from karmixlang.plan.schedule import HEAP_RELEASE_ABOVE
+from karmixlang.runtime.allocator import release_free_memory
 from karmixlang.runtime.chunked import Streamed
 from karmixlang.runtime.evaluate import Evaluator, compute_key, prepare_process
 from karmixlang.runtime.outputs import OutputSet
@@ -180,6 +182,8 @@ class LocalExecutor:
         def work(job: KeyJob):
             if not stop.is_set():
                 session.deliver(job, session.compute(job))
+                if job.est_bytes > HEAP_RELEASE_ABOVE:
+                    release_free_memory()
             return job
 
         in_flight: dict[Future, int] = {}

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -280,3 +281,48 @@ def test_stale_hash_cache_entries_are_recomputed(workdir):
                   {"sha256": "X" * 64, "data_sha256": "1" * 64}):
         cache.data[cache.key(a)] = stale
         assert cache.get(a) == compute_hashes(a)
+
+
+def test_the_heaps_free_pages_are_released_after_each_large_key_only(workdir, monkeypatch):
+    """The plan's heap reserve counts no key over HEAP_RELEASE_ABOVE because the run hands
+    the heaps' free pages back after each such key; smaller keys leave them for reuse."""
+    from karmixlang.runtime import executor
+
+    tiny_models(workdir)
+    path = recipe(workdir, """
+        base o = "base.safetensors"
+        cluster pool = ["a.safetensors", "b.safetensors", "c.safetensors"]
+        save "out.safetensors" = o + ties_merge(trim(pool - o, density=0.5))
+    """)
+    compiled = compile_recipe(path, threads=1)
+    sizes = sorted(j.est_bytes for j in compiled.schedule.jobs)
+    released = []
+    monkeypatch.setattr(executor, "release_free_memory", lambda: released.append(1))
+    monkeypatch.setattr(executor, "HEAP_RELEASE_ABOVE", sizes[-2])  # the largest keys only
+    execute(compiled, RunOptions(threads=1))
+    assert sizes[-1] > sizes[-2] and len(released) == sizes.count(sizes[-1])
+
+
+def test_releasing_free_memory_returns_a_fragmented_heaps_pages(tmp_path):
+    """release_free_memory (glibc's malloc_trim) gives back the free blocks that sit between
+    blocks still in use, which the heap's own trimming, at its top only, keeps."""
+    if os.confstr("CS_GNU_LIBC_VERSION") is None:
+        pytest.skip("glibc only")
+    script = tmp_path / "heap.py"
+    script.write_text(textwrap.dedent("""
+        import torch
+        from karmixlang.runtime.allocator import release_free_memory, tune_allocator
+        def rss():
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * 4096
+        tune_allocator()
+        blocks = [torch.ones(4 << 20) for _ in range(24)]  # 16 MB each: heap blocks
+        del blocks[::2]  # freed between kept ones: not at the heap's top
+        before = rss()
+        release_free_memory()
+        print(before - rss())
+    """))
+    env = {**os.environ, "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         env=env, check=True)
+    assert int(out.stdout) > 100 << 20  # most of the twelve freed 16 MB blocks
