@@ -24,9 +24,10 @@ def tune_allocator(mmap_threshold: int = 32 << 20) -> None:
     memory stays bounded by the keys in flight plus what the allocator keeps for reuse.
     A phase that keeps tensors for long among short-lived ones asks for a lower
     `mmap_threshold` instead (runtime/rebasin.py). Harmless where mallopt is missing."""
+    libc = _libc()
     try:
-        _libc().mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
-        _libc().mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+        libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
     except AttributeError:
         pass
 
