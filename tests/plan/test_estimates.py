@@ -70,7 +70,6 @@ def test_many_members_stay_within_what_admission_allows(tmp_path):
     assert largest <= totals["peak_memory_bytes"] <= limit + 2 * HEAP_RELEASE_ABOVE
 
 
-
 def _heap_reserve(c, threads: int) -> int:
     """What the streaming peak adds beyond the `threads` largest keys and each thread's own
     overhead."""
@@ -108,6 +107,7 @@ def test_the_heap_reserve_is_whole_earlier_keys_of_temporaries(tmp_path):
     earlier = sorted(c.schedule.jobs, key=lambda j: j.est_bytes)[:2]
     assert all(j.ooc is None and 64 * MB < j.est_bytes <= HEAP_RELEASE_ABOVE for j in earlier)
     assert _heap_reserve(c, 2) == sum(j.est_bytes - j.scratch_bytes for j in earlier)
+
 
 def test_stacking_kernels_are_charged_per_slice_not_per_key(tmp_path):
     """ties_merge stacks its members one kernel slice at a time: beyond a slice, a larger key
