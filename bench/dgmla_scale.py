@@ -181,25 +181,39 @@ def disk(args) -> None:
 
 
 def gram(args) -> None:
-    """The geometric median's N² part at N = 257, timed on its own: kmx's Gram accumulation
-    (runtime/kernels/base.GramSum, fp64 products of fp32 members, slice by slice) over 257
-    members of `--elements` each, seconds per element of one member. Appended as a "gram"
+    """The geometric median's N² part at N = 257, timed on its own as kmx's key threads run
+    it: `--threads` threads (kmx's default), each set up as the runtime sets one up (one
+    torch and one BLAS thread) and summing a Gram matrix (runtime/kernels/base.GramSum, fp64
+    products of fp32 members, slice by slice) over its share of 257 members of `--elements`
+    each, as separate keys would. Seconds per element of one member; appended as a "gram"
     record."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
 
+    from karmixlang.machine import default_threads
+    from karmixlang.runtime.evaluate import prepare_process
     from karmixlang.runtime.kernels.base import GramSum
 
+    prepare_process()
+    threads = args.threads or default_threads()
     torch.manual_seed(0)
     members = [torch.randn(args.elements) for _ in range(TARGET_N)]
-    acc = GramSum(TARGET_N)
-    acc.add([m[: 1 << 16] for m in members])  # warm-up: BLAS threads, allocator
-    t0, c0 = time.perf_counter(), time.process_time()
-    acc = GramSum(TARGET_N)
-    acc.add(members)
-    acc.result()
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    rec = {"gram": True, "n": TARGET_N, "elements": args.elements, "wall_s": wall,
-           "cpu_s": cpu, "s_per_element": wall / args.elements,
+    share = args.elements // threads
+
+    def key(t: int, length: int = share) -> None:
+        acc = GramSum(TARGET_N)
+        acc.add([m[t * share: t * share + length] for m in members])
+        acc.result()
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda t: key(t, 1 << 16), range(threads)))  # warm-up: the allocator
+        t0, c0 = time.perf_counter(), time.process_time()
+        list(pool.map(key, range(threads)))
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    elements = share * threads
+    rec = {"gram": True, "n": TARGET_N, "elements": elements, "threads": threads,
+           "wall_s": wall, "cpu_s": cpu, "s_per_element": wall / elements,
            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "load_before": os.getloadavg()[0]}
     print(json.dumps(rec), flush=True)
     _append(args.cache, rec)
@@ -274,6 +288,7 @@ def main() -> None:
     d.add_argument("--n", type=int, default=4, help="read the base and this many fine-tunes")
     g = sub.add_parser("gram")
     g.add_argument("--elements", type=int, default=1 << 20)
+    g.add_argument("--threads", type=int, help="key threads (default: kmx's)")
     p = sub.add_parser("plan")
     p.add_argument("--memory-limit", default="14GB")
     f = sub.add_parser("fit")

@@ -12,6 +12,7 @@ import sys
 import tempfile
 
 import torch
+from threadpoolctl import threadpool_limits
 
 from karmixlang.builtins import BY_OP
 from karmixlang.diagnostics import located
@@ -30,9 +31,12 @@ from karmixlang.runtime.tensors import COMPUTE, Reader, Scratch, finite, part
 
 
 def prepare_process() -> None:
-    """What every process that evaluates keys sets first: one intra-op thread, so reductions
-    add in one order and results are bit-exact whoever computes them; the allocator tuned."""
+    """What every process that evaluates keys sets first: one intra-op thread for torch and
+    for the BLAS numpy calls (kernels/base.GramSum), so reductions add in one order and
+    results are bit-exact whoever computes them, and key threads do not oversubscribe the
+    cores; the allocator tuned."""
     torch.set_num_threads(1)
+    threadpool_limits(1, user_api="blas")
     tune_allocator()
 
 

@@ -19,6 +19,7 @@ from karmixlang.diagnostics import KmxError
 from karmixlang.plan import outofcore
 from karmixlang.runtime import chunked
 from karmixlang.runtime.executor import RunOptions, execute
+from karmixlang.runtime.kernels import base as kernel_base
 from karmixlang.demo.synth import write_model, write_tuned_pool
 
 from conftest import recipe
@@ -92,6 +93,15 @@ def test_out_of_core_output_is_bit_identical(tmp_path, small_slices, name):
     assert ooc[0].ooc.chunks > 1
     for path in want:
         assert got[path] == want[path], path
+
+
+def test_a_median_of_many_members_out_of_core_is_bit_identical(tmp_path, small_slices):
+    members = 33  # enough for the Gram sum by BLAS syrk, added chunk by chunk
+    assert kernel_base._SYRK_ROWS <= members
+    pool(tmp_path, members)
+    ooc, got, want = run_both(tmp_path, RECIPES["geometric_median"], 8 * MB)
+    assert [j.key for j in ooc] == ["big.w"] and ooc[0].ooc.chunks > 1
+    assert got == want
 
 
 def test_a_large_della_key_within_the_limit_spills_its_members_with_the_same_bytes(

@@ -110,6 +110,20 @@ def test_cluster_reductions_match_reference(shape, n, dtype):
         assert_close(ops.model_stock(models, ws, base), expected)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_centers_of_clusters_large_enough_for_the_symmetric_gram_product_match_reference(dtype):
+    # 40 members: the Gram matrix is summed by BLAS syrk (kernels/base._SYRK_ROWS), over
+    # several slices plus a partial one
+    xs, ws = make((3000, 7), 40, seed=41, dtype=dtype)
+    X = [npy(x) for x in xs]
+    assert_close(ops.geometric_median(xs, ws), ref.geometric_median(X, ws))
+    assert_close(ops.karcher(xs, ws), ref.karcher(X, ws))
+    (base,), _ = make((3000, 7), 1, seed=98, dtype=dtype)
+    models = [base + 0.5 + 0.3 * x for x in xs]
+    assert_close(ops.model_stock(models, ws, base),
+                 ref.model_stock([npy(m) for m in models], ws, npy(base)))
+
+
 def test_geometric_median_options_match_reference():
     xs, ws = make((6, 5), 4, seed=3)
     X = [npy(x) for x in xs]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -14,6 +15,11 @@ from karmixlang.plan import outofcore
 # over slices of the flattened key so that its temporaries stay bounded whatever the key's
 # size. Slices are a power of two long (outofcore.slice_step), so an out-of-core chunk (also a
 # power of two, runtime/chunked.py) splits into exactly the slices of the in-memory run.
+
+# From this many rows a CPU Gram product runs as numpy's `a @ a.T`, which BLAS computes as a
+# symmetric rank-k update (syrk: half the products of a general one); below it syrk's
+# blocking costs more than it saves and torch's general product is faster.
+_SYRK_ROWS = 32
 
 
 def check_cluster(members: Sequence[Tensor], weights: Sequence[float]) -> list[float]:
@@ -58,18 +64,32 @@ class GramSum:
     def __init__(self, rows: int):
         self.rows = rows
         self.g: Tensor | None = None
+        # The fp64 copy of one slice of every member, reused: a fresh one per slice is a
+        # fresh mapping, zero-filled page by page, and cost more than the product at small N.
+        self._block: Tensor | None = None
 
     def add(self, xs: Sequence[Tensor], center: Tensor | None = None) -> None:
         flats = [x.reshape(-1) for x in xs]
         ref = center.reshape(-1) if center is not None else None
+        device = flats[0].device
         if self.g is None:
-            self.g = torch.zeros(self.rows, self.rows, dtype=torch.float64,
-                                 device=flats[0].device)
+            self.g = torch.zeros(self.rows, self.rows, dtype=torch.float64, device=device)
+        width = min(outofcore.slice_step(self.rows), flats[0].numel())
+        if self._block is None or self._block.shape[1] < width:
+            self._block = torch.empty(self.rows, width, dtype=torch.float64, device=device)
+        # numpy's view of the sum when it is added there (the same memory as self.g)
+        g = self.g.numpy() if device.type == "cpu" and self.rows >= _SYRK_ROWS else None
         for sl in flat_slices(flats[0].numel(), self.rows):
-            block = torch.stack([f[sl] for f in flats]).to(torch.float64)
+            block = self._block[:, : sl.stop - sl.start]
+            for row, f in zip(block, flats):
+                row.copy_(f[sl])
             if ref is not None:
-                block -= ref[sl].to(torch.float64)
-            self.g += block @ block.T
+                block -= ref[sl]
+            if g is not None:
+                a = block.numpy()
+                g += a @ a.T
+            else:
+                self.g += block @ block.T
 
     def result(self) -> Tensor:
         g = self.g if self.g is not None else torch.zeros(self.rows, self.rows,
