@@ -386,7 +386,16 @@ def _memory(spec: OpSpec) -> str:
     work = spec.workspace.describe()
     work = "no workspace" if work == "0" else f"workspace {work}"
     held = " (its result holds one tensor per member)" if spec.per_member else ""
-    return f"{work}{held}; out of core, {_OUT_OF_CORE[spec.chunk]}."
+    return f"{work}{held}; out of core, {_OUT_OF_CORE[spec.chunk]}{_mask_spill(spec)}."
+
+
+def _mask_spill(spec: OpSpec) -> str:
+    if spec.masks is None or spec.chunk is Chunk.SPLIT:
+        return ""
+    when = " and ".join(f"{name}={str(value).lower()}" for name, value in spec.masks)
+    return (f"; {'with ' + when + ' ' if when else ''}the temporary file holds only the keep "
+            "mask, a bit an element (the result is the input or zero), and later passes form "
+            "the input again")
 
 
 _RANDOMNESS = """## Randomness (`dare`, `della`)

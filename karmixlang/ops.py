@@ -155,6 +155,11 @@ class OpSpec:
     gain: Gain = within_inputs  # see Gain; not counted: DELLA's rescaling, iso past its spectrum
     # F(x + c) = F(x) + c: `b + F(c − b)` equals F(c), whatever the base b (K0213)
     translation_equivariant: bool = False
+    # The attribute values under which the node's result is its one input where an entry is
+    # kept and +0 elsewhere, bit for bit (empty: always; None: never): an out-of-core spill
+    # of it then holds the keep mask, a bit an element, and later passes apply it to the
+    # input formed again (plan/outofcore.py, runtime/chunked.py)
+    masks: tuple[tuple[str, object], ...] | None = None
 
     @property
     def linear(self) -> bool:
@@ -234,7 +239,8 @@ OPS: dict[str, OpSpec] = {s.name: s for s in [
     _kernel("ties_merge", workspace=_sliced(1, 7)),
     # ------------------------------------------------------------ filters on deltas
     # magnitudes, partitioned in place (kernels/sparse.py, bench/kernels.py)
-    _kernel("trim", broadcast=True, chunk=Chunk.THRESHOLD, workspace=Workspace(bytes=4)),
+    _kernel("trim", broadcast=True, chunk=Chunk.THRESHOLD, workspace=Workspace(bytes=4),
+            masks=()),
     # random draws, slice by slice
     _kernel("dare", broadcast=True, seeded=True, workspace=Workspace(bytes=2), gain=_dare_gain),
     # while sorting by radix: the magnitudes' bits, their sorted copy, the int64 order and
@@ -243,8 +249,10 @@ OPS: dict[str, OpSpec] = {s.name: s for s in [
     # one group's positions, values, sort, order and new ranks (52 B an entry of the group,
     # charged 56 with the slices' temporaries)
     _kernel("della", broadcast=True, seeded=True, chunk=Chunk.WHOLE,
-            workspace=Workspace(bytes=28, long=(RADIX_SORT_MAX_ELEMS, 10, 56 * RANK_GROUP))),
-    _kernel("breadcrumbs", broadcast=True, chunk=Chunk.WHOLE, workspace=Workspace(bytes=4)),
+            workspace=Workspace(bytes=28, long=(RADIX_SORT_MAX_ELEMS, 10, 56 * RANK_GROUP)),
+            masks=(("rescale", False),)),
+    _kernel("breadcrumbs", broadcast=True, chunk=Chunk.WHOLE, workspace=Workspace(bytes=4),
+            masks=()),
     _kernel("clamp", broadcast=True),
     _kernel("iso", broadcast=True, chunk=Chunk.WHOLE, workspace=Workspace(tensors=3),  # SVD
             gain=_interpolation("z", 0.0)),

@@ -16,7 +16,11 @@ its `chunk` in ops.OPS):
 - the other whole-key filters (della, breadcrumbs, iso; trim in fp64) need a
   rank, threshold or SVD of the whole tensor: each filtered member is computed alone, in
   memory, and spilled to a temporary file in the compute dtype, which later passes read in
-  chunks. A single member of the key must therefore fit the limit.
+  chunks. A single member of the key must therefore fit the limit. A filter whose result is
+  its input or zero entry by entry (della without rescale, breadcrumbs, trim: OPS' `masks`)
+  spills only its keep mask, a bit an element; later passes read the mask and form the
+  input again from its own inputs (for a task vector: the model and the base, in their
+  stored dtype), a fraction of the compute-dtype result's bytes.
 
 Chunks are a power of two in length, so they split into the same slices that the in-memory
 kernels use (runtime/kernels/base.flat_slices): out-of-core results are bit-identical to in-memory ones
@@ -101,6 +105,18 @@ def _spilled_members(n) -> int:
     return len(n.inputs) if OPS[n.op].chunk is Chunk.SPLIT else 1
 
 
+def mask_spill(n) -> bool:
+    """A spilled filter whose spill is its keep mask (one file, a bit an element)."""
+    masks = OPS[n.op].masks
+    return (OPS[n.op].chunk is not Chunk.SPLIT and masks is not None
+            and all(n.attr(name) == value for name, value in masks))
+
+
+def _spill_bytes(n, numel: int, item: int) -> int:
+    """Bytes of a spilled filter's temporary files."""
+    return -(-numel // 8) if mask_spill(n) else _spilled_members(n) * numel * item
+
+
 def _pow2_floor(n: int) -> int:
     return 1 << max(0, n.bit_length() - 1)
 
@@ -142,15 +158,16 @@ def chunking_for(job, nodes, per_element: float, limit: int, item: int,
         return None
     spilled = sum(_spilled_members(n) for n in spills)
     passes = sum(1 if _gram(n) else 2 for n in walls if n not in spills)
-    reads = _pass_reads(job, nodes, barriers(nodes, job.steps), item * numel, item)
-    return OutOfCore(chunk, -(-numel // chunk), passes, spilled, spilled * numel * item,
+    reads = _pass_reads(job, nodes, barriers(nodes, job.steps), numel, item)
+    return OutOfCore(chunk, -(-numel // chunk), passes, spilled,
+                     sum(_spill_bytes(n, numel, item) for n in spills),
                      max(0, reads - job.read_bytes), whole, int(chunk * per_element), over)
 
 
-def _pass_reads(job, nodes, walls: list[int], spill_size: int, item: int) -> int:
+def _pass_reads(job, nodes, walls: list[int], numel: int, item: int) -> int:
     """Bytes read by all passes: each barrier's pass (two for a trim by threshold), then the
     final one. A pass reads the loads under its targets, stopping at filters already spilled
-    (read back instead)."""
+    (read back instead; a mask spill reads its mask and the loads under its input too)."""
     spilled: set[int] = set()
     total = 0
 
@@ -163,7 +180,9 @@ def _pass_reads(job, nodes, walls: list[int], spill_size: int, item: int) -> int
             seen.add(i)
             n = nodes[i]
             if i in spilled:
-                got += spill_size * _spilled_members(n)
+                got += _spill_bytes(n, numel, item)
+                if mask_spill(n):
+                    stack.extend(job.reads(nodes, i))
             elif n.op == "load":
                 info = job.tensors.get(i)
                 got += info.nbytes if info is not None else 0

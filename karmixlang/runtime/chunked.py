@@ -3,7 +3,9 @@ members do not fit the memory limit together (planning and the rules: outofcore.
 
 The passes, in the key's evaluation order:
 1. each whole-key filter (trim, della, ...) is computed one member at a time, in memory, and
-   spilled to a temporary file in the compute dtype;
+   spilled to a temporary file in the compute dtype, or as its keep mask (a bit an element)
+   when its result is its input or zero (outofcore.mask_spill): later passes then apply the
+   mask to the input formed again;
 2. each Gram method accumulates its members' Gram matrix over the chunks, then solves for
    its coefficients;
 3. a last pass forms the outputs chunk by chunk and yields each piece (the executor tests it,
@@ -26,7 +28,7 @@ from karmixlang.diagnostics import KmxError, error
 from karmixlang.io.header import TensorInfo
 from karmixlang.ops import OPS, Chunk
 from karmixlang.plan.executable import KeyJob
-from karmixlang.plan.outofcore import threshold_trim
+from karmixlang.plan.outofcore import mask_spill, threshold_trim
 from karmixlang.runtime import kernels as ops
 from karmixlang.runtime.kernels import sparse as ops_sparse
 from karmixlang.runtime.kernels.base import GramSum
@@ -38,6 +40,10 @@ Span = tuple[int, int]
 Piece = tuple[int, int, memoryview]
 # A piece of an output's value: (index into job.outputs, element offset, values there).
 ValuePiece = tuple[int, int, torch.Tensor]
+# Integers of a float's width: a mask spill tests an entry's bits for +0.
+_INTS = {8: torch.int64, 4: torch.int32, 2: torch.int16}
+# Mask spills are packed this many bytes at a time.
+_PACK_BYTES = 1 << 17
 
 
 class Streamed:
@@ -71,9 +77,9 @@ class _ChunkedKey:
         self.spill_reader = Reader()
         # node -> its value for a span, read back from spills (inputs not evaluated)
         self.given: dict[int, Callable[[Span | None], object]] = {}
-        # node -> its value from its inputs' values (Gram methods once solved, trims once
-        # their thresholds are known)
-        self.replaced: dict[int, Callable[[list], object]] = {}
+        # node -> its value for a span from its inputs' values there (Gram methods once
+        # solved, trims once their thresholds are known, filters spilled as masks)
+        self.replaced: dict[int, Callable[[list, Span | None], object]] = {}
         self.tops: list[_Top] = []
 
     def spans(self) -> Iterator[Span]:
@@ -117,7 +123,8 @@ class _ChunkedKey:
                 if i in self.given:
                     values[i] = self.given[i](span)
                 elif i in self.replaced:
-                    values[i] = self.replaced[i]([values[x] for x in self.nodes[i].inputs])
+                    values[i] = self.replaced[i]([values[x] for x in self.nodes[i].inputs],
+                                                 span)
                 else:
                     values[i] = ev.step(i, job.key, values, i in self.raw_ok, job, into or {},
                                         span)
@@ -159,7 +166,7 @@ class _ChunkedKey:
         form = split.solve(acc.result(), args, kwargs)
         key = self.job.key
 
-        def formed(ins: list):
+        def formed(ins: list, span: Span | None):
             a, kw = self.ev.call_args(n, key, ins)
             return form(*a, **kw)
 
@@ -187,10 +194,10 @@ class _ChunkedKey:
                 top.settle(level)
         if OPS[n.op].chunk is Chunk.SPLIT:
             weights, rule = self.ev.weights(n.attr("weights")), kwargs.get("rule", "mass")
-            self.replaced[i] = lambda ins: ops.elect(
+            self.replaced[i] = lambda ins, span: ops.elect(
                 [top.keep(x) for top, x in zip(tops, ins)], weights, rule=rule)
         else:
-            self.replaced[i] = lambda ins: tops[0].keep(ins[0])
+            self.replaced[i] = lambda ins, span: tops[0].keep(ins[0])
 
     # ------------------------------------------------------------ whole-key filters
 
@@ -217,12 +224,23 @@ class _ChunkedKey:
         values = self.evaluate(list(n.inputs), None)
         result = self.ev.kernel(n, key, [values[x] for x in n.inputs])
         del values
+        if mask_spill(n):
+            path = self.write_file(_kept_bits(result), folder, str(i))
+            del result
+            self.replaced[i] = lambda ins, span: ops_sparse.keep_where(
+                self.read_mask(path, span, ins[0].shape), ins[0])
+            return
         info = self.write_spill(result, folder, str(i))
         self.given[i] = lambda span: self.read_spill(info, span)
 
     def write_spill(self, t: torch.Tensor, folder: str, name: str) -> TensorInfo:
-        path = os.path.join(folder, name)
         data = memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        path = self.write_file(data, folder, name)
+        dtype = {torch.float32: "F32", torch.float64: "F64"}[t.dtype]
+        return TensorInfo(name, dtype, tuple(t.shape), path, 0, data.nbytes)
+
+    def write_file(self, data: memoryview, folder: str, name: str) -> str:
+        path = os.path.join(folder, name)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
@@ -237,12 +255,35 @@ class _ChunkedKey:
                 f"in `{folder}`: {exc.strerror}",
                 help="out-of-core keys spill filtered members next to the output (see `kmx "
                      "plan`): free some space, or raise --memory-limit")]) from None
-        dtype = {torch.float32: "F32", torch.float64: "F64"}[t.dtype]
-        return TensorInfo(name, dtype, tuple(t.shape), path, 0, data.nbytes)
+        return path
 
     def read_spill(self, info: TensorInfo, span: Span | None) -> torch.Tensor:
         t = self.spill_reader.read(part(info, span) if span else info)
         return t.to(self.ev.device)
+
+    def read_mask(self, path: str, span: Span | None, shape) -> torch.Tensor:
+        """The keep mask of `span` (None: the whole key) from a mask spill. Spans start at a
+        multiple of the chunk, a power of two of at least MIN_CHUNK: on a byte."""
+        start, stop = span or (0, self.numel)
+        with open(path, "rb") as f:
+            f.seek(start // 8)
+            packed = np.frombuffer(f.read(-(-stop // 8) - start // 8), dtype=np.uint8)
+        bits = np.unpackbits(packed, count=stop - start, bitorder="little")
+        return torch.from_numpy(bits.view(np.bool_)).reshape(shape).to(self.ev.device)
+
+
+def _kept_bits(result: torch.Tensor) -> memoryview:
+    """Where a masking filter's result is not +0, a bit an element (little-endian within a
+    byte): applied to the input with kernels/sparse.keep_where, it gives the result bit for
+    bit (an input entry of +0 is +0 kept or not; -0 is kept as such)."""
+    flat = result.detach().reshape(-1).cpu()
+    bits = flat.view(_INTS[flat.element_size()]).numpy()
+    packed = np.empty(-(-bits.size // 8), dtype=np.uint8)
+    step = 8 * _PACK_BYTES  # packs a slice at a time: no whole-key mask of bools
+    for start in range(0, bits.size, step):
+        packed[start // 8: -(-min(bits.size, start + step) // 8)] = np.packbits(
+            bits[start:start + step] != 0, bitorder="little")
+    return memoryview(packed)
 
 
 def _magnitude_bits(t: torch.Tensor) -> torch.Tensor:
