@@ -29,6 +29,7 @@ from karmixlang.plan.schedule import HEAP_RELEASE_ABOVE
 from karmixlang.runtime.allocator import release_free_memory
 from karmixlang.runtime.chunked import Streamed
 from karmixlang.runtime.evaluate import Evaluator, compute_key, prepare_process
+from karmixlang.runtime.readahead import Readahead
 from karmixlang.runtime.outputs import OutputSet
 from karmixlang.runtime.rebasin import solve_all
 from karmixlang.runtime.reuse import Reuse
@@ -189,7 +190,8 @@ class LocalExecutor:
         in_flight: dict[Future, int] = {}
         budget = 0
         pending = list(reversed(jobs))  # pop() from the end keeps key order
-        with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="kmx") as pool:
+        with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="kmx") as pool, \
+                Readahead(jobs) as ahead:
             try:
                 while pending or in_flight:
                     while pending and len(in_flight) < self.threads and (
@@ -197,6 +199,7 @@ class LocalExecutor:
                         job = pending.pop()
                         in_flight[pool.submit(work, job)] = job.est_bytes
                         budget += job.est_bytes
+                        ahead.start(len(jobs) - len(pending) - 1)
                     finished, _ = wait(in_flight, timeout=0.5, return_when=FIRST_COMPLETED)
                     for f in finished:
                         budget -= in_flight.pop(f)

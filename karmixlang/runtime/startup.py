@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import threading
 
+from karmixlang.runtime.readahead import Readahead
+
 # Read ahead this many bytes of the first keys: what the first keys in flight read, without
 # pushing a large part of a cold cache through memory before torch needs it.
 PREFETCH_BYTES = 256 << 20
@@ -39,29 +41,8 @@ def _import_torch() -> None:
 
 def prefetch(jobs, limit: int = PREFETCH_BYTES) -> int:
     """Advise the kernel to read ahead the stored byte ranges of the first `jobs` (in run
-    order), until `limit` bytes; the bytes advised. Changes no file and reads nothing itself:
-    a file that cannot be opened, or a system without posix_fadvise, is left alone."""
-    ranges: dict[str, list[tuple[int, int]]] = {}
-    total = 0
-    for job in jobs:
-        for info in job.tensors.values():
-            for seg in info.segments:
-                ranges.setdefault(seg.file, []).append((seg.begin, seg.end - seg.begin))
-                total += seg.end - seg.begin
-        if total >= limit:
-            break
+    order), until `limit` bytes; the bytes advised (runtime/readahead.py)."""
     if not hasattr(os, "posix_fadvise"):
         return 0
-    for path, spans in ranges.items():
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            for begin, length in spans:
-                os.posix_fadvise(fd, begin, length, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-    return total
+    with Readahead(jobs, limit) as ahead:
+        return ahead.start(-1)

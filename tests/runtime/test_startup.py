@@ -8,10 +8,13 @@ import os
 import subprocess
 import sys
 import threading
+from itertools import accumulate
 
+import pytest
 from conftest import recipe, tiny_models
 from karmixlang.api import compile
 from karmixlang.runtime import startup
+from karmixlang.runtime.readahead import Readahead
 
 
 def compiled_mean(workdir):
@@ -34,11 +37,11 @@ def advised(monkeypatch):
 def test_prefetch_advises_the_first_keys_ranges_up_to_the_limit(workdir, monkeypatch):
     jobs = compiled_mean(workdir).schedule.jobs
     calls = advised(monkeypatch)
-    first = [(s.file, s.begin, s.end - s.begin) for i in jobs[0].tensors.values()
-             for s in i.segments]
-    # A limit under the first key's bytes: that key's ranges only, each in its file.
+    ranges = [(s.file, s.begin, s.end - s.begin) for j in jobs for i in j.tensors.values()
+              for s in i.segments]
+    # A limit under the first range's bytes: that range only, in its file.
     n = startup.prefetch(jobs, limit=1)
-    assert sorted(c[:3] for c in calls) == sorted(first) and n == sum(f[2] for f in first)
+    assert [c[:3] for c in calls] == ranges[:1] and n == ranges[0][2]
     assert {c[3] for c in calls} == {os.POSIX_FADV_WILLNEED}
     calls.clear()
     total = sum(s.end - s.begin for j in jobs for i in j.tensors.values() for s in i.segments)
@@ -56,6 +59,34 @@ def test_prefetch_changes_no_input_and_skips_files_it_cannot_open(workdir, monke
     after = os.stat(workdir / "a.safetensors")
     assert (after.st_mtime_ns, after.st_size) == (before["a.safetensors"].st_mtime_ns,
                                                   before["a.safetensors"].st_size)
+
+
+def test_readahead_keeps_a_window_of_ranges_advised_past_the_keys_started(workdir,
+                                                                        monkeypatch):
+    jobs = compiled_mean(workdir).schedule.jobs
+    calls = advised(monkeypatch)
+    ranges = [(s.file, s.begin, s.end - s.begin) for j in jobs for i in j.tensors.values()
+              for s in i.segments]
+    ends = list(accumulate(r[2] for r in ranges))
+
+    def through(limit):  # how many ranges, in order, cover `limit` bytes
+        return next((k + 1 for k, end in enumerate(ends) if end >= limit), len(ranges))
+
+    first_job = sum(s.end - s.begin for i in jobs[0].tensors.values() for s in i.segments)
+    window = ranges[0][2] + 1  # needs the first two ranges
+    with Readahead(jobs, window) as ahead:
+        assert ahead.start(-1) == ends[1] and [c[:3] for c in calls] == ranges[:2]
+        # job 0 started: advised on from where it stopped, until `window` past job 0
+        ahead.start(0)
+        assert [c[:3] for c in calls] == ranges[:through(first_job + window)]
+        # the last job started: every range advised, each once, in run order
+        ahead.start(len(jobs) - 1)
+        assert ahead.start(len(jobs) - 1) == 0 and [c[:3] for c in calls] == ranges
+        fds = [fd for fd in ahead.fds.values() if fd is not None]
+    assert len(fds) == 2
+    for fd in fds:  # closed with the read-ahead
+        with pytest.raises(OSError):
+            os.fstat(fd)
 
 
 def test_a_failed_background_import_is_left_to_the_main_thread(monkeypatch):
