@@ -131,7 +131,14 @@ def _kth_smallest(values: Tensor, indices: list[int]) -> list[float]:
     top_shift, top = _top_digit_counts(bits)
     a = bits.numpy()
     found = []
+    zeros = None
     for index in indices:
+        if index < top[0]:  # in the lowest bucket, which holds the zeros (of a sparse delta:
+            # a third of the key), whose digits need no histogram
+            zeros = a.size - np.count_nonzero(a) if zeros is None else zeros
+            if index < zeros:
+                found.append(0.0)
+                continue
         prefix, rank, counts = 0, index, top
         for shift in range(top_shift, -1, -_DIGIT_BITS):
             if shift != top_shift:  # the digit below `prefix`, among the entries that have it
@@ -204,9 +211,21 @@ def _window(d: Tensor, start: int, stop: int) -> Tensor:
         keep = outside if stop == n else keep.logical_and_(outside)
         if drop_hi > 0:  # those ties at t[start] are past the first `start` places
             keep[_last_ties(out, t[start], drop_hi)] = True
-    if stop < n and drop_lo > 0:
+    # Ties at a threshold of 0 (a sparse delta at a high density: millions of them) are
+    # zeros: dropping them changes no bit unless one is -0, so they are only searched for
+    # where there is a -0.
+    if stop < n and drop_lo > 0 and (t[stop] != 0 or _has_negative_zero(flat)):
         keep[_last_ties(out, t[stop], drop_lo)] = False
     return _keep(keep, flat, out).reshape(d.shape)
+
+
+def _has_negative_zero(x: Tensor) -> bool:
+    """Whether an entry of x (1-D) is -0: its bits are the sign bit alone."""
+    bits = x.view(_BITS[x.dtype])
+    sign = torch.iinfo(bits.dtype).min
+    if x.device.type == "cpu":
+        return bool(np.count_nonzero(bits.numpy() == sign))
+    return bool(torch.count_nonzero(bits == sign))
 
 
 def trim(d: Tensor, *, density: float) -> Tensor:
