@@ -1,8 +1,10 @@
 """Throwaway virtual environments for the peers (sd-mecha, mergekit) and the bench tools
 (matplotlib for the plot, py-spy for profiles).
 
-Each lives under CACHE/venvs/NAME, made with `python -m venv --system-site-packages` so it
-reuses the system torch instead of downloading another one. Packages that declare a torch
+Each lives under CACHE/venvs/NAME, made with `python -m venv --system-site-packages` and a
+`.pth` line naming the folder the harness's own torch is imported from (the system one, or a
+virtual environment's such as `.ci/run`'s), so it reuses that torch instead of downloading
+another one. Packages that declare a torch
 dependency are installed with --no-deps, and the rest of their dependencies explicitly, under
 a constraints file that pins torch to the installed version: pip can then never replace it.
 Nothing here is a dependency of karmixlang.
@@ -45,6 +47,16 @@ def _torch_version() -> str:
     return torch.__version__
 
 
+def _share_torch(root: Path) -> None:
+    """Put the folder holding the harness's torch on the new venv's path, after its own
+    packages. --system-site-packages alone reaches the base interpreter's packages only,
+    which lack torch when the harness runs from a virtual environment."""
+    import torch
+
+    site = root / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    (site / "harness-torch.pth").write_text(f"{Path(torch.__file__).parent.parent}\n")
+
+
 def ensure(name: str, cache: Path, log=print) -> Path:
     """The python of the venv for `name`, installing it on first use. Raises Unavailable."""
     nodeps, deps, check = SPECS[name]
@@ -58,6 +70,7 @@ def ensure(name: str, cache: Path, log=print) -> Path:
         venv.EnvBuilder(system_site_packages=True, with_pip=True, clear=True).create(root)
     except Exception as exc:  # noqa: BLE001 - any failure means: skip this peer
         raise Unavailable(f"{name}: cannot create a venv: {exc}") from exc
+    _share_torch(root)
     constraints = root / "constraints.txt"
     constraints.write_text(f"torch=={_torch_version()}\n")
     pip = [str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
