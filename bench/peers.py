@@ -4,9 +4,9 @@
 Each lives under CACHE/venvs/NAME, made with `python -m venv --system-site-packages` and a
 `.pth` line naming the folder the harness's own torch is imported from (the system one, or a
 virtual environment's such as `.ci/run`'s), so it reuses that torch instead of downloading
-another one. Packages that declare a torch
-dependency are installed with --no-deps, and the rest of their dependencies explicitly, under
-a constraints file that pins torch to the installed version: pip can then never replace it.
+another one. Packages that declare a torch dependency are installed with --no-deps, and the
+rest of their dependencies explicitly, under a constraints file that pins torch to the
+installed version: pip can then never replace it.
 Nothing here is a dependency of karmixlang.
 """
 
@@ -53,7 +53,8 @@ def _share_torch(root: Path) -> None:
     which lack torch when the harness runs from a virtual environment."""
     import torch
 
-    site = root / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    site = root / "lib" / version / "site-packages"
     (site / "harness-torch.pth").write_text(f"{Path(torch.__file__).parent.parent}\n")
 
 

@@ -19,13 +19,12 @@ class Readahead:
 
     def __init__(self, jobs, ahead: int = AHEAD_BYTES):
         self.ahead = ahead
-        self.ranges = [(seg.file, seg.begin, seg.end - seg.begin)
-                       for job in jobs for info in job.tensors.values()
-                       for seg in info.segments]
+        per_job = [[(seg.file, seg.begin, seg.end - seg.begin)
+                    for info in job.tensors.values() for seg in info.segments] for job in jobs]
+        self.ranges = [r for ranges in per_job for r in ranges]
         # bytes of the ranges before each job's first: the window is counted from there
-        self.job_starts = list(accumulate(
-            (sum(seg.end - seg.begin for info in job.tensors.values() for seg in info.segments)
-             for job in jobs), initial=0))
+        self.job_starts = list(accumulate((sum(r[2] for r in ranges) for ranges in per_job),
+                                          initial=0))
         self.cursor = 0  # ranges before it are advised
         self.advised = 0  # their bytes
         self.fds: dict[str, int | None] = {}
