@@ -190,8 +190,8 @@ class LocalExecutor:
         in_flight: dict[Future, int] = {}
         budget = 0
         pending = list(reversed(jobs))  # pop() from the end keeps key order
-        with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="kmx") as pool, \
-                Readahead(jobs) as ahead:
+        ahead = Readahead(jobs)
+        with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="kmx") as pool:
             try:
                 while pending or in_flight:
                     while pending and len(in_flight) < self.threads and (

@@ -27,41 +27,39 @@ class Readahead:
                                           initial=0))
         self.cursor = 0  # ranges before it are advised
         self.advised = 0  # their bytes
-        self.fds: dict[str, int | None] = {}
 
     def start(self, index: int) -> int:
         """Job `index` (in run order; -1: none yet) starts: advise the ranges after it until
         `ahead` bytes past it are; the bytes advised now."""
         until = self.job_starts[min(index + 1, len(self.job_starts) - 1)] + self.ahead
-        before = self.advised
+        before, first = self.advised, self.cursor
         while self.cursor < len(self.ranges) and self.advised < until:
-            path, begin, length = self.ranges[self.cursor]
-            self._advise(path, begin, length)
+            self.advised += self.ranges[self.cursor][2]
             self.cursor += 1
-            self.advised += length
+        _advise(self.ranges[first:self.cursor])
         return self.advised - before
 
-    def _advise(self, path: str, begin: int, length: int) -> None:
-        if path not in self.fds:
-            try:
-                self.fds[path] = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            except OSError:
-                self.fds[path] = None
-        fd = self.fds[path]
-        if fd is not None and hasattr(os, "posix_fadvise"):
-            try:
-                os.posix_fadvise(fd, begin, length, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                pass
 
-    def close(self) -> None:
-        for fd in self.fds.values():
-            if fd is not None:
-                os.close(fd)
-        self.fds.clear()
-
-    def __enter__(self) -> Readahead:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+def _advise(ranges) -> None:
+    """Advise `ranges` a file at a time, each file opened once and closed before the next:
+    no descriptor is held between calls, so the read-ahead never doubles the one per input
+    that the Reader keeps, and the prefetch beside torch's import (runtime/startup.py) never
+    takes the descriptors that import needs."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    by_file: dict[str, list[tuple[int, int]]] = {}
+    for path, begin, length in ranges:
+        by_file.setdefault(path, []).append((begin, length))
+    for path, spans in by_file.items():
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            for begin, length in spans:
+                try:
+                    os.posix_fadvise(fd, begin, length, os.POSIX_FADV_WILLNEED)
+                except OSError:
+                    pass
+        finally:
+            os.close(fd)

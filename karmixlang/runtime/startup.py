@@ -14,7 +14,6 @@ overlap saves little: docs/benchmarks.md, "Start-up", has what is left.
 
 from __future__ import annotations
 
-import os
 import threading
 
 from karmixlang.runtime.readahead import Readahead
@@ -42,7 +41,4 @@ def _import_torch() -> None:
 def prefetch(jobs, limit: int = PREFETCH_BYTES) -> int:
     """Advise the kernel to read ahead the stored byte ranges of the first `jobs` (in run
     order), until `limit` bytes; the bytes advised (runtime/readahead.py)."""
-    if not hasattr(os, "posix_fadvise"):
-        return 0
-    with Readahead(jobs, limit) as ahead:
-        return ahead.start(-1)
+    return Readahead(jobs, limit).start(-1)
