@@ -566,8 +566,9 @@ def test_ordinal_ranks_break_ties_by_position(dtype, shape, sort, monkeypatch):
     from karmixlang.runtime.kernels import sparse
     from karmixlang.runtime.kernels.sparse import ordinal_ranks
 
-    if sort == "in parts":  # keys too long for one sort: rows wider than RANK_GROUP group
-        # by group, narrower ones in blocks of rows
+    if sort == "in parts":  # fp64 keys too long for one sort: rows wider than RANK_GROUP
+        # group by group, narrower ones in blocks of rows (narrower floats sort packed keys
+        # at any size: both settings must give the same ranks)
         monkeypatch.setattr(sparse, "RADIX_SORT_MAX_ELEMS", 100)
         monkeypatch.setattr(sparse, "RANK_GROUP", 1000)
 

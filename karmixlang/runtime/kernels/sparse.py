@@ -56,6 +56,7 @@ _SLICE = 1 << 17
 # buckets them by as many top bits.
 _DIGIT_BITS = 16
 _DIGIT_MASK = (1 << _DIGIT_BITS) - 1
+_POSITIONS = 1 << 32  # positions a packed sort key holds in its low half (_packed_order)
 # Integers of each float's width: selecting an entry is multiplying its bits by 0 or 1.
 _BITS = {
     torch.float64: torch.int64,
@@ -330,14 +331,19 @@ def ordinal_ranks(rows: Tensor) -> Tensor:
     int32 for rows narrower than 2**31 entries, else int64.
 
     A float's bits without the sign bit are an integer in the order of its magnitude, so a
-    stable sort of those integers is the order wanted. torch sorts integers by radix, ~2×
-    faster than a comparison sort, but needs 24 bytes an element beside its input; keys over
-    RADIX_SORT_MAX_ELEMS on the CPU are ranked a part at a time instead, rows wider than
-    RANK_GROUP group by group (`_grouped_ranks`), narrower ones in blocks of rows of about
-    RANK_GROUP entries (the plan charges each by the key's size).
+    stable sort of those integers is the order wanted. On the CPU, bits of up to 32 (fp32,
+    fp16, bf16) are sorted packed with their positions (`_packed_order`, 8 bytes an element
+    beside the ranks, any size). Otherwise (fp64; other devices) torch sorts them by radix,
+    which needs 24 bytes an element beside its input; fp64 keys over RADIX_SORT_MAX_ELEMS on
+    the CPU are ranked a part at a time instead, rows wider than RANK_GROUP group by group
+    (`_grouped_ranks`), narrower ones in blocks of rows of about RANK_GROUP entries (the plan
+    charges each by the key's size).
     """
     width = rows.shape[1]
     rank_dtype = torch.int32 if width < 2**31 else torch.int64
+    if rows.device.type == "cpu" and rows.element_size() <= 4 and width <= _POSITIONS:
+        bits = rows.contiguous().view(_BITS[rows.dtype]).numpy()
+        return _scattered_ranks(torch.from_numpy(_packed_order(bits)), rank_dtype)
     int_dtype = _BITS[rows.dtype]
     magnitudes = rows.view(int_dtype) & torch.iinfo(int_dtype).max
     if rows.numel() <= RADIX_SORT_MAX_ELEMS or rows.device.type != "cpu":
@@ -354,17 +360,41 @@ def ordinal_ranks(rows: Tensor) -> Tensor:
     return ranks
 
 
+def _packed_order(bits: np.ndarray) -> np.ndarray:
+    """Per row of `bits` (the bits of floats of at most 32 bits as signed integers), the
+    positions in ascending order of magnitude, ties by position, as int64. Each magnitude's bits and its
+    position are packed into one uint64, all distinct, so numpy's unstable (SIMD) sort of
+    them in place gives the stable order: 2–3× faster than torch's radix sort of the bits
+    with an int64 index, in 8 bytes an element rather than 24 and the bits."""
+    packed = np.empty(bits.shape, dtype=np.uint64)
+    # The sign bit off after the cast to uint64 (which sign-extends), then the bits up high.
+    np.bitwise_and(bits, np.iinfo(bits.dtype).max, out=packed, dtype=np.uint64,
+                   casting="unsafe")
+    np.left_shift(packed, np.uint64(32), out=packed)
+    for cols in _slices(bits.shape[-1]):
+        np.bitwise_or(packed[..., cols], np.arange(cols.start, cols.stop, dtype=np.uint64),
+                      out=packed[..., cols])
+    packed.sort(axis=-1)
+    np.bitwise_and(packed, np.uint64(_POSITIONS - 1), out=packed)
+    return packed.view(np.int64)
+
+
 def _sorted_ranks(magnitudes: Tensor, rank_dtype: torch.dtype) -> Tensor:
-    """ordinal_ranks of rows of magnitude bits by one stable sort."""
+    """ordinal_ranks of rows of magnitude bits by one stable sort in torch."""
     rows, width = magnitudes.shape
     if rows == 1:  # one row sorts flat, where torch's radix sort applies
         order = torch.sort(magnitudes.reshape(-1), stable=True).indices.reshape(1, width)
     else:
         order = torch.sort(magnitudes, dim=1, stable=True).indices
+    return _scattered_ranks(order, rank_dtype)
+
+
+def _scattered_ranks(order: Tensor, rank_dtype: torch.dtype) -> Tensor:
+    """The ranks of rows whose positions in rank order are `order` (int64)."""
+    rows, width = order.shape
     ranks = torch.empty_like(order, dtype=rank_dtype)
     for cols in _slices(width):
-        positions = torch.arange(cols.start, cols.stop, dtype=rank_dtype,
-                                 device=magnitudes.device)
+        positions = torch.arange(cols.start, cols.stop, dtype=rank_dtype, device=order.device)
         ranks.scatter_(1, order[:, cols], positions.expand(rows, -1))
     return ranks
 
