@@ -49,14 +49,21 @@ class Workspace:
     # bytes in all instead of `bytes` (DELLA ranks long keys group by group); known only
     # where the key's size is (whole_key)
     long: tuple[int, int, int] | None = None
+    # At an 8-byte compute dtype (fp64), this workspace instead (DELLA sorts fp64 magnitudes
+    # another way than narrower ones)
+    fp64: Workspace | None = None
 
     def __call__(self, inputs: int, itemsize: int) -> int:
         """Bytes per element of the key (the part that grows with the whole key)."""
+        if itemsize == 8 and self.fp64:
+            return self.fp64(inputs, itemsize)
         stacked = 0 if self.sliced else self.per_input * inputs * itemsize
         return int(stacked + self.tensors * itemsize + self.bytes)
 
     def whole_key(self, inputs: int, itemsize: int, numel: int) -> int:
         """Bytes per element of a key of `numel` elements (__call__ is the bound for any)."""
+        if itemsize == 8 and self.fp64:
+            return self.fp64.whole_key(inputs, itemsize, numel)
         if self.long and numel > self.long[0]:
             _, per_element, fixed = self.long
             return self(inputs, itemsize) - self.bytes + per_element + math.ceil(fixed / numel)
@@ -64,6 +71,8 @@ class Workspace:
 
     def per_slice_element(self, inputs: int, itemsize: int) -> int:
         """Bytes per element of one slice (0 unless `sliced`)."""
+        if itemsize == 8 and self.fp64:
+            return self.fp64.per_slice_element(inputs, itemsize)
         if not self.sliced:
             return 0
         return int((self.per_input * inputs + self.slice_tensors) * itemsize)
@@ -76,12 +85,13 @@ class Workspace:
             ([f"{self.bytes}·n bytes"] if self.bytes else [])
         long = (f" ({self.long[1]}·n + {self.long[2]:,} bytes instead for keys over "
                 f"{self.long[0]:,} elements)" if self.long else "")
-        return (" + ".join(parts) or "0") + long
+        fp64 = f"; at fp64: {self.fp64.describe()}" if self.fp64 else ""
+        return (" + ".join(parts) or "0") + long + fp64
 
 
 ONE_TENSOR = Workspace(tensors=1)
-# DELLA on fp64 ranks keys of up to this many elements with one radix sort (24 B/el of
-# temporaries: 400 MB here); longer ones in groups of about RANK_GROUP entries, each sorted
+# DELLA on fp64 ranks keys of up to this many elements with one radix sort (32 B/el of
+# temporaries: 540 MB here); longer ones in groups of about RANK_GROUP entries, each sorted
 # alone (runtime/kernels/sparse.py). fp32 and narrower sort packed keys at any size.
 RADIX_SORT_MAX_ELEMS = 1 << 24
 RANK_GROUP = 1 << 21
@@ -243,14 +253,16 @@ OPS: dict[str, OpSpec] = {s.name: s for s in [
             masks=()),
     # random draws, slice by slice
     _kernel("dare", broadcast=True, seeded=True, workspace=Workspace(bytes=2), gain=_dare_gain),
-    # The charge is fp64's, the most: while sorting by radix, the magnitudes' bits, their
-    # sorted copy, the int64 order and the sort's own copies of both (28 B/el); longer keys
-    # rank group by group: the bits, the ranks and a mask (9 B/el, charged 10) and one
-    # group's positions, values, sort, order and new ranks (52 B an entry of the group,
-    # charged 56 with the slices' temporaries). fp32 sorts packed keys at any size: 8 B/el
-    # beside the ranks, which become the result (measured: 12.1 B/el in all on 29.5M and 63M)
+    # fp32 (and narrower) sorts magnitude bits packed with positions, at any size: 8 B/el
+    # beside the ranks, which become the result (measured 8.1 on 29.5M and 63M elements;
+    # charged 9). fp64 sorts by torch's radix: the bits, their sorted copy, the int64 order
+    # and the sort's own copies (measured 32 B/el, charged 33); longer keys rank group by
+    # group: the bits, the ranks and a mask (measured 10.1 B/el, charged 11) and one group's
+    # positions, values, sort, order and new ranks (52 B an entry of the group, charged 56
+    # with the slices' temporaries)
     _kernel("della", broadcast=True, seeded=True, chunk=Chunk.WHOLE,
-            workspace=Workspace(bytes=28, long=(RADIX_SORT_MAX_ELEMS, 10, 56 * RANK_GROUP)),
+            workspace=Workspace(bytes=9, fp64=Workspace(
+                bytes=33, long=(RADIX_SORT_MAX_ELEMS, 11, 56 * RANK_GROUP))),
             masks=(("rescale", False),)),
     _kernel("breadcrumbs", broadcast=True, chunk=Chunk.WHOLE, workspace=Workspace(bytes=4),
             masks=()),

@@ -127,15 +127,18 @@ def test_stacking_kernels_are_charged_per_slice_not_per_key(tmp_path):
     assert per_element < n * 4 * 2  # the members and no more than one copy of them
 
 
-def test_della_is_charged_the_sort_its_key_size_takes():
-    # Keys up to RADIX_SORT_MAX_ELEMS sort by radix (28 B/el while sorting); longer ones are
-    # ranked group by group (10 B/el and 56 B an entry of one group of RANK_GROUP): a
-    # whole-key estimate at a known size takes the one that runs.
+def test_della_is_charged_the_sort_its_key_size_and_dtype_take():
+    # fp32 sorts packed keys at any size (9 B/el). fp64 keys up to RADIX_SORT_MAX_ELEMS sort
+    # by radix (33 B/el); longer ones are ranked group by group (11 B/el and 56 B an entry of
+    # one group of RANK_GROUP): a whole-key estimate at a known size takes the one that runs.
     from karmixlang.ops import RADIX_SORT_MAX_ELEMS, RANK_GROUP
 
     della = OPS["della"].workspace
-    assert della.whole_key(1, 4, RADIX_SORT_MAX_ELEMS) == della(1, 4) == 28
+    for numel in (1, RADIX_SORT_MAX_ELEMS, RADIX_SORT_MAX_ELEMS + 1, 1 << 30):
+        assert della.whole_key(1, 4, numel) == della(1, 4) == 9
+        assert della.whole_key(1, 2, numel) == 9
+    assert della.whole_key(1, 8, RADIX_SORT_MAX_ELEMS) == della(1, 8) == 33
     assert RANK_GROUP == RADIX_SORT_MAX_ELEMS // 8
-    assert della.whole_key(1, 4, RADIX_SORT_MAX_ELEMS + 1) == 10 + 7  # 56 / 8, rounded up
-    assert della.whole_key(1, 4, 4 * RADIX_SORT_MAX_ELEMS) == 10 + 2
+    assert della.whole_key(1, 8, RADIX_SORT_MAX_ELEMS + 1) == 11 + 7  # 56 / 8, rounded up
+    assert della.whole_key(1, 8, 4 * RADIX_SORT_MAX_ELEMS) == 11 + 2
     assert OPS["trim"].workspace.whole_key(1, 4, 1 << 30) == OPS["trim"].workspace(1, 4)
