@@ -590,7 +590,8 @@ def test_ordinal_ranks_break_ties_by_position(dtype, shape, sort, monkeypatch):
 def test_grouped_ranks_of_a_sparse_delta_match_a_stable_argsort(dtype, monkeypatch):
     # A fine-tune's delta: a third exact zeros, repeats from fp16 quantisation and a spread of
     # exponents, so that groups hold many magnitudes, one bucket (the zeros) exceeds a group
-    # and groups are cut inside an exponent.
+    # and groups are cut inside an exponent. fp64 ranks group by group here; narrower floats
+    # sort packed keys whole, which must give the same ranks.
     from karmixlang.runtime.kernels import sparse
 
     monkeypatch.setattr(sparse, "RADIX_SORT_MAX_ELEMS", 100)
