@@ -334,7 +334,7 @@ def ordinal_ranks(rows: Tensor) -> Tensor:
     stable sort of those integers is the order wanted. On the CPU, bits of up to 32 (fp32,
     fp16, bf16) are sorted packed with their positions (`_packed_order`, 8 bytes an element
     beside the ranks, any size). Otherwise (fp64; other devices) torch sorts them by radix,
-    which needs 24 bytes an element beside its input; fp64 keys over RADIX_SORT_MAX_ELEMS on
+    which needs 32 bytes an element beside fp64 input; fp64 keys over RADIX_SORT_MAX_ELEMS on
     the CPU are ranked a part at a time instead, rows wider than RANK_GROUP group by group
     (`_grouped_ranks`), narrower ones in blocks of rows of about RANK_GROUP entries (the plan
     charges each by the key's size).
@@ -362,10 +362,10 @@ def ordinal_ranks(rows: Tensor) -> Tensor:
 
 def _packed_order(bits: np.ndarray) -> np.ndarray:
     """Per row of `bits` (the bits of floats of at most 32 bits as signed integers), the
-    positions in ascending order of magnitude, ties by position, as int64. Each magnitude's bits and its
-    position are packed into one uint64, all distinct, so numpy's unstable (SIMD) sort of
-    them in place gives the stable order: 2–3× faster than torch's radix sort of the bits
-    with an int64 index, in 8 bytes an element rather than 24 and the bits."""
+    positions in ascending order of magnitude, ties by position, as int64. A magnitude's
+    bits and its position are packed into one uint64, so the keys are all distinct and
+    numpy's unstable (SIMD) sort of them in place gives the stable order: 2–3× faster than
+    torch's radix sort of the bits with an int64 index, in 8 bytes an element, not 24."""
     packed = np.empty(bits.shape, dtype=np.uint64)
     # The sign bit off after the cast to uint64 (which sign-extends), then the bits up high.
     np.bitwise_and(bits, np.iinfo(bits.dtype).max, out=packed, dtype=np.uint64,
