@@ -30,7 +30,8 @@ class Readahead:
 
     def start(self, index: int) -> int:
         """Job `index` (in run order; -1: none yet) starts: advise the ranges after it until
-        `ahead` bytes past it are; the bytes advised now."""
+        `ahead` bytes past it are; the bytes of the ranges taken now (advised where the
+        system has posix_fadvise)."""
         until = self.job_starts[min(index + 1, len(self.job_starts) - 1)] + self.ahead
         before, first = self.advised, self.cursor
         while self.cursor < len(self.ranges) and self.advised < until:

@@ -40,5 +40,5 @@ def _import_torch() -> None:
 
 def prefetch(jobs, limit: int = PREFETCH_BYTES) -> int:
     """Advise the kernel to read ahead the stored byte ranges of the first `jobs` (in run
-    order), until `limit` bytes; the bytes advised (runtime/readahead.py)."""
+    order), until `limit` bytes; the bytes taken (runtime/readahead.py)."""
     return Readahead(jobs, limit).start(-1)
