@@ -53,29 +53,28 @@ class Workspace:
     # another way than narrower ones)
     fp64: Workspace | None = None
 
+    def at(self, itemsize: int) -> Workspace:
+        """The workspace that applies at a compute dtype of `itemsize` bytes."""
+        return self.fp64 if itemsize == 8 and self.fp64 else self
+
     def __call__(self, inputs: int, itemsize: int) -> int:
         """Bytes per element of the key (the part that grows with the whole key)."""
-        if itemsize == 8 and self.fp64:
-            return self.fp64(inputs, itemsize)
-        stacked = 0 if self.sliced else self.per_input * inputs * itemsize
-        return int(stacked + self.tensors * itemsize + self.bytes)
+        w = self.at(itemsize)
+        stacked = 0 if w.sliced else w.per_input * inputs * itemsize
+        return int(stacked + w.tensors * itemsize + w.bytes)
 
     def whole_key(self, inputs: int, itemsize: int, numel: int) -> int:
         """Bytes per element of a key of `numel` elements (__call__ is the bound for any)."""
-        if itemsize == 8 and self.fp64:
-            return self.fp64.whole_key(inputs, itemsize, numel)
-        if self.long and numel > self.long[0]:
-            _, per_element, fixed = self.long
-            return self(inputs, itemsize) - self.bytes + per_element + math.ceil(fixed / numel)
-        return self(inputs, itemsize)
+        w = self.at(itemsize)
+        if w.long and numel > w.long[0]:
+            _, per_element, fixed = w.long
+            return w(inputs, itemsize) - w.bytes + per_element + math.ceil(fixed / numel)
+        return w(inputs, itemsize)
 
     def per_slice_element(self, inputs: int, itemsize: int) -> int:
         """Bytes per element of one slice (0 unless `sliced`)."""
-        if itemsize == 8 and self.fp64:
-            return self.fp64.per_slice_element(inputs, itemsize)
-        if not self.sliced:
-            return 0
-        return int((self.per_input * inputs + self.slice_tensors) * itemsize)
+        w = self.at(itemsize)
+        return int((w.per_input * inputs + w.slice_tensors) * itemsize) if w.sliced else 0
 
     def describe(self) -> str:
         over = " (per slice)" if self.sliced else ""

@@ -341,10 +341,10 @@ def ordinal_ranks(rows: Tensor) -> Tensor:
     """
     width = rows.shape[1]
     rank_dtype = torch.int32 if width < 2**31 else torch.int64
-    if rows.device.type == "cpu" and rows.element_size() <= 4 and width <= _POSITIONS:
-        bits = rows.contiguous().view(_BITS[rows.dtype]).numpy()
-        return _scattered_ranks(torch.from_numpy(_packed_order(bits)), rank_dtype)
     int_dtype = _BITS[rows.dtype]
+    if rows.device.type == "cpu" and rows.element_size() <= 4 and width <= _POSITIONS:
+        bits = rows.contiguous().view(int_dtype).numpy()
+        return _scattered_ranks(torch.from_numpy(_packed_order(bits)), rank_dtype)
     magnitudes = rows.view(int_dtype) & torch.iinfo(int_dtype).max
     if rows.numel() <= RADIX_SORT_MAX_ELEMS or rows.device.type != "cpu":
         return _sorted_ranks(magnitudes, rank_dtype)
