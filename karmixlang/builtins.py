@@ -374,8 +374,9 @@ def methods_markdown() -> str:
 _OUT_OF_CORE = {
     Chunk.ELEMENTWISE: "chunk by chunk at no extra cost",
     Chunk.GRAM: "one extra pass accumulates the inputs' Gram matrix",
-    Chunk.THRESHOLD: "two extra passes find each member's threshold (in fp64 each member is "
-                     "computed whole and spilled to a temporary file)",
+    Chunk.THRESHOLD: "one extra pass, shared by the members, finds their thresholds (two more "
+                     "where a sampled guess misses; in fp64 each member is computed whole and "
+                     "spilled to a temporary file)",
     Chunk.WHOLE: "each member is computed whole and spilled to a temporary file",
     Chunk.SPLIT: "each member is trimmed as by `trim`, the rest runs chunk by chunk",
 }

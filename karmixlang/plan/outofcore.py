@@ -11,8 +11,11 @@ its `chunk` in ops.OPS):
   matrix: one pass accumulates it chunk by chunk, the iterations run on coefficients, and
   the result is formed chunk by chunk in a later pass — one extra pass each;
 - trim (alone or inside ties) finds each member's threshold, the exact k-th largest
-  magnitude, in two passes of a radix selection over fp32 magnitude bits, then masks chunk by
-  chunk — two extra passes each, and no member is ever held whole;
+  magnitude of its fp32 bits, in one pass that keeps the candidates around a guess made from
+  a sample of blocks of the key (at most a quarter of a pass), two passes of a radix
+  selection more where the guess missed; then it masks chunk by chunk. Trims that need none
+  of each other's results (the members of a cluster) share their passes (`barrier_groups`):
+  one extra pass for them all, and no member is ever held whole;
 - the other whole-key filters (della, breadcrumbs, iso; trim in fp64) need a
   rank, threshold or SVD of the whole tensor: each filtered member is computed alone, in
   memory, and spilled to a temporary file in the compute dtype, which later passes read in
@@ -64,6 +67,9 @@ TRIM_IN_MEMORY_BYTES = 256 << 20
 # embedding or the largest convolutions: a few keys of a checkpoint, whatever the pool's
 # size): the filter then holds one member, never all of them beside its sort.
 SPILL_ABOVE_BYTES = 1 << 30
+# The candidates around the guessed thresholds of a group of trims (OutOfCore.candidates) may
+# take this much in a key that fits the limit.
+CANDIDATE_BYTES = 64 << 20
 
 
 def slice_step(rows: int) -> int:
@@ -75,20 +81,55 @@ def slice_step(rows: int) -> int:
 class OutOfCore:
     chunk_elems: int
     chunks: int
-    passes: int  # extra passes over the inputs: one per Gram method, two per trim
+    passes: int  # extra passes over the inputs: one per Gram method, one per group of trims
     spilled: int  # whole-key filter results written to temporary files
     spill_bytes: int
     extra_read_bytes: int  # reads beyond reading every input once (repeat passes, spills)
     whole_bytes: int  # peak of computing one whole-key filter in memory
     chunk_bytes: int  # peak of evaluating one chunk
     over_limit: bool  # chunked because it does not fit the limit (else: to bound memory)
+    candidates: int  # entries of a trim's member kept around its guessed threshold, at most
 
 
 def threshold_trim(n, itemsize: int) -> bool:
-    """trim, and the trim inside ties, find each member's threshold in two passes over the
-    chunks (an exact radix selection on fp32 magnitude bits) instead of spilling; other
-    whole-key filters, and fp64, are spilled."""
+    """trim, and the trim inside ties, find each member's threshold in passes over the
+    chunks (an exact selection on fp32 magnitude bits) instead of spilling; other whole-key
+    filters, and fp64, are spilled."""
     return itemsize == 4 and OPS[n.op].chunk in (Chunk.THRESHOLD, Chunk.SPLIT)
+
+
+def barrier_groups(nodes, job, itemsize: int) -> list[list[int]]:
+    """The key's barriers in groups that run their passes together, in an order that
+    evaluates each after the barriers it reads from: a trim by threshold joins the first
+    group of trims after the last group holding a barrier upstream of it (the trims of a
+    cluster's members share one group, their trims' trims the next); every other barrier is
+    a group of its own, after those before it in evaluation order."""
+    groups: list[list[int]] = []
+    for i in barriers(nodes, job.steps):
+        if not threshold_trim(nodes[i], itemsize):
+            groups.append([i])
+            continue
+        upstream = _upstream(nodes, job, i)
+        after = max((g for g, group in enumerate(groups) if upstream.intersection(group)),
+                    default=-1)
+        joins = next((g for g in range(after + 1, len(groups))
+                      if threshold_trim(nodes[groups[g][0]], itemsize)), None)
+        if joins is None:
+            groups.append([i])
+        else:
+            groups[joins].append(i)
+    return groups
+
+
+def _upstream(nodes, job, i: int) -> set[int]:
+    """The nodes whose values node i's value is computed from, for this key."""
+    seen, stack = set(), list(job.reads(nodes, i))
+    while stack:
+        x = stack.pop()
+        if x not in seen:
+            seen.add(x)
+            stack.extend(job.reads(nodes, x))
+    return seen
 
 
 def barriers(nodes, steps) -> list[int]:
@@ -157,17 +198,27 @@ def chunking_for(job, nodes, per_element: float, limit: int, item: int,
     if not over and chunk >= numel:
         return None
     spilled = sum(_spilled_members(n) for n in spills)
-    passes = sum(1 if _gram(n) else 2 for n in walls if n not in spills)
-    reads = _pass_reads(job, nodes, barriers(nodes, job.steps), numel, item)
+    groups = barrier_groups(nodes, job, item)
+    passes = sum(1 for g in groups if _gram(nodes[g[0]]) or threshold_trim(nodes[g[0]], item))
+    reads = _pass_reads(job, nodes, groups, numel, item)
+    # A group's members keep their candidates during its first pass, together: a 16th of
+    # the key each at most, and all of them within CANDIDATE_BYTES, or a chunk's budget over
+    # the limit (past it, a guess is given up for the radix selection's passes).
+    trimmed = max((sum(len(nodes[i].inputs) for i in g) for g in groups
+                   if threshold_trim(nodes[g[0]], item)), default=0)
+    candidates = min(numel // 16,
+                     (budget if over else CANDIDATE_BYTES) // max(trimmed * item, 1))
     return OutOfCore(chunk, -(-numel // chunk), passes, spilled,
                      sum(_spill_bytes(n, numel, item) for n in spills),
-                     max(0, reads - job.read_bytes), whole, int(chunk * per_element), over)
+                     max(0, reads - job.read_bytes), whole,
+                     int(chunk * per_element) + trimmed * candidates * item, over, candidates)
 
 
-def _pass_reads(job, nodes, walls: list[int], numel: int, item: int) -> int:
-    """Bytes read by all passes: each barrier's pass (two for a trim by threshold), then the
-    final one. A pass reads the loads under its targets, stopping at filters already spilled
-    (read back instead; a mask spill reads its mask and the loads under its input too)."""
+def _pass_reads(job, nodes, groups: list[list[int]], numel: int, item: int) -> int:
+    """Bytes read by all passes: each group of barriers' pass (a group of trims: the one
+    that finds their thresholds when their guesses hold), then the final one. A pass reads
+    the loads under its targets, stopping at filters already spilled (read back instead; a
+    mask spill reads its mask and the loads under its input too)."""
     spilled: set[int] = set()
     total = 0
 
@@ -190,9 +241,8 @@ def _pass_reads(job, nodes, walls: list[int], numel: int, item: int) -> int:
                 stack.extend(job.reads(nodes, i))
         return got
 
-    for i in walls:
-        n = nodes[i]
-        total += reads(n.inputs) * (2 if threshold_trim(n, item) else 1)
-        if not _gram(n) and not threshold_trim(n, item):
-            spilled.add(i)
+    for group in groups:
+        total += reads([x for i in group for x in nodes[i].inputs])
+        if not _gram(nodes[group[0]]) and not threshold_trim(nodes[group[0]], item):
+            spilled.add(group[0])
     return total + reads([o.node for o in job.outputs])

@@ -28,7 +28,8 @@ from karmixlang.diagnostics import KmxError, error
 from karmixlang.io.header import TensorInfo
 from karmixlang.ops import OPS, Chunk
 from karmixlang.plan.executable import KeyJob
-from karmixlang.plan.outofcore import mask_spill, threshold_trim
+from karmixlang.plan import outofcore
+from karmixlang.plan.outofcore import MIN_CHUNK, mask_spill, threshold_trim
 from karmixlang.runtime import kernels as ops
 from karmixlang.runtime.kernels import sparse as ops_sparse
 from karmixlang.runtime.kernels.base import GramSum
@@ -44,6 +45,10 @@ ValuePiece = tuple[int, int, torch.Tensor]
 _INTS = {8: torch.int64, 4: torch.int32, 2: torch.int16}
 # Mask spills are packed this many bytes at a time.
 _PACK_BYTES = 1 << 17
+# The level of a trim's pass over the chunks that counts in its sampled bracket (levels 0 and
+# 1: the radix selection's), and the blocks that sample is taken from.
+_BRACKET = -1
+_SAMPLE_BLOCKS = 16
 
 
 class Streamed:
@@ -89,14 +94,15 @@ class _ChunkedKey:
     def pieces(self) -> Iterator[ValuePiece]:
         folder = tempfile.mkdtemp(prefix=".kmx-spill-", dir=self.spill_root)
         try:
-            for i in self.job.steps:
-                n = self.nodes[i]
-                if OPS[n.op].chunk is Chunk.GRAM:
-                    self.solve(i)
-                elif threshold_trim(n, self.ev.compute.itemsize):
-                    self.select_top(i)
-                elif OPS[n.op].barrier:
-                    self.spill(i, folder)
+            for batch in outofcore.barrier_groups(self.nodes, self.job,
+                                                  self.ev.compute.itemsize):
+                n = self.nodes[batch[0]]
+                if threshold_trim(n, self.ev.compute.itemsize):
+                    self.select_tops(batch)
+                elif OPS[n.op].chunk is Chunk.GRAM:
+                    self.solve(batch[0])
+                else:
+                    self.spill(batch[0], folder)
             targets = [o.node for o in self.job.outputs]
             for a, b in self.spans():
                 values = self.evaluate(targets, (a, b), self.into)
@@ -174,30 +180,65 @@ class _ChunkedKey:
 
     # ------------------------------------------------------------ trims by threshold
 
-    def select_top(self, i: int) -> None:
-        """trim (alone, or per member inside ties) without holding a member: two passes find
-        each member's exact k-th largest magnitude, then every chunk keeps what is above it,
-        and the ties at it by position, as the whole-key trim does (ops_sparse)."""
-        n = self.nodes[i]
-        _, kwargs = self.ev.call_args(n, self.job.key, [None] * len(n.inputs))
-        k = ops_sparse.kept_count(kwargs["density"], self.numel)
-        tops = [_Top(k) for _ in n.inputs]
-        self.tops += tops
-        for level in (0, 1):
-            if all(top.settled for top in tops):
-                break  # every threshold is 0 (more zeros than entries to drop): one pass
+    def select_tops(self, batch: list[int]) -> None:
+        """The trims of `batch` (alone, or per member inside ties; none needs another's
+        result) without holding a member: each member's threshold, its exact k-th largest
+        magnitude, is guessed from a sample (`sample_bits`), then found in one pass over the
+        chunks that keeps the candidates around the guess (kernels/sparse.Bracket), all
+        members in the same pass; where a guess missed, two more passes of a radix selection
+        find it. Every chunk then keeps what is above it, and the ties at it by position, as
+        the whole-key trim does (ops_sparse)."""
+        members: list[tuple[_Top, int]] = []
+        for i in batch:
+            n = self.nodes[i]
+            _, kwargs = self.ev.call_args(n, self.job.key, [None] * len(n.inputs))
+            k = ops_sparse.kept_count(kwargs["density"], self.numel)
+            tops = [_Top(k, self.numel, self.job.ooc.candidates) for _ in n.inputs]
+            members += zip(tops, n.inputs)
+            self.tops += tops
+            self.replaced[i] = self.trimmed(n, tops, kwargs)
+        inputs = list(dict.fromkeys(x for _, x in members))
+        if self.numel >= ops_sparse.BRACKET_MIN_ELEMS:
+            samples = self.sample_bits(inputs)
+            for top, x in members:
+                top.guess(samples[x])
+        for level in (_BRACKET, 0, 1):
+            if all(top.settled for top, _ in members):
+                break  # (every threshold is 0 at level 0: more zeros than entries to drop)
+            if level == _BRACKET and self.numel < ops_sparse.BRACKET_MIN_ELEMS:
+                continue
             for span in self.spans():
-                values = self.evaluate(list(n.inputs), span)
-                for top, x in zip(tops, n.inputs):
-                    top.count(_magnitude_bits(values[x]), level)
-            for top in tops:
+                values = self.evaluate(inputs, span)
+                bits = {x: _magnitude_bits(values[x]) for x in inputs}
+                for top, x in members:
+                    top.count(bits[x], level)
+            for top, _ in members:
                 top.settle(level)
+
+    def trimmed(self, n, tops: list[_Top], kwargs: dict):
+        """The trim node's value for a span from its inputs', once its thresholds are known."""
         if OPS[n.op].chunk is Chunk.SPLIT:
             weights, rule = self.ev.weights(n.attr("weights")), kwargs.get("rule", "mass")
-            self.replaced[i] = lambda ins, span: ops.elect(
+            return lambda ins, span: ops.elect(
                 [top.keep(x) for top, x in zip(tops, ins)], weights, rule=rule)
-        else:
-            self.replaced[i] = lambda ins, span: tops[0].keep(ins[0])
+        return lambda ins, span: tops[0].keep(ins[0])
+
+    def sample_bits(self, inputs: list[int]) -> dict[int, np.ndarray]:
+        """Each input's magnitude bits at about SAMPLE_ELEMS places, sorted: every fourth entry
+        of _SAMPLE_BLOCKS blocks spread evenly over the key (at most a quarter of it), each
+        evaluated alone. Only a guess is made from it; a trim evaluated inside a block counts
+        its ties from that block, which the passes that follow count again from the start."""
+        length = min(4 * ops_sparse.SAMPLE_ELEMS // _SAMPLE_BLOCKS,
+                     self.numel // (4 * _SAMPLE_BLOCKS))
+        length -= length % MIN_CHUNK
+        last = (self.numel - length) // MIN_CHUNK
+        parts: dict[int, list[np.ndarray]] = {x: [] for x in inputs}
+        for j in range(_SAMPLE_BLOCKS):
+            start = last * j // (_SAMPLE_BLOCKS - 1) * MIN_CHUNK
+            values = self.evaluate(inputs, (start, start + length))
+            for x in inputs:
+                parts[x].append(_magnitude_bits(values[x]).numpy()[::4].copy())
+        return {x: np.sort(np.concatenate(p)) for x, p in parts.items()}
 
     # ------------------------------------------------------------ whole-key filters
 
@@ -292,13 +333,15 @@ def _magnitude_bits(t: torch.Tensor) -> torch.Tensor:
 
 
 class _Top:
-    """One member's trim out of core: the k-th largest magnitude found by a two-level radix
-    selection over the chunks (the high 16 bits, then the low 16 within the chosen bucket),
-    then each chunk's mask. Ties at the threshold are kept by position, counted in `seen`
-    over a pass's chunks in order."""
+    """One member's trim out of core: its threshold, the k-th largest magnitude (as bits),
+    found by a bracket guessed from a sample (one pass: `guess`, then level _BRACKET), or,
+    where the guess missed, by a two-level radix selection over the chunks (the high 16 bits,
+    then the low 16 within the chosen bucket); then each chunk's mask. Ties at the threshold
+    are kept by position, counted in `seen` over a pass's chunks in order."""
 
-    def __init__(self, k: int):
-        self.k = k
+    def __init__(self, k: int, numel: int, candidates: int):
+        self.k, self.numel, self.candidates = k, numel, candidates
+        self.bracket: ops_sparse.Bracket | None = None
         self.hist = np.zeros(1 << 16, dtype=np.int64)
         self.high = 0  # the threshold's high 16 bits, once level 0 is settled
         self.above = 0  # entries known to be above the threshold
@@ -308,18 +351,35 @@ class _Top:
         self.seen = 0
         self.settled = k == 0
 
+    def guess(self, sample: np.ndarray) -> None:
+        if not self.settled:
+            self.bracket = ops_sparse.Bracket(self.numel - self.k, self.numel, sample,
+                                              cap=self.candidates)
+
     def count(self, bits: torch.Tensor, level: int) -> None:
         # numpy: its shifts, comparisons and masked copies are several times torch's on one
         # thread
         a = bits.numpy()
-        if level == 0:
+        if self.settled:
+            return
+        if level == _BRACKET:
+            self.bracket.add(a)
+        elif level == 0:
             self.nonzero += int(np.count_nonzero(a))
             self.hist += np.bincount(a >> 16, minlength=1 << 16)
-        elif not self.settled:
+        else:
             self.hist += np.bincount(a[(a >> 16) == self.high] & 0xFFFF, minlength=1 << 16)
 
     def settle(self, level: int) -> None:
         if self.settled:
+            return
+        if level == _BRACKET:
+            value = self.bracket.found()
+            if value is not None:
+                self.threshold, self.above = value, self.bracket.count_above(value)
+                self.room = self.k - self.above
+                self.settled = True
+            self.bracket = None  # its candidates
             return
         if level == 0 and self.nonzero < self.k:
             # The k-th largest magnitude is 0 (a sparse task vector at a high density): every

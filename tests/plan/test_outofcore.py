@@ -19,7 +19,7 @@ from karmixlang.diagnostics import KmxError
 from karmixlang.plan import outofcore
 from karmixlang.runtime import chunked
 from karmixlang.runtime.executor import RunOptions, execute
-from karmixlang.runtime.kernels import base as kernel_base
+from karmixlang.runtime.kernels import base as kernel_base, sparse
 from karmixlang.demo.synth import write_model, write_tuned_pool
 
 from conftest import recipe
@@ -154,22 +154,22 @@ def test_trim_finds_its_threshold_in_passes_and_spills_nothing(tmp_path):
     path = recipe(tmp_path, HEAD + RECIPES["ties"])
     job = next(j for j in compile_recipe(path, memory_limit=512 << 10).schedule.jobs if j.ooc)
     assert job.ooc.spilled == 0 and job.ooc.whole_bytes == 0
-    assert job.ooc.passes == 2 * 3  # two radix-selection passes per member's trim
+    assert job.ooc.passes == 1  # the three members' trims share their pass
     # In fp64 the magnitude bits do not fit the two 16-bit levels: trims spill there.
     job = next(j for j in compile_recipe(path, memory_limit=3 << 20, compute_dtype="fp64")
                .schedule.jobs if j.ooc)
     assert job.ooc.spilled == 3
 
 
-def sparse_pool(folder, n: int, seed=0) -> None:
+def sparse_pool(folder, n: int, seed=0, shape=(256, 256)) -> None:
     """Fine-tunes that keep 30 % of the base's entries as they are (exact zeros in their task
     vectors, as real fine-tunes have), the rest fp16 differences (many repeated magnitudes)."""
     rng = np.random.default_rng(seed)
-    base = {"big.w": rng.normal(size=(256, 256)).astype(np.float16)}
+    base = {"big.w": rng.normal(size=shape).astype(np.float16)}
     write_model(os.path.join(folder, "base.safetensors"), base)
     os.makedirs(os.path.join(folder, "m"), exist_ok=True)
     for i in range(n):
-        w = base["big.w"] + (0.05 * rng.normal(size=(256, 256))).astype(np.float16)
+        w = base["big.w"] + (0.05 * rng.normal(size=shape)).astype(np.float16)
         same = rng.random(w.shape) < 0.3
         w[same] = base["big.w"][same]
         write_model(os.path.join(folder, "m", f"{i:03d}.safetensors"), {"big.w": w})
@@ -193,6 +193,47 @@ def test_trim_by_threshold_among_many_zeros_is_bit_identical(tmp_path, small_sli
     assert got == want
     # ~70 % of each task vector is non-zero: past that density one pass finds the thresholds
     assert (1 in levels) == (density < 0.7)
+
+
+@pytest.mark.parametrize("density, rule", [(0.1, "mass"), (0.5, "count"), (0.75, "mass")])
+@pytest.mark.parametrize("guess", ["holds", "misses"])
+def test_trims_found_from_a_sampled_bracket_are_bit_identical(tmp_path, small_slices,
+                                                              monkeypatch, density, rule, guess):
+    """A key of 2**18 entries finds its members' thresholds in one pass over the candidates
+    around a sampled guess, all members in the same pass; where a guess misses (forced here)
+    the radix selection's two passes find them; the bytes are the in-memory run's either way."""
+    sparse_pool(tmp_path, 4, shape=(512, 512))
+    if guess == "misses":
+        monkeypatch.setattr(sparse.Bracket, "found", lambda self: None)
+    levels = []
+    count = chunked._Top.count
+    monkeypatch.setattr(chunked._Top, "count",
+                        lambda top, bits, level: levels.append(level) or count(top, bits, level))
+    text = f'save "out.safetensors" = o + ties_merge(ties(pool - o, density={density}, ' \
+           f'rule="{rule}"), rule="{rule}") with dtype="fp32"'
+    ooc, got, want = run_both(tmp_path, text, 4 * MB)
+    assert [j.key for j in ooc] == ["big.w"] and ooc[0].ooc.passes == 1
+    assert got == want
+    chunks = ooc[0].ooc.chunks
+    if guess == "holds":
+        assert levels == [chunked._BRACKET] * (4 * chunks)
+    else:  # past the zeros (density 0.75) the radix selection needs one level, else two
+        radix = [0] if density > 0.7 else [0, 1]
+        assert levels == [lv for lv in [chunked._BRACKET, *radix] for _ in range(4 * chunks)]
+
+
+def test_trims_of_trims_select_in_groups_that_need_none_of_each_other(tmp_path, small_slices):
+    """A trim of a cluster's trimmed members needs their thresholds first: two groups of
+    passes, each shared by the members, with the in-memory bytes."""
+    sparse_pool(tmp_path, 3, shape=(512, 512))
+    text = 'save "out.safetensors" = o + ties_merge(trim(trim(pool - o, density=0.6), ' \
+           'density=0.3)) with dtype="fp32"'
+    ooc, got, want = run_both(tmp_path, text, 4 * MB)
+    job = ooc[0]
+    nodes = compile_recipe(recipe(tmp_path, HEAD + text), memory_limit=4 * MB).schedule.executable.nodes
+    assert [len(g) for g in outofcore.barrier_groups(nodes, job, 4)] == [3, 3]
+    assert job.ooc.passes == 2
+    assert got == want
 
 
 def test_a_large_trim_key_runs_in_chunks_below_the_limit(tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ Conventions of this module:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 
@@ -52,7 +53,7 @@ _RULES = ("mass", "count")
 # whole-key ones would be fresh mappings, zero-filled page by page on first touch. Results do
 # not depend on it.
 _SLICE = 1 << 17
-# Radix selection (_kth_smallest) reads magnitude bits this many at a time; _grouped_ranks
+# Radix selection (_radix_select) reads magnitude bits this many at a time; _grouped_ranks
 # buckets them by as many top bits.
 _DIGIT_BITS = 16
 _DIGIT_MASK = (1 << _DIGIT_BITS) - 1
@@ -120,15 +121,115 @@ def _positions_of(x: Tensor, value: float) -> Tensor:
 
 def _kth_smallest(values: Tensor, indices: list[int]) -> list[float]:
     """values (magnitudes: none negative) sorted ascending, at each of `indices` (0-based),
-    values left as they are. On the CPU by radix selection: a non-negative float's bits are
-    an integer in the order of its value, so a histogram of their top 16 bits finds the
-    bucket each index falls in, a histogram of the next 16 bits within that bucket the next
-    digit, and so on (two passes at fp32, ~4× faster than numpy's introselect, whose SIMD
-    partition also slows down several times where one value, such as the zeros of a sparse
-    delta, repeats); other devices use kthvalue."""
+    values left as they are. On the CPU a large key's entry is first looked for among the
+    candidates of a bracket guessed from a sample (one pass, `Bracket`), then, where the
+    guess missed, by radix selection (`_radix_select`); a small key's by numpy's partition;
+    other devices use kthvalue."""
     if values.device.type != "cpu":
         return [float(torch.kthvalue(values, i + 1).values) for i in indices]
     bits = values.reshape(-1).view(_BITS[values.dtype])
+    a = bits.numpy()
+    found: dict[int, int] = {}
+    if a.size >= BRACKET_MIN_ELEMS:
+        sample = np.sort(a[sample_positions(a.size)])
+        for index in indices:
+            bracket = Bracket(index, a.size, sample, cap=a.size // 16)
+            for cols in _slices(a.size):  # temporaries that stay in cache
+                bracket.add(a[cols])
+            if (value := bracket.found()) is not None:
+                found[index] = value
+    else:  # numpy's introselect, unless the entry is one of the (many) zeros
+        zeros = a.size - np.count_nonzero(a)
+        places = [i for i in indices if i >= zeros]
+        ordered = np.partition(a, places) if places else a
+        found = {i: int(ordered[i]) if i >= zeros else 0 for i in indices}
+    missed = [i for i in indices if i not in found]
+    found.update(zip(missed, _radix_select(bits, missed)))
+    return [float(torch.tensor(found[i], dtype=bits.dtype).view(values.dtype))
+            for i in indices]
+
+
+# A key of at least this many elements looks for its thresholds in a sampled bracket first;
+# below it the radix selection's two passes cost about as little.
+BRACKET_MIN_ELEMS = 1 << 18
+# Entries a bracket is guessed from.
+SAMPLE_ELEMS = 1 << 16
+
+
+@functools.lru_cache(maxsize=64)  # keys of a model share a few dozen sizes
+def sample_positions(n: int) -> np.ndarray:
+    """SAMPLE_ELEMS flat positions in range(n), ascending, drawn at random (the same for every
+    key of n entries: a selection's result never depends on its sample, only its speed)."""
+    positions = np.sort(np.random.default_rng(n).integers(0, n, SAMPLE_ELEMS))
+    positions.flags.writeable = False
+    return positions
+
+
+class Bracket:
+    """Selects the entry at ascending place `index` among n non-negative integers (magnitude
+    bits) in one pass over them, when a sorted sample of them says where it lies: a range
+    [lo, hi] around the sample's quantile, six standard errors of a quantile wide each way
+    (wider than a random sample needs, so that a sample of blocks of the key, as out-of-core
+    keys take, rarely misses). The pass (`add`, slice by slice) counts the entries above hi
+    and keeps those in [lo, hi], at most `cap` of them; `found` is the entry, or None when the
+    guess missed (the caller selects by radix then). lo is at least 1: the zeros (a third of
+    a sparse task vector) are never candidates, and an entry below lo = 1 is 0.
+
+    In place of the radix selection's two passes with a 64 Ki-bucket histogram each, whose
+    counting costs several times a comparison: one pass of two comparisons, and a partition
+    of the candidates (typically 1-3 % of the key).
+    """
+
+    def __init__(self, index: int, n: int, sample: np.ndarray, cap: int):
+        s = sample.size
+        q = index / n
+        margin = 6 * math.sqrt(max(q * (1 - q), 1 / s) / s) + 2 / s
+        self.lo = max(1, int(sample[max(0, math.floor((q - margin) * s))]))
+        self.hi = int(sample[min(s - 1, math.ceil((q + margin) * s))])
+        self.index, self.n, self.cap = index, n, cap
+        self.above = self.inside = 0
+        self.parts: list[np.ndarray] = []
+        self.candidates: np.ndarray | None = None
+
+    def add(self, a: np.ndarray) -> None:
+        self.above += int(np.count_nonzero(a > self.hi))
+        if self.hi < self.lo:
+            return
+        # lo <= a <= hi as one unsigned comparison of a - lo (a >= 0, lo >= 1: no overflow)
+        unsigned = np.dtype(f"u{a.itemsize}")
+        inside = a[(a - a.dtype.type(self.lo)).view(unsigned) <= self.hi - self.lo]
+        self.inside += inside.size
+        if self.inside <= self.cap:
+            self.parts.append(inside)
+        else:
+            self.parts = []  # too many to keep: the guess is given up, not the count
+
+    def found(self) -> int | None:
+        below = self.n - self.above - self.inside
+        if self.index < below:
+            return 0 if self.lo == 1 else None
+        place = self.index - below
+        if place >= self.inside or self.inside > self.cap:
+            return None
+        self.candidates = np.concatenate(self.parts)
+        self.parts = []
+        return int(np.partition(self.candidates, place)[place])
+
+    def count_above(self, value: int) -> int:
+        """Entries above `value`, the entry `found` returned."""
+        if value == 0:
+            return self.above + self.inside
+        return self.above + int(np.count_nonzero(self.candidates > value))
+
+
+def _radix_select(bits: Tensor, indices: list[int]) -> list[int]:
+    """The non-negative integers `bits` (1-D, on the CPU) sorted ascending, at each of
+    `indices`, by radix selection: a histogram of their top 16 bits finds the bucket each
+    index falls in, a histogram of the next 16 bits within that bucket the next digit, and so
+    on (two passes at fp32, ~4× faster than numpy's introselect, whose SIMD partition also
+    slows down several times where one value, such as the zeros of a sparse delta, repeats)."""
+    if not indices:
+        return []
     top_shift, top = _top_digit_counts(bits)
     a = bits.numpy()
     found = []
@@ -138,7 +239,7 @@ def _kth_smallest(values: Tensor, indices: list[int]) -> list[float]:
             # a third of the key), whose digits need no histogram
             zeros = a.size - np.count_nonzero(a) if zeros is None else zeros
             if index < zeros:
-                found.append(0.0)
+                found.append(0)
                 continue
         prefix, rank, counts = 0, index, top
         for shift in range(top_shift, -1, -_DIGIT_BITS):
@@ -152,7 +253,7 @@ def _kth_smallest(values: Tensor, indices: list[int]) -> list[float]:
             digit = int(np.searchsorted(below, rank, side="right"))
             rank -= int(below[digit - 1]) if digit else 0
             prefix = (prefix << _DIGIT_BITS) | digit
-        found.append(float(torch.tensor(prefix, dtype=bits.dtype).view(values.dtype)))
+        found.append(prefix)
     return found
 
 
@@ -484,6 +585,7 @@ def _elected_signs(
         return torch.mul(f, w, out=out) if rule == "mass" else torch.sign(f, out=out).mul_(w)
 
     n = len(flats)
+    exact = rule == "count" and _exact_counts(ws, flats[0].dtype)
     buffer = None
     # The slices and the stacked votes' sums are kept as they are: the sign of a near-tie's
     # sorted sum can depend on how many near-ties torch sums together.
@@ -494,9 +596,20 @@ def _elected_signs(
         votes = buffer[:size].view(n, -1)
         for f, w, row in zip(flats, ws, votes):
             vote(f[sl], w, out=row)
+        if exact:  # any order sums to the exact count: its sign is the sorted sum's
+            yield sl, torch.sign(votes.sum(dim=0))
+            continue
         yield sl, _order_free_sign(
             votes, lambda idx: torch.stack([vote(f[sl][idx], w) for f, w in zip(flats, ws)])
         )
+
+
+def _exact_counts(ws: list[float], dtype: torch.dtype) -> bool:
+    """Whether the "count" votes' sums are exact in `dtype` whatever their order: every
+    weight a whole number, and all of them together within the integers the dtype holds
+    exactly (2**24 in fp32). Sums of ±w and 0 are then whole numbers all along the way."""
+    exact_up_to = 2 / torch.finfo(dtype).eps
+    return all(w == int(w) for w in ws) and sum(ws) <= exact_up_to
 
 
 def _order_free_sign(
