@@ -404,18 +404,7 @@ class _Top:
     def keep(self, x: torch.Tensor) -> torch.Tensor:
         if self.k == 0:
             return torch.zeros_like(x)
-        bits = _magnitude_bits(x).to(x.device)
-        at = bits == self.threshold
-        ties = int(torch.count_nonzero(at))
-        room = self.room - self.seen
-        self.seen += ties
-        # Where the threshold is a common magnitude (0 in a sparse task vector: millions of
-        # ties), a chunk's ties are all kept or all dropped but in the one chunk where the
-        # room runs out: only that one looks for their positions.
-        if ties <= room:
-            keep = at.logical_or_(bits > self.threshold)
-        else:
-            keep = bits > self.threshold
-            if room > 0:
-                keep[at.nonzero().squeeze(1)[:room]] = True
-        return ops_sparse.keep_where(keep, x.reshape(-1)).reshape(x.shape)
+        flat = x.reshape(-1)
+        out = torch.empty_like(flat)
+        self.seen += ops_sparse.keep_largest(flat, self.threshold, self.room - self.seen, out)
+        return out.reshape(x.shape)

@@ -332,7 +332,65 @@ def _has_negative_zero(x: Tensor) -> bool:
 
 def trim(d: Tensor, *, density: float) -> Tensor:
     """Keep the ⌈density·n⌉ entries of largest |d|, zero the rest."""
-    return _window(d, 0, kept_count(density, d.numel()))
+    n, k = d.numel(), kept_count(density, d.numel())
+    if d.device.type == "cpu" and n >= BRACKET_MIN_ELEMS and 0 < k < n:
+        out = _trim_by_bracket(d.reshape(-1), k)
+        if out is not None:
+            return out.reshape(d.shape)
+    return _window(d, 0, k)
+
+
+def _trim_by_bracket(flat: Tensor, k: int) -> Tensor | None:
+    """trim of a large CPU key, slice by slice in cache: a pass of magnitude bits through a
+    sampled Bracket finds the threshold (None where its guess misses), a pass of
+    keep_largest the result. No key-sized magnitudes or mask, as the window takes."""
+    bits = flat.view(_BITS[flat.dtype]).numpy()
+    n, largest = bits.size, np.iinfo(bits.dtype).max
+    bracket = Bracket(n - k, n, np.sort(bits[sample_positions(n)] & largest), cap=n // 16)
+    magnitudes = np.empty(min(n, _SLICE), dtype=bits.dtype)
+    for cols in _slices(n):
+        bracket.add(np.bitwise_and(bits[cols], largest, out=magnitudes[:cols.stop - cols.start]))
+    threshold = bracket.found()
+    if threshold is None:
+        return None
+    out = torch.empty_like(flat)
+    room = k - bracket.count_above(threshold)
+    for cols in _slices(n):
+        room -= keep_largest(flat[cols], threshold, room, out[cols])
+    return out
+
+
+def keep_largest(x: Tensor, threshold: int, room: int, out: Tensor) -> int:
+    """out = x (flat, the next slice of a key) where its magnitude bits are above
+    `threshold`, or equal to it and among the first `room` such entries by position (none
+    where room <= 0), else +0; returns how many equal it. Where the threshold is a common
+    magnitude (0 in a sparse task vector: millions of ties), a slice's ties are all kept or
+    all dropped but in the one slice where the room runs out: only that one looks for their
+    positions."""
+    bits = x.view(_BITS[x.dtype])
+    largest = torch.iinfo(bits.dtype).max
+    if x.device.type == "cpu":  # numpy: its masks and counts are several times torch's
+        a = bits.numpy()
+        magnitude = np.bitwise_and(a, largest)
+        at = magnitude == threshold
+        ties = int(np.count_nonzero(at))
+        keep = np.greater(magnitude, threshold, out=magnitude)  # 0 or 1 in the bits' width
+        if ties <= room:
+            keep |= at
+        elif room > 0:
+            keep[np.flatnonzero(at)[:room]] = 1
+        np.multiply(a, keep, out=out.view(bits.dtype).numpy())
+        return ties
+    magnitude = bits & largest
+    at = magnitude == threshold
+    ties = int(torch.count_nonzero(at))
+    keep = magnitude > threshold
+    if ties <= room:
+        keep.logical_or_(at)
+    elif room > 0:
+        keep[at.nonzero().squeeze(1)[:room]] = True
+    _keep(keep, x, out)
+    return ties
 
 
 def breadcrumbs(d: Tensor, *, density: float, gamma: float = 0.01) -> Tensor:
