@@ -27,7 +27,7 @@ from karmixlang.runtime.nonfinite import (FALLBACK_TOO, BadResult, NonFinite, ch
                                           on_result, result_error)
 from karmixlang.runtime.allocator import tune_allocator
 from karmixlang.runtime.rebasin import Applier
-from karmixlang.runtime.tensors import COMPUTE, Reader, Scratch, finite, part
+from karmixlang.runtime.tensors import COMPUTE, TORCH_DTYPES, Reader, Scratch, finite, part
 
 
 def prepare_process() -> None:
@@ -135,20 +135,32 @@ class Evaluator:
             if i in job.deferred:
                 self.load_widened(i, job, span)
 
-    def load_widened(self, i: int, job: KeyJob, span=None, check: bool = True) -> torch.Tensor:
+    def load_widened(self, i: int, job: KeyJob, span=None, check: bool = True,
+                     dest: torch.Tensor | None = None) -> torch.Tensor:
         """A deferred input, read and widened through this thread's reused buffers (valid
-        until its next call): streaming a weighted sum then allocates nothing per input."""
+        until its next call): streaming a weighted sum then allocates nothing per input.
+        `dest` (flat, on the CPU, of the compute dtype and the input's size), where given,
+        receives it instead, for the caller to keep: read straight into it where the input
+        is stored in the compute dtype, else widened into it from the read buffer."""
         info = part(job.tensors[i], span) if span else job.tensors[i]
-        raw = self.read(i, job, span, self.scratch.get("read", info.nbytes))
-        if raw.dtype == self.compute or not raw.is_floating_point() or \
-                self.device.type != "cpu":
-            t = raw.to(device=self.device, dtype=self.compute)
+        if dest is not None and info.flat and TORCH_DTYPES.get(info.dtype) == self.compute:
+            t = self.read(i, job, span, dest.view(torch.uint8))
+        elif dest is not None:
+            raw = self.read(i, job, span, self.scratch.get("read", info.nbytes))
+            t = dest.view(raw.shape).copy_(raw)
         else:
-            wide = self.scratch.get("wide", raw.numel() * self.compute.itemsize)
-            t = wide.view(self.compute).view(raw.shape).copy_(raw)
+            t = self._widened(i, job, span, info)
         if check:
             self.check_finite(t, i, job.key)
         return t
+
+    def _widened(self, i: int, job: KeyJob, span, info) -> torch.Tensor:
+        raw = self.read(i, job, span, self.scratch.get("read", info.nbytes))
+        if raw.dtype == self.compute or not raw.is_floating_point() or \
+                self.device.type != "cpu":
+            return raw.to(device=self.device, dtype=self.compute)
+        wide = self.scratch.get("wide", raw.numel() * self.compute.itemsize)
+        return wide.view(self.compute).view(raw.shape).copy_(raw)
 
     def linear(self, i: int, key: str, values: dict, job: KeyJob, scratch: str | None,
                span=None, depth: int = 0):
@@ -160,20 +172,24 @@ class Evaluator:
         coeffs = [self.scalar(c) for c in OPS[n.op].coefficients(n, key)]
         acc, streamed = None, []
         for x, c in zip(n.inputs, coeffs):
+            dest = None
             if x not in job.deferred:
                 t = values[x]
             elif self.nodes[x].op == "load":
+                if acc is None and self.device.type == "cpu":  # the sum starts in place
+                    info = part(job.tensors[x], span) if span else job.tensors[x]
+                    dest = self.accumulator(scratch, math.prod(info.shape))
                 # Checked through the result: a NaN or Inf in any term (whatever its
                 # coefficient, as 0·Inf is NaN) makes the sum non-finite.
-                t = self.load_widened(x, job, span, check=False)
+                t = self.load_widened(x, job, span, check=False, dest=dest)
                 streamed.append(x)
             else:
                 t = self.linear(x, key, values, job, f"nested{depth + 1}", span, depth + 1)
             if acc is None:  # never an input itself: the first input may be shared
-                if scratch is not None and t.device.type == "cpu":
-                    nbytes = t.numel() * self.compute.itemsize
-                    acc = self.scratch.get(scratch, nbytes).view(self.compute)
-                    acc = acc.view(t.shape).copy_(t).mul_(c)
+                if dest is not None:
+                    acc = t if c == 1 else t.mul_(c)  # x·1 is x, bit for bit
+                elif t.device.type == "cpu":
+                    acc = self.accumulator(scratch, t.numel()).view(t.shape).copy_(t).mul_(c)
                 else:
                     acc = t * c
             else:
@@ -186,6 +202,13 @@ class Evaluator:
             for x in streamed:
                 self.load_widened(x, job, span)
         return acc
+
+    def accumulator(self, scratch: str | None, numel: int) -> torch.Tensor:
+        """A flat CPU tensor of the compute dtype for a sum: the thread's reused buffer named
+        `scratch`, or a fresh one."""
+        if scratch is None:
+            return torch.empty(numel, dtype=self.compute)
+        return self.scratch.get(scratch, numel * self.compute.itemsize).view(self.compute)
 
     def scalar(self, c):
         """torch refuses a float scalar past the compute dtype's range: there it is ±Inf (a
