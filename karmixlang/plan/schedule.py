@@ -486,6 +486,7 @@ def _template(outputs: list[Output], key: str, jobs: Jobs) -> _Template:
         return max((1 + depth(y) for y in inputs[x] if y in deferred and order[y].op != "load"),
                    default=0)
 
+
     last = {i: k for k, i in enumerate(steps)}
     for k, i in enumerate(steps):
         for x in used(i):
@@ -504,7 +505,8 @@ def _template(outputs: list[Output], key: str, jobs: Jobs) -> _Template:
         free_after[last[i]].append(i)
     size = {i: OPS[order[i].op].tensors(len(inputs[i])) * item for i in steps}
     # A combination with deferred inputs reads them through the thread's reused buffers
-    # (runtime Scratch: the read buffer, one widened input, one per nested combination):
+    # (runtime Scratch: the read buffer, one widened input unless only a first input is
+    # widened, into the sum itself, and one per nested combination):
     # allocated once, they stay for the rest of the key (and the cast of its output lands
     # in the read buffer), not only while the combination runs.
     live, scratch = 0, 0
@@ -514,7 +516,8 @@ def _template(outputs: list[Output], key: str, jobs: Jobs) -> _Template:
         live += size[i]
         work, sliced, step = 0, 0, 0
         if any(x in deferred for x in inputs[i]):
-            scratch = max(scratch, RAW_READ + item * (1 + depth(i)))
+            widened = widens(i, lambda y: inputs[y], lambda y: order[y].op, deferred)
+            scratch = max(scratch, RAW_READ + item * (widened + depth(i)))
         else:  # (a load's is its read buffer)
             spec = OPS[n.op].workspace
             work = spec(len(n.inputs), item)
@@ -569,16 +572,29 @@ def check_keymaps(graph: Graph, order: list[Node], jobs: list[KeyJob]) -> None:
         raise KmxError(diags)
 
 
+def widens(x: int, inputs_of, op_of, deferred) -> bool:
+    """Whether combination x reads a deferred load through the thread's widening buffer: one
+    past its first input, here or in a nested deferred combination (a first input is widened
+    straight into the sum: runtime Evaluator.linear)."""
+    return any(y in deferred and (k if op_of(y) == "load" else widens(y, inputs_of, op_of,
+                                                                        deferred))
+               for k, y in enumerate(inputs_of(x)))
+
+
 def chunk_large_keys(graph: Graph, nodes: tuple[Step, ...], jobs: list[KeyJob], limit: int,
                      item: int, chunk_per_element: dict[int, float]) -> None:
     """Keys whose in-memory estimate exceeds the limit run in chunks (outofcore.py), and so do
     large keys where that saves memory; their estimate becomes the chunked one. A key that
     cannot fit even so is an error."""
     def whole_per_element(n: Step, numel: int) -> float:
-        # the filtered member's inputs read and widened, the result, and the filter's
-        # workspace at this key's size (ties: the trim of one member)
+        # the filtered member's inputs read and widened (a fourth tensor where one goes
+        # through the widening buffer), the result, and the filter's workspace at this key's
+        # size (ties: the trim of one member)
         member = OPS[n.op].split or n.op
-        return 2 * RAW_READ + 4 * item + OPS[member].workspace.whole_key(1, item, numel)
+        wide = any(widens(x, lambda y: job.reads(nodes, y), lambda y: nodes[y].op,
+                          job.deferred) for x in n.inputs)
+        return 2 * RAW_READ + (3 + wide) * item + OPS[member].workspace.whole_key(1, item,
+                                                                                  numel)
 
     failures = []
     for job in jobs:
