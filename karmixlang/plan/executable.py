@@ -20,7 +20,8 @@ from karmixlang.ir.graph import KeyMap
 from karmixlang.plan.outofcore import OutOfCore
 
 FORMAT = "kmx-executable"
-FORMAT_VERSION = 1
+# 2: an out-of-core job holds `candidates` (its trims' bracket size)
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)

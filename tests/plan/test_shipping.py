@@ -59,7 +59,7 @@ def test_the_schedule_round_trips_to_an_equal_one_with_the_same_fingerprint(work
     back = Executable.loads(text)
     assert back == exe and back.fingerprint() == exe.fingerprint() and back.dumps() == text
     doc = json.loads(text)
-    assert doc["version"] == 1 and len(doc["fingerprint"]) == 64
+    assert doc["version"] == 2 and len(doc["fingerprint"]) == 64
     # Plain data, nodes by index: the jobs name rows of the node table.
     steps = {i for j in exe.jobs for i in j.steps}
     assert all(isinstance(i, int) and 0 <= i < len(exe.nodes) for i in steps)
