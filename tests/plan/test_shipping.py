@@ -85,7 +85,7 @@ def test_a_tampered_or_foreign_schedule_is_refused(workdir):
         d["body"]["jobs"][0]["tensors"][0][5] += 4  # read elsewhere in the file
 
     assert "fingerprint" in refused(shift_offset)
-    assert "format 2" in refused(lambda d: d.update(version=2))
+    assert "format 1" in refused(lambda d: d.update(version=1))
     assert "kmx 0.0.0-other" in refused(lambda d: d.update(kmx_version="0.0.0-other"))
     with pytest.raises(FormatError):
         Executable.loads("not json")
