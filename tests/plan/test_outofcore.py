@@ -175,6 +175,15 @@ def sparse_pool(folder, n: int, seed=0, shape=(256, 256)) -> None:
         write_model(os.path.join(folder, "m", f"{i:03d}.safetensors"), {"big.w": w})
 
 
+def count_levels(monkeypatch) -> list:
+    """The levels of the out-of-core trims' counting passes, one entry a member and chunk."""
+    levels = []
+    count = chunked._Top.count
+    monkeypatch.setattr(chunked._Top, "count",
+                        lambda top, bits, level: levels.append(level) or count(top, bits, level))
+    return levels
+
+
 @pytest.mark.parametrize("density, rule", [(0.3, "count"), (0.7, "mass"), (0.75, "count"),
                                            (0.9, "mass")])
 def test_trim_by_threshold_among_many_zeros_is_bit_identical(tmp_path, small_slices,
@@ -182,10 +191,7 @@ def test_trim_by_threshold_among_many_zeros_is_bit_identical(tmp_path, small_sli
     """At a density past the share of non-zero entries the threshold is 0: its ties (the
     zeros) are kept by position across chunks, and the second selection pass is skipped."""
     sparse_pool(tmp_path, 4)
-    levels = []
-    count = chunked._Top.count
-    monkeypatch.setattr(chunked._Top, "count",
-                        lambda top, bits, level: levels.append(level) or count(top, bits, level))
+    levels = count_levels(monkeypatch)
     text = f'save "out.safetensors" = o + ties_merge(trim(pool - o, density={density}), ' \
            f'rule="{rule}") with dtype="fp32"'
     ooc, got, want = run_both(tmp_path, text, 1 * MB)
@@ -205,10 +211,7 @@ def test_trims_found_from_a_sampled_bracket_are_bit_identical(tmp_path, small_sl
     sparse_pool(tmp_path, 4, shape=(512, 512))
     if guess == "misses":
         monkeypatch.setattr(sparse.Bracket, "found", lambda self: None)
-    levels = []
-    count = chunked._Top.count
-    monkeypatch.setattr(chunked._Top, "count",
-                        lambda top, bits, level: levels.append(level) or count(top, bits, level))
+    levels = count_levels(monkeypatch)
     text = f'save "out.safetensors" = o + ties_merge(ties(pool - o, density={density}, ' \
            f'rule="{rule}"), rule="{rule}") with dtype="fp32"'
     ooc, got, want = run_both(tmp_path, text, 4 * MB)
