@@ -28,8 +28,7 @@ from karmixlang.diagnostics import KmxError, error
 from karmixlang.io.header import TensorInfo
 from karmixlang.ops import OPS, Chunk
 from karmixlang.plan.executable import KeyJob
-from karmixlang.plan import outofcore
-from karmixlang.plan.outofcore import MIN_CHUNK, mask_spill, threshold_trim
+from karmixlang.plan.outofcore import MIN_CHUNK, barrier_groups, mask_spill, threshold_trim
 from karmixlang.runtime import kernels as ops
 from karmixlang.runtime.kernels import sparse as ops_sparse
 from karmixlang.runtime.kernels.base import GramSum
@@ -94,8 +93,7 @@ class _ChunkedKey:
     def pieces(self) -> Iterator[ValuePiece]:
         folder = tempfile.mkdtemp(prefix=".kmx-spill-", dir=self.spill_root)
         try:
-            for batch in outofcore.barrier_groups(self.nodes, self.job,
-                                                  self.ev.compute.itemsize):
+            for batch in barrier_groups(self.nodes, self.job, self.ev.compute.itemsize):
                 n = self.nodes[batch[0]]
                 if threshold_trim(n, self.ev.compute.itemsize):
                     self.select_tops(batch)
@@ -198,15 +196,15 @@ class _ChunkedKey:
             self.tops += tops
             self.replaced[i] = self.trimmed(n, tops, kwargs)
         inputs = list(dict.fromkeys(x for _, x in members))
+        levels = (0, 1)
         if self.numel >= ops_sparse.BRACKET_MIN_ELEMS:
             samples = self.sample_bits(inputs)
             for top, x in members:
                 top.guess(samples[x])
-        for level in (_BRACKET, 0, 1):
+            levels = (_BRACKET, *levels)
+        for level in levels:
             if all(top.settled for top, _ in members):
                 break  # (every threshold is 0 at level 0: more zeros than entries to drop)
-            if level == _BRACKET and self.numel < ops_sparse.BRACKET_MIN_ELEMS:
-                continue
             for span in self.spans():
                 values = self.evaluate(inputs, span)
                 bits = {x: _magnitude_bits(values[x]) for x in inputs}
@@ -342,7 +340,7 @@ class _Top:
     def __init__(self, k: int, numel: int, candidates: int):
         self.k, self.numel, self.candidates = k, numel, candidates
         self.bracket: ops_sparse.Bracket | None = None
-        self.hist = np.zeros(1 << 16, dtype=np.int64)
+        self.hist: np.ndarray | None = None  # the radix levels' (where a guess missed)
         self.high = 0  # the threshold's high 16 bits, once level 0 is settled
         self.above = 0  # entries known to be above the threshold
         self.nonzero = 0  # entries whose magnitude is not 0 (level 0)
@@ -357,16 +355,20 @@ class _Top:
                                               cap=self.candidates)
 
     def count(self, bits: torch.Tensor, level: int) -> None:
+        if self.settled:
+            return
         # numpy: its shifts, comparisons and masked copies are several times torch's on one
         # thread
         a = bits.numpy()
-        if self.settled:
-            return
         if level == _BRACKET:
             self.bracket.add(a)
         elif level == 0:
             self.nonzero += int(np.count_nonzero(a))
-            self.hist += np.bincount(a >> 16, minlength=1 << 16)
+            counts = np.bincount(a >> 16, minlength=1 << 16)
+            if self.hist is None:
+                self.hist = counts
+            else:
+                self.hist += counts
         else:
             self.hist += np.bincount(a[(a >> 16) == self.high] & 0xFFFF, minlength=1 << 16)
 

@@ -131,12 +131,9 @@ def _kth_smallest(values: Tensor, indices: list[int]) -> list[float]:
     a = bits.numpy()
     found: dict[int, int] = {}
     if a.size >= BRACKET_MIN_ELEMS:
-        sample = np.sort(a[sample_positions(a.size)])
+        sample = _magnitude_sample(a)
         for index in indices:
-            bracket = Bracket(index, a.size, sample, cap=a.size // 16)
-            for cols in _slices(a.size):  # temporaries that stay in cache
-                bracket.add(a[cols])
-            if (value := bracket.found()) is not None:
+            if (value := _bracketed(a, index, sample).found()) is not None:
                 found[index] = value
     else:  # numpy's introselect, unless the entry is one of the (many) zeros
         zeros = a.size - np.count_nonzero(a)
@@ -163,6 +160,22 @@ def sample_positions(n: int) -> np.ndarray:
     positions = np.sort(np.random.default_rng(n).integers(0, n, SAMPLE_ELEMS))
     positions.flags.writeable = False
     return positions
+
+
+def _magnitude_sample(bits: np.ndarray) -> np.ndarray:
+    """The magnitude bits of `bits` (a float key's, flat) at sample_positions, sorted."""
+    return np.sort(bits[sample_positions(bits.size)] & np.iinfo(bits.dtype).max)
+
+
+def _bracketed(bits: np.ndarray, index: int, sample: np.ndarray) -> Bracket:
+    """The Bracket of ascending place `index` among the magnitudes of `bits` (a float key's,
+    flat), its pass made slice by slice in cache (the sign bit dropped on the way)."""
+    n, largest = bits.size, np.iinfo(bits.dtype).max
+    bracket = Bracket(index, n, sample, cap=n // 16)
+    magnitudes = np.empty(min(n, _SLICE), dtype=bits.dtype)
+    for cols in _slices(n):
+        bracket.add(np.bitwise_and(bits[cols], largest, out=magnitudes[:cols.stop - cols.start]))
+    return bracket
 
 
 class Bracket:
@@ -345,17 +358,13 @@ def _trim_by_bracket(flat: Tensor, k: int) -> Tensor | None:
     sampled Bracket finds the threshold (None where its guess misses), a pass of
     keep_largest the result. No key-sized magnitudes or mask, as the window takes."""
     bits = flat.view(_BITS[flat.dtype]).numpy()
-    n, largest = bits.size, np.iinfo(bits.dtype).max
-    bracket = Bracket(n - k, n, np.sort(bits[sample_positions(n)] & largest), cap=n // 16)
-    magnitudes = np.empty(min(n, _SLICE), dtype=bits.dtype)
-    for cols in _slices(n):
-        bracket.add(np.bitwise_and(bits[cols], largest, out=magnitudes[:cols.stop - cols.start]))
+    bracket = _bracketed(bits, bits.size - k, _magnitude_sample(bits))
     threshold = bracket.found()
     if threshold is None:
         return None
     out = torch.empty_like(flat)
     room = k - bracket.count_above(threshold)
-    for cols in _slices(n):
+    for cols in _slices(bits.size):
         room -= keep_largest(flat[cols], threshold, room, out[cols])
     return out
 
