@@ -142,3 +142,17 @@ def test_della_is_charged_the_sort_its_key_size_and_dtype_take():
     assert della.whole_key(1, 8, RADIX_SORT_MAX_ELEMS + 1) == 11 + 7  # 56 / 8, rounded up
     assert della.whole_key(1, 8, 4 * RADIX_SORT_MAX_ELEMS) == 11 + 2
     assert OPS["trim"].workspace.whole_key(1, 4, 1 << 30) == OPS["trim"].workspace(1, 4)
+
+
+def test_della_keys_over_half_a_gib_a_member_spill_their_members(tmp_path):
+    """SD1.5's largest convolutions (29.5 M elements): one member's DELLA holds ~0.86 GB, so
+    the key runs in chunks, each member filtered alone and spilled, instead of holding all
+    four results beside the sort; a 14.7 M-element key (~0.43 GB a member) runs whole."""
+    pool(tmp_path, 4, {"conv.big": (1280, 2560, 3, 3), "conv.mid": (1280, 1280, 3, 3)})
+    compiled = plan(tmp_path, 'save "out.safetensors" = o + ties_merge(della(pool - o, '
+                              'p=0.5, eps=0.1, seed=3), rule="count")', threads=2)
+    jobs = {j.key: j for j in compiled.schedule.jobs}
+    big = jobs["conv.big"].ooc
+    assert big is not None and not big.over_limit and big.spilled == 4
+    assert 512 * MB < big.whole_bytes <= 1024 * MB
+    assert jobs["conv.mid"].ooc is None
