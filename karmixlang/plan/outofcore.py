@@ -66,8 +66,8 @@ TRIM_IN_MEMORY_BYTES = 256 << 20
 # member, runs in chunks even though that spills the filter's results (DELLA on an
 # embedding or the largest convolutions: a few keys of a checkpoint, whatever the pool's
 # size): the filter then holds one member, never all of them beside its sort. At 1 GiB,
-# two of SD1.5's 29.5 M-element DELLA keys in flight held ~2.1 GB; at 512 MiB ~1.55 GB,
-# in the same time (their temporary files stay in the page cache).
+# two of SD1.5's 29.5 M-element DELLA keys in flight held a run at ~2.0 GiB; at 512 MiB
+# ~1.5 GiB in most runs, in the same time (their temporary files stay in the page cache).
 SPILL_ABOVE_BYTES = 512 << 20
 # The candidates around the guessed thresholds of a group of trims (OutOfCore.candidates) may
 # take this much in a key that fits the limit.
