@@ -486,7 +486,6 @@ def _template(outputs: list[Output], key: str, jobs: Jobs) -> _Template:
         return max((1 + depth(y) for y in inputs[x] if y in deferred and order[y].op != "load"),
                    default=0)
 
-
     last = {i: k for k, i in enumerate(steps)}
     for k, i in enumerate(steps):
         for x in used(i):
